@@ -1,0 +1,173 @@
+"""Command line: parses flags, calls one function per verb, prints results."""
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xtune.errors import XtuneError
+
+app = typer.Typer(
+    help="xtune: fine-tune LLMs and VLMs (full, LoRA, QLoRA), convert, and chat.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _global(debug: Annotated[bool, typer.Option("--debug", help="Show full stack traces on errors.")] = False):
+    _state["debug"] = debug
+
+
+@app.command("list-cfg")
+def list_cfg(pattern: Annotated[Optional[str], typer.Option("-p", "--pattern", help="Substring to match.")] = None):
+    """List the built-in configs."""
+    from xtune.config.load import list_configs
+
+    for name in list_configs(pattern):
+        console.print(name, highlight=False)
+
+
+@app.command("copy-cfg")
+def copy_cfg(name: str, dest_dir: Path):
+    """Copy a built-in config to DEST_DIR/NAME_copy.py to edit it."""
+    from xtune.config.load import copy_config
+
+    console.print(f"copied to {copy_config(name, dest_dir)}", highlight=False)
+
+
+@app.command("show-cfg")
+def show_cfg(
+    config: Annotated[Optional[str], typer.Argument(help="Config file or built-in name.")] = None,
+    fields: Annotated[bool, typer.Option("--fields", help="List every config key with its type and meaning.")] = False,
+):
+    """Print a config as xtune resolves it, or (--fields) every key a config may set."""
+    from xtune.config.load import load_config
+    from xtune.config.schema import Config
+
+    if fields or config is None:
+        table = Table("key", "type", "default", "meaning")
+        for name, info in Config.model_fields.items():
+            default = "required" if info.is_required() else repr(info.default)
+            table.add_row(name, str(info.annotation).replace("typing.", ""), default, info.description or "")
+        console.print(table)
+        return
+    resolved, path = load_config(config)
+    console.print(f"# {path}")
+    console.print_json(resolved.model_dump_json())
+
+
+@app.command(
+    "train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def train_cmd(
+    ctx: typer.Context,
+    config: Annotated[str, typer.Argument(help="Config file (.py or .yaml) or built-in config name.")],
+    work_dir: Annotated[Optional[str], typer.Option(help="Overrides the config's work_dir.")] = None,
+):
+    """Train with a config. Override keys with `--cfg-options key=value [key=value ...]`."""
+    from xtune.config.load import load_config
+    from xtune.engine.train import train
+
+    overrides = _cfg_options(ctx.args)
+    if work_dir is not None:
+        overrides.append(f"work_dir={work_dir!r}")
+    resolved, path = load_config(config, overrides)
+    err_console.print(f"config {path}:")
+    err_console.print_json(resolved.model_dump_json())
+    result = train(resolved, err_console)
+    console.print(f"checkpoint: {result.checkpoint}", highlight=False)
+
+
+def _cfg_options(args: list[str]) -> list[str]:
+    if not args:
+        return []
+    if args[0] != "--cfg-options":
+        raise XtuneError(f"unexpected arguments {' '.join(args)}; did you mean --cfg-options key=value ...?")
+    values = args[1:]
+    bad = [value for value in values if "=" not in value]
+    if bad or not values:
+        raise XtuneError(f"--cfg-options takes key=value pairs, got {' '.join(bad) or 'nothing'}.")
+    return values
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Base model folder or id.")],
+    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder (a checkpoint-<step>).")] = None,
+    prompt_template: Annotated[Optional[str], typer.Option(help="Chat template; default: the adapter's.")] = None,
+    system: Annotated[str, typer.Option(help="System prompt.")] = "",
+    input: Annotated[Optional[str], typer.Option("--input", help="Prompts file, one per line ('-' for stdin); answers go to stdout.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="With --input: write answers as JSONL here too.")] = None,
+    max_new_tokens: int = 512,
+    temperature: Annotated[float, typer.Option(help="0 decodes greedily.")] = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    stop_words: Annotated[Optional[list[str]], typer.Option("--stop-words", help="Extra stop words.")] = None,
+    seed: int = 0,
+    bits: Annotated[Optional[int], typer.Option(help="Load the base in 4 or 8 bits.")] = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Chat with a model (and adapter): interactive, or --input for scripts."""
+    import json
+
+    import torch
+
+    from xtune.infer.chat import answer_all, load_chat_model, pick_template, read_prompts, repl
+    from xtune.infer.generate import GenerationOptions
+
+    torch.manual_seed(seed)
+    template = pick_template(prompt_template, adapter)
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, stop_words=tuple(stop_words or ()),
+    )  # fmt: skip
+    llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
+    if input is None:
+        repl(llm, tokenizer, template, system, options)
+        return
+    lines = sys.stdin if input == "-" else Path(input).open(encoding="utf-8")
+    conversations = read_prompts(lines)
+    replies = answer_all(llm, tokenizer, template, conversations, system, options)
+    for reply in replies:
+        print(reply.replace("\n", "\\n"), flush=True)
+    if output is not None:
+        with output.open("w", encoding="utf-8") as out:
+            for conversation, reply in zip(conversations, replies):
+                out.write(json.dumps({"prompt": conversation.turns[-1].content, "answer": reply}) + "\n")
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[str, typer.Option(help="Where the demo run is written.")] = "work_dirs/demo",
+):
+    """Train a tiny model on a learnable task and show its answers before and after."""
+    from xtune.demo import run_demo
+
+    result = run_demo(work_dir, console)
+    if result.accuracy_after < 0.9:
+        raise XtuneError(f"the demo model reached only {result.accuracy_after:.0%} held-out accuracy (expected >= 90%).")
+
+
+def main() -> None:
+    try:
+        app()
+    except XtuneError as error:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

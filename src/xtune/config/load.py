@@ -1,0 +1,177 @@
+"""Load a config from a .py or .yaml file (or a built-in name) into the typed schema.
+
+Python configs are code: they run with the full rights of the user who trains. YAML configs are the
+safe form for configs from others.
+"""
+
+import ast
+import difflib
+import runpy
+import shutil
+import types
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from xtune.config.schema import ALIASES, FIELD_NAMES, Config
+from xtune.errors import ConfigError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+CONFIG_SUFFIXES = (".py", ".yaml", ".yml")
+
+
+def list_configs(pattern: str | None = None) -> list[str]:
+    """Names of the built-in configs, those containing `pattern` (case-insensitive) if given."""
+    names = sorted(p.stem for p in BUILTIN_DIR.iterdir() if p.suffix in CONFIG_SUFFIXES)
+    if pattern:
+        names = [n for n in names if pattern.lower() in n.lower()]
+    return names
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config file path, or the built-in config of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for suffix in CONFIG_SUFFIXES:
+        builtin = BUILTIN_DIR / f"{name_or_path}{suffix}"
+        if builtin.is_file():
+            return builtin
+    hint = _suggest(name_or_path, list_configs())
+    raise ConfigError(
+        f"no config file '{name_or_path}' and no built-in config of that name.{hint} "
+        "See `xtune list-cfg` for the built-in ones."
+    )
+
+
+def copy_config(name: str, dest_dir: str | Path) -> Path:
+    """Copy a built-in config to `dest_dir/<name>_copy.<ext>` (XTuner's convention); never overwrites."""
+    source = find_config(name)
+    dest = Path(dest_dir) / f"{source.stem}_copy{source.suffix}"
+    if dest.exists():
+        raise ConfigError(f"{dest} already exists; move it away or copy into another folder.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    return dest
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[Config, Path]:
+    """The validated config and the file it came from. `overrides` are `key=value` strings."""
+    path = find_config(name_or_path)
+    values, lines = _read_python(path) if path.suffix == ".py" else _read_yaml(path)
+    values = _apply_aliases(values, path, lines)
+    for override in overrides or []:
+        key, value = parse_override(override)
+        key = ALIASES.get(key, key)
+        values[key] = value
+        lines[key] = 0
+    unknown = [key for key in values if key not in FIELD_NAMES]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{_where(path, lines, key)}: unknown key '{key}'.{_suggest(key, FIELD_NAMES)} "
+            "See the field list in docs/config.md or `xtune show-cfg`."
+        )
+    if values.get("work_dir") is None:
+        values["work_dir"] = str(Path("work_dirs") / path.stem)
+    try:
+        return Config(**values), path
+    except ValidationError as error:
+        raise ConfigError(_explain(error, path, lines)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value); the value is a Python literal when it parses as one, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--cfg-options expects key=value, got '{text}'.")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip(), value
+
+
+def _read_python(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    try:
+        namespace = runpy.run_path(str(path))
+    except Exception as error:
+        raise ConfigError(f"{path}: running the config failed: {type(error).__name__}: {error}") from error
+    values = {
+        key: value
+        for key, value in namespace.items()
+        if not key.startswith("_")
+        and not isinstance(value, (types.ModuleType, types.FunctionType, type))
+    }
+    return values, _assignment_lines(path)
+
+
+def _assignment_lines(path: Path) -> dict[str, int]:
+    lines: dict[str, int] = {}
+    for node in ast.parse(path.read_text()).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for target in targets:
+            if isinstance(target, ast.Name):
+                lines[target.id] = node.lineno
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    text = path.read_text()
+    try:
+        values = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values.")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in root.value}
+    return values, lines
+
+
+def _apply_aliases(values: dict[str, Any], source, lines: dict[str, int]) -> dict[str, Any]:
+    renamed = {}
+    for key, value in values.items():
+        name = ALIASES.get(key, key)
+        if name in renamed:
+            raise ConfigError(f"{_where(source, lines, key)}: '{key}' and '{name}' both set; keep one.")
+        renamed[name] = value
+        if name != key and key in lines:
+            lines[name] = lines[key]
+    return renamed
+
+
+def _explain(error: ValidationError, path: Path, lines: dict[str, int]) -> str:
+    messages = []
+    for item in error.errors():
+        key = str(item["loc"][0]) if item["loc"] else "?"
+        if item["type"] == "missing":
+            messages.append(f"{path}: missing required key '{key}'.")
+            continue
+        field = Config.model_fields.get(key)
+        expected = _type_name(field.annotation) if field else "?"
+        messages.append(
+            f"{_where(path, lines, key)}: key '{key}' expects {expected}, got "
+            f"{type(item['input']).__name__} {item['input']!r} ({item['msg']})."
+        )
+    return "\n".join(messages)
+
+
+def _type_name(annotation) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _where(source, lines: dict[str, int], key: str) -> str:
+    line = lines.get(key)
+    if line == 0:
+        return "--cfg-options"
+    return f"{source}:{line}" if line else str(source)
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""

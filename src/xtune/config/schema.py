@@ -1,0 +1,114 @@
+"""The one typed schema every config is loaded into.
+
+Field names follow XTuner's where XTuner has one, so edits of an XTuner config carry over verbatim.
+A config is data: code reads it and builds objects; the config never builds anything itself.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path"}
+"""Other names users know for a field (XTuner's own alternatives) -> our field name."""
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, use_attribute_docstrings=True, validate_assignment=True
+    )
+
+    # Model
+    llm_name_or_path: str
+    """Base model: a local folder in Hugging Face layout, a hub id found in the local Hugging Face or
+    ModelScope cache, or `xtune-tiny/<name>` for a tiny model xtune builds itself."""
+    trust_remote_code: bool = False
+    """Run Python code shipped inside the model folder. Off unless you trust the folder's author."""
+    method: Literal["lora", "full"] = "lora"
+    """`lora`: train LoRA adapters on a frozen base (QLoRA when `quantization` is set); `full`: train
+    every weight."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """Load the frozen base in 4-bit NF4 (QLoRA, double quantization) or 8 bits; None keeps it whole."""
+    lora_r: int = Field(64, gt=0)
+    """LoRA rank."""
+    lora_alpha: float = Field(16, gt=0)
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt; `all-linear` means every linear layer but the output head."""
+
+    # Data
+    data_root: str = "./data/"
+    """Folder the data paths are usually written relative to (`data_path = data_root + 'x.json'`)."""
+    data_path: str
+    """Training data: a .json (list of records) or .jsonl file, or `xtune-tiny/<name>` for a dataset
+    xtune generates itself."""
+    dataset_format: Literal["auto", "conversation", "alpaca"] = "auto"
+    """Record format; `auto` detects it from the first record's keys."""
+    prompt_template: str = "internlm2_chat"
+    """Chat template the samples are rendered with, and chat later uses."""
+    SYSTEM: str = ""
+    """System prompt put in front of every training sample that has none, and used by evaluation."""
+    max_length: int = Field(2048, gt=1)
+    """Longest sample in tokens; longer ones are truncated."""
+    pack_to_max_length: bool = False
+    """Concatenate samples into rows of exactly max_length tokens without attention across samples."""
+
+    # Optimisation
+    batch_size: int = Field(1, gt=0)
+    """Samples per device per micro-batch."""
+    accumulative_counts: int = Field(16, gt=0)
+    """Micro-batches accumulated into one optimizer step."""
+    max_epochs: int = Field(3, gt=0)
+    """Passes over the dataset."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps; overrides max_epochs when set."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    betas: tuple[float, float] = Field((0.9, 0.999), strict=False)
+    """AdamW betas."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    max_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient norm to this value; None to not clip."""
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    """Share of the steps over which the learning rate rises linearly from 0 to lr."""
+    lr_min_ratio: float = Field(0.0, ge=0, le=1)
+    """Cosine decay floor, as a share of lr."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute precision: `auto` is bf16 where the device runs it fast (recent GPUs, CPUs with
+    AVX512-BF16 or AMX), else fp32 on CPU and fp16 on older GPUs."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 0
+    """Seed for weights of new layers, data order and dropout."""
+
+    # Saving, logging, evaluation
+    work_dir: str | None = None
+    """Where runs are written; defaults to ./work_dirs/<config file name>. Each run gets its own
+    timestamped folder inside."""
+    save_steps: int = Field(500, gt=0)
+    """Save a checkpoint every this many optimizer steps (and at the end)."""
+    save_total_limit: int = Field(2, ge=-1)
+    """Keep at most this many checkpoints, deleting the oldest complete ones; -1 keeps all."""
+    logging_steps: int = Field(1, gt=0)
+    """Write metrics every this many optimizer steps."""
+    evaluation_freq: int = Field(500, gt=0)
+    """Generate answers to evaluation_inputs every this many optimizer steps (and at the end)."""
+    evaluation_inputs: list[str] = []
+    """Prompts answered and logged during training, to watch what the model learns."""
+    evaluation_max_new_tokens: int = Field(64, gt=0)
+    """Answer length limit for evaluation_inputs."""
+    device: str = "auto"
+    """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
+
+
+    @field_validator("save_total_limit")
+    @classmethod
+    def _keep_some(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 would delete every checkpoint; use -1 to keep all or N >= 1")
+        return value
+
+
+FIELD_NAMES = tuple(Config.model_fields)

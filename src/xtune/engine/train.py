@@ -1,0 +1,191 @@
+"""The training loop: forward, loss, backward, step, log, evaluate, save, in one place."""
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from xtune.config.schema import Config
+from xtune.data.encode import IGNORE_INDEX, Encoded
+from xtune.data.formats import Conversation, Turn
+from xtune.data.loader import collate, encode_all, load_conversations, resolve_data_path
+from xtune.data.templates import ChatTemplate, get_template
+from xtune.engine.checkpoint import new_run_dir, prune_checkpoints, save_checkpoint
+from xtune.engine.device import resolve_device, resolve_dtype
+from xtune.engine.optim import build_optimizer, build_scheduler
+from xtune.errors import ConfigError
+from xtune.infer.generate import GenerationOptions, generate_replies
+from xtune.models.load import load_model, load_tokenizer, resolve_model_path
+from xtune.models.lora import count_parameters, prepare_trainable
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    losses: list[float] = field(default_factory=list)
+    """Mean loss over the trained tokens of each optimizer step."""
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over trained positions (labels are aligned with inputs)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def micro_batches(samples: list[Encoded], batch_size: int, seed: int, pad_token_id: int) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) forever; each epoch is a fresh seeded shuffle, so the order is reproducible."""
+    epoch = 0
+    while True:
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, len(order), batch_size):
+            yield epoch, collate([samples[i] for i in order[start : start + batch_size]], pad_token_id)
+        epoch += 1
+
+
+def total_steps(config: Config, num_samples: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    batches_per_epoch = math.ceil(num_samples / config.batch_size)
+    return math.ceil(batches_per_epoch * config.max_epochs / config.accumulative_counts)
+
+
+def train(config: Config, console: Console | None = None) -> TrainResult:
+    console = console or Console(stderr=True)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.pack_to_max_length:
+        raise ConfigError("pack_to_max_length = True is not supported yet; set it to False.")
+
+    model_path = resolve_model_path(config.llm_name_or_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
+    template = get_template(config.prompt_template)
+    conversations = load_conversations(resolve_data_path(config.data_path), config.dataset_format, config.SYSTEM)
+    samples, stats = encode_all(conversations, template, tokenizer, config.max_length)
+    console.print(
+        f"data: {stats.samples} samples, {stats.tokens} tokens ({stats.trained_tokens} trained), "
+        f"{stats.truncated} truncated to {config.max_length}, {stats.dropped_untrained} without trained tokens dropped"
+    )
+
+    base_dtype = torch.float32 if config.method == "full" else dtype
+    model = load_model(
+        model_path,
+        dtype=base_dtype,
+        quantization=config.quantization,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+    )
+    model = prepare_trainable(model, config).to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = count_parameters(model)
+    console.print(f"model: {model_path} on {device}, {dtype}; {trainable:,} of {total:,} parameters trainable")
+
+    steps = total_steps(config, len(samples))
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, device)
+    scheduler = build_scheduler(optimizer, config, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    )
+
+    run_dir = new_run_dir(config.work_dir)
+    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    meta = {
+        "llm_name_or_path": config.llm_name_or_path,
+        "method": config.method,
+        "quantization": config.quantization,
+        "prompt_template": config.prompt_template,
+        "SYSTEM": config.SYSTEM,
+        "max_length": config.max_length,
+    }
+    metrics = (run_dir / "metrics.jsonl").open("a")
+    batches = micro_batches(samples, config.batch_size, config.seed, tokenizer.pad_token_id)
+    result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
+    model.train()
+    start = time.perf_counter()
+    seen_tokens = 0
+
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(), console=console,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("train", total=steps, status="")
+        for step in range(1, steps + 1):
+            group = [next(batches) for _ in range(config.accumulative_counts)]
+            epoch = group[-1][0]
+            num_trained = sum(count_trained(batch) for _, batch in group)
+            loss_sum = torch.zeros((), device=device)
+            for _, batch in group:
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+                with autocast:
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                    ).logits
+                step_loss = causal_lm_loss_sum(logits, batch["labels"])
+                scaler.scale(step_loss / num_trained).backward()
+                loss_sum += step_loss.detach()
+                seen_tokens += int(batch["attention_mask"].sum())
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), config.max_norm if config.max_norm is not None else float("inf")
+            )
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+
+            loss = (loss_sum / num_trained).item()
+            result.losses.append(loss)
+            elapsed = time.perf_counter() - start
+            record = {
+                "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": seen_tokens, "tokens_per_s": seen_tokens / elapsed, "elapsed_s": elapsed,
+            }  # fmt: skip
+            if step % config.logging_steps == 0 or step == steps:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            progress.update(
+                task, advance=1,
+                status=f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s",
+            )  # fmt: skip
+
+            if config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps):
+                answers = evaluate_chat(model, tokenizer, template, config)
+                metrics.write(json.dumps({"step": step, "evaluation": answers}) + "\n")
+                for item in answers:
+                    progress.console.print(f"[dim]eval step {step}[/] {item['input']!r} -> {item['output']!r}")
+            if step % config.save_steps == 0 or step == steps:
+                result.checkpoint = save_checkpoint(model, tokenizer, run_dir, step, meta)
+                prune_checkpoints(run_dir, config.save_total_limit)
+    metrics.close()
+    console.print(f"saved {result.checkpoint}")
+    return result
+
+
+def evaluate_chat(model, tokenizer, template: ChatTemplate, config: Config) -> list[dict[str, str]]:
+    """Answers to `evaluation_inputs`, in eval mode, restoring train mode afterwards."""
+    system = (Turn("system", config.SYSTEM),) if config.SYSTEM else ()
+    conversations = [Conversation((*system, Turn("user", text))) for text in config.evaluation_inputs]
+    model.eval()
+    replies = generate_replies(
+        model, tokenizer, template, conversations, GenerationOptions(max_new_tokens=config.evaluation_max_new_tokens)
+    )
+    model.train()
+    return [{"input": text, "output": reply} for text, reply in zip(config.evaluation_inputs, replies)]

@@ -1,0 +1,21 @@
+"""Exceptions meant for people: the CLI prints their message without a stack trace."""
+
+
+class XtuneError(Exception):
+    """Base class. The message names the file, line or key at fault and says how to fix it."""
+
+
+class ConfigError(XtuneError):
+    """A config file or override is invalid."""
+
+
+class DataError(XtuneError):
+    """A dataset file or record is malformed."""
+
+
+class ModelNotFoundError(XtuneError):
+    """A model id or path could not be resolved to a local folder."""
+
+
+class CheckpointError(XtuneError):
+    """A checkpoint is missing, incomplete or does not fit the model."""

@@ -1,0 +1,128 @@
+"""Talk to a model: an interactive streaming REPL, or prompts in and answers out for scripts."""
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from peft import PeftModel
+from transformers import TextStreamer
+
+from xtune.data.formats import Conversation, Turn, with_system
+from xtune.data.templates import ChatTemplate, get_template
+from xtune.engine.checkpoint import read_run_meta
+from xtune.engine.device import resolve_device, resolve_dtype
+from xtune.errors import XtuneError
+from xtune.infer.generate import GenerationOptions, generate_replies
+from xtune.models.load import load_model, load_tokenizer, resolve_model_path
+
+RESET, EXIT = "RESET", "EXIT"
+
+
+def load_chat_model(
+    model: str,
+    adapter: str | None = None,
+    bits: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """(model in eval mode, tokenizer). The tokenizer saved with the adapter wins over the base's."""
+    torch_device = resolve_device(device)
+    base_path = resolve_model_path(model)
+    quantization = {4: "4bit", 8: "8bit", None: None}[bits]
+    llm = load_model(
+        base_path,
+        dtype=resolve_dtype(dtype, torch_device),
+        quantization=quantization,
+        device=torch_device,
+        trust_remote_code=trust_remote_code,
+    )
+    tokenizer_path = base_path
+    if adapter is not None:
+        adapter_path = Path(adapter)
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise XtuneError(f"--adapter {adapter}: no adapter_config.json there; pass a checkpoint-<step> folder.")
+        llm = PeftModel.from_pretrained(llm, adapter_path)
+        if (adapter_path / "tokenizer_config.json").is_file():
+            tokenizer_path = adapter_path
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    return llm.to(torch_device).eval(), tokenizer
+
+
+def pick_template(prompt_template: str | None, adapter: str | None) -> ChatTemplate:
+    """The template named on the command line, else the one the adapter was trained with."""
+    name = prompt_template or (read_run_meta(Path(adapter)).get("prompt_template") if adapter else None)
+    if name is None:
+        raise XtuneError("no chat template known for this model; pass --prompt-template (e.g. internlm2_chat).")
+    return get_template(name)
+
+
+def read_prompts(lines: Iterable[str]) -> list[Conversation]:
+    """One prompt per line; a line holding a JSON object with `messages` is a whole conversation."""
+    conversations = []
+    for number, line in enumerate(lines, start=1):
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.lstrip().startswith("{"):
+            conversations.append(_messages_to_conversation(text, number))
+        else:
+            conversations.append(Conversation((Turn("user", text),)))
+    return conversations
+
+
+def _messages_to_conversation(text: str, number: int) -> Conversation:
+    try:
+        messages = json.loads(text)["messages"]
+        turns = tuple(Turn(m["role"], m["content"], m["role"] == "assistant") for m in messages)
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise XtuneError(f"input line {number}: expected a prompt or {{\"messages\": [...]}}: {error}") from None
+    return Conversation(turns)
+
+
+def answer_all(model, tokenizer, template, conversations: list[Conversation], system: str, options) -> list[str]:
+    conversations = [with_system(c, system) for c in conversations]
+    return generate_replies(model, tokenizer, template, conversations, options)
+
+
+def repl(
+    model,
+    tokenizer,
+    template: ChatTemplate,
+    system: str,
+    options: GenerationOptions,
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+) -> None:
+    """Multi-turn chat with streamed answers; RESET clears the history, EXIT (or end of input) quits,
+    Ctrl-C stops the answer being written."""
+    import sys
+
+    out = out or sys.stdout
+    history: list[Turn] = []
+    out.write(f"Chat with {template.name}. {RESET} clears the history, {EXIT} quits.\n")
+    while True:
+        try:
+            text = read("\n>>> ")
+        except EOFError:
+            return
+        if text.strip() == EXIT:
+            return
+        if text.strip() == RESET:
+            history = []
+            out.write("(history cleared)\n")
+            continue
+        history.append(Turn("user", text))
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        try:
+            (reply,) = generate_replies(
+                model, tokenizer, template, [with_system(Conversation(tuple(history)), system)], options,
+                streamer=streamer,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            out.write("\n(stopped)\n")
+            history.pop()
+            continue
+        history.append(Turn("assistant", reply, trainable=True))

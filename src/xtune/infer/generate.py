@@ -1,0 +1,87 @@
+"""Generation with the same template, tokenization and stop words as training."""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from xtune.data.encode import encode
+from xtune.data.formats import Conversation
+from xtune.data.templates import ChatTemplate
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    """0 decodes greedily (deterministic); above 0 samples."""
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_words: tuple[str, ...] = ()
+    """Extra stop words on top of the template's."""
+
+
+def prompt_ids(conversation: Conversation, template: ChatTemplate, tokenizer) -> list[int]:
+    """Token ids of the conversation (ending with a user turn) plus the assistant's header."""
+    return encode(conversation, template, tokenizer).input_ids
+
+
+def generation_kwargs(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions) -> dict:
+    stop_words = (*template.stop_words, *options.stop_words)
+    stop_ids, stop_strings = [], []
+    for word in stop_words:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        (stop_ids.extend(ids) if len(ids) == 1 else stop_strings.append(word))
+    if tokenizer.eos_token_id is not None:
+        stop_ids.append(tokenizer.eos_token_id)
+    kwargs = dict(
+        max_new_tokens=options.max_new_tokens,
+        eos_token_id=sorted(set(stop_ids)),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        repetition_penalty=options.repetition_penalty,
+        do_sample=options.temperature > 0,
+    )
+    if options.temperature > 0:
+        kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    return kwargs
+
+
+def cut_at_stop_words(text: str, stop_words) -> str:
+    positions = [text.find(word) for word in stop_words if word and word in text]
+    return text[: min(positions)] if positions else text
+
+
+@torch.no_grad()
+def generate_replies(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    conversations: list[Conversation],
+    options: GenerationOptions = GenerationOptions(),
+    batch_size: int = 16,
+    streamer=None,
+) -> list[str]:
+    """The assistant's next reply to each conversation, generated in left-padded batches."""
+    kwargs = generation_kwargs(template, tokenizer, options)
+    device = next(model.parameters()).device
+    replies: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        prompts = [prompt_ids(c, template, tokenizer) for c in conversations[start : start + batch_size]]
+        width = max(map(len, prompts))
+        input_ids = torch.full((len(prompts), width), kwargs["pad_token_id"], dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), streamer=streamer, **kwargs
+        )
+        for row in output[:, width:]:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            replies.append(cut_at_stop_words(text, (*template.stop_words, *options.stop_words)).strip())
+    return replies

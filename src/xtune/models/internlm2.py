@@ -1,0 +1,316 @@
+"""InternLM2 checkpoints as Llama models, without running the checkpoint's own code.
+
+InternLM2 is Llama with other weight names and a fused `wqkv` projection. The fused rows are grouped by
+key/value head: for each of the `num_key_value_heads` groups come its `num_attention_heads /
+num_key_value_heads` query heads, then one key head, then one value head, each `head_dim` rows.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from xtune.errors import CheckpointError, XtuneError
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_internlm2.InternLM2Config",
+    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+}
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+
+# Defaults of the reference InternLM2Config, used where a config.json leaves a field out.
+INTERNLM2_DEFAULTS = {
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "use_cache": True,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "bias": True,
+    "rope_theta": 10000,
+    "rope_scaling": None,
+}
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+ROPE_SCALING_TYPES = ("linear", "dynamic")
+
+TOP_LEVEL_NAMES = {
+    "model.tok_embeddings.weight": "model.embed_tokens.weight",
+    "model.norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wo.bias": "self_attn.o_proj.bias",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+WQKV = re.compile(r"attention\.wqkv\.(weight|bias)")
+Q_PROJ = re.compile(r"self_attn\.q_proj\.(weight|bias)")
+KV_PROJ = re.compile(r"self_attn\.[kv]_proj\.(weight|bias)")
+
+
+def is_internlm2(config: dict) -> bool:
+    return config.get("model_type") == "internlm2" or "InternLM2ForCausalLM" in (config.get("architectures") or [])
+
+
+def internlm2_to_llama_config(config: dict) -> LlamaConfig:
+    missing = [field for field in REQUIRED_FIELDS if field not in config]
+    if missing:
+        raise CheckpointError(f"InternLM2 config.json has no {', '.join(map(repr, missing))}; the folder is incomplete")
+    config = {**INTERNLM2_DEFAULTS, **config}
+    return LlamaConfig(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        hidden_act=config["hidden_act"],
+        max_position_embeddings=config["max_position_embeddings"],
+        initializer_range=config["initializer_range"],
+        rms_norm_eps=config["rms_norm_eps"],
+        use_cache=config["use_cache"],
+        pad_token_id=config["pad_token_id"],
+        bos_token_id=config["bos_token_id"],
+        eos_token_id=config["eos_token_id"],
+        tie_word_embeddings=config["tie_word_embeddings"],
+        attention_bias=config["bias"],
+        rope_parameters=rope_parameters(config["rope_theta"], config["rope_scaling"]),
+        dtype=config.get("torch_dtype"),
+    )
+
+
+def rope_parameters(rope_theta: float, rope_scaling: dict | None) -> dict:
+    """InternLM2's `rope_theta` and `rope_scaling` as transformers 5 `rope_parameters`."""
+    if rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": rope_theta}
+    rope_type = rope_scaling.get("type")
+    if rope_type not in ROPE_SCALING_TYPES:
+        raise CheckpointError(
+            f"InternLM2 config.json has rope_scaling type {rope_type!r}; InternLM2 knows "
+            + ", ".join(ROPE_SCALING_TYPES)
+        )
+    return {"rope_type": rope_type, "factor": rope_scaling["factor"], "rope_theta": rope_theta}
+
+
+def llama_to_internlm2_config(config: LlamaConfig) -> dict:
+    head_dim = config.hidden_size // config.num_attention_heads
+    if config.head_dim != head_dim or config.mlp_bias:
+        raise XtuneError(
+            f"InternLM2 cannot express head_dim={config.head_dim} (it is always hidden_size / num_attention_heads = "
+            f"{head_dim}) or mlp_bias={config.mlp_bias}; save this model with save_pretrained instead"
+        )
+    rope = config.rope_parameters
+    if rope["rope_type"] not in ("default", *ROPE_SCALING_TYPES):
+        raise XtuneError(f"InternLM2 cannot express rope_type {rope['rope_type']!r}; it knows linear and dynamic")
+    rope_scaling = None if rope["rope_type"] == "default" else {"type": rope["rope_type"], "factor": rope["factor"]}
+    internlm2 = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "auto_map": dict(AUTO_MAP),
+        "model_type": "internlm2",
+        "attn_implementation": "eager",
+        "bias": config.attention_bias,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "hidden_act": config.hidden_act,
+        "hidden_size": config.hidden_size,
+        "initializer_range": config.initializer_range,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_scaling": rope_scaling,
+        "rope_theta": rope["rope_theta"],
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "use_cache": config.use_cache,
+        "vocab_size": config.vocab_size,
+    }
+    if config.dtype is not None:
+        internlm2["torch_dtype"] = str(config.dtype).removeprefix("torch.")
+    return internlm2
+
+
+def attention_shape(config: dict) -> tuple[int, int, int]:
+    """(num_attention_heads, num_key_value_heads, head_dim) from an InternLM2 or Llama config dict."""
+    num_heads = config["num_attention_heads"]
+    num_kv_heads = config.get("num_key_value_heads") or num_heads
+    return num_heads, num_kv_heads, config["hidden_size"] // num_heads
+
+
+def split_wqkv(wqkv: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    rest = wqkv.shape[1:]
+    groups = wqkv.reshape(num_kv_heads, num_heads // num_kv_heads + 2, head_dim, *rest)
+    q = groups[:, :-2].reshape(num_heads * head_dim, *rest)
+    k = groups[:, -2].reshape(num_kv_heads * head_dim, *rest)
+    v = groups[:, -1].reshape(num_kv_heads * head_dim, *rest)
+    return q, k, v
+
+
+def fuse_wqkv(q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
+    rest = q.shape[1:]
+    q = q.reshape(num_kv_heads, num_heads // num_kv_heads, head_dim, *rest)
+    k = k.reshape(num_kv_heads, 1, head_dim, *rest)
+    v = v.reshape(num_kv_heads, 1, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def internlm2_to_llama_state_dict(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """Renames InternLM2 weights to Llama's and splits `wqkv`; names it does not know pass through unchanged."""
+    shape = attention_shape(config)
+    llama = {}
+    for name, tensor in sd.items():
+        layer = LAYER_KEY.fullmatch(name)
+        wqkv = WQKV.fullmatch(layer[2]) if layer else None
+        if wqkv:
+            prefix, kind = f"model.layers.{layer[1]}.self_attn", wqkv[1]
+            q, k, v = split_wqkv(tensor, *shape)
+            llama |= {f"{prefix}.q_proj.{kind}": q, f"{prefix}.k_proj.{kind}": k, f"{prefix}.v_proj.{kind}": v}
+        elif layer and layer[2] in LAYER_NAMES:
+            llama[f"model.layers.{layer[1]}.{LAYER_NAMES[layer[2]]}"] = tensor
+        else:
+            llama[TOP_LEVEL_NAMES.get(name, name)] = tensor
+    return llama
+
+
+def llama_to_internlm2_state_dict(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """Exact inverse of `internlm2_to_llama_state_dict`."""
+    shape = attention_shape(config)
+    to_internlm2_top = {llama: internlm2 for internlm2, llama in TOP_LEVEL_NAMES.items()}
+    to_internlm2_layer = {llama: internlm2 for internlm2, llama in LAYER_NAMES.items()}
+    internlm2 = {}
+    for name, tensor in sd.items():
+        layer = LAYER_KEY.fullmatch(name)
+        q_proj = Q_PROJ.fullmatch(layer[2]) if layer else None
+        if q_proj:
+            prefix, kind = f"model.layers.{layer[1]}", q_proj[1]
+            k, v = sd[f"{prefix}.self_attn.k_proj.{kind}"], sd[f"{prefix}.self_attn.v_proj.{kind}"]
+            internlm2[f"{prefix}.attention.wqkv.{kind}"] = fuse_wqkv(tensor, k, v, *shape)
+        elif layer and KV_PROJ.fullmatch(layer[2]):
+            continue
+        elif layer and layer[2] in to_internlm2_layer:
+            internlm2[f"model.layers.{layer[1]}.{to_internlm2_layer[layer[2]]}"] = tensor
+        else:
+            internlm2[to_internlm2_top.get(name, name)] = tensor
+    return internlm2
+
+
+def save_internlm2(model: LlamaForCausalLM, dest: Path, max_shard_size: int | str = "5GB") -> Path:
+    """Writes `model` as an InternLM2 folder: config.json and safetensors in InternLM2 names."""
+    dest = Path(dest)
+    config = llama_to_internlm2_config(model.config) | {"torch_dtype": str(model.dtype).removeprefix("torch.")}
+    state_dict = llama_to_internlm2_state_dict(model.state_dict(), config)
+    if config["tie_word_embeddings"]:
+        state_dict.pop("output.weight", None)
+    state_dict = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_json(dest / "config.json", config)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: state_dict[name] for name in names}, dest / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        _write_json(dest / SAFETENSORS_INDEX_FILE, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+    return dest
+
+
+def load_internlm2_as_llama(path: Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    path = Path(path)
+    config = _read_json(path / "config.json")
+    llama_config = internlm2_to_llama_config(config)
+    llama_config.dtype = dtype
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM(llama_config)
+    checkpoint, origin = _read_safetensors(path, dtype)
+    expected = set(llama_to_internlm2_state_dict(model.state_dict(), config))
+    if llama_config.tie_word_embeddings:
+        expected.discard("output.weight")
+    _check_names(path, expected, origin)
+    state_dict = internlm2_to_llama_state_dict(checkpoint, config)
+    if llama_config.tie_word_embeddings:
+        state_dict.setdefault("lm_head.weight", state_dict["model.embed_tokens.weight"])
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"the weights in {path} do not fit its config.json: {error}") from error
+    if llama_config.tie_word_embeddings:
+        model.tie_weights()
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of an InternLM2 folder, from its index when it is sharded."""
+    index = path / SAFETENSORS_INDEX_FILE
+    if index.is_file():
+        files = sorted({path / filename for filename in _read_json(index)["weight_map"].values()})
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index} lists {file.name}, which is missing; download the model again")
+        return files
+    if (path / SAFETENSORS_FILE).is_file():
+        return [path / SAFETENSORS_FILE]
+    raise CheckpointError(
+        f"{path} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX_FILE}; xtune reads InternLM2 weights as "
+        "safetensors: download the safetensors files of the model"
+    )
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, Path]]:
+    tensors, origin = {}, {}
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                tensors[name] = weights.get_tensor(name).to(dtype)
+                origin[name] = file
+    return tensors, origin
+
+
+def _check_names(path: Path, expected: set[str], origin: dict[str, Path]) -> None:
+    source = path / SAFETENSORS_INDEX_FILE if (path / SAFETENSORS_INDEX_FILE).is_file() else path / SAFETENSORS_FILE
+    missing = sorted(expected - origin.keys())
+    if missing:
+        raise CheckpointError(
+            f"{source} has no tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + "; the checkpoint is incomplete or does not match config.json: download the model again"
+        )
+    unexpected = sorted(origin.keys() - expected)
+    if unexpected:
+        raise CheckpointError(
+            f"{origin[unexpected[0]]} holds tensor {unexpected[0]!r}, which an InternLM2 model with this config.json "
+            "does not have; the weights and config.json come from different models"
+        )
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{file} is missing; the model folder is incomplete") from error
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file} is not valid JSON (line {error.lineno}): {error.msg}") from error
+
+
+def _write_json(file: Path, data: dict) -> None:
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

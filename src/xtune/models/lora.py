@@ -1,0 +1,30 @@
+"""Adapters through peft: which weights train."""
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from xtune.config.schema import Config
+
+
+def lora_config(config: Config) -> LoraConfig:
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_trainable(model: PreTrainedModel, config: Config) -> PreTrainedModel | PeftModel:
+    """LoRA adapters on a frozen base, or every weight trainable for full fine-tuning."""
+    if config.method == "full":
+        model.requires_grad_(True)
+        return model
+    return get_peft_model(model, lora_config(config))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,113 @@
+import pytest
+
+from xtune.config.load import copy_config, list_configs, load_config, parse_override
+from xtune.config.schema import Config
+from xtune.errors import ConfigError
+
+
+def write(tmp_path, text, name="my_cfg.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_python_config_computes_values_and_applies_alias(tmp_path):
+    path = write(
+        tmp_path,
+        "import os\n"
+        "pretrained_model_name_or_path = 'some/model'\n"
+        "data_root = './mydata/'\n"
+        "data_path = data_root + 'x.json'\n"
+        "lr = 1e-4\n"
+        "betas = (0.9, 0.95)\n"
+        "_private = 3\n",
+    )
+    config, source = load_config(str(path))
+    assert source == path
+    assert config.llm_name_or_path == "some/model"
+    assert config.data_path == "./mydata/x.json"
+    assert config.lr == 1e-4 and config.betas == (0.9, 0.95)
+    assert config.work_dir == "work_dirs/my_cfg"
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, "llm_name_or_path = 'm'\ndata_path = 'd.json'\nlora_rank = 8\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    message = str(error.value)
+    assert f"{path}:3" in message and "'lora_rank'" in message and "Did you mean 'lora_r'?" in message
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    path = write(tmp_path, "llm_name_or_path = 'm'\ndata_path = 'd.json'\n\nbatch_size = '4'\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    message = str(error.value)
+    assert f"{path}:4" in message and "'batch_size'" in message and "expects int" in message and "str '4'" in message
+
+
+def test_bool_is_not_an_int_and_ranges_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="'max_epochs'"):
+        load_config(str(write(tmp_path, "llm_name_or_path='m'\ndata_path='d'\nmax_epochs=True\n")))
+    with pytest.raises(ConfigError, match="'lora_dropout'"):
+        load_config(str(write(tmp_path, "llm_name_or_path='m'\ndata_path='d'\nlora_dropout=1.5\n", "b.py")))
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'data_path'"):
+        load_config(str(write(tmp_path, "llm_name_or_path = 'm'\n")))
+
+
+def test_alias_and_name_both_set_is_an_error(tmp_path):
+    path = write(tmp_path, "llm_name_or_path='a'\npretrained_model_name_or_path='b'\ndata_path='d'\n")
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(str(path))
+
+
+def test_yaml_config_with_line_numbers(tmp_path):
+    path = write(tmp_path, "llm_name_or_path: m\ndata_path: d.json\nbetas: [0.9, 0.95]\nlearning_rate: 0.1\n", "c.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert f"{path}:4" in str(error.value) and "Did you mean 'lr'?" not in str(error.value)
+    path.write_text("llm_name_or_path: m\ndata_path: d.json\nbetas: [0.9, 0.95]\nlr: 1.0e-3\n")
+    config, _ = load_config(str(path))
+    assert config.betas == (0.9, 0.95) and config.lr == 1e-3
+
+
+def test_overrides_parse_literals_and_are_validated(tmp_path):
+    path = write(tmp_path, "llm_name_or_path='m'\ndata_path='d'\n")
+    config, _ = load_config(str(path), ["lr=0.5", "SYSTEM=be brief", "evaluation_inputs=['a', 'b']"])
+    assert config.lr == 0.5 and config.SYSTEM == "be brief" and config.evaluation_inputs == ["a", "b"]
+    with pytest.raises(ConfigError, match="--cfg-options: unknown key 'lrr'"):
+        load_config(str(path), ["lrr=1"])
+    with pytest.raises(ConfigError, match="expects key=value"):
+        parse_override("lr")
+
+
+def test_config_that_raises_names_the_file(tmp_path):
+    path = write(tmp_path, "data_path = undefined_name + 'x'\n")
+    with pytest.raises(ConfigError, match=f"{path}: running the config failed: NameError"):
+        load_config(str(path))
+
+
+def test_list_and_copy_builtin_configs(tmp_path):
+    names = list_configs()
+    assert "internlm2_chat_1_8b_qlora_alpaca_e3" in names and "tiny_internlm2_chat_lora_antonyms" in names
+    assert list_configs("QLORA") == [n for n in names if "qlora" in n]
+    copied = copy_config("internlm2_chat_1_8b_qlora_alpaca_e3", tmp_path)
+    assert copied == tmp_path / "internlm2_chat_1_8b_qlora_alpaca_e3_copy.py"
+    config, _ = load_config(str(copied))
+    assert config.quantization == "4bit" and config.llm_name_or_path == "internlm/internlm2-chat-1_8b"
+    with pytest.raises(ConfigError, match="already exists"):
+        copy_config("internlm2_chat_1_8b_qlora_alpaca_e3", tmp_path)
+
+
+def test_unknown_builtin_name_suggests():
+    with pytest.raises(ConfigError, match="Did you mean 'tiny_llama_full_antonyms'"):
+        load_config("tiny_llama_full_antonym")
+
+
+@pytest.mark.parametrize("name", list_configs())
+def test_every_builtin_config_loads(name):
+    config, _ = load_config(name)
+    assert isinstance(config, Config)

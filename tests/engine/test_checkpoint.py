@@ -1,0 +1,49 @@
+import pytest
+
+from xtune.engine.checkpoint import (
+    complete_checkpoints,
+    new_run_dir,
+    prune_checkpoints,
+    read_run_meta,
+    save_checkpoint,
+)
+
+
+class FakeSaver:
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save_pretrained(self, folder, **kwargs):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "weights.bin").write_bytes(b"w")
+        if self.fail:
+            raise OSError("disk full")
+
+
+def test_new_run_dir_never_reuses_a_folder(tmp_path):
+    first, second = new_run_dir(tmp_path), new_run_dir(tmp_path)
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_save_is_atomic_and_prune_keeps_the_newest(tmp_path):
+    for step in (5, 10, 15):
+        path = save_checkpoint(FakeSaver(), FakeSaver(), tmp_path, step, {"prompt_template": "internlm2_chat"})
+        assert path.name == f"checkpoint-{step}"
+    assert read_run_meta(tmp_path / "checkpoint-10") == {"prompt_template": "internlm2_chat", "step": 10}
+    deleted = prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in deleted] == ["checkpoint-5"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-15"]
+    assert prune_checkpoints(tmp_path, keep=-1) == []
+
+
+def test_a_failed_save_leaves_no_complete_looking_checkpoint(tmp_path):
+    with pytest.raises(OSError):
+        save_checkpoint(FakeSaver(fail=True), FakeSaver(), tmp_path, 7, {})
+    assert complete_checkpoints(tmp_path) == []
+    assert not (tmp_path / "checkpoint-7").exists()
+
+
+def test_existing_checkpoint_is_never_overwritten(tmp_path):
+    save_checkpoint(FakeSaver(), FakeSaver(), tmp_path, 3, {})
+    with pytest.raises(FileExistsError):
+        save_checkpoint(FakeSaver(), FakeSaver(), tmp_path, 3, {})

@@ -1,0 +1,74 @@
+import io
+
+import pytest
+
+from xtune.data.formats import Conversation, Turn
+from xtune.data.templates import get_template
+from xtune.errors import XtuneError
+from xtune.infer import chat
+from xtune.infer.generate import GenerationOptions, cut_at_stop_words
+
+
+def test_read_prompts_lines_and_json_conversations():
+    lines = ["What is up?\n", "\n", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}\n']
+    conversations = chat.read_prompts(lines)
+    assert conversations[0] == Conversation((Turn("user", "What is up?"),))
+    assert [t.content for t in conversations[1].turns] == ["a", "b", "c"]
+    with pytest.raises(XtuneError, match="input line 1"):
+        chat.read_prompts(['{"nope": 1}'])
+
+
+def test_repl_keeps_history_resets_and_exits(monkeypatch):
+    seen: list[Conversation] = []
+
+    def fake_generate(model, tokenizer, template, conversations, options, streamer=None):
+        seen.append(conversations[0])
+        return [f"reply {len(seen)}"]
+
+    monkeypatch.setattr(chat, "generate_replies", fake_generate)
+    monkeypatch.setattr(chat, "TextStreamer", lambda *a, **k: None)
+    inputs = iter(["hi", "again", "RESET", "fresh", "EXIT", "never read"])
+    out = io.StringIO()
+    chat.repl(None, None, get_template("internlm2_chat"), "Be nice.", GenerationOptions(), read=lambda _: next(inputs), out=out)
+    assert [t.content for t in seen[0].turns] == ["Be nice.", "hi"]
+    assert [t.content for t in seen[1].turns] == ["Be nice.", "hi", "reply 1", "again"]
+    assert [t.content for t in seen[2].turns] == ["Be nice.", "fresh"]
+    assert len(seen) == 3 and "(history cleared)" in out.getvalue()
+
+
+def test_repl_ctrl_c_stops_an_answer_without_quitting(monkeypatch):
+    calls = []
+
+    def interrupted_then_fine(model, tokenizer, template, conversations, options, streamer=None):
+        calls.append(conversations[0])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return ["ok"]
+
+    monkeypatch.setattr(chat, "generate_replies", interrupted_then_fine)
+    monkeypatch.setattr(chat, "TextStreamer", lambda *a, **k: None)
+    inputs = iter(["first", "second"])
+
+    def read(_):
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError
+
+    out = io.StringIO()
+    chat.repl(None, None, get_template("internlm2_chat"), "", GenerationOptions(), read=read, out=out)
+    assert "(stopped)" in out.getvalue()
+    assert [t.content for t in calls[1].turns] == ["second"]
+
+
+def test_pick_template_prefers_the_flag_then_the_adapter(tmp_path):
+    (tmp_path / "xtune_run.json").write_text('{"prompt_template": "qwen_chat"}')
+    assert chat.pick_template(None, str(tmp_path)).name == "qwen_chat"
+    assert chat.pick_template("internlm2_chat", str(tmp_path)).name == "internlm2_chat"
+    with pytest.raises(XtuneError, match="pass --prompt-template"):
+        chat.pick_template(None, None)
+
+
+def test_cut_at_stop_words():
+    assert cut_at_stop_words("answer<stop>more", ["<stop>", "x"]) == "answer"
+    assert cut_at_stop_words("answer", ["<stop>"]) == "answer"

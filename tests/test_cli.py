@@ -1,0 +1,55 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from xtune.cli import app
+
+runner = CliRunner()
+
+
+def xtune(*args):
+    return subprocess.run([sys.executable, "-m", "xtune.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_list_cfg_with_pattern():
+    result = runner.invoke(app, ["list-cfg", "-p", "qlora"])
+    assert result.exit_code == 0
+    assert result.output.split() == ["internlm2_chat_1_8b_qlora_alpaca_e3"]
+
+
+def test_copy_cfg_then_show_it(tmp_path):
+    result = runner.invoke(app, ["copy-cfg", "tiny_llama_full_antonyms", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    copied = tmp_path / "tiny_llama_full_antonyms_copy.py"
+    assert copied.is_file()
+    shown = runner.invoke(app, ["show-cfg", str(copied)])
+    assert '"method": "full"' in shown.output and '"llm_name_or_path": "xtune-tiny/llama"' in shown.output
+
+
+def test_show_cfg_fields_documents_every_key():
+    result = runner.invoke(app, ["show-cfg", "--fields"], env={"COLUMNS": "300"})
+    assert "accumulative_counts" in result.output and "Micro-batches accumulated" in result.output
+
+
+def test_errors_are_one_clear_message_without_a_traceback(tmp_path):
+    config = tmp_path / "bad.py"
+    config.write_text("llm_name_or_path = 'xtune-tiny/llama'\ndata_path = 'd.json'\nmax_epoch = 3\n")
+    result = xtune("train", str(config))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"{config}:3: unknown key 'max_epoch'. Did you mean 'max_epochs'?" in result.stderr.replace("\n", "")
+
+
+def test_missing_data_path_names_the_key_and_the_path(tmp_path):
+    config = tmp_path / "nodata.py"
+    config.write_text("llm_name_or_path = 'xtune-tiny/llama'\ndata_path = './nowhere/x.json'\n")
+    result = xtune("train", str(config), "--work-dir", str(tmp_path / "runs"))
+    assert result.returncode == 1
+    message = " ".join(result.stderr.split())
+    assert "data_path = './nowhere/x.json' does not exist" in message and "Traceback" not in result.stderr
+
+
+def test_cfg_options_must_be_key_value(tmp_path):
+    result = xtune("train", "tiny_llama_full_antonyms", "--cfg-options", "lr")
+    assert result.returncode == 1 and "--cfg-options takes key=value pairs" in result.stderr
