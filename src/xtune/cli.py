@@ -1,6 +1,8 @@
 """Command line: parses flags, calls one function per verb, prints results."""
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -159,7 +161,14 @@ def demo(
         raise XtuneError(f"the demo model reached only {result.accuracy_after:.0%} held-out accuracy (expected >= 90%).")
 
 
+def _quiet_library_noise() -> None:
+    """Messages from libraries that a user can do nothing about."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+
 def main() -> None:
+    _quiet_library_noise()
     try:
         app()
     except XtuneError as error:

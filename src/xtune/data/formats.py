@@ -8,7 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str
+    """The call's arguments as a JSON object text, as OpenAI's `tool_calls[].function.arguments`."""
 
 
 @dataclass(frozen=True)
@@ -17,11 +24,19 @@ class Turn:
     content: str
     trainable: bool = False
     """Whether the loss is computed on this turn's tokens (assistant turns only)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Tools the assistant calls in this turn; `tool` turns that follow hold their results."""
+    name: str | None = None
+    """For `tool` turns: the tool that produced the content."""
 
 
 @dataclass(frozen=True)
 class Conversation:
     turns: tuple[Turn, ...]
+    tools: tuple[str, ...] = ()
+    """JSON schemas (as text) of the tools offered to the model, rendered into the system turn."""
+    images: tuple[str, ...] = ()
+    """Image paths for multimodal samples; each `<image>` in the text stands for one."""
 
     @property
     def system(self) -> str | None:
