@@ -37,6 +37,9 @@ class Conversation:
     """JSON schemas (as text) of the tools offered to the model, rendered into the system turn."""
     images: tuple[str, ...] = ()
     """Image paths for multimodal samples; each `<image>` in the text stands for one."""
+    raw: bool = False
+    """Plain text for pretraining: one trained assistant turn, encoded without a chat template as
+    BOS + text + EOS, every token trained."""
 
     @property
     def system(self) -> str | None:
