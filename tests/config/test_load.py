@@ -53,9 +53,20 @@ def test_bool_is_not_an_int_and_ranges_are_checked(tmp_path):
         load_config(str(write(tmp_path, "llm_name_or_path='m'\ndata_path='d'\nlora_dropout=1.5\n", "b.py")))
 
 
-def test_missing_required_key(tmp_path):
-    with pytest.raises(ConfigError, match="missing required key 'data_path'"):
-        load_config(str(write(tmp_path, "llm_name_or_path = 'm'\n")))
+def test_missing_required_key_and_missing_data(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'llm_name_or_path'"):
+        load_config(str(write(tmp_path, "data_path = 'd.json'\n")))
+    with pytest.raises(ConfigError, match="no training data: set data_path, or datasets"):
+        load_config(str(write(tmp_path, "llm_name_or_path = 'm'\n", "b.py")))
+
+
+def test_dataset_mix_is_validated_per_entry(tmp_path):
+    path = write(tmp_path, "llm_name_or_path='m'\ndatasets=[{'path': 'a.json'}, {'path': 'b.jsonl', 'repeats': -1}]\n")
+    with pytest.raises(ConfigError, match=r"key 'datasets\[1\].repeats' expects"):
+        load_config(str(path))
+    path.write_text("llm_name_or_path='m'\ndatasets=[{'path': 'a.json', 'format': 'alpaca', 'repeats': 2}]\n")
+    config, _ = load_config(str(path))
+    assert config.datasets[0].repeats == 2.0 and config.data_path is None
 
 
 def test_alias_and_name_both_set_is_an_error(tmp_path):

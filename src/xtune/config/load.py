@@ -148,14 +148,18 @@ def _apply_aliases(values: dict[str, Any], source, lines: dict[str, int]) -> dic
 def _explain(error: ValidationError, path: Path, lines: dict[str, int]) -> str:
     messages = []
     for item in error.errors():
-        key = str(item["loc"][0]) if item["loc"] else "?"
+        if not item["loc"]:
+            messages.append(f"{path}: {item['msg'].removeprefix('Value error, ')}.")
+            continue
+        key = str(item["loc"][0])
+        name = key + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"][1:])
         if item["type"] == "missing":
-            messages.append(f"{path}: missing required key '{key}'.")
+            messages.append(f"{_where(path, lines, key)}: missing required key '{name}'.")
             continue
         field = Config.model_fields.get(key)
-        expected = _type_name(field.annotation) if field else "?"
+        expected = _type_name(field.annotation) if field and len(item["loc"]) == 1 else item["type"]
         messages.append(
-            f"{_where(path, lines, key)}: key '{key}' expects {expected}, got "
+            f"{_where(path, lines, key)}: key '{name}' expects {expected}, got "
             f"{type(item['input']).__name__} {item['input']!r} ({item['msg']})."
         )
     return "\n".join(messages)

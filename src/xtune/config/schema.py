@@ -6,10 +6,25 @@ A config is data: code reads it and builds objects; the config never builds anyt
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path"}
 """Other names users know for a field (XTuner's own alternatives) -> our field name."""
+
+
+class DatasetSource(BaseModel):
+    """One source of a mix of datasets."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+    path: str
+    """A file (.json, .jsonl, .parquet, .csv, .txt), a folder of them, a saved Hugging Face dataset
+    folder, or `xtune-tiny/<name>`."""
+    format: str = "auto"
+    """Record format, as `dataset_format`."""
+    repeats: float = Field(1.0, ge=0)
+    """How often each record is used: 2 = twice, 0.5 = a seeded random half."""
+    image_folder: str | None = None
+    """Folder relative image paths of this source are read from."""
 
 
 class Config(BaseModel):
@@ -40,11 +55,27 @@ class Config(BaseModel):
     # Data
     data_root: str = "./data/"
     """Folder the data paths are usually written relative to (`data_path = data_root + 'x.json'`)."""
-    data_path: str
-    """Training data: a .json (list of records) or .jsonl file, or `xtune-tiny/<name>` for a dataset
-    xtune generates itself."""
-    dataset_format: Literal["auto", "conversation", "alpaca"] = "auto"
-    """Record format; `auto` detects it from the first record's keys."""
+    data_path: str | None = None
+    """Training data: a file (.json, .jsonl, .parquet, .csv, .txt), a folder of them, a saved Hugging
+    Face dataset folder, or `xtune-tiny/<name>` for a dataset xtune generates itself."""
+    dataset_format: str = "auto"
+    """Record format: `auto` (detected per file from its first record), `conversation` (XTuner),
+    `alpaca`, `openai` (messages), `sharegpt`, `llava`, `text` (pretraining), or the dotted path of
+    your own map function from a raw record to a Conversation, `package.module:function`."""
+    datasets: list[DatasetSource] = []
+    """Several sources mixed, each with its own format and repeats; used with or instead of data_path."""
+    image_folder: str | None = None
+    """Folder relative image paths in the data are read from; None reads them from the current folder."""
+    skip_bad_records: bool = False
+    """Leave out records that do not fit their format, and count them, instead of stopping at the first."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What to do with samples longer than max_length: cut them, or leave them out. Both are counted."""
+    train_on_last_turn_only: bool = False
+    """Take the loss on the last assistant turn only, instead of on every assistant turn."""
+    group_by_length: bool = True
+    """Unpacked training: batch samples of similar length together (seeded), to cut padding."""
+    num_proc: int = Field(1, gt=0)
+    """Processes that tokenize the data (`xtune preprocess` and the first run build a cache)."""
     prompt_template: str = "internlm2_chat"
     """Chat template the samples are rendered with, and chat later uses."""
     SYSTEM: str = ""
@@ -53,6 +84,8 @@ class Config(BaseModel):
     """Longest sample in tokens; longer ones are truncated."""
     pack_to_max_length: bool = False
     """Concatenate samples into rows of exactly max_length tokens without attention across samples."""
+    shuffle_before_pack: bool = True
+    """Shuffle samples (seeded) before packing them, so that a row holds unrelated samples."""
 
     # Optimisation
     batch_size: int = Field(1, gt=0)
@@ -102,6 +135,12 @@ class Config(BaseModel):
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
 
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "Config":
+        if self.data_path is None and not self.datasets:
+            raise ValueError("no training data: set data_path, or datasets = [{'path': ...}, ...]")
+        return self
 
     @field_validator("save_total_limit")
     @classmethod

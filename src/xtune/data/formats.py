@@ -1,14 +1,23 @@
 """Raw records in common formats -> one standard conversation.
 
-Each map function takes one raw record (a dict) and returns a `Conversation`, or raises
-`RecordError` naming the field at fault; the reader adds the file and line.
+Each map function takes one raw record and returns a `Conversation`, or raises `RecordError` naming
+the field at fault; the reader adds the file and line. Map functions are pure: image paths come back
+as written, and the reader resolves and checks them. A key whose value is null counts as absent,
+because Parquet files and saved datasets fill the keys a row lacks with nulls.
+
+Every conversation a map function returns passes `check_conversation`: an optional system turn, then
+user and assistant turns in turn, tool results after an assistant turn that calls tools, the
+assistant's turn last, and at least one assistant turn to train on.
 """
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
+IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,8 @@ class Turn:
 class Conversation:
     turns: tuple[Turn, ...]
     tools: tuple[str, ...] = ()
-    """JSON schemas (as text) of the tools offered to the model, rendered into the system turn."""
+    """Tools offered to the model, rendered into the system turn: each the JSON text of an OpenAI
+    tool, `{"type": "function", "function": {"name", "description", "parameters"}}`."""
     images: tuple[str, ...] = ()
     """Image paths for multimodal samples; each `<image>` in the text stands for one."""
     raw: bool = False
@@ -50,6 +60,17 @@ class RecordError(ValueError):
     """A record does not fit its format; the message names the field and what is expected."""
 
 
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _object(record: Any, what: str = "a record") -> dict:
+    if not isinstance(record, dict):
+        raise RecordError(f"{what} must be a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _text(record: dict, key: str, where: str = "", required: bool = True) -> str:
     value = record.get(key)
     if value is None and not required:
@@ -61,12 +82,176 @@ def _text(record: dict, key: str, where: str = "", required: bool = True) -> str
     return value
 
 
-def conversation_to_standard(record: dict[str, Any]) -> Conversation:
+def _trainable(message: dict, where: str) -> bool:
+    """False when the message has `weight` or `loss` 0/false (OpenAI's and LLaMA-Factory's opt-out)."""
+    trainable = True
+    for key in ("weight", "loss"):
+        value = message.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (bool, int, float)) or value not in (0, 1):
+            raise RecordError(f"field '{where}{key}' must be 0 or 1 (or false or true), got {_show(value)}")
+        trainable = trainable and bool(value)
+    return trainable
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordError(f"field '{where}' is not valid JSON ({error.msg} at column {error.colno})") from None
+    except (ValueError, RecursionError) as error:
+        raise RecordError(f"field '{where}' is not valid JSON ({type(error).__name__})") from None
+
+
+def _dump(value: Any, where: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as error:
+        raise RecordError(f"field '{where}' cannot be written as JSON ({error})") from None
+
+
+def _json_object_text(value: Any, where: str) -> str:
+    """A JSON object given as text or already parsed -> one canonical JSON text."""
+    if isinstance(value, str):
+        value = _parse_json(value, where)
+    if not isinstance(value, dict):
+        raise RecordError(f"field '{where}' must be a JSON object or its text, got {type(value).__name__}")
+    return _dump(value, where)
+
+
+def _tool_call(function: Any, where: str) -> ToolCall:
+    """{"name", "arguments"} -> a ToolCall; arguments may be an object or its JSON text."""
+    function = _object(function, f"'{where}'")
+    name = _text(function, "name", f"{where}.")
+    if not name:
+        raise RecordError(f"field '{where}.name' is empty")
+    if function.get("arguments") is None:
+        raise RecordError(f"missing field '{where}.arguments'")
+    return ToolCall(name, _json_object_text(function["arguments"], f"{where}.arguments"))
+
+
+def _tools(record: dict) -> tuple[str, ...]:
+    """`tools`: a list of tool schemas, or its JSON text (LLaMA-Factory), in OpenAI's wrapped form or bare."""
+    tools = record.get("tools")
+    if tools is None or (isinstance(tools, str) and not tools.strip()):
+        return ()
+    if isinstance(tools, str):
+        tools = _parse_json(tools, "tools")
+    if not isinstance(tools, list):
+        raise RecordError(f"field 'tools' must be a list of tool schemas or its JSON text, got {type(tools).__name__}")
+    schemas = []
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        tool = _object(tool, f"'{where}'")
+        if tool.get("function") is not None:
+            if tool.get("type") not in (None, "function"):
+                raise RecordError(f"field '{where}.type' must be 'function', got {_show(tool['type'])}")
+            function, where = _object(tool["function"], f"'{where}.function'"), f"{where}.function"
+        else:
+            function = tool
+        if not _text(function, "name", f"{where}."):
+            raise RecordError(f"field '{where}.name' is empty")
+        schemas.append(_dump({"type": "function", "function": function}, where))
+    return tuple(schemas)
+
+
+def _images(record: dict) -> tuple[str, ...]:
+    """LLaVA's `image` (a path or a list) or LLaMA-Factory's `images` (a list)."""
+    if record.get("image") is not None and record.get("images") is not None:
+        raise RecordError("the record has both 'image' and 'images'; keep one")
+    key = "image" if record.get("image") is not None else "images"
+    value = record.get(key)
+    if value is None:
+        return ()
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(path, str) and path for path in paths):
+        raise RecordError(f"field '{key}' must be an image path or a list of image paths, got {_show(value)}")
+    return tuple(paths)
+
+
+def _describe(role: str | None, calls: bool) -> str:
+    if role is None:
+        return "the start"
+    if role == "assistant":
+        return "an assistant turn with tool calls" if calls else "an assistant turn"
+    return f"a {role} turn"
+
+
+def _expected_after(role: str | None, calls: bool) -> tuple[str, ...]:
+    if role in (None, "system"):
+        return ("user",)
+    if role == "user":
+        return ("assistant",)
+    if role == "assistant":
+        return ("tool",) if calls else ("user",)
+    return ("tool", "assistant")
+
+
+def check_conversation(conversation: Any, wheres: Sequence[str] | None = None) -> Conversation:
+    """The conversation, if a model can be trained on it; else a RecordError naming the turn at fault.
+
+    `wheres` names each turn for the message (the field it came from, e.g. `messages[3]`); the
+    default is `turns[i]`.
+    """
+    if not isinstance(conversation, Conversation):
+        raise RecordError(f"expected a Conversation, got {type(conversation).__name__}")
+    turns = conversation.turns
+    if not isinstance(turns, tuple) or not turns:
+        raise RecordError("a conversation needs a non-empty tuple of turns")
+    wheres = list(wheres) if wheres is not None else [f"turns[{index}]" for index in range(len(turns))]
+    _check_types(conversation, wheres)
+    if conversation.raw:
+        if len(turns) != 1 or turns[0].role != "assistant" or not turns[0].trainable:
+            raise RecordError("a raw (pretraining) conversation must be one trainable assistant turn")
+        return conversation
+    previous, calls = None, False
+    for index, (turn, where) in enumerate(zip(turns, wheres)):
+        if turn.role == "system" and index > 0:
+            raise RecordError(f"'{where}' is a system turn after the first turn; only the first turn may be one")
+        expected = _expected_after(previous, calls)
+        if turn.role != "system" and turn.role not in expected:
+            raise RecordError(
+                f"'{where}' is {_describe(turn.role, False)} after {_describe(previous, calls)}; "
+                f"expected {' or '.join(_describe(role, False) for role in expected)}"
+            )
+        previous, calls = turn.role, bool(turn.tool_calls)
+    if previous != "assistant":
+        raise RecordError(
+            f"'{wheres[-1]}' is {_describe(previous, calls)} at the end; the last turn must be the assistant's"
+        )
+    if not any(turn.role == "assistant" and turn.trainable for turn in turns):
+        raise RecordError("no assistant turn to train on (every assistant turn has weight 0)")
+    placeholders = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if conversation.images and placeholders != len(conversation.images):
+        raise RecordError(
+            f"the record has {len(conversation.images)} image(s) but {placeholders} '{IMAGE_PLACEHOLDER}' "
+            "placeholder(s) in its text; put one placeholder where each image goes"
+        )
+    return conversation
+
+
+def _check_types(conversation: Conversation, wheres: list[str]) -> None:
+    """What a user's map function could get wrong that ours cannot."""
+    for turn, where in zip(conversation.turns, wheres, strict=True):
+        if not isinstance(turn, Turn) or turn.role not in ROLES or not isinstance(turn.content, str):
+            raise RecordError(f"'{where}' must be a Turn with a role in {', '.join(ROLES)} and string content")
+        calls = turn.tool_calls
+        if calls and (turn.role != "assistant" or not all(isinstance(call, ToolCall) for call in calls)):
+            raise RecordError(f"'{where}': only assistant turns have tool calls, each a ToolCall")
+    if not all(isinstance(tool, str) for tool in conversation.tools):
+        raise RecordError("a conversation's tools must be JSON texts")
+    if not all(isinstance(image, str) for image in conversation.images):
+        raise RecordError("a conversation's images must be paths")
+
+
+def conversation_to_standard(record: Any) -> Conversation:
     """XTuner's format: {"conversation": [{"system"?, "input", "output"}, ...]}."""
-    rounds = record.get("conversation")
+    rounds = _object(record).get("conversation")
     if not isinstance(rounds, list) or not rounds:
         raise RecordError("field 'conversation' must be a non-empty list of {input, output} objects")
     turns: list[Turn] = []
+    wheres: list[str] = []
     for index, round_ in enumerate(rounds):
         where = f"conversation[{index}]."
         if not isinstance(round_, dict):
@@ -74,43 +259,261 @@ def conversation_to_standard(record: dict[str, Any]) -> Conversation:
         system = _text(round_, "system", where, required=False)
         if system:
             turns.append(Turn("system", system))
+            wheres.append(f"{where}system")
         turns.append(Turn("user", _text(round_, "input", where)))
-        turns.append(Turn("assistant", _text(round_, "output", where), trainable=True))
-    return Conversation(tuple(turns))
+        turns.append(Turn("assistant", _text(round_, "output", where), trainable=_trainable(round_, where)))
+        wheres += [f"{where}input", f"{where}output"]
+    return check_conversation(Conversation(tuple(turns)), wheres)
 
 
-def alpaca_to_standard(record: dict[str, Any]) -> Conversation:
-    """Alpaca: {"instruction", "input"?, "output"}; a non-empty input follows the instruction on a new line."""
+def alpaca_to_standard(record: Any) -> Conversation:
+    """Alpaca: {"instruction", "input"?, "output"}; a non-empty input follows the instruction on a new line.
+
+    LLaMA-Factory's additions are read too: `system`, and `history`, a list of earlier
+    [instruction, response] pairs, both trained.
+    """
+    record = _object(record)
+    turns: list[Turn] = []
+    system = _text(record, "system", required=False)
+    if system:
+        turns.append(Turn("system", system))
+    history = record.get("history")
+    if history is not None and not isinstance(history, list):
+        raise RecordError(
+            f"field 'history' must be a list of [instruction, response] pairs, got {type(history).__name__}"
+        )
+    for index, pair in enumerate(history or []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
+            raise RecordError(f"field 'history[{index}]' must be a pair of strings [instruction, response]")
+        turns += [Turn("user", pair[0]), Turn("assistant", pair[1], trainable=True)]
     instruction = _text(record, "instruction")
     extra = _text(record, "input", required=False)
-    prompt = f"{instruction}\n{extra}" if extra else instruction
-    return Conversation((Turn("user", prompt), Turn("assistant", _text(record, "output"), trainable=True)))
+    turns.append(Turn("user", f"{instruction}\n{extra}" if extra else instruction))
+    turns.append(Turn("assistant", _text(record, "output"), trainable=True))
+    return check_conversation(Conversation(tuple(turns)))
 
 
-FORMATS: dict[str, Callable[[dict[str, Any]], Conversation]] = {
+def _content(message: dict, where: str, required: bool = True) -> str:
+    """OpenAI content: a string, or a list of text parts joined."""
+    content = message.get("content")
+    if content is None:
+        if required:
+            raise RecordError(f"missing field '{where}content'")
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RecordError(
+            f"field '{where}content' must be a string or a list of text parts, got {type(content).__name__}"
+        )
+    texts = []
+    for index, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise RecordError(
+                f"'{where}content[{index}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                f"for images put '{IMAGE_PLACEHOLDER}' in the text and the paths in a top-level 'images' list"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def openai_to_standard(record: Any) -> Conversation:
+    """OpenAI's chat fine-tuning format: {"messages": [{"role", "content", ...}], "tools"?}.
+
+    Roles are system, user, assistant and tool. An assistant message may carry `tool_calls`
+    [{"id", "type": "function", "function": {"name", "arguments"}}], its content then optional; a
+    tool message's name is its `name`, else that of the call its `tool_call_id` answers, else that of
+    the call at its position after the assistant turn. `weight` 0 leaves an assistant turn untrained.
+    Top-level `images` (paths) go with `<image>` placeholders in the text, as in LLaMA-Factory.
+    """
+    record = _object(record)
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("field 'messages' must be a non-empty list of {role, content} objects")
+    turns: list[Turn] = []
+    wheres: list[str] = []
+    calls_by_id: dict[str, ToolCall] = {}
+    last_calls: tuple[ToolCall, ...] = ()
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RecordError(f"'{where}' must be an object with role and content")
+        role = _text(message, "role", f"{where}.")
+        if role not in ROLES:
+            raise RecordError(f"field '{where}.role' must be one of {', '.join(ROLES)}, got {_show(role)}")
+        if role == "assistant":
+            last_calls = _openai_tool_calls(message, where, calls_by_id)
+            content = _content(message, f"{where}.", required=not last_calls)
+            turns.append(Turn("assistant", content, _trainable(message, f"{where}."), last_calls))
+        elif role == "tool":
+            position = len(turns) - len(_without_trailing_tools(turns))
+            name = _tool_name(message, where, calls_by_id, last_calls, position)
+            turns.append(Turn("tool", _content(message, f"{where}."), name=name))
+        else:
+            turns.append(Turn(role, _content(message, f"{where}.")))
+        wheres.append(where)
+    conversation = Conversation(tuple(turns), tools=_tools(record), images=_images(record))
+    return check_conversation(conversation, wheres)
+
+
+def _openai_tool_calls(message: dict, where: str, calls_by_id: dict[str, ToolCall]) -> tuple[ToolCall, ...]:
+    raw_calls = message.get("tool_calls")
+    if raw_calls is None:
+        return ()
+    if not isinstance(raw_calls, list):
+        raise RecordError(f"field '{where}.tool_calls' must be a list, got {type(raw_calls).__name__}")
+    calls = []
+    for index, raw in enumerate(raw_calls):
+        call_where = f"{where}.tool_calls[{index}]"
+        raw = _object(raw, f"'{call_where}'")
+        if raw.get("type") not in (None, "function"):
+            raise RecordError(f"field '{call_where}.type' must be 'function', got {_show(raw['type'])}")
+        if raw.get("function") is None:
+            raise RecordError(f"missing field '{call_where}.function'")
+        call = _tool_call(raw["function"], f"{call_where}.function")
+        call_id = _text(raw, "id", f"{call_where}.", required=False)
+        if call_id:
+            calls_by_id[call_id] = call
+        calls.append(call)
+    return tuple(calls)
+
+
+def _without_trailing_tools(turns: list[Turn]) -> list[Turn]:
+    end = len(turns)
+    while end and turns[end - 1].role == "tool":
+        end -= 1
+    return turns[:end]
+
+
+def _tool_name(
+    message: dict, where: str, calls_by_id: dict[str, ToolCall], last_calls: tuple[ToolCall, ...], position: int
+) -> str | None:
+    name = _text(message, "name", f"{where}.", required=False)
+    if name:
+        return name
+    call_id = _text(message, "tool_call_id", f"{where}.", required=False)
+    if call_id:
+        if call_id not in calls_by_id:
+            raise RecordError(
+                f"field '{where}.tool_call_id' is {_show(call_id)}, which no earlier tool call has as its id"
+            )
+        return calls_by_id[call_id].name
+    return last_calls[position].name if position < len(last_calls) else None
+
+
+SHAREGPT_ROLES: dict[str, Role] = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+}
+"""ShareGPT `from` values (LLaMA-Factory's tags, and OpenAI's role names) -> roles."""
+
+
+def sharegpt_to_standard(record: Any) -> Conversation:
+    """ShareGPT: {"conversations": [{"from", "value"}], "system"?, "tools"?}; also LLaVA's format.
+
+    `from` is human, gpt, system (first only), function_call or observation, as in LLaMA-Factory. A
+    function_call's value is the JSON text of {"name", "arguments"} (or a list of them) and becomes an
+    assistant turn with tool calls; an observation becomes a tool turn. A system message in the
+    conversation takes the place of the top-level `system`. LLaVA's `image` (a path or a list) and
+    LLaMA-Factory's `images` give the image paths, `<image>` staying in the text; `id` is ignored.
+    """
+    record = _object(record)
+    messages = record.get("conversations")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("field 'conversations' must be a non-empty list of {from, value} objects")
+    turns: list[Turn] = []
+    wheres: list[str] = []
+    system = _text(record, "system", required=False)
+    first = messages[0]
+    if system and not (isinstance(first, dict) and first.get("from") == "system"):
+        turns.append(Turn("system", system))
+        wheres.append("system")
+    last_calls: tuple[ToolCall, ...] = ()
+    for index, message in enumerate(messages):
+        where = f"conversations[{index}]"
+        if not isinstance(message, dict):
+            raise RecordError(f"'{where}' must be an object with from and value")
+        sender = _text(message, "from", f"{where}.")
+        if sender not in SHAREGPT_ROLES:
+            raise RecordError(
+                f"field '{where}.from' must be one of human, gpt, system, function_call, observation; "
+                f"got {_show(sender)}"
+            )
+        value = _text(message, "value", f"{where}.")
+        if sender == "function_call":
+            last_calls = _sharegpt_calls(value, f"{where}.value")
+            turns.append(Turn("assistant", "", _trainable(message, f"{where}."), last_calls))
+        elif sender == "observation":
+            turns.append(Turn("tool", value, name=last_calls[0].name if len(last_calls) == 1 else None))
+        elif SHAREGPT_ROLES[sender] == "assistant":
+            last_calls = ()
+            turns.append(Turn("assistant", value, _trainable(message, f"{where}.")))
+        else:
+            turns.append(Turn(SHAREGPT_ROLES[sender], value))
+        wheres.append(where)
+    conversation = Conversation(tuple(turns), tools=_tools(record), images=_images(record))
+    return check_conversation(conversation, wheres)
+
+
+def _sharegpt_calls(value: str, where: str) -> tuple[ToolCall, ...]:
+    calls = _parse_json(value, where)
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise RecordError(
+            f"field '{where}' must be the JSON text of {{\"name\", \"arguments\"}} or a non-empty list of them"
+        )
+    return tuple(_tool_call(call, f"{where}[{index}]") for index, call in enumerate(calls))
+
+
+def text_to_standard(record: Any) -> Conversation:
+    """Pretraining text: {"text"}; other keys are ignored."""
+    text = _text(_object(record), "text")
+    if not text.strip():
+        raise RecordError("field 'text' is empty")
+    return Conversation((Turn("assistant", text, trainable=True),), raw=True)
+
+
+FORMATS: dict[str, Callable[[Any], Conversation]] = {
     "conversation": conversation_to_standard,
     "alpaca": alpaca_to_standard,
+    "openai": openai_to_standard,
+    "sharegpt": sharegpt_to_standard,
+    "llava": sharegpt_to_standard,
+    "text": text_to_standard,
 }
+"""Format names (the values of `dataset_format`) -> map functions. `llava` is ShareGPT with images."""
 
 
 def detect_format(record: Any) -> str:
-    """The format name whose signature keys the record has."""
+    """The format name whose signature keys the record has (keys with null values do not count)."""
     if isinstance(record, dict):
-        if "conversation" in record:
+        keys = {key for key, value in record.items() if value is not None}
+        if "conversation" in keys:
             return "conversation"
-        if "instruction" in record and "output" in record:
+        if "messages" in keys:
+            return "openai"
+        if "conversations" in keys:
+            return "llava" if keys & {"image", "images"} else "sharegpt"
+        if "instruction" in keys:
             return "alpaca"
-        keys = ", ".join(sorted(map(str, record))) or "none"
+        if "text" in keys:
+            return "text"
+        found = ", ".join(sorted(map(str, record))) or "none"
     else:
-        keys = f"not an object but {type(record).__name__}"
+        found = f"not an object but {type(record).__name__}"
     raise RecordError(
-        f"unknown record format (keys: {keys}); expected one of {', '.join(FORMATS)}. "
-        "Set dataset_format in the config to choose one."
+        f"unknown record format (keys: {found}); expected the keys of one of {', '.join(FORMATS)}. "
+        "Set dataset_format in the config to choose one"
     )
 
 
 def with_system(conversation: Conversation, system: str) -> Conversation:
-    """Put `system` in front when the conversation has no system turn of its own."""
-    if not system or conversation.system is not None:
+    """Put `system` in front when the conversation has no system turn of its own (raw text has none)."""
+    if not system or conversation.raw or conversation.system is not None:
         return conversation
-    return Conversation((Turn("system", system), *conversation.turns))
+    return Conversation((Turn("system", system), *conversation.turns), conversation.tools, conversation.images)

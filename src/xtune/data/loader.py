@@ -1,76 +1,39 @@
-"""Files -> records -> conversations -> encoded samples -> padded batches."""
+"""Files -> records -> conversations -> encoded samples -> padded batches.
 
-import json
-from collections.abc import Iterator
+Reading lives in `xtune.data.sources`; `resolve_data_path`, `read_records` and `load_conversations`
+are importable from here as well.
+"""
+
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from xtune.data.encode import IGNORE_INDEX, Encoded, encode
-from xtune.data.formats import FORMATS, Conversation, RecordError, detect_format, with_system
+from xtune.data.formats import Conversation
+from xtune.data.sources import SourceSpec, load_sources, read_records, resolve_data_path
 from xtune.data.templates import ChatTemplate
-from xtune.errors import DataError
 
-TINY_PREFIX = "xtune-tiny/"
-
-
-def resolve_data_path(data_path: str) -> Path:
-    """A local file, or `xtune-tiny/<name>` for a dataset xtune generates itself."""
-    if data_path.startswith(TINY_PREFIX):
-        from xtune.testing.tasks import tiny_dataset_path
-
-        return tiny_dataset_path(data_path[len(TINY_PREFIX) :])
-    path = Path(data_path)
-    if not path.is_file():
-        raise DataError(
-            f"data_path = '{data_path}' does not exist (looked at {path.resolve()}). "
-            "Fix data_path (or data_root) in the config."
-        )
-    return path
+__all__ = ["EncodeStats", "collate", "encode_all", "load_conversations", "read_records", "resolve_data_path"]
 
 
-def read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, record) pairs; location is `file:line` for .jsonl and `file[record N]` for .json."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}).") from None
-    elif path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno}).") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: a .json dataset must be a list of records, got {type(records).__name__}.")
-        for index, record in enumerate(records):
-            yield f"{path}[record {index}]", record
-    else:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .json or .jsonl.")
+def load_conversations(
+    path: str | Path,
+    dataset_format: str = "auto",
+    system: str = "",
+    *,
+    image_folder: str | None = None,
+    skip_bad_records: bool = False,
+    check_images: bool = True,
+) -> list[Conversation]:
+    """Every record of one source in the standard form, with `system` added where a record has none.
 
-
-def load_conversations(path: Path, dataset_format: str = "auto", system: str = "") -> list[Conversation]:
-    """Every record of the file in the standard form, with `system` added where a record has none."""
-    conversations = []
-    map_fn = None if dataset_format == "auto" else FORMATS[dataset_format]
-    for location, record in read_records(path):
-        try:
-            if map_fn is None:
-                map_fn = FORMATS[detect_format(record)]
-            if not isinstance(record, dict):
-                raise RecordError(f"a record must be a JSON object, got {type(record).__name__}")
-            conversations.append(with_system(map_fn(record), system))
-        except RecordError as error:
-            raise DataError(f"{location}: {error}.") from None
-    if not conversations:
-        raise DataError(f"{path}: no records; the file is empty.")
-    return conversations
+    `path` is anything `SourceSpec.path` takes; a bad record raises a DataError naming its location
+    unless `skip_bad_records` (use `load_sources` to get the skipped ones and to mix sources).
+    """
+    source = SourceSpec(str(path), dataset_format, image_folder=image_folder)
+    loaded = load_sources([source], system=system, skip_bad_records=skip_bad_records, check_images=check_images)
+    return loaded.conversations
 
 
 @dataclass(frozen=True)

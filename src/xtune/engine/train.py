@@ -3,7 +3,8 @@
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +15,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from xtune.config.schema import Config
-from xtune.data.encode import IGNORE_INDEX, Encoded
+from xtune.data.encode import IGNORE_INDEX
 from xtune.data.formats import Conversation, Turn
 from xtune.data.loader import collate, encode_all, load_conversations, resolve_data_path
+from xtune.data.packing import collate_packed, pack, packing_efficiency
 from xtune.data.templates import ChatTemplate, get_template
 from xtune.engine.checkpoint import new_run_dir, prune_checkpoints, save_checkpoint
 from xtune.engine.device import resolve_device, resolve_dtype
 from xtune.engine.optim import build_optimizer, build_scheduler
-from xtune.errors import ConfigError
 from xtune.infer.generate import GenerationOptions, generate_replies
+from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
 from xtune.models.lora import count_parameters, prepare_trainable
 
@@ -46,13 +48,13 @@ def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def micro_batches(samples: list[Encoded], batch_size: int, seed: int, pad_token_id: int) -> Iterator[tuple[int, dict]]:
+def micro_batches(items: Sequence, batch_size: int, seed: int, collate_fn: Callable) -> Iterator[tuple[int, dict]]:
     """(epoch, batch) forever; each epoch is a fresh seeded shuffle, so the order is reproducible."""
     epoch = 0
     while True:
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         for start in range(0, len(order), batch_size):
-            yield epoch, collate([samples[i] for i in order[start : start + batch_size]], pad_token_id)
+            yield epoch, collate_fn([items[i] for i in order[start : start + batch_size]])
         epoch += 1
 
 
@@ -68,8 +70,6 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    if config.pack_to_max_length:
-        raise ConfigError("pack_to_max_length = True is not supported yet; set it to False.")
 
     model_path = resolve_model_path(config.llm_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
@@ -81,6 +81,18 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
         f"{stats.truncated} truncated to {config.max_length}, {stats.dropped_untrained} without trained tokens dropped"
     )
 
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if config.pack_to_max_length:
+        shuffle_seed = config.seed if config.shuffle_before_pack else None
+        items = pack(samples, config.max_length, pad_token_id, shuffle_seed)
+        collate_fn = collate_packed
+        console.print(
+            f"packed into {len(items)} rows of {config.max_length} tokens, "
+            f"{packing_efficiency(items, config.max_length):.1%} of them sample tokens"
+        )
+    else:
+        items, collate_fn = samples, partial(collate, pad_token_id=pad_token_id)
+
     base_dtype = torch.float32 if config.method == "full" else dtype
     model = load_model(
         model_path,
@@ -89,13 +101,15 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
         device=device,
         trust_remote_code=config.trust_remote_code,
     )
+    if config.pack_to_max_length:
+        use_varlen_attention(model)
     model = prepare_trainable(model, config).to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     console.print(f"model: {model_path} on {device}, {dtype}; {trainable:,} of {total:,} parameters trainable")
 
-    steps = total_steps(config, len(samples))
+    steps = total_steps(config, len(items))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, device)
     scheduler = build_scheduler(optimizer, config, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -114,7 +128,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
         "max_length": config.max_length,
     }
     metrics = (run_dir / "metrics.jsonl").open("a")
-    batches = micro_batches(samples, config.batch_size, config.seed, tokenizer.pad_token_id)
+    batches = micro_batches(items, config.batch_size, config.seed, collate_fn)
     result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
     model.train()
     start = time.perf_counter()
@@ -132,12 +146,11 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
             num_trained = sum(count_trained(batch) for _, batch in group)
             loss_sum = torch.zeros((), device=device)
             for _, batch in group:
-                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                labels = batch.pop("labels")
                 with autocast:
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                    ).logits
-                step_loss = causal_lm_loss_sum(logits, batch["labels"])
+                    logits = model(**batch, use_cache=False).logits
+                step_loss = causal_lm_loss_sum(logits, labels)
                 scaler.scale(step_loss / num_trained).backward()
                 loss_sum += step_loss.detach()
                 seen_tokens += int(batch["attention_mask"].sum())

@@ -1,0 +1,471 @@
+"""Where records come from: files, folders and saved Hugging Face datasets -> located conversations.
+
+Reading is split in two. `read_conversations` yields, for each record, either `(location,
+Conversation)` or a `BadRecord`, and never raises for a bad record, so that `check-dataset` can list
+every one. `load_sources` is the policy: it raises a `DataError` on the first bad record, or with
+`skip_bad_records` collects them, and it mixes several sources, each repeated `repeats` times.
+
+A location names a record for people: `file:line` for .jsonl, .txt and .csv (the line a row starts
+on), `file[record N]` for .json and `file[row N]` for .parquet and saved datasets, N counting from 0
+as in `records[N]` and `dataset[N]`.
+"""
+
+import csv
+import dataclasses
+import importlib
+import io
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+from xtune.data.formats import FORMATS, Conversation, RecordError, check_conversation, detect_format, with_system
+from xtune.errors import DataError
+
+TINY_PREFIX = "xtune-tiny/"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    path: str
+    """A .json (a list of records, or JSON Lines), .jsonl, .parquet, .csv or .txt file; a folder of
+    them, read recursively in sorted order; a folder written by `datasets`' `save_to_disk` (a
+    DatasetDict's `train` split); or `xtune-tiny/<name>`."""
+    format: str = "auto"
+    """A name in `FORMATS`, `auto` to detect it per file from its first record, or a map function's
+    dotted path `package.module:function` (or `package.module.function`)."""
+    repeats: float = 1.0
+    """How often each record is used: 2 uses each twice, 0.5 a seeded random half, 1.5 each once and
+    a seeded random half once more; the fraction of the records is rounded to the nearest count."""
+    image_folder: str | None = None
+    """Folder that relative image paths are read from; None reads them from the current folder."""
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record (or a whole file) that could not be read, and why."""
+
+    location: str
+    message: str
+    cause: BaseException | None = field(default=None, compare=False, repr=False)
+    """The exception a user's map function raised, kept for `--debug` stack traces."""
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+Located = tuple[str, Conversation]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    samples: list[Located]
+    """(location, conversation) for every sample, sources in order, repeats applied."""
+    skipped: list[BadRecord]
+    """Bad records left out under `skip_bad_records`, each once whatever its source's repeats."""
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        return [conversation for _, conversation in self.samples]
+
+
+def resolve_data_path(data_path: str) -> Path:
+    """A local file or folder, or `xtune-tiny/<name>` for a dataset xtune generates itself."""
+    if data_path.startswith(TINY_PREFIX):
+        from xtune.testing.tasks import tiny_dataset_path
+
+        return tiny_dataset_path(data_path[len(TINY_PREFIX) :])
+    path = Path(data_path)
+    if not path.exists():
+        raise DataError(
+            f"data_path = '{data_path}' does not exist (looked at {path.resolve()}). "
+            "Fix data_path (or data_root, or the path in datasets) in the config."
+        )
+    return path
+
+
+def map_function(dataset_format: str) -> Callable[[Any], Conversation]:
+    """A format name of `FORMATS`, or the dotted path of a user's function from a raw record to a Conversation."""
+    if dataset_format in FORMATS:
+        return FORMATS[dataset_format]
+    if ":" in dataset_format:
+        module_name, _, attribute = dataset_format.partition(":")
+    elif "." in dataset_format:
+        module_name, _, attribute = dataset_format.rpartition(".")
+    else:
+        raise DataError(
+            f"unknown dataset_format '{dataset_format}'; use auto, {', '.join(FORMATS)}, or the dotted path "
+            "of your own map function, 'package.module:function'."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise DataError(
+            f"dataset_format '{dataset_format}': cannot import module '{module_name}' ({error}). "
+            "Install it, or add the folder that holds it to PYTHONPATH."
+        ) from error
+    except Exception as error:
+        raise DataError(
+            f"dataset_format '{dataset_format}': importing '{module_name}' failed ({type(error).__name__}: {error})."
+        ) from error
+    function = reduce(lambda owner, name: getattr(owner, name, None), attribute.split("."), module)
+    if not callable(function):
+        raise DataError(f"dataset_format '{dataset_format}': module '{module_name}' has no function '{attribute}'.")
+    return function
+
+
+# Files -> raw records ----------------------------------------------------------------------------
+
+RawItem = tuple[str, Any] | BadRecord
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str] | BadRecord]:
+    """(line number, text) of each non-blank line; a line that is not UTF-8 is a BadRecord."""
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield BadRecord(f"{path}:{number}", f"not UTF-8 text (byte {error.start + 1} of the line)")
+                continue
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            if text.strip():
+                yield number, text
+
+
+def _parse_line(location: str, text: str) -> RawItem:
+    try:
+        return location, json.loads(text)
+    except json.JSONDecodeError as error:
+        return BadRecord(location, f"not valid JSON ({error.msg} at column {error.colno})")
+    except (ValueError, RecursionError) as error:
+        return BadRecord(location, f"not valid JSON ({type(error).__name__}: {error})")
+
+
+def _read_jsonl(path: Path) -> Iterator[RawItem]:
+    for item in _lines(path):
+        yield item if isinstance(item, BadRecord) else _parse_line(f"{path}:{item[0]}", item[1].rstrip("\r\n"))
+
+
+def _decode(path: Path) -> str | BadRecord:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return BadRecord(f"{path}:{line}", "not UTF-8 text; the whole file is unreadable")
+
+
+def _looks_like_json_lines(text: str) -> bool:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _read_json(path: Path) -> Iterator[RawItem]:
+    text = _decode(path)
+    if isinstance(text, BadRecord):
+        yield text
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data" and _looks_like_json_lines(text):
+            yield from _read_jsonl(path)
+        else:
+            yield BadRecord(
+                f"{path}:{error.lineno}",
+                f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                "the whole file is unreadable",
+            )
+        return
+    except (ValueError, RecursionError) as error:
+        yield BadRecord(str(path), f"not valid JSON ({type(error).__name__}: {error}); the whole file is unreadable")
+        return
+    if not isinstance(records, list):
+        kind = type(records).__name__
+        yield BadRecord(str(path), f"a .json dataset must be a list of records (or JSON Lines), got {kind}")
+        return
+    for index, record in enumerate(records):
+        yield f"{path}[record {index}]", record
+
+
+def _read_txt(path: Path) -> Iterator[RawItem]:
+    """One document per line, as XTuner and LLaMA-Factory read text files; blank lines are skipped."""
+    for item in _lines(path):
+        yield item if isinstance(item, BadRecord) else (f"{path}:{item[0]}", {"text": item[1].rstrip("\r\n")})
+
+
+def _read_csv(path: Path) -> Iterator[RawItem]:
+    """A header row of field names, then one record per row, every value a string."""
+    text = _decode(path)
+    if isinstance(text, BadRecord):
+        yield text
+        return
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] = []
+    end = 0
+    try:
+        while not header:
+            header = next(rows, None)
+            if header is None:
+                return
+            end = rows.line_num
+        for row in rows:
+            start, end = end + 1, rows.line_num
+            if not row:
+                continue
+            location = f"{path}:{start}"
+            if len(row) > len(header):
+                yield BadRecord(location, f"the row has {len(row)} fields but the header has {len(header)}")
+            else:
+                yield location, dict(zip(header, row)) | {name: None for name in header[len(row) :]}
+    except csv.Error as error:
+        yield BadRecord(f"{path}:{rows.line_num}", f"not valid CSV ({error}); the rest of the file is unreadable")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _read_parquet(path: Path) -> Iterator[RawItem]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield f"{path}[row {row}]", record
+                row += 1
+    except (pa.ArrowException, OSError) as error:
+        location = f"{path}[row {row}]" if row else str(path)
+        yield BadRecord(location, f"not a readable Parquet file ({_one_line(error)})")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    if (path / "dataset_dict.json").is_file():
+        return True
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _read_saved_dataset(path: Path) -> Iterator[RawItem]:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as error:  # datasets raises assorted types for a damaged folder
+        yield BadRecord(str(path), f"not a readable saved dataset ({type(error).__name__}: {_one_line(error)})")
+        return
+    prefix = str(path)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            splits = ", ".join(dataset) or "none"
+            example = path / next(iter(dataset), "<split>")
+            raise DataError(
+                f"{path}: the saved dataset has splits {splits} but no 'train'; "
+                f"point the data path at one split's folder, e.g. {example}."
+            )
+        dataset, prefix = dataset["train"], str(path / "train")
+    row = 0
+    for table in dataset.with_format("arrow").iter(batch_size=1024):
+        for record in table.to_pylist():
+            yield f"{prefix}[row {row}]", record
+            row += 1
+
+
+READERS: dict[str, Callable[[Path], Iterator[RawItem]]] = {
+    ".json": _read_json,
+    ".jsonl": _read_jsonl,
+    ".parquet": _read_parquet,
+    ".csv": _read_csv,
+    ".txt": _read_txt,
+}
+"""File suffix -> reader of its raw records."""
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files and saved-dataset folders `path` stands for: itself, or what a folder holds, sorted
+    and recursively; hidden entries and files of other types in a folder are passed over."""
+    if path.is_file() or is_saved_dataset(path):
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"data path '{path}' does not exist (looked at {path.resolve()}).")
+    found: list[Path] = []
+    seen: set[Path] = set()
+
+    def visit(folder: Path) -> None:
+        if folder.resolve() in seen:  # a symbolic link back up the tree
+            return
+        seen.add(folder.resolve())
+        for child in sorted(folder.iterdir()):
+            if child.name.startswith("."):
+                continue
+            if child.is_dir() and is_saved_dataset(child):
+                found.append(child)
+            elif child.is_dir():
+                visit(child)
+            elif child.suffix.lower() in READERS:
+                found.append(child)
+
+    visit(path)
+    if not found:
+        raise DataError(
+            f"{path}: the folder holds no data files ({', '.join(READERS)}) and no saved dataset."
+        )
+    return found
+
+
+def read_records(path: Path) -> Iterator[RawItem]:
+    """(location, raw record) for each record of one file or saved dataset, or a BadRecord for one
+    that cannot be parsed; an empty file is a BadRecord too."""
+    if path.is_dir():
+        reader = _read_saved_dataset
+    else:
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            yield BadRecord(str(path), f"unsupported file type '{path.suffix}'; use one of {', '.join(READERS)}")
+            return
+    empty = True
+    for item in reader(path):
+        empty = False
+        yield item
+    if empty:
+        yield BadRecord(str(path), "no records; the file is empty")
+
+
+# Raw records -> conversations ---------------------------------------------------------------------
+
+
+def _record_id(record: Any) -> str:
+    record_id = record.get("id") if isinstance(record, dict) else None
+    return f" of record id {record_id!r}" if record_id is not None else ""
+
+
+def _with_image_paths(conversation: Conversation, record: Any, image_folder: str | None, check: bool) -> Conversation:
+    if not conversation.images:
+        return conversation
+    paths = tuple(
+        path if image_folder is None or os.path.isabs(path) else os.path.join(image_folder, path)
+        for path in conversation.images
+    )
+    if check:
+        for written, path in zip(conversation.images, paths):
+            if not os.path.isfile(path):
+                raise RecordError(
+                    f"image '{written}'{_record_id(record)} not found (looked at {Path(path).resolve()}); "
+                    "set image_folder, or fix the path"
+                )
+    return dataclasses.replace(conversation, images=paths)
+
+
+def _convert(map_fn: Callable, name: str, record: Any) -> Conversation:
+    """The record mapped and checked; a user's function failing in any way is the record's fault."""
+    try:
+        conversation = map_fn(record)
+        if name not in FORMATS:
+            check_conversation(conversation)
+    except RecordError as error:
+        raise RecordError(f"{error} (format '{name}')") from error.__cause__
+    except Exception as error:
+        if name in FORMATS:
+            raise
+        raise RecordError(f"map function '{name}' failed ({type(error).__name__}: {error})") from error
+    return conversation
+
+
+def read_conversations(
+    path: str | Path,
+    dataset_format: str = "auto",
+    *,
+    image_folder: str | None = None,
+    check_images: bool = True,
+) -> Iterator[Located | BadRecord]:
+    """(location, conversation) for each good record of a source, a BadRecord for each bad one.
+
+    With `auto`, each file's format is detected from its first record (records before the first
+    one of a known format are bad). Image paths are joined to `image_folder`, and with
+    `check_images` a missing image file makes the record bad.
+    """
+    fixed = None if dataset_format == "auto" else map_function(dataset_format)
+    for file in data_files(resolve_data_path(str(path))):
+        map_fn, name = fixed, dataset_format
+        for item in read_records(file):
+            if isinstance(item, BadRecord):
+                yield item
+                continue
+            location, record = item
+            try:
+                if map_fn is None:
+                    name = detect_format(record)
+                    map_fn = FORMATS[name]
+                conversation = _with_image_paths(_convert(map_fn, name, record), record, image_folder, check_images)
+            except RecordError as error:
+                yield BadRecord(location, str(error), error.__cause__)
+                continue
+            yield location, conversation
+
+
+# Policy: raise or collect, then mix -------------------------------------------------------------
+
+
+def repeat(samples: list[Located], repeats: float, rng: random.Random) -> list[Located]:
+    """Each sample `int(repeats)` times, then a random `fraction * len(samples)` of them (rounded) once more."""
+    whole = math.floor(repeats)
+    extra = math.floor((repeats - whole) * len(samples) + 0.5)
+    picked = sorted(rng.sample(range(len(samples)), extra))
+    return samples * whole + [samples[index] for index in picked]
+
+
+def load_sources(
+    specs: Sequence[SourceSpec],
+    *,
+    system: str = "",
+    skip_bad_records: bool = False,
+    check_images: bool = True,
+    seed: int = 0,
+) -> Loaded:
+    """Every source's conversations, each repeated per its spec, with `system` added where a record has none.
+
+    A bad record raises a one-line DataError naming its location, unless `skip_bad_records`, which
+    leaves it out and lists it in `Loaded.skipped`. Paths, formats and repeats are checked before
+    anything is read. The fraction of `repeats` picks records with a generator seeded by `seed` and
+    the source's position in `specs`.
+    """
+    if not specs:
+        raise DataError("no data sources; set data_path (or datasets) in the config.")
+    for spec in specs:
+        if not (isinstance(spec.repeats, (int, float)) and math.isfinite(spec.repeats) and spec.repeats >= 0):
+            raise DataError(f"{spec.path}: repeats must be a number >= 0, got {spec.repeats!r}.")
+        if spec.format != "auto":
+            map_function(spec.format)
+        data_files(resolve_data_path(spec.path))
+    samples: list[Located] = []
+    skipped: list[BadRecord] = []
+    for index, spec in enumerate(specs):
+        good: list[Located] = []
+        items = read_conversations(spec.path, spec.format, image_folder=spec.image_folder, check_images=check_images)
+        for item in items:
+            if isinstance(item, BadRecord):
+                if not skip_bad_records:
+                    raise DataError(f"{item}.") from item.cause
+                skipped.append(item)
+            else:
+                good.append((item[0], with_system(item[1], system)))
+        samples += repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
+    if not samples:
+        paths = ", ".join(spec.path for spec in specs)
+        if skipped:
+            raise DataError(f"no usable records in {paths}: all {len(skipped)} were bad; the first: {skipped[0]}.")
+        raise DataError(f"no samples from {paths}: repeats leave none.")
+    return Loaded(samples, skipped)

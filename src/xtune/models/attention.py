@@ -1,0 +1,68 @@
+"""Variable-length attention for packed rows, registered with transformers' attention interface.
+
+A packed batch is one row of concatenated samples; `cu_seq_lens_q` holds the sample boundaries
+(cumulative lengths, starting at 0). Attention runs causally inside each sample and never across:
+on CUDA through PyTorch's flash-attention varlen kernel (`torch.nn.attention.varlen.varlen_attn`),
+elsewhere through SDPA on each sample's block. Without boundaries it is plain SDPA, so generation and
+unpacked batches go through the same function.
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+VARLEN = "xtune_varlen"
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10
+    varlen_attn = None
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query: (1, heads, tokens, head_dim), key/value: (1, kv_heads, tokens, head_dim) ->
+    (1, tokens, heads, head_dim), as transformers' attention functions return."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one row of concatenated samples (batch size 1)")
+    enable_gqa = query.shape[1] != key.shape[1]
+    if query.is_cuda and varlen_attn is not None and dropout == 0.0:
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
+        out = varlen_attn(q, k, v, cu, cu, max_length_q, max_length_q, scale=scaling, window_size=(-1, 0), enable_gqa=enable_gqa)
+        return out.unsqueeze(0), None
+    bounds = cu_seq_lens_q.tolist()
+    blocks = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling, enable_gqa=enable_gqa,
+        )  # fmt: skip
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(blocks, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> str:
+    """Registers the function (and SDPA's mask builder for the unpacked case); returns its name."""
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+    return VARLEN
+
+
+def use_varlen_attention(model) -> None:
+    """Switch a transformers model to the packed-aware attention."""
+    model.set_attn_implementation(register_varlen_attention())
