@@ -1,8 +1,12 @@
-import pytest
+import copy
 
-from xtune.data.encode import IGNORE_INDEX, encode
-from xtune.data.formats import Conversation, Turn
-from xtune.data.templates import generation_prompt, get_template, render
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xtune.data.encode import IGNORE_INDEX, encode, last_turn_trained_only
+from xtune.data.formats import Conversation, ToolCall, Turn
+from xtune.data.templates import TEMPLATES, generation_prompt, get_template, official_chat_template, render
 from xtune.errors import XtuneError
 
 TWO_TURNS = Conversation(
@@ -57,7 +61,7 @@ def test_rendering_matches_the_official_internlm2_jinja(tokenizer):
     assert official == INTERNLM2_TEXT
     prompt = Conversation(TWO_TURNS.turns[:4])
     official_prompt = tokenizer.apply_chat_template(messages[:4], tokenize=False, add_generation_prompt=True)
-    assert "<s>" + generation_prompt(prompt, get_template("internlm2_chat")) == official_prompt
+    assert generation_prompt(prompt, get_template("internlm2_chat")) == official_prompt
 
 
 def test_qwen_chat_has_no_bos_and_the_same_chatml_body(tokenizer):
@@ -86,3 +90,193 @@ def test_segments_mark_only_assistant_text():
 def test_unknown_template_lists_known_ones():
     with pytest.raises(XtuneError, match="unknown prompt template 'nope'; known: internlm2_chat"):
         get_template("nope")
+
+
+def rendered_text(conversation, template, tokenizer):
+    return "".join(text for text, _ in render(conversation, template, tokenizer))
+
+
+def tokenizer_with(tokenizer, *special_tokens, bos=None, eos=None, chat_template=None):
+    """A copy of the tiny tokenizer that knows more special tokens, e.g. a family's BOS and EOS."""
+    variant = copy.deepcopy(tokenizer)
+    named = {key: value for key, value in (("bos_token", bos), ("eos_token", eos)) if value}
+    named["extra_special_tokens"] = list(special_tokens)
+    variant.add_special_tokens(named, replace_extra_special_tokens=False)
+    if chat_template is not None:
+        variant.chat_template = chat_template
+    return variant
+
+
+TRAINED_RUNS = {
+    "internlm2_chat": ["cold<|im_end|>", "small<|im_end|>"],
+    "qwen_chat": ["cold<|im_end|>", "small<|im_end|>"],
+    "llama2_chat": [" cold </s>", " small </s>"],
+    "llama3_chat": ["cold<|eot_id|>", "small<|eot_id|>"],
+    "mistral": ["cold</s>", "small</s>"],
+    "mixtral": ["cold</s>", "small</s>"],
+    "gemma": ["cold<end_of_turn>", "small<end_of_turn>"],
+    "phi3_chat": ["cold<|end|>", "small<|end|>", "</s>"],
+    "chatglm3": ["\n cold", "\n small</s>"],
+    "deepseek_v2": [" cold</s>", " small</s>"],
+    "vicuna": [" cold</s>", " small</s>"],
+    "zephyr": ["cold</s>", "small</s>"],
+    "default": ["cold</s>", "small</s>"],
+}
+
+
+def test_every_template_has_a_pinned_label_layout():
+    assert set(TRAINED_RUNS) == set(TEMPLATES)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_only_the_assistant_text_and_its_end_marker_are_trained(tokenizer, name):
+    encoded = encode(TWO_TURNS, get_template(name), tokenizer)
+    assert trained_runs(tokenizer, encoded) == TRAINED_RUNS[name]
+    assert tokenizer.decode(encoded.input_ids) == rendered_text(TWO_TURNS, get_template(name), tokenizer)
+
+
+@pytest.mark.parametrize("name", ["internlm2_chat", "llama3_chat", "phi3_chat", "hf"])
+def test_train_on_last_turn_only(tokenizer, name):
+    every = encode(TWO_TURNS, get_template(name), tokenizer)
+    last = encode(TWO_TURNS, get_template(name), tokenizer, train_on_last_turn_only=True)
+    assert last.input_ids == every.input_ids
+    assert trained_runs(tokenizer, last) == TRAINED_RUNS.get(name, TRAINED_RUNS["internlm2_chat"])[1:]
+
+
+def test_last_turn_only_keeps_an_untrainable_last_turn_untrained():
+    conversation = Conversation((Turn("user", "q"), Turn("assistant", "a", True), Turn("assistant", "b", False)))
+    assert [turn.trainable for turn in last_turn_trained_only(conversation).turns] == [False, True, False]
+
+
+def test_bos_and_eos_written_by_templates_are_the_tokenizers_special_ids(tokenizer):
+    llama3 = tokenizer_with(
+        tokenizer, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", bos="<|begin_of_text|>", eos="<|eot_id|>"
+    )
+    encoded = encode(TWO_TURNS, get_template("llama3_chat"), llama3)
+    assert encoded.input_ids[0] == llama3.bos_token_id == llama3.convert_tokens_to_ids("<|begin_of_text|>")
+    assert encoded.input_ids.count(llama3.eos_token_id) == 5
+    assert trained_runs(llama3, encoded) == ["cold<|eot_id|>", "small<|eot_id|>"]
+    text = generation_prompt(TWO_TURNS, get_template("llama3_chat"), llama3)
+    assert text == generation_prompt(TWO_TURNS, get_template("llama3_chat"))
+    assert encoded.input_ids == llama3(text, add_special_tokens=False)["input_ids"]
+
+    gemma = tokenizer_with(tokenizer, "<start_of_turn>", "<end_of_turn>", bos="<bos>", eos="<eos>")
+    encoded = encode(TWO_TURNS, get_template("gemma"), gemma)
+    assert encoded.input_ids[0] == gemma.bos_token_id and tokenizer.bos_token_id not in encoded.input_ids
+    assert encoded.input_ids.count(gemma.convert_tokens_to_ids("<end_of_turn>")) == 4
+
+    llama2 = encode(TWO_TURNS, get_template("llama2_chat"), tokenizer)
+    assert llama2.input_ids.count(tokenizer.bos_token_id) == 2
+    eos_positions = [i for i, token in enumerate(llama2.input_ids) if token == tokenizer.eos_token_id]
+    assert len(eos_positions) == 2 and all(llama2.labels[i] == tokenizer.eos_token_id for i in eos_positions)
+
+    zephyr = encode(TWO_TURNS, get_template("zephyr"), tokenizer)
+    assert tokenizer.bos_token_id not in zephyr.input_ids
+    eos_labels = [label for token, label in zip(zephyr.input_ids, zephyr.labels) if token == tokenizer.eos_token_id]
+    assert eos_labels == [IGNORE_INDEX, IGNORE_INDEX, tokenizer.eos_token_id, IGNORE_INDEX, tokenizer.eos_token_id]
+
+
+def test_a_tokenizer_without_bos_gets_none(tokenizer):
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.bos_token = None
+    assert tokenizer.bos_token_id not in encode(TWO_TURNS, get_template("llama3_chat"), no_bos).input_ids
+
+
+RAW = Conversation((Turn("assistant", "Plain text, no chat.", True),), raw=True)
+
+
+@pytest.mark.parametrize("name", ["internlm2_chat", "qwen_chat", "llama3_chat", "chatglm3", "hf"])
+def test_raw_text_is_bos_text_eos_all_trained_but_bos(tokenizer, name):
+    encoded = encode(RAW, get_template(name), tokenizer)
+    text_ids = tokenizer.encode("Plain text, no chat.", add_special_tokens=False)
+    assert encoded.input_ids == [tokenizer.bos_token_id, *text_ids, tokenizer.eos_token_id]
+    assert encoded.labels == [IGNORE_INDEX, *text_ids, tokenizer.eos_token_id]
+
+
+def test_hf_trains_the_assistant_spans_and_tokenizes_like_apply_chat_template(tokenizer):
+    template = get_template("hf")
+    messages = [{"role": turn.role, "content": turn.content} for turn in TWO_TURNS.turns]
+    encoded = encode(TWO_TURNS, template, tokenizer)
+    assert encoded.input_ids == tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert trained_runs(tokenizer, encoded) == ["cold<|im_end|>", "small<|im_end|>"]
+    prompt = encode(Conversation(TWO_TURNS.turns[:4]), template, tokenizer)
+    official = tokenizer.apply_chat_template(messages[:4], tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert prompt.input_ids == official and trained_runs(tokenizer, prompt) == ["cold<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    ("name", "special_tokens", "runs"),
+    [
+        ("phi3_chat", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), ["cold<|end|>", "small<|end|>"]),
+        ("llama2_chat", (), [" cold </s>", " small </s>"]),
+        ("gemma", ("<start_of_turn>", "<end_of_turn>"), ["cold<end_of_turn>", "small<end_of_turn>"]),
+    ],
+)
+def test_hf_masks_official_templates_that_decorate_the_last_turn_or_have_no_generation_prompt(
+    tokenizer, name, special_tokens, runs
+):
+    family = tokenizer_with(tokenizer, *special_tokens, chat_template=official_chat_template(name))
+    messages = [{"role": turn.role, "content": turn.content} for turn in TWO_TURNS.turns]
+    encoded = encode(TWO_TURNS, get_template("hf"), family)
+    assert encoded.input_ids == family.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert trained_runs(family, encoded) == runs
+
+
+def test_hf_needs_a_chat_template(tokenizer):
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(XtuneError, match="the tokenizer has no chat_template"):
+        encode(TWO_TURNS, get_template("hf"), bare)
+
+
+TOOLS = Conversation(
+    (
+        Turn("user", "Weather in Paris?"),
+        Turn("assistant", "Let me look.", True, tool_calls=(ToolCall("get_weather", '{"city": "Paris"}'),)),
+        Turn("tool", "sunny", name="get_weather"),
+        Turn("assistant", "Sunny.", True),
+    )
+)
+
+
+def test_tool_calls_are_trained_and_tool_results_are_not(tokenizer):
+    internlm2 = encode(TOOLS, get_template("internlm2_chat"), tokenizer)
+    assert trained_runs(tokenizer, internlm2) == [
+        'Let me look.<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}'
+        "<|action_end|><|im_end|>",
+        "Sunny.<|im_end|>",
+    ]
+    qwen = encode(TOOLS, get_template("qwen_chat"), tokenizer)
+    assert trained_runs(tokenizer, qwen) == [
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "Sunny.<|im_end|>",
+    ]
+
+
+any_text = st.text(max_size=16)
+
+
+@st.composite
+def conversations(draw):
+    turns = [Turn("system", draw(any_text))] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 4))):
+        turns += [Turn("user", draw(any_text)), Turn("assistant", draw(any_text), trainable=draw(st.booleans()))]
+    if draw(st.booleans()):
+        turns.append(Turn("user", draw(any_text)))
+    return Conversation(tuple(turns))
+
+
+@settings(max_examples=150, deadline=None)
+@given(conversations(), st.booleans())
+def test_every_template_encodes_any_conversation_and_decodes_back_to_its_text(tokenizer, conversation, last_only):
+    for name in [*TEMPLATES, "hf"]:
+        template = get_template(name)
+        encoded = encode(conversation, template, tokenizer, train_on_last_turn_only=last_only)
+        assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels)), name
+        assert tokenizer.decode(encoded.input_ids) == rendered_text(conversation, template, tokenizer), name
+        if not any(turn.trainable for turn in conversation.turns):
+            assert encoded.num_trained == 0, name
+    messages = [{"role": turn.role, "content": turn.content} for turn in conversation.turns]
+    prompting = conversation.turns[-1].role == "user"
+    official = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompting)["input_ids"]
+    assert encode(conversation, get_template("hf"), tokenizer).input_ids == official

@@ -73,3 +73,22 @@ def collate(samples: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor
         labels[row, :n] = torch.tensor(sample.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def shuffled_batches(num_items: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Indices of each batch: a seeded shuffle cut into batches."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[start : start + batch_size] for start in range(0, num_items, batch_size)]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 64) -> list[list[int]]:
+    """Batches of samples of similar length (less padding), still random: a seeded shuffle is cut into
+    groups of `group` batches, each group sorted by length and cut into batches, and the batches shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    span = batch_size * group
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]

@@ -68,6 +68,8 @@ class Loaded:
     """(location, conversation) for every sample, sources in order, repeats applied."""
     skipped: list[BadRecord]
     """Bad records left out under `skip_bad_records`, each once whatever its source's repeats."""
+    counts: list[int] = field(default_factory=list)
+    """Samples each source gave, repeats applied, in the order of the specs."""
 
     @property
     def conversations(self) -> list[Conversation]:
@@ -452,6 +454,7 @@ def load_sources(
         data_files(resolve_data_path(spec.path))
     samples: list[Located] = []
     skipped: list[BadRecord] = []
+    counts: list[int] = []
     for index, spec in enumerate(specs):
         good: list[Located] = []
         items = read_conversations(spec.path, spec.format, image_folder=spec.image_folder, check_images=check_images)
@@ -462,10 +465,12 @@ def load_sources(
                 skipped.append(item)
             else:
                 good.append((item[0], with_system(item[1], system)))
-        samples += repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
+        repeated = repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
+        counts.append(len(repeated))
+        samples += repeated
     if not samples:
         paths = ", ".join(spec.path for spec in specs)
         if skipped:
             raise DataError(f"no usable records in {paths}: all {len(skipped)} were bad; the first: {skipped[0]}.")
         raise DataError(f"no samples from {paths}: repeats leave none.")
-    return Loaded(samples, skipped)
+    return Loaded(samples, skipped, counts)

@@ -1,72 +1,505 @@
-"""Chat templates: how a model family writes a conversation as text, and which parts are trained."""
+"""Chat templates: how a model family writes a conversation as text, and which parts are trained.
 
+Template strings write the family's BOS and EOS tokens as `{bos}` and `{eos}`. Rendered for a tokenizer, these are
+that tokenizer's own BOS/EOS texts, so they encode to its special ids and not to byte pieces; rendered without one,
+they are the family's (`bos_token`, `eos_token`).
+
+Each template follows the family's official chat template (the jinja in its tokenizer_config.json, carried in
+`jinja/` and checked against in the tests). XTuner's PROMPT_TEMPLATE is the reference for names and pieces; where it
+differs from the official template, the comment at the template says how.
+
+`get_template("hf")` renders with the tokenizer's own `chat_template` instead, and still trains only the
+assistant's text.
+"""
+
+import json
 from dataclasses import dataclass
+from importlib import resources
+from itertools import groupby
 
-from xtune.data.formats import Conversation, Turn
-from xtune.errors import XtuneError
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+from xtune.data.formats import Conversation, ToolCall, Turn
+from xtune.errors import DataError, XtuneError
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a family writes the assistant's tool calls and the tools' results."""
+
+    call: str
+    """One call, with `{call}`: the JSON object {"name": ..., <arguments_key>: ...}."""
+    arguments_key: str
+    call_separator: str
+    """Between the assistant's text and its first call, and between calls."""
+    result: str
+    """One tool result, with `{content}`."""
+    results: str
+    """A run of consecutive tool results, with `{results}`; ends with the assistant's header."""
+    result_separator: str = ""
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
+    """A family's chat format as pieces of text, rendered turn by turn."""
+
     name: str
-    system: str
-    """Format of the system turn, with `{system}`."""
     user: str
-    """Format of a user turn, with `{input}`, ending with the assistant's header (generation prompt)."""
+    """A user turn, with `{input}`, ending with the assistant's header (the generation prompt)."""
     assistant_suffix: str
     """Closes an assistant turn; trained with it, so the model learns to stop."""
-    separator: str
+    system: str
+    """The system turn, with `{system}`."""
+    system_in_user: bool = False
+    """The family has no system role: the formatted system text opens the next user turn's text."""
+    default_system: str = ""
+    """Written as the system turn when the conversation has none."""
+    assistant_prefix: str = ""
+    """Opens every assistant turn's text, trained with it (e.g. Llama 2's space after [/INST])."""
+    separator: str = ""
     """Written after each assistant turn, untrained."""
-    stop_words: tuple[str, ...]
-    """Generation stops at any of these."""
-    bos: bool = True
-    """Start the sample with the tokenizer's BOS token, if it has one."""
+    prefix: str = ""
+    """Written once at the start of every sample, untrained."""
+    end_of_conversation: str = ""
+    """Written after a conversation that ends with an assistant turn, trained with that turn."""
+    strip_content: bool = False
+    """Strip each turn's text as the official template does (`| trim`, `.strip()`); a system text written into the
+    user turn is kept as it is, as those templates keep it."""
+    stop_words: tuple[str, ...] = ()
+    """Generation stops at any of these, and always at the tokenizer's EOS."""
+    tools: ToolFormat | None = None
+    """How tool calls and results are written; None: the template cannot write them yet."""
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+    """The family's BOS/EOS texts, written for `{bos}`/`{eos}` when rendering without a tokenizer."""
+
+    @property
+    def bos(self) -> bool:
+        """Whether samples start with the BOS token."""
+        return (self.prefix or self.user).startswith("{bos}")
 
 
-def chatml(name: str, stop_words: tuple[str, ...], bos: bool) -> ChatTemplate:
-    return ChatTemplate(
-        name=name,
-        system="<|im_start|>system\n{system}<|im_end|>\n",
-        user="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-        assistant_suffix="<|im_end|>",
-        separator="\n",
-        stop_words=stop_words,
-        bos=bos,
-    )
+@dataclass(frozen=True)
+class TokenizerTemplate:
+    """prompt_template = "hf": the tokenizer's own `chat_template` jinja, through `apply_chat_template`.
+
+    Its stop words are empty by default: generation always stops at the tokenizer's EOS. `hf_stop_words` adds the
+    EOS ids of the model's generation config, e.g. `replace(template, stop_words=hf_stop_words(tokenizer, config))`.
+    """
+
+    name: str = "hf"
+    stop_words: tuple[str, ...] = ()
 
 
-TEMPLATES: dict[str, ChatTemplate] = {
-    "internlm2_chat": chatml("internlm2_chat", ("<|im_end|>",), bos=True),
-    "qwen_chat": chatml("qwen_chat", ("<|im_end|>", "<|endoftext|>"), bos=False),
-}
-
-
-def get_template(name: str) -> ChatTemplate:
-    if name not in TEMPLATES:
-        raise XtuneError(f"unknown prompt template '{name}'; known: {', '.join(sorted(TEMPLATES))}.")
-    return TEMPLATES[name]
-
+Template = ChatTemplate | TokenizerTemplate
 
 Segment = tuple[str, bool]
 """A piece of rendered text and whether its tokens are trained."""
 
 
-def render(conversation: Conversation, template: ChatTemplate) -> list[Segment]:
-    """The conversation as text segments in template order, each marked trained or not."""
+CHATML_SYSTEM = "<|im_start|>system\n{system}<|im_end|>\n"
+CHATML_USER = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
+
+INTERNLM2_TOOLS = ToolFormat(
+    call="<|action_start|><|plugin|>\n{call}<|action_end|>",
+    arguments_key="parameters",
+    call_separator="",
+    result="<|im_start|>environment name=<|plugin|>\n{content}<|im_end|>\n",
+    results="{results}<|im_start|>assistant\n",
+)
+QWEN_TOOLS = ToolFormat(
+    call="<tool_call>\n{call}\n</tool_call>",
+    arguments_key="arguments",
+    call_separator="\n",
+    result="<tool_response>\n{content}\n</tool_response>",
+    result_separator="\n",
+    results=CHATML_USER.replace("{input}", "{results}"),
+)
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    "internlm2_chat": ChatTemplate(
+        name="internlm2_chat",
+        prefix="{bos}",
+        system=CHATML_SYSTEM,
+        user=CHATML_USER,
+        assistant_suffix="<|im_end|>",
+        separator="\n",
+        stop_words=("<|im_end|>",),
+        tools=INTERNLM2_TOOLS,
+    ),
+    # Qwen2/2.5's jinja writes a default system prompt when there is none; which one changed between versions
+    # (and Qwen3 has none), so this plain ChatML does not: set `system` in the config to match a model's.
+    "qwen_chat": ChatTemplate(
+        name="qwen_chat",
+        system=CHATML_SYSTEM,
+        user=CHATML_USER,
+        assistant_suffix="<|im_end|>",
+        separator="\n",
+        stop_words=("<|im_end|>", "<|endoftext|>"),
+        tools=QWEN_TOOLS,
+        bos_token="",
+        eos_token="<|endoftext|>",
+    ),
+    # XTuner always writes Llama 2's long default safety prompt in a [INST] block of its own and a "\n" between
+    # rounds; the official jinja puts the system text (if any) in the first [INST] and nothing between rounds.
+    # The official jinja strips the first user text after the <<SYS>> block is put in front of it, so leading
+    # whitespace of that text survives there; here every text is stripped.
+    "llama2_chat": ChatTemplate(
+        name="llama2_chat",
+        system="<<SYS>>\n{system}\n<</SYS>>\n\n",
+        system_in_user=True,
+        user="{bos}[INST] {input} [/INST]",
+        assistant_prefix=" ",
+        assistant_suffix=" {eos}",
+        strip_content=True,
+    ),
+    "llama3_chat": ChatTemplate(
+        name="llama3_chat",
+        prefix="{bos}",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+        user=(
+            "<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        assistant_suffix="<|eot_id|>",
+        strip_content=True,
+        stop_words=("<|eot_id|>", "<|end_of_text|>"),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+    ),
+    # Mistral v0.1's jinja rejects a system turn; XTuner writes it as an [INST] block of its own. Here it opens the
+    # first [INST] followed by a blank line, as Mistral's later templates do. XTuner writes "\n" between rounds;
+    # the official jinja writes " " (Mistral) or nothing (Mixtral).
+    "mistral": ChatTemplate(
+        name="mistral",
+        prefix="{bos}",
+        system="{system}\n\n",
+        system_in_user=True,
+        user="[INST] {input} [/INST]",
+        assistant_suffix="{eos}",
+        separator=" ",
+    ),
+    "mixtral": ChatTemplate(
+        name="mixtral",
+        prefix="{bos}",
+        system="{system}\n\n",
+        system_in_user=True,
+        user="[INST] {input} [/INST]",
+        assistant_suffix="{eos}",
+    ),
+    # Gemma has no system role. XTuner invents `<start_of_turn>system`; Gemma 1/2's jinja rejects a system turn;
+    # Gemma 3's opens the first user turn with it and a blank line, which is what this does. XTuner also trains an
+    # <eos> after <end_of_turn>, which the official template does not write.
+    "gemma": ChatTemplate(
+        name="gemma",
+        prefix="{bos}",
+        system="{system}\n\n",
+        system_in_user=True,
+        user="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
+        assistant_suffix="<end_of_turn>",
+        separator="\n",
+        strip_content=True,
+        stop_words=("<end_of_turn>",),
+        bos_token="<bos>",
+        eos_token="<eos>",
+    ),
+    # The official jinja ends a conversation with EOS (XTuner does not).
+    "phi3_chat": ChatTemplate(
+        name="phi3_chat",
+        prefix="{bos}",
+        system="<|system|>\n{system}<|end|>\n",
+        user="<|user|>\n{input}<|end|>\n<|assistant|>\n",
+        assistant_suffix="<|end|>",
+        separator="\n",
+        end_of_conversation="{eos}",
+        stop_words=("<|end|>",),
+        eos_token="<|endoftext|>",
+    ),
+    # ChatGLM3's own format writes "\n " after each role token and nothing between turns: the next role token ends
+    # a turn. XTuner writes no space and an EOS and "\n" after every answer. Here the text is the official one, and
+    # an EOS closes the conversation, trained, as ChatGLM3's own fine-tuning code does. The model must be given
+    # ChatGLM3's tokenizer, which knows "[gMASK]", "sop" and the role tokens.
+    "chatglm3": ChatTemplate(
+        name="chatglm3",
+        prefix="[gMASK]sop",
+        system="<|system|>\n {system}",
+        user="<|user|>\n {input}<|assistant|>",
+        assistant_prefix="\n ",
+        assistant_suffix="",
+        end_of_conversation="{eos}",
+        stop_words=("<|user|>", "<|observation|>"),
+    ),
+    # The official generation prompt ends with "Assistant:" and an answer is written "Assistant: {answer}", so the
+    # space is the answer's (XTuner puts it in the prompt).
+    "deepseek_v2": ChatTemplate(
+        name="deepseek_v2",
+        prefix="{bos}",
+        system="{system}\n\n",
+        user="User: {input}\n\nAssistant:",
+        assistant_prefix=" ",
+        assistant_suffix="{eos}",
+        bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>",
+    ),
+    # FastChat's vicuna_v1.1: the system text (Vicuna's own by default) replaces the default, and rounds follow
+    # each other without a separator. XTuner appends the system text to the default one and writes "\n" between
+    # rounds.
+    "vicuna": ChatTemplate(
+        name="vicuna",
+        prefix="{bos}",
+        system="{system} ",
+        default_system=VICUNA_SYSTEM,
+        user="USER: {input} ASSISTANT:",
+        assistant_prefix=" ",
+        assistant_suffix="{eos}",
+    ),
+    # XTuner writes no EOS after the system and user texts, unlike the official jinja.
+    "zephyr": ChatTemplate(
+        name="zephyr",
+        system="<|system|>\n{system}{eos}\n",
+        user="<|user|>\n{input}{eos}\n<|assistant|>\n",
+        assistant_suffix="{eos}",
+        separator="\n",
+    ),
+    "default": ChatTemplate(
+        name="default",
+        prefix="{bos}",
+        system="<|System|>:{system}\n",
+        user="<|User|>:{input}\n<|Bot|>:",
+        assistant_suffix="{eos}",
+        separator="\n",
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    if name == "hf":
+        return TokenizerTemplate()
+    if name not in TEMPLATES:
+        raise XtuneError(f"unknown prompt template '{name}'; known: {', '.join(TEMPLATES)}, hf.")
+    return TEMPLATES[name]
+
+
+def official_chat_template(name: str) -> str:
+    """The chat_template jinja of the family's tokenizer_config.json, for the templates that carry one."""
+    path = resources.files(__package__) / "jinja" / f"{name}.jinja"
+    if not path.is_file():
+        raise XtuneError(f"no official chat template is carried for '{name}'.")
+    return path.read_text(encoding="utf-8").removesuffix("\n")
+
+
+def render(
+    conversation: Conversation, template: Template, tokenizer: PreTrainedTokenizerBase | None = None
+) -> list[Segment]:
+    """The conversation as text segments in order, each marked trained or not.
+
+    `{bos}`/`{eos}` become the tokenizer's BOS/EOS texts when a tokenizer is given, else the family's. A raw
+    conversation is BOS + text + EOS whatever the template, all but BOS trained. A conversation that ends with a
+    user or tool turn ends with the assistant's header.
+    """
+    if isinstance(template, TokenizerTemplate) and tokenizer is None:
+        raise XtuneError("prompt template 'hf' renders with the tokenizer's chat_template; pass the tokenizer.")
+    bos, eos = _bos_eos(template, tokenizer)
+    if conversation.raw:
+        return _drop_empty([(bos, False), ("".join(turn.content for turn in conversation.turns) + eos, True)])
+    if isinstance(template, TokenizerTemplate):
+        return _render_with_chat_template(conversation, tokenizer)
+    return _render_turns(conversation, template, bos, eos)
+
+
+def generation_prompt(
+    conversation: Conversation, template: Template, tokenizer: PreTrainedTokenizerBase | None = None
+) -> str:
+    """The text the model continues to write the next assistant turn, BOS included; the conversation ends with a
+    user (or tool) turn."""
+    return "".join(text for text, _ in render(conversation, template, tokenizer))
+
+
+def hf_stop_words(tokenizer: PreTrainedTokenizerBase, generation_config=None) -> tuple[str, ...]:
+    """Stop words for prompt_template "hf": the tokenizer's EOS and the EOS ids of the generation config."""
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or ())
+    words = [tokenizer.eos_token, *tokenizer.convert_ids_to_tokens(ids)]
+    return tuple(dict.fromkeys(word for word in words if word))
+
+
+def _bos_eos(template: Template, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, str]:
+    if tokenizer is None:
+        return template.bos_token, template.eos_token
+    return tokenizer.bos_token or "", tokenizer.eos_token or ""
+
+
+def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, eos: str) -> list[Segment]:
+    def fill(text: str, **fields: str) -> str:
+        return text.format(bos=bos, eos=eos, **fields)
+
+    turns = _with_default_system(conversation.turns, template)
+    segments: list[Segment] = [(fill(template.prefix), False)]
+    pending_system = ""
+    for is_tool, run in groupby(turns, key=lambda turn: turn.role == "tool"):
+        if is_tool:
+            segments.append((_tool_results(list(run), template), False))
+            continue
+        for turn in run:
+            if turn.role == "system" and template.system_in_user:
+                pending_system += fill(template.system, system=turn.content)
+            elif turn.role == "system":
+                segments.append((fill(template.system, system=_text(turn, template)), False))
+            elif turn.role == "user":
+                segments.append((fill(template.user, input=pending_system + _text(turn, template)), False))
+                pending_system = ""
+            else:
+                text = _assistant_text(turn, template)
+                text = fill(template.assistant_prefix) + text + fill(template.assistant_suffix)
+                segments += [(text, turn.trainable), (fill(template.separator), False)]
+    if pending_system:
+        raise XtuneError(
+            f"template '{template.name}' writes the system prompt into the next user turn, but no user turn follows it."
+        )
+    if turns and turns[-1].role == "assistant":
+        segments.append((fill(template.end_of_conversation), turns[-1].trainable))
+    return _drop_empty(segments)
+
+
+def _with_default_system(turns: tuple[Turn, ...], template: ChatTemplate) -> tuple[Turn, ...]:
+    if not template.default_system or any(turn.role == "system" for turn in turns):
+        return turns
+    return (Turn("system", template.default_system), *turns)
+
+
+def _text(turn: Turn, template: ChatTemplate) -> str:
+    return turn.content.strip() if template.strip_content else turn.content
+
+
+def _assistant_text(turn: Turn, template: ChatTemplate) -> str:
+    text = _text(turn, template)
+    if not turn.tool_calls:
+        return text
+    tools = _tool_format(template)
+    calls = [tools.call.format(call=_call_json(call, tools.arguments_key)) for call in turn.tool_calls]
+    return tools.call_separator.join([text, *calls] if text else calls)
+
+
+def _tool_results(turns: list[Turn], template: ChatTemplate) -> str:
+    tools = _tool_format(template)
+    results = tools.result_separator.join(tools.result.format(content=turn.content) for turn in turns)
+    return tools.results.format(results=results)
+
+
+def _tool_format(template: ChatTemplate) -> ToolFormat:
+    if template.tools is None:
+        raise XtuneError(
+            f"template '{template.name}' does not support tool turns or tool calls yet; "
+            "use internlm2_chat, qwen_chat or hf for agent data."
+        )
+    return template.tools
+
+
+def _call_json(call: ToolCall, arguments_key: str) -> str:
+    return json.dumps({"name": call.name, arguments_key: _arguments(call)}, ensure_ascii=False)
+
+
+def _arguments(call: ToolCall):
+    try:
+        return json.loads(call.arguments)
+    except json.JSONDecodeError as error:
+        message = f"tool call '{call.name}': arguments must be JSON text, got {call.arguments!r} ({error})"
+        raise DataError(message) from None
+
+
+def _drop_empty(segments: list[Segment]) -> list[Segment]:
+    return [(text, trained) for text, trained in segments if text]
+
+
+PROBE = {"role": "user", "content": "?"}
+
+
+def _render_with_chat_template(conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
+    """The tokenizer's rendering, cut where each trained assistant turn starts and ends.
+
+    Turn i starts after the tokens that turns[:i] render to with the generation prompt (the assistant's header),
+    and ends after the tokens that the whole, turns[:i+1], and turns[:i+1] followed by a probe user turn all
+    share. Comparing tokens of these renderings rather than text copes with templates that write something after
+    the last turn only (e.g. an EOS) or that have no generation prompt. Whitespace tokens at the end of a turn
+    (the separator before the next one) are not trained.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise XtuneError("prompt template 'hf': the tokenizer has no chat_template; pick a named prompt template.")
+    if not getattr(tokenizer, "is_fast", False):
+        raise XtuneError("prompt template 'hf' needs a fast tokenizer (tokenizer.json); pick a named prompt template.")
+    if not conversation.turns:
+        return []
+    messages = [_message(turn) for turn in conversation.turns]
+    tools = [json.loads(schema) for schema in conversation.tools] or None
+    text = _apply(tokenizer, messages, tools, add_generation_prompt=messages[-1]["role"] != "assistant")
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, ends = encoding["input_ids"], [end for _, end in encoding["offset_mapping"]]
+    spans = []
+    for index, turn in enumerate(conversation.turns):
+        if turn.role != "assistant" or not turn.trainable:
+            continue
+        prefix = _ids(tokenizer, _apply(tokenizer, messages[:index], tools, True)) if index else []
+        alone = _ids(tokenizer, _apply(tokenizer, messages[: index + 1], tools, False))
+        followed = _ids(tokenizer, _apply(tokenizer, [*messages[: index + 1], PROBE], tools, False))
+        first, last = _shared_length(ids, prefix), _shared_length(ids, alone, followed)
+        while last > first and text[_token_start(ends, last - 1) : ends[last - 1]].isspace():
+            last -= 1
+        if last > first:
+            spans.append((_token_start(ends, first), ends[last - 1]))
+    return _cut(text, spans)
+
+
+def _message(turn: Turn) -> dict:
+    message = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": call.name, "arguments": _arguments(call)}}
+            for call in turn.tool_calls
+        ]
+    if turn.name is not None:
+        message["name"] = turn.name
+    return message
+
+
+def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as error:
+        message = f"prompt template 'hf': the tokenizer's chat_template rejects this conversation: {error}"
+        raise XtuneError(message) from None
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _shared_length(*sequences: list[int]) -> int:
+    length = 0
+    for tokens in zip(*sequences):
+        if len(set(tokens)) > 1:
+            break
+        length += 1
+    return length
+
+
+def _token_start(ends: list[int], index: int) -> int:
+    """Where token `index` starts: where the one before it ends (offsets may leave out a leading space)."""
+    return ends[index - 1] if index else 0
+
+
+def _cut(text: str, spans: list[tuple[int, int]]) -> list[Segment]:
     segments: list[Segment] = []
-    for turn in conversation.turns:
-        segments.extend(_render_turn(turn, template))
-    return segments
-
-
-def _render_turn(turn: Turn, template: ChatTemplate) -> list[Segment]:
-    if turn.role == "system":
-        return [(template.system.format(system=turn.content), False)]
-    if turn.role == "user":
-        return [(template.user.format(input=turn.content), False)]
-    return [(turn.content + template.assistant_suffix, turn.trainable), (template.separator, False)]
-
-
-def generation_prompt(conversation: Conversation, template: ChatTemplate) -> str:
-    """Text to feed the model so that it writes the next assistant turn; conversation ends with a user turn."""
-    return "".join(text for text, _ in render(conversation, template))
+    position = 0
+    for start, end in spans:
+        segments += [(text[position:start], False), (text[start:end], True)]
+        position = end
+    segments.append((text[position:], False))
+    return _drop_empty(segments)

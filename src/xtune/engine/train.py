@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX
 from xtune.data.formats import Conversation, Turn
-from xtune.data.loader import collate, encode_all, load_conversations, resolve_data_path
+from xtune.data.dataset import prepare_samples
+from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, packing_efficiency
 from xtune.data.templates import ChatTemplate, get_template
 from xtune.engine.checkpoint import new_run_dir, prune_checkpoints, save_checkpoint
@@ -48,13 +49,19 @@ def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def micro_batches(items: Sequence, batch_size: int, seed: int, collate_fn: Callable) -> Iterator[tuple[int, dict]]:
-    """(epoch, batch) forever; each epoch is a fresh seeded shuffle, so the order is reproducible."""
+def micro_batches(
+    items: Sequence, batch_size: int, seed: int, collate_fn: Callable, lengths: list[int] | None = None
+) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) forever; each epoch is a fresh seeded shuffle (grouped by length when `lengths`
+    are given), so the order is reproducible."""
     epoch = 0
     while True:
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for start in range(0, len(order), batch_size):
-            yield epoch, collate_fn([items[i] for i in order[start : start + batch_size]])
+        if lengths is None:
+            batches = shuffled_batches(len(items), batch_size, seed + epoch)
+        else:
+            batches = length_grouped_batches(lengths, batch_size, seed + epoch)
+        for indices in batches:
+            yield epoch, collate_fn([items[i] for i in indices])
         epoch += 1
 
 
@@ -74,13 +81,12 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
     model_path = resolve_model_path(config.llm_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     template = get_template(config.prompt_template)
-    conversations = load_conversations(resolve_data_path(config.data_path), config.dataset_format, config.SYSTEM)
-    samples, stats = encode_all(conversations, template, tokenizer, config.max_length)
+    samples, report = prepare_samples(config, tokenizer)
     console.print(
-        f"data: {stats.samples} samples, {stats.tokens} tokens ({stats.trained_tokens} trained), "
-        f"{stats.truncated} truncated to {config.max_length}, {stats.dropped_untrained} without trained tokens dropped"
+        f"data: {report.samples} samples, {report.tokens} tokens ({report.trained_tokens} trained); "
+        f"{report.truncated} over max_length={config.max_length} ({report.dropped_too_long} dropped), "
+        f"{report.dropped_untrained} without trained tokens dropped, {len(report.skipped)} bad records skipped"
     )
-
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if config.pack_to_max_length:
         shuffle_seed = config.seed if config.shuffle_before_pack else None
@@ -92,6 +98,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
         )
     else:
         items, collate_fn = samples, partial(collate, pad_token_id=pad_token_id)
+    grouping = report.lengths if config.group_by_length and not config.pack_to_max_length else None
 
     base_dtype = torch.float32 if config.method == "full" else dtype
     model = load_model(
@@ -128,7 +135,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
         "max_length": config.max_length,
     }
     metrics = (run_dir / "metrics.jsonl").open("a")
-    batches = micro_batches(items, config.batch_size, config.seed, collate_fn)
+    batches = micro_batches(items, config.batch_size, config.seed, collate_fn, grouping)
     result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
     model.train()
     start = time.perf_counter()

@@ -1,0 +1,193 @@
+"""From a config to encoded training samples: read the sources, encode, apply the length policy,
+and cache the result on disk so that the next run (or `xtune preprocess`) does not tokenize again.
+
+The cache key covers everything the samples depend on: the bytes of every data file, each source's
+format and repeats, the system prompt, the tokenizer, the template, max_length and the length policy.
+A cache entry is written aside and renamed into place, so a half-written one is never read.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xtune.config.schema import Config
+from xtune.data.encode import Encoded, encode
+from xtune.data.formats import Conversation
+from xtune.data.sources import SourceSpec, data_files, load_sources, resolve_data_path
+from xtune.data.templates import ChatTemplate, get_template
+from xtune.paths import xtune_home
+
+CACHE_VERSION = 1
+"""Bump when encoding changes, so that entries written before are not read."""
+
+
+@dataclass
+class DataReport:
+    sources: list[tuple[str, int]]
+    """(path, samples it gave with repeats applied) per source."""
+    skipped: list[str] = field(default_factory=list)
+    """Bad records left out (`file:line: why`), under skip_bad_records."""
+    samples: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_untrained: int = 0
+    """Samples with no trained token left (after truncation); they are not used."""
+    lengths: list[int] = field(default_factory=list)
+    """Token count of every kept sample."""
+    trained_tokens: int = 0
+    cache: str = ""
+    """Where the encoded samples are cached."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+def source_specs(config: Config) -> list[SourceSpec]:
+    specs = [SourceSpec(config.data_path, config.dataset_format, image_folder=config.image_folder)] if config.data_path else []
+    specs += [SourceSpec(s.path, s.format, s.repeats, s.image_folder or config.image_folder) for s in config.datasets]
+    return specs
+
+
+def cache_key(config: Config, specs: list[SourceSpec], tokenizer) -> str:
+    digest = hashlib.sha256()
+    for spec in specs:
+        digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
+        for file in data_files(resolve_data_path(spec.path)):
+            digest.update(str(file.name).encode())
+            digest.update(_file_hash(file).encode())
+    settings = {
+        "version": CACHE_VERSION,
+        "system": config.SYSTEM,
+        "template": config.prompt_template,
+        "max_length": config.max_length,
+        "truncation": config.truncation,
+        "last_turn_only": config.train_on_last_turn_only,
+        "skip_bad_records": config.skip_bad_records,
+        "seed": config.seed,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template])
+    return hashlib.sha256((text + extra).encode()).hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_samples(config: Config, tokenizer, use_cache: bool = True) -> tuple[list[Encoded], DataReport]:
+    """The encoded samples the config trains on, from the cache when it has them."""
+    specs = source_specs(config)
+    cache_dir = xtune_home() / "data-cache" / cache_key(config, specs, tokenizer)
+    if use_cache and (cache_dir / "samples.safetensors").is_file():
+        return _read_cache(cache_dir)
+    loaded = load_sources(specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed)
+    template = get_template(config.prompt_template)
+    encoded = encode_parallel(loaded.conversations, template, tokenizer, config, config.num_proc)
+    samples, report = apply_length_policy(encoded, config)
+    report.sources = [(spec.path, count) for spec, count in zip(specs, loaded.counts)]
+    report.skipped = [str(bad) for bad in loaded.skipped]
+    report.cache = str(cache_dir)
+    if use_cache:
+        _write_cache(cache_dir, samples, report)
+    return samples, report
+
+
+def apply_length_policy(encoded: list[Encoded], config: Config) -> tuple[list[Encoded], DataReport]:
+    """Drop samples with nothing to learn, and (truncation = drop) those over max_length."""
+    report = DataReport(sources=[])
+    kept = []
+    for sample in encoded:
+        if sample.truncated:
+            report.truncated += 1
+            if config.truncation == "drop":
+                report.dropped_too_long += 1
+                continue
+        if sample.num_trained == 0:
+            report.dropped_untrained += 1
+            continue
+        kept.append(sample)
+    report.samples = len(kept)
+    report.lengths = [len(sample.input_ids) for sample in kept]
+    report.trained_tokens = sum(sample.num_trained for sample in kept)
+    return kept, report
+
+
+_worker: dict = {}
+
+
+def _init_worker(template: ChatTemplate, tokenizer, max_length: int, last_turn_only: bool) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(template=template, tokenizer=tokenizer, max_length=max_length, last_turn_only=last_turn_only)
+
+
+def _encode_chunk(conversations: list[Conversation]) -> list[Encoded]:
+    return [
+        encode(c, _worker["template"], _worker["tokenizer"], _worker["max_length"], _worker["last_turn_only"])
+        for c in conversations
+    ]
+
+
+def encode_parallel(
+    conversations: list[Conversation], template: ChatTemplate, tokenizer, config: Config, num_proc: int = 1
+) -> list[Encoded]:
+    """`encode` over every conversation, in `num_proc` processes when more than one."""
+    args = (template, tokenizer, config.max_length, config.train_on_last_turn_only)
+    if num_proc <= 1 or len(conversations) < 2 * num_proc:
+        _init_worker(*args)
+        return _encode_chunk(conversations)
+    size = -(-len(conversations) // (num_proc * 4))
+    chunks = [conversations[i : i + size] for i in range(0, len(conversations), size)]
+    with ProcessPoolExecutor(num_proc, mp_context=get_context("fork"), initializer=_init_worker, initargs=args) as pool:
+        return [sample for chunk in pool.map(_encode_chunk, chunks) for sample in chunk]
+
+
+def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) -> None:
+    partial = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    lengths = torch.tensor([len(s.input_ids) for s in samples], dtype=torch.int64)
+    tensors = {
+        "input_ids": torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.int32),
+        "labels": torch.tensor([t for s in samples for t in s.labels], dtype=torch.int32),
+        "lengths": lengths,
+        "truncated": torch.tensor([s.truncated for s in samples], dtype=torch.bool),
+    }
+    save_file(tensors, partial / "samples.safetensors")
+    (partial / "report.json").write_text(json.dumps(asdict(report)))
+    try:
+        os.replace(partial, cache_dir)
+    except OSError:  # another process finished the same entry first
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _read_cache(cache_dir: Path) -> tuple[list[Encoded], DataReport]:
+    tensors = load_file(cache_dir / "samples.safetensors")
+    ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
+    samples, start = [], 0
+    for length, truncated in zip(tensors["lengths"].tolist(), tensors["truncated"].tolist()):
+        samples.append(Encoded(ids[start : start + length], labels[start : start + length], truncated))
+        start += length
+    report = DataReport(**json.loads((cache_dir / "report.json").read_text()))
+    report.sources = [tuple(source) for source in report.sources]
+    return samples, report
+

@@ -1,0 +1,327 @@
+import json
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xtune.data.formats import Conversation, ToolCall, Turn
+from xtune.data.templates import (
+    TEMPLATES,
+    TokenizerTemplate,
+    generation_prompt,
+    get_template,
+    hf_stop_words,
+    official_chat_template,
+    render,
+)
+from xtune.errors import DataError, XtuneError
+
+TWO_TURNS = Conversation(
+    (
+        Turn("system", "You are helpful."),
+        Turn("user", "What is the opposite of hot?"),
+        Turn("assistant", "cold", True),
+        Turn("user", "And of big?"),
+        Turn("assistant", "small", True),
+    )
+)
+
+RENDERED = {
+    "internlm2_chat": (
+        "<s><|im_start|>system\nYou are helpful.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the opposite of hot?<|im_end|>\n<|im_start|>assistant\ncold<|im_end|>\n"
+        "<|im_start|>user\nAnd of big?<|im_end|>\n<|im_start|>assistant\nsmall<|im_end|>\n"
+    ),
+    "qwen_chat": (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the opposite of hot?<|im_end|>\n<|im_start|>assistant\ncold<|im_end|>\n"
+        "<|im_start|>user\nAnd of big?<|im_end|>\n<|im_start|>assistant\nsmall<|im_end|>\n"
+    ),
+    "llama2_chat": (
+        "<s>[INST] <<SYS>>\nYou are helpful.\n<</SYS>>\n\nWhat is the opposite of hot? [/INST] cold </s>"
+        "<s>[INST] And of big? [/INST] small </s>"
+    ),
+    "llama3_chat": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are helpful.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is the opposite of hot?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\ncold<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd of big?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nsmall<|eot_id|>"
+    ),
+    "mistral": (
+        "<s>[INST] You are helpful.\n\nWhat is the opposite of hot? [/INST]cold</s> "
+        "[INST] And of big? [/INST]small</s> "
+    ),
+    "mixtral": (
+        "<s>[INST] You are helpful.\n\nWhat is the opposite of hot? [/INST]cold</s>[INST] And of big? [/INST]small</s>"
+    ),
+    "gemma": (
+        "<bos><start_of_turn>user\nYou are helpful.\n\nWhat is the opposite of hot?<end_of_turn>\n"
+        "<start_of_turn>model\ncold<end_of_turn>\n"
+        "<start_of_turn>user\nAnd of big?<end_of_turn>\n<start_of_turn>model\nsmall<end_of_turn>\n"
+    ),
+    "phi3_chat": (
+        "<s><|system|>\nYou are helpful.<|end|>\n<|user|>\nWhat is the opposite of hot?<|end|>\n"
+        "<|assistant|>\ncold<|end|>\n<|user|>\nAnd of big?<|end|>\n<|assistant|>\nsmall<|end|>\n<|endoftext|>"
+    ),
+    "chatglm3": (
+        "[gMASK]sop<|system|>\n You are helpful.<|user|>\n What is the opposite of hot?<|assistant|>\n cold"
+        "<|user|>\n And of big?<|assistant|>\n small</s>"
+    ),
+    "deepseek_v2": (
+        "<｜begin▁of▁sentence｜>You are helpful.\n\nUser: What is the opposite of hot?\n\nAssistant: cold"
+        "<｜end▁of▁sentence｜>User: And of big?\n\nAssistant: small<｜end▁of▁sentence｜>"
+    ),
+    "vicuna": (
+        "<s>You are helpful. USER: What is the opposite of hot? ASSISTANT: cold</s>"
+        "USER: And of big? ASSISTANT: small</s>"
+    ),
+    "zephyr": (
+        "<|system|>\nYou are helpful.</s>\n<|user|>\nWhat is the opposite of hot?</s>\n<|assistant|>\ncold</s>\n"
+        "<|user|>\nAnd of big?</s>\n<|assistant|>\nsmall</s>\n"
+    ),
+    "default": (
+        "<s><|System|>:You are helpful.\n<|User|>:What is the opposite of hot?\n<|Bot|>:cold</s>\n"
+        "<|User|>:And of big?\n<|Bot|>:small</s>\n"
+    ),
+}
+
+OFFICIAL = [
+    "internlm2_chat", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "mixtral", "gemma", "phi3_chat", "zephyr",
+    "deepseek_v2", "chatglm3",
+]  # fmt: skip
+WITHOUT_SYSTEM_ROLE = {"mistral", "mixtral"}
+"""Their official jinja rejects a system turn."""
+
+
+def text_of(conversation, template, tokenizer=None):
+    return "".join(text for text, _ in render(conversation, template, tokenizer))
+
+
+def messages(conversation):
+    return [{"role": turn.role, "content": turn.content} for turn in conversation.turns]
+
+
+def official(tokenizer, name, conversation, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(
+        messages(conversation),
+        chat_template=official_chat_template(name),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+QWEN_DEFAULT_SYSTEM = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+)
+
+
+def official_as_xtune(tokenizer, name, conversation):
+    """The official text with xtune's two documented deviations: ChatGLM3's conversations end with EOS (its own
+    fine-tuning code writes one, its jinja does not), and qwen_chat writes no default system prompt."""
+    prompting = conversation.turns[-1].role != "assistant"
+    text = official(tokenizer, name, conversation, add_generation_prompt=prompting)
+    if name == "chatglm3" and not prompting:
+        text += tokenizer.eos_token
+    if name == "qwen_chat" and conversation.system is None:
+        text = text.removeprefix(QWEN_DEFAULT_SYSTEM)
+    return text
+
+
+def test_every_template_has_a_pinned_rendering():
+    assert set(RENDERED) == set(TEMPLATES)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_two_turns_with_a_system_prompt_render_exactly(name):
+    assert text_of(TWO_TURNS, get_template(name)) == RENDERED[name]
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_rendering_equals_the_official_jinja(tokenizer, name):
+    conversation = replace(TWO_TURNS, turns=TWO_TURNS.turns[1:]) if name in WITHOUT_SYSTEM_ROLE else TWO_TURNS
+    prompt = replace(conversation, turns=conversation.turns[:-1])
+    template = get_template(name)
+    assert text_of(conversation, template, tokenizer) == official_as_xtune(tokenizer, name, conversation)
+    assert generation_prompt(prompt, template, tokenizer) == official(tokenizer, name, prompt, True)
+
+
+stripped_text = st.text(min_size=1, max_size=12).map(str.strip).filter(bool)
+
+
+@st.composite
+def alternating_conversations(draw, text=stripped_text, system=True):
+    turns = [Turn("system", draw(text))] if system and draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 4))):
+        turns += [Turn("user", draw(text)), Turn("assistant", draw(text), trainable=True)]
+    if draw(st.booleans()):
+        turns.append(Turn("user", draw(text)))
+    return Conversation(tuple(turns))
+
+
+@settings(max_examples=200, deadline=None)
+@given(alternating_conversations(), alternating_conversations(system=False))
+def test_rendering_equals_the_official_jinja_for_random_conversations(tokenizer, conversation, without_system):
+    for name in OFFICIAL:
+        sample = without_system if name in WITHOUT_SYSTEM_ROLE else conversation
+        assert text_of(sample, get_template(name), tokenizer) == official_as_xtune(tokenizer, name, sample), name
+
+
+def test_bos_and_eos_are_the_tokenizers_own_texts(tokenizer):
+    assert text_of(TWO_TURNS, get_template("llama3_chat"), tokenizer).startswith("<s><|start_header_id|>system")
+    assert text_of(TWO_TURNS, get_template("gemma"), tokenizer).startswith("<s><start_of_turn>user\n")
+    assert text_of(TWO_TURNS, get_template("deepseek_v2"), tokenizer).endswith("Assistant: small</s>")
+
+
+def test_families_without_a_system_role_open_the_first_user_turn_with_it():
+    conversation = Conversation((Turn("system", "Be brief."), Turn("user", "Hi"), Turn("assistant", "Hello", True)))
+    assert text_of(conversation, get_template("mistral")) == "<s>[INST] Be brief.\n\nHi [/INST]Hello</s> "
+    assert text_of(conversation, get_template("gemma")) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+    )
+    assert text_of(conversation, get_template("llama2_chat")) == (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s>"
+    )
+
+
+def test_a_system_prompt_without_a_user_turn_after_it_is_an_error_where_it_goes_into_one():
+    conversation = Conversation((Turn("system", "Be brief."),))
+    with pytest.raises(XtuneError, match="template 'gemma' writes the system prompt into the next user turn"):
+        render(conversation, get_template("gemma"))
+
+
+def test_vicuna_writes_its_own_system_prompt_when_there_is_none():
+    conversation = Conversation((Turn("user", "Hi"), Turn("assistant", "Hello", True)))
+    assert text_of(conversation, get_template("vicuna")) == (
+        "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: Hi ASSISTANT: Hello</s>"
+    )
+
+
+def test_templates_that_trim_like_their_jinja_strip_each_text():
+    conversation = Conversation((Turn("user", "  Hi \n"), Turn("assistant", "\nHello  ", True)))
+    assert text_of(conversation, get_template("llama3_chat")).endswith(
+        "user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+    )
+    assert text_of(conversation, get_template("qwen_chat")).endswith(
+        "user\n  Hi \n<|im_end|>\n<|im_start|>assistant\n\nHello  <|im_end|>\n"
+    )
+
+
+def test_generation_prompt_ends_with_the_assistant_header():
+    prompt = Conversation((Turn("user", "Hi"),))
+    assert generation_prompt(prompt, get_template("llama3_chat")) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert generation_prompt(prompt, get_template("llama2_chat")) == "<s>[INST] Hi [/INST]"
+    assert generation_prompt(prompt, get_template("deepseek_v2")) == "<｜begin▁of▁sentence｜>User: Hi\n\nAssistant:"
+    assert generation_prompt(prompt, get_template("chatglm3")) == "[gMASK]sop<|user|>\n Hi<|assistant|>"
+
+
+def test_bos_flag_says_whether_samples_start_with_bos():
+    assert [name for name, template in TEMPLATES.items() if not template.bos] == ["qwen_chat", "chatglm3", "zephyr"]
+
+
+AGENT = Conversation(
+    (
+        Turn("system", "You may call tools."),
+        Turn("user", "Weather in Paris?"),
+        Turn("assistant", "Let me look.", True, tool_calls=(ToolCall("get_weather", '{"city": "Paris"}'),)),
+        Turn("tool", '{"celsius": 22}', name="get_weather"),
+        Turn("assistant", "It is 22 °C.", True),
+    )
+)
+
+
+def test_internlm2_writes_tool_calls_as_actions_and_results_as_the_environment():
+    assert text_of(AGENT, get_template("internlm2_chat")) == (
+        "<s><|im_start|>system\nYou may call tools.<|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        'Let me look.<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}'
+        "<|action_end|><|im_end|>\n"
+        '<|im_start|>environment name=<|plugin|>\n{"celsius": 22}<|im_end|>\n'
+        "<|im_start|>assistant\nIt is 22 °C.<|im_end|>\n"
+    )
+
+
+def test_qwen_writes_tool_calls_and_results_as_qwen2_5_does(tokenizer):
+    calls = (ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", "{}"))
+    conversation = Conversation(
+        (
+            *AGENT.turns[:2],
+            Turn("assistant", "", True, tool_calls=calls),
+            Turn("tool", '{"celsius": 22}', name="get_weather"),
+            Turn("tool", "12:00", name="get_time"),
+            AGENT.turns[-1],
+        )
+    )
+    expected = (
+        "<|im_start|>system\nYou may call tools.<|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"celsius": 22}\n</tool_response>\n'
+        "<tool_response>\n12:00\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nIt is 22 °C.<|im_end|>\n"
+    )
+    assert text_of(conversation, get_template("qwen_chat")) == expected
+    assert expected == tokenizer.apply_chat_template(
+        [openai_message(turn) for turn in conversation.turns],
+        chat_template=official_chat_template("qwen_chat"),
+        tokenize=False,
+    )
+    assert text_of(AGENT, get_template("qwen_chat")).count("Let me look.\n<tool_call>\n") == 1
+
+
+def openai_message(turn):
+    message = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
+            for call in turn.tool_calls
+        ]
+    return message
+
+
+@pytest.mark.parametrize("name", [name for name in TEMPLATES if name not in ("internlm2_chat", "qwen_chat")])
+def test_other_templates_refuse_tool_turns_by_name(name):
+    with pytest.raises(XtuneError, match=f"template '{name}' does not support tool turns or tool calls yet"):
+        render(AGENT, get_template(name))
+    result_only = Conversation((Turn("user", "Hi"), Turn("tool", "42")))
+    with pytest.raises(XtuneError, match=f"template '{name}' does not support tool turns"):
+        render(result_only, get_template(name))
+
+
+def test_tool_call_arguments_must_be_json():
+    bad = Conversation((Turn("user", "Hi"), Turn("assistant", "", True, tool_calls=(ToolCall("f", "{oops"),))))
+    with pytest.raises(DataError, match="tool call 'f': arguments must be JSON text"):
+        render(bad, get_template("qwen_chat"))
+
+
+def test_hf_is_the_tokenizers_own_template(tokenizer):
+    template = get_template("hf")
+    assert isinstance(template, TokenizerTemplate) and template.name == "hf"
+    assert text_of(TWO_TURNS, template, tokenizer) == RENDERED["internlm2_chat"]
+    prompt = replace(TWO_TURNS, turns=TWO_TURNS.turns[:-1])
+    assert generation_prompt(prompt, template, tokenizer) == tokenizer.apply_chat_template(
+        messages(prompt), tokenize=False, add_generation_prompt=True
+    )
+    with pytest.raises(XtuneError, match="pass the tokenizer"):
+        render(TWO_TURNS, template)
+
+
+def test_hf_stop_words_are_the_eos_of_tokenizer_and_generation_config(tokenizer):
+    class GenerationConfig:
+        eos_token_id = [2, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+    assert hf_stop_words(tokenizer) == ("</s>",)
+    assert hf_stop_words(tokenizer, GenerationConfig()) == ("</s>", "<|im_end|>")
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(XtuneError, match=r"unknown prompt template 'nope'; known: internlm2_chat, .*, default, hf\."):
+        get_template("nope")
+    with pytest.raises(XtuneError, match="no official chat template is carried for 'vicuna'"):
+        official_chat_template("vicuna")
