@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -53,3 +54,39 @@ def test_missing_data_path_names_the_key_and_the_path(tmp_path):
 def test_cfg_options_must_be_key_value(tmp_path):
     result = xtune("train", "tiny_llama_full_antonyms", "--cfg-options", "lr")
     assert result.returncode == 1 and "--cfg-options takes key=value pairs" in result.stderr
+
+
+def data_config(tmp_path, *lines: str):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "d.jsonl").write_text("".join(line + "\n" for line in lines))
+    config = tmp_path / "c.py"
+    config.write_text(f"llm_name_or_path = 'xtune-tiny/internlm2-chat'\ndata_path = {str(tmp_path / 'd.jsonl')!r}\n")
+    return str(config)
+
+
+HOT = '{"conversation": [{"input": "What is the opposite of hot?", "output": "cold"}]}'
+
+
+def test_check_dataset_exit_code_says_whether_a_record_is_malformed(tmp_path):
+    clean = runner.invoke(app, ["check-dataset", data_config(tmp_path / "clean", HOT)])
+    assert clean.exit_code == 0, clean.output
+    assert re.search(r"malformed records +none", clean.output)
+    broken = runner.invoke(app, ["check-dataset", data_config(tmp_path / "broken", HOT, "{oops", HOT)])
+    assert broken.exit_code == 1
+    assert f"{tmp_path}/broken/d.jsonl:2: not valid JSON" in broken.output.replace("\n", "")
+
+
+def test_log_dataset_marks_trained_tokens_when_not_a_terminal(tmp_path):
+    config = data_config(tmp_path, HOT, '{"conversation": [{"input": "up", "output": "down"}]}')
+    result = runner.invoke(app, ["log-dataset", config, "-n", "1", "--cfg-options", "max_length=64"])
+    assert result.exit_code == 0, result.output
+    assert "assistant\n[[cold<|im_end|>]]\ninput_ids: [1, " in result.output and "down" not in result.output
+
+
+def test_preprocess_twice_hits_the_cache(tmp_path):
+    config = data_config(tmp_path, '{"conversation": [{"input": "cache me", "output": "once"}]}')
+    first = runner.invoke(app, ["preprocess", config, "--num-proc", "2"])
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("cache written: ") and "1 samples" in first.output
+    second = runner.invoke(app, ["preprocess", config])
+    assert second.output.startswith("cache hit: ")

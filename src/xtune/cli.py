@@ -100,6 +100,59 @@ def _cfg_options(args: list[str]) -> list[str]:
     return values
 
 
+_EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+ConfigArgument = Annotated[str, typer.Argument(help="Config file (.py or .yaml) or built-in config name.")]
+
+
+@app.command("preprocess", context_settings=_EXTRA_ARGS)
+def preprocess_cmd(
+    ctx: typer.Context,
+    config: ConfigArgument,
+    num_proc: Annotated[
+        Optional[int], typer.Option(min=1, help="Tokenizing processes; default: the config's num_proc.")
+    ] = None,
+):
+    """Tokenize a config's data into the cache training reads. Override keys with `--cfg-options key=value ...`."""
+    from xtune.config.load import load_config
+    from xtune.data.inspect import preprocess, render_preprocess
+
+    resolved, _ = load_config(config, _cfg_options(ctx.args))
+    render_preprocess(preprocess(resolved, num_proc=num_proc), console)
+
+
+@app.command("check-dataset", context_settings=_EXTRA_ARGS)
+def check_dataset_cmd(ctx: typer.Context, config: ConfigArgument):
+    """Counts, lengths, truncation, padding or packing, and every malformed record (exit 1 if any)."""
+    from xtune.config.load import load_config
+    from xtune.data.inspect import check_dataset, render_check
+
+    resolved, _ = load_config(config, _cfg_options(ctx.args))
+    check = check_dataset(resolved)
+    render_check(check, console)
+    if not check.ok:
+        err_console.print(
+            f"[bold red]error:[/] {len(check.bad_records)} malformed records (listed above); fix them, "
+            "or set skip_bad_records = True to train without them.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+
+
+@app.command("log-dataset", context_settings=_EXTRA_ARGS)
+def log_dataset_cmd(
+    ctx: typer.Context,
+    config: ConfigArgument,
+    n: Annotated[int, typer.Option("-n", min=1, help="How many samples to show.")] = 3,
+):
+    """Show the first samples as training sees them, trained tokens highlighted ([[...]] when piped)."""
+    from xtune.config.load import load_config
+    from xtune.data.inspect import first_samples, render_samples
+
+    resolved, _ = load_config(config, _cfg_options(ctx.args))
+    render_samples(first_samples(resolved, n), console)
+
+
 @app.command()
 def chat(
     model: Annotated[str, typer.Argument(help="Base model folder or id.")],

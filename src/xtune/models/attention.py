@@ -7,6 +7,8 @@ elsewhere through SDPA on each sample's block. Without boundaries it is plain SD
 unpacked batches go through the same function.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -19,6 +21,10 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.10
     varlen_attn = None
+
+
+def _kernel_takes(argument: str) -> bool:
+    return varlen_attn is not None and argument in inspect.signature(varlen_attn).parameters
 
 
 def varlen_attention_forward(
@@ -43,7 +49,14 @@ def varlen_attention_forward(
     if query.is_cuda and varlen_attn is not None and dropout == 0.0:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
         cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
-        out = varlen_attn(q, k, v, cu, cu, max_length_q, max_length_q, scale=scaling, window_size=(-1, 0), enable_gqa=enable_gqa)
+        # torch 2.10/2.11's kernel takes is_causal and wants as many key/value heads as query heads
+        options = {"scale": scaling, **({"window_size": (-1, 0)} if _kernel_takes("window_size") else {"is_causal": True})}
+        if enable_gqa and _kernel_takes("enable_gqa"):
+            options["enable_gqa"] = True
+        elif enable_gqa:
+            repeats = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        out = varlen_attn(q, k, v, cu, cu, max_length_q, max_length_q, **options)
         return out.unsqueeze(0), None
     bounds = cu_seq_lens_q.tolist()
     blocks = [
