@@ -280,3 +280,18 @@ def test_every_template_encodes_any_conversation_and_decodes_back_to_its_text(to
     prompting = conversation.turns[-1].role == "user"
     official = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompting)["input_ids"]
     assert encode(conversation, get_template("hf"), tokenizer).input_ids == official
+
+
+def test_encode_batch_equals_encode_one_by_one(tokenizer):
+    from xtune.data.encode import encode_batch
+
+    conversations = [
+        TWO_TURNS,
+        Conversation((Turn("user", "héllo wörld 😀"), Turn("assistant", "  spaced  ", True))),
+        Conversation((Turn("assistant", "plain text for pretraining", True),), raw=True),
+    ]
+    for name in ("internlm2_chat", "qwen_chat", "llama3_chat", "hf"):
+        template = get_template(name)
+        for last_only in (False, True):
+            expected = [encode(c, template, tokenizer, 40, last_only) for c in conversations]
+            assert encode_batch(conversations, template, tokenizer, 40, last_only) == expected

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from xtune.config.schema import Config
-from xtune.data.encode import Encoded, encode
+from xtune.data.encode import Encoded, encode_batch
 from xtune.data.formats import Conversation
 from xtune.data.sources import SourceSpec, data_files, load_sources, resolve_data_path
 from xtune.data.templates import ChatTemplate, get_template
@@ -135,16 +135,16 @@ def apply_length_policy(encoded: list[Encoded], config: Config) -> tuple[list[En
 _worker: dict = {}
 
 
-def _init_worker(template: ChatTemplate, tokenizer, max_length: int, last_turn_only: bool) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _init_worker(template: ChatTemplate, tokenizer, max_length: int, last_turn_only: bool, workers: bool) -> None:
+    if workers:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker.update(template=template, tokenizer=tokenizer, max_length=max_length, last_turn_only=last_turn_only)
 
 
 def _encode_chunk(conversations: list[Conversation]) -> list[Encoded]:
-    return [
-        encode(c, _worker["template"], _worker["tokenizer"], _worker["max_length"], _worker["last_turn_only"])
-        for c in conversations
-    ]
+    return encode_batch(
+        conversations, _worker["template"], _worker["tokenizer"], _worker["max_length"], _worker["last_turn_only"]
+    )
 
 
 def encode_parallel(
@@ -153,11 +153,12 @@ def encode_parallel(
     """`encode` over every conversation, in `num_proc` processes when more than one."""
     args = (template, tokenizer, config.max_length, config.train_on_last_turn_only)
     if num_proc <= 1 or len(conversations) < 2 * num_proc:
-        _init_worker(*args)
+        _init_worker(*args, workers=False)
         return _encode_chunk(conversations)
     size = -(-len(conversations) // (num_proc * 4))
     chunks = [conversations[i : i + size] for i in range(0, len(conversations), size)]
-    with ProcessPoolExecutor(num_proc, mp_context=get_context("fork"), initializer=_init_worker, initargs=args) as pool:
+    context = get_context("fork")
+    with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_init_worker, initargs=(*args, True)) as pool:
         return [sample for chunk in pool.map(_encode_chunk, chunks) for sample in chunk]
 
 
@@ -172,8 +173,10 @@ def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) ->
         "lengths": lengths,
         "truncated": torch.tensor([s.truncated for s in samples], dtype=torch.bool),
     }
-    save_file(tensors, partial / "samples.safetensors")
     (partial / "report.json").write_text(json.dumps(asdict(report)))
+    save_file(tensors, partial / "samples.safetensors")
+    if cache_dir.exists() and not (cache_dir / "samples.safetensors").is_file():
+        shutil.rmtree(cache_dir)  # not written by us: entries are renamed into place whole
     try:
         os.replace(partial, cache_dir)
     except OSError:  # another process finished the same entry first

@@ -45,6 +45,38 @@ def encode(
     return Encoded(input_ids, labels, truncated)
 
 
+def encode_batch(
+    conversations: list[Conversation],
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    train_on_last_turn_only: bool = False,
+) -> list[Encoded]:
+    """`encode` over many conversations, with every segment tokenized in one call to the Rust
+    tokenizer (several times faster than segment by segment); the same ids and labels as `encode`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or isinstance(template, TokenizerTemplate):
+        return [encode(c, template, tokenizer, max_length, train_on_last_turn_only) for c in conversations]
+    if train_on_last_turn_only:
+        conversations = [last_turn_trained_only(c) for c in conversations]
+    rendered = [render(c, template, tokenizer) for c in conversations]
+    pieces = backend.encode_batch([text for segments in rendered for text, _ in segments], add_special_tokens=False)
+    results, cursor = [], 0
+    for segments in rendered:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for _, trained in segments:
+            ids = pieces[cursor].ids
+            cursor += 1
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        truncated = max_length is not None and len(input_ids) > max_length
+        if truncated:
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        results.append(Encoded(input_ids, labels, truncated))
+    return results
+
+
 def last_turn_trained_only(conversation: Conversation) -> Conversation:
     """The conversation with every trainable turn but the last one made untrainable."""
     trainable = [index for index, turn in enumerate(conversation.turns) if turn.trainable]
