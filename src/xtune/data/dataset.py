@@ -94,11 +94,20 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cache_entry(config: Config, tokenizer) -> Path:
+    """The folder the config's encoded samples are cached in."""
+    return xtune_home() / "data-cache" / cache_key(config, source_specs(config), tokenizer)
+
+
+def is_cached(entry: Path) -> bool:
+    return (entry / "samples.safetensors").is_file()
+
+
 def prepare_samples(config: Config, tokenizer, use_cache: bool = True) -> tuple[list[Encoded], DataReport]:
     """The encoded samples the config trains on, from the cache when it has them."""
     specs = source_specs(config)
-    cache_dir = xtune_home() / "data-cache" / cache_key(config, specs, tokenizer)
-    if use_cache and (cache_dir / "samples.safetensors").is_file():
+    cache_dir = cache_entry(config, tokenizer)
+    if use_cache and is_cached(cache_dir):
         return _read_cache(cache_dir)
     loaded = load_sources(specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed)
     template = get_template(config.prompt_template)
@@ -175,7 +184,7 @@ def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) ->
     }
     (partial / "report.json").write_text(json.dumps(asdict(report)))
     save_file(tensors, partial / "samples.safetensors")
-    if cache_dir.exists() and not (cache_dir / "samples.safetensors").is_file():
+    if cache_dir.exists() and not is_cached(cache_dir):
         shutil.rmtree(cache_dir)  # not written by us: entries are renamed into place whole
     try:
         os.replace(partial, cache_dir)

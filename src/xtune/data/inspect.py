@@ -17,13 +17,12 @@ from rich.table import Table
 from rich.text import Text
 
 from xtune.config.schema import Config
-from xtune.data.dataset import DataReport, apply_length_policy, cache_key, prepare_samples, source_specs
+from xtune.data.dataset import DataReport, apply_length_policy, cache_entry, is_cached, prepare_samples, source_specs
 from xtune.data.encode import IGNORE_INDEX, Encoded, encode
 from xtune.data.loader import length_grouped_batches, shuffled_batches
 from xtune.data.packing import pack, packing_efficiency
 from xtune.data.sources import BadRecord, SourceSpec, load_sources, read_conversations
 from xtune.data.templates import get_template
-from xtune.paths import xtune_home
 
 TRAINED_STYLE = "bold green"
 """How trained tokens are shown on a terminal; elsewhere they are put between `[[` and `]]`."""
@@ -59,9 +58,7 @@ def preprocess(config: Config, tokenizer=None, num_proc: int | None = None) -> P
     tokenizer = tokenizer if tokenizer is not None else config_tokenizer(config)
     if num_proc is not None:
         config = config.model_copy(update={"num_proc": num_proc})
-    # the entry prepare_samples reads and writes
-    entry = xtune_home() / "data-cache" / cache_key(config, source_specs(config), tokenizer)
-    hit = (entry / "samples.safetensors").is_file()
+    hit = is_cached(cache_entry(config, tokenizer))
     start = time.perf_counter()
     _, report = prepare_samples(config, tokenizer)
     return Preprocessed(report.cache, hit, report, config.num_proc, time.perf_counter() - start)
@@ -79,11 +76,11 @@ def render_preprocess(result: Preprocessed, console: Console) -> None:
             soft_wrap=True,
         )
     for path, count in report.sources:
-        console.print(f"source {path}: {count} samples", highlight=False, soft_wrap=True)
+        console.print(f"source {path}: {count:,} samples", highlight=False, soft_wrap=True)
     console.print(
-        f"{report.samples} samples, {report.tokens} tokens ({report.trained_tokens} trained); "
-        f"{report.truncated} truncated ({report.dropped_too_long} dropped), "
-        f"{report.dropped_untrained} without trained tokens dropped, {len(report.skipped)} bad records skipped",
+        f"{report.samples:,} samples, {report.tokens:,} tokens ({report.trained_tokens:,} trained); "
+        f"{report.truncated:,} over max_length ({report.dropped_too_long:,} dropped), "
+        f"{report.dropped_untrained:,} without trained tokens dropped, {len(report.skipped):,} bad records skipped",
         highlight=False,
         soft_wrap=True,
     )
