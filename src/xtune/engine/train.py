@@ -139,7 +139,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
     result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
     model.train()
     start = time.perf_counter()
-    seen_tokens = 0
+    seen_tokens = trained_tokens = 0
 
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -172,11 +172,13 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
             scheduler.step()
 
             loss = (loss_sum / num_trained).item()
+            trained_tokens += int(num_trained)
             result.losses.append(loss)
             elapsed = time.perf_counter() - start
             record = {
                 "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens": seen_tokens, "tokens_per_s": seen_tokens / elapsed, "elapsed_s": elapsed,
+                "tokens": seen_tokens, "tokens_per_s": seen_tokens / elapsed,
+                "trained_tokens": trained_tokens, "trained_tokens_per_s": trained_tokens / elapsed, "elapsed_s": elapsed,
             }  # fmt: skip
             if step % config.logging_steps == 0 or step == steps:
                 metrics.write(json.dumps(record) + "\n")
