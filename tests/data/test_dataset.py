@@ -1,7 +1,6 @@
 import json
 from pathlib import Path
 
-import pytest
 
 from xtune.config.schema import Config
 from xtune.data import dataset

@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 
 from xtune.data.formats import (
     FORMATS,
-    SHAREGPT_ROLES,
     Conversation,
     RecordError,
     ToolCall,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xtune.data.formats import Conversation, RecordError, Turn
+from xtune.data.formats import Conversation, Turn
 from xtune.data.loader import load_conversations, resolve_data_path
 from xtune.data.sources import (
     BadRecord,

@@ -188,6 +188,3 @@ def test_quantization_config():
         quantization_config("3bit", torch.bfloat16)
 
 
-def test_quantized_internlm2_is_not_supported_yet():
-    with pytest.raises(XtuneError, match="not supported yet"):
-        load_model(tiny_model_path("internlm2-chat"), quantization="4bit")

@@ -139,7 +139,7 @@ def test_tiny_model_loads_and_runs(name):
 
 def test_tiny_models_have_the_default_size():
     config = load_model(tiny_model_path("llama")).config
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (256, 688, 4)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (256, 704, 4)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (8, 2, 32)
     assert (config.max_position_embeddings, config.rms_norm_eps, config.tie_word_embeddings) == (2048, 1e-6, False)
 

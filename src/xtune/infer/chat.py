@@ -5,7 +5,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
-import torch
 from peft import PeftModel
 from transformers import TextStreamer
 

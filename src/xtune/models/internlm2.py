@@ -5,8 +5,11 @@ key/value head: for each of the `num_key_value_heads` groups come its `num_atten
 num_key_value_heads` query heads, then one key head, then one value head, each `head_dim` rows.
 """
 
+import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -257,6 +260,30 @@ def load_internlm2_as_llama(path: Path, dtype: torch.dtype = torch.float32) -> L
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
+
+
+def llama_layout_copy(path: Path, cache: Path) -> Path:
+    """A Llama-layout copy of an InternLM2 folder, written once under `cache`, for loaders that need
+    a standard folder (bitsandbytes quantizes while `from_pretrained` loads). Keyed by the folder and
+    its files' sizes and modification times, written aside and renamed into place."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    stamp = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)
+    dest = cache / hashlib.sha256(f"{path}|{stamp}".encode()).hexdigest()[:20]
+    if (dest / "config.json").is_file():
+        return dest
+    dtype = getattr(torch, str(_read_json(path / "config.json").get("torch_dtype", "float32")), torch.float32)
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    load_internlm2_as_llama(path, dtype).save_pretrained(partial, max_shard_size="2GB")
+    for file in files:
+        if file.suffix not in (".safetensors", ".bin", ".py") and file.name not in ("config.json", SAFETENSORS_INDEX_FILE):
+            shutil.copy2(file, partial / file.name)
+    try:
+        os.replace(partial, dest)
+    except OSError:  # another process finished the same copy first
+        shutil.rmtree(partial, ignore_errors=True)
+    return dest
 
 
 def checkpoint_files(path: Path) -> list[Path]:

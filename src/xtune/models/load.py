@@ -22,7 +22,8 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from xtune.errors import CheckpointError, ConfigError, ModelNotFoundError, XtuneError
-from xtune.models.internlm2 import is_internlm2, load_internlm2_as_llama
+from xtune.models.internlm2 import is_internlm2, llama_layout_copy, load_internlm2_as_llama
+from xtune.paths import xtune_home
 from xtune.testing.tiny import tiny_model_path
 
 TINY_PREFIX = "xtune-tiny/"
@@ -149,12 +150,10 @@ def load_model(
     path = Path(path)
     config = read_config(path)
     if is_internlm2(config):
-        if quantization is not None:
-            raise XtuneError(
-                f"quantization={quantization!r} is not supported yet for InternLM2 folders ({path}); "
-                "train without quantization, or use a Llama-layout copy of the model"
-            )
-        return load_internlm2_as_llama(path, dtype).to(device)
+        if quantization is None:
+            return load_internlm2_as_llama(path, dtype).to(device)
+        path = llama_layout_copy(path, xtune_home() / "llama-layout")
+        config = read_config(path)
     check_model_code(path, config, trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(
         path,

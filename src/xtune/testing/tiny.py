@@ -48,7 +48,7 @@ INITIALIZER_RANGE = 0.02
 OUTPUT_INITIALIZER_RANGE = 0.1
 """The output head's init std. With 0.02 and a unit-RMS final norm, logits cannot exceed about 5, too flat
 for any task to be fitted; a pretrained head is far sharper."""
-TINY_VERSION = 2
+TINY_VERSION = 3
 """Bump when a spec, the init or the tokenizer changes, so that folders built before are not reused."""
 RMS_NORM_EPS = 1e-6
 
@@ -59,7 +59,7 @@ class TinySpec:
 
     architecture: str
     hidden_size: int = 256
-    intermediate_size: int = 688
+    intermediate_size: int = 704
     num_hidden_layers: int = 4
     num_attention_heads: int = 8
     num_key_value_heads: int = 2
