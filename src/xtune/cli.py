@@ -73,6 +73,9 @@ def train_cmd(
     ctx: typer.Context,
     config: Annotated[str, typer.Argument(help="Config file (.py or .yaml) or built-in config name.")],
     work_dir: Annotated[Optional[str], typer.Option(help="Overrides the config's work_dir.")] = None,
+    resume: Annotated[
+        Optional[str], typer.Option(help="'auto' (the newest complete checkpoint in work_dir) or a checkpoint folder.")
+    ] = None,
 ):
     """Train with a config. Override keys with `--cfg-options key=value [key=value ...]`."""
     from xtune.config.load import load_config
@@ -84,7 +87,7 @@ def train_cmd(
     resolved, path = load_config(config, overrides)
     err_console.print(f"config {path}:")
     err_console.print_json(resolved.model_dump_json())
-    result = train(resolved, err_console)
+    result = train(resolved, err_console, resume=resume)
     console.print(f"checkpoint: {result.checkpoint}", highlight=False)
 
 

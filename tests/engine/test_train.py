@@ -17,3 +17,41 @@ def test_short_run_loss_falls_packed_or_not(tmp_path, packed):
     assert len(result.losses) == 30
     assert sum(result.losses[-5:]) / 5 < 0.7 * sum(result.losses[:5]) / 5
     assert ("packed into" in output.getvalue()) == packed
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_accumulation_gives_the_gradient_of_the_whole_step(packed):
+    import random
+
+    import torch
+
+    from xtune.data.encode import IGNORE_INDEX, Encoded
+    from xtune.data.loader import collate
+    from xtune.data.packing import collate_packed, pack
+    from xtune.engine.train import accumulate_gradients
+    from xtune.models.attention import use_varlen_attention
+    from xtune.models.load import load_model, resolve_model_path
+
+    model = load_model(resolve_model_path("xtune-tiny/llama"), dtype=torch.float32)
+    use_varlen_attention(model)
+    rng = random.Random(0)
+    samples = []
+    for _ in range(8):
+        ids = [1] + [rng.randrange(3, 2000) for _ in range(rng.randrange(5, 40))]
+        cut = rng.randrange(1, len(ids) - 1)
+        samples.append(Encoded(ids, [IGNORE_INDEX] * cut + ids[cut:]))
+    if packed:
+        items = pack([s for s in samples], max_length=48, pad_token_id=2)
+        batch_of = collate_packed
+    else:
+        items = samples
+        batch_of = lambda group: collate(group, pad_token_id=2)  # noqa: E731
+
+    def gradients(micro_batch):
+        model.zero_grad()
+        accumulate_gradients(model, [batch_of(items[i : i + micro_batch]) for i in range(0, len(items), micro_batch)], "cpu")
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = gradients(len(items))
+    assert (gradients(max(1, len(items) // 4)) - whole).abs().max() < 1e-6
+    assert (gradients(1) - whole).abs().max() < 1e-6

@@ -2,10 +2,17 @@
 
 import json
 import os
+import random
 import re
 import shutil
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xtune.errors import CheckpointError
 
 RUN_META = "xtune_run.json"
 """Written into every checkpoint: what chat and convert need to use it the way it was trained."""
@@ -26,14 +33,19 @@ def new_run_dir(work_dir: str | Path) -> Path:
     raise FileExistsError(f"could not create a new run folder in {work_dir}")
 
 
-def save_checkpoint(model, tokenizer, run_dir: Path, step: int, meta: dict) -> Path:
-    """Write `run_dir/checkpoint-<step>/` atomically: a model (or PEFT adapter), tokenizer and meta."""
+def save_checkpoint(
+    model, tokenizer, run_dir: Path, step: int, meta: dict, write_extra: Callable[[Path], None] | None = None
+) -> Path:
+    """Write `run_dir/checkpoint-<step>/` atomically: a model (or PEFT adapter), tokenizer, meta, and
+    whatever `write_extra(folder)` adds (the training state)."""
     final = run_dir / f"checkpoint-{step}"
     partial = run_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     (partial / RUN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
+    if write_extra is not None:
+        write_extra(partial)
     _fsync_tree(partial)
     if final.exists():
         raise FileExistsError(f"{final} already exists; refusing to overwrite it.")
@@ -68,3 +80,78 @@ def _fsync_tree(folder: Path) -> None:
         if file.is_file():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
+
+
+TRAINING_STATE = "training_state.safetensors"
+TRAINING_STATE_META = "training_state.json"
+
+
+def write_training_state(folder: Path, optimizer, scheduler, scaler, progress: dict) -> None:
+    """Optimizer, scheduler, grad scaler, RNG states and data position, in safetensors + JSON (no pickle)."""
+    optimizer_state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, state in optimizer_state["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for device, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{device}"] = state
+    meta = {
+        "progress": progress,
+        "optimizer_param_groups": optimizer_state["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "scaler": scaler.state_dict(),
+        "rng_python": random.getstate(),
+    }
+    save_file(tensors, folder / TRAINING_STATE)
+    (folder / TRAINING_STATE_META).write_text(json.dumps(meta))
+
+
+def read_training_state(folder: Path, optimizer, scheduler, scaler) -> dict:
+    """Restores what `write_training_state` wrote; returns its `progress`."""
+    missing = [name for name in (TRAINING_STATE, TRAINING_STATE_META) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder} has no {missing[0]}: it cannot be resumed (was it saved by xtune train?).")
+    tensors = load_file(folder / TRAINING_STATE)
+    meta = json.loads((folder / TRAINING_STATE_META).read_text())
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        kind, *rest = key.split(".")
+        if kind == "optimizer":
+            state.setdefault(int(rest[0]), {})[rest[1]] = value
+    for index, values in meta["optimizer_scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    if meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = meta["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta["progress"]
+
+
+def find_resume_checkpoint(work_dir: str | Path, resume: str) -> Path:
+    """`auto`: the newest complete checkpoint with a training state in any run under `work_dir`;
+    otherwise the checkpoint folder `resume` names."""
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / TRAINING_STATE).is_file():
+            raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {TRAINING_STATE}).")
+        return path
+    work_dir = Path(work_dir)
+    runs = sorted((p for p in work_dir.iterdir() if p.is_dir()), key=lambda p: p.name) if work_dir.is_dir() else []
+    for run in reversed(runs):
+        resumable = [c for c in complete_checkpoints(run) if (c / TRAINING_STATE).is_file()]
+        if resumable:
+            return resumable[-1]
+    raise CheckpointError(f"--resume auto: no complete checkpoint under {work_dir}; start without --resume.")

@@ -3,14 +3,17 @@
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from functools import partial
+from itertools import islice
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -21,9 +24,18 @@ from xtune.data.dataset import prepare_samples
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, packing_efficiency
 from xtune.data.templates import ChatTemplate, get_template
-from xtune.engine.checkpoint import new_run_dir, prune_checkpoints, save_checkpoint
+from xtune.engine.checkpoint import (
+    TRAINING_STATE,
+    find_resume_checkpoint,
+    new_run_dir,
+    prune_checkpoints,
+    read_training_state,
+    save_checkpoint,
+    write_training_state,
+)
 from xtune.engine.device import resolve_device, resolve_dtype
 from xtune.engine.optim import build_optimizer, build_scheduler
+from xtune.errors import CheckpointError
 from xtune.infer.generate import GenerationOptions, generate_replies
 from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
@@ -49,20 +61,73 @@ def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def micro_batches(
-    items: Sequence, batch_size: int, seed: int, collate_fn: Callable, lengths: list[int] | None = None
-) -> Iterator[tuple[int, dict]]:
-    """(epoch, batch) forever; each epoch is a fresh seeded shuffle (grouped by length when `lengths`
-    are given), so the order is reproducible."""
+def accumulate_gradients(model, batches: list[dict], device, autocast=nullcontext(), scaler=None):
+    """Backward over the micro-batches of one optimizer step, so that the gradient is that of the mean
+    loss over every trained token of the step (not a mean of per-micro-batch means).
+    Returns (summed loss, trained tokens, input tokens)."""
+    num_trained = sum(count_trained(batch) for batch in batches)
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with autocast:
+            logits = model(**batch, use_cache=False).logits
+        step_loss = causal_lm_loss_sum(logits, labels)
+        scaled = step_loss / num_trained
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += step_loss.detach()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, num_trained, tokens
+
+
+def batch_plan(num_items: int, batch_size: int, seed: int, lengths: list[int] | None = None) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, item indices) of every micro-batch, forever; each epoch a fresh seeded shuffle (grouped by
+    length when `lengths` are given), so the order is reproducible and a resumed run can skip ahead."""
     epoch = 0
     while True:
         if lengths is None:
-            batches = shuffled_batches(len(items), batch_size, seed + epoch)
+            batches = shuffled_batches(num_items, batch_size, seed + epoch)
         else:
             batches = length_grouped_batches(lengths, batch_size, seed + epoch)
         for indices in batches:
-            yield epoch, collate_fn([items[i] for i in indices])
+            yield epoch, indices
         epoch += 1
+
+
+RESUME_MUST_MATCH = (
+    "llm_name_or_path", "method", "quantization", "lora_r", "lora_alpha", "lora_target_modules", "data_path",
+    "datasets", "dataset_format", "prompt_template", "SYSTEM", "max_length", "pack_to_max_length",
+    "shuffle_before_pack", "group_by_length", "batch_size", "accumulative_counts", "seed",
+)  # fmt: skip
+"""Keys that decide the model, the data or its order: a run can only resume with the same values."""
+
+
+def check_resumable(config: Config, checkpoint: Path) -> None:
+    saved = json.loads((checkpoint.parent / "config.json").read_text())
+    current = json.loads(config.model_dump_json())
+    changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != current.get(key)]
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        raise CheckpointError(f"cannot resume {checkpoint}: the config changed ({details}); restore them or start a new run.")
+
+
+def load_trainable_weights(model, checkpoint: Path, method: str) -> None:
+    if method == "full":
+        state = {}
+        for file in sorted(checkpoint.glob("*.safetensors")):
+            if file.name != TRAINING_STATE:
+                state.update(load_file(file))
+        model.load_state_dict(state, strict=False)
+    else:
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint: drop what the interrupted run logged past it."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def total_steps(config: Config, num_samples: int) -> int:
@@ -72,7 +137,8 @@ def total_steps(config: Config, num_samples: int) -> int:
     return math.ceil(batches_per_epoch * config.max_epochs / config.accumulative_counts)
 
 
-def train(config: Config, console: Console | None = None) -> TrainResult:
+def train(config: Config, console: Console | None = None, resume: str | None = None) -> TrainResult:
+    """Train as the config says; `resume` = "auto" or a checkpoint folder continues an earlier run."""
     console = console or Console(stderr=True)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
@@ -110,6 +176,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
     )
     if config.pack_to_max_length:
         use_varlen_attention(model)
+    torch.manual_seed(config.seed)  # new weights (LoRA) and dropout do not depend on what ran before
     model = prepare_trainable(model, config).to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -124,8 +191,18 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     )
 
-    run_dir = new_run_dir(config.work_dir)
-    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    progress_state = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0}
+    if resume is not None:
+        checkpoint = find_resume_checkpoint(config.work_dir, resume)
+        check_resumable(config, checkpoint)
+        load_trainable_weights(model, checkpoint, config.method)
+        progress_state = read_training_state(checkpoint, optimizer, scheduler, scaler)
+        run_dir = checkpoint.parent
+        _keep_metrics_up_to(run_dir / "metrics.jsonl", progress_state["step"])
+        console.print(f"resuming {run_dir} from step {progress_state['step']}")
+    else:
+        run_dir = new_run_dir(config.work_dir)
+        (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
     meta = {
         "llm_name_or_path": config.llm_name_or_path,
         "method": config.method,
@@ -135,32 +212,25 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
         "max_length": config.max_length,
     }
     metrics = (run_dir / "metrics.jsonl").open("a")
-    batches = micro_batches(items, config.batch_size, config.seed, collate_fn, grouping)
+    done = progress_state["step"]
+    plan = islice(batch_plan(len(items), config.batch_size, config.seed, grouping), done * config.accumulative_counts, None)
+    batches = ((epoch, collate_fn([items[i] for i in indices])) for epoch, indices in plan)
     result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
     model.train()
-    start = time.perf_counter()
-    seen_tokens = trained_tokens = 0
+    start = time.perf_counter() - progress_state["elapsed_s"]
+    seen_tokens, trained_tokens = progress_state["tokens"], progress_state["trained_tokens"]
 
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(), console=console,
     )  # fmt: skip
     with progress:
-        task = progress.add_task("train", total=steps, status="")
-        for step in range(1, steps + 1):
+        task = progress.add_task("train", total=steps, completed=done, status="")
+        for step in range(done + 1, steps + 1):
             group = [next(batches) for _ in range(config.accumulative_counts)]
             epoch = group[-1][0]
-            num_trained = sum(count_trained(batch) for _, batch in group)
-            loss_sum = torch.zeros((), device=device)
-            for _, batch in group:
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                labels = batch.pop("labels")
-                with autocast:
-                    logits = model(**batch, use_cache=False).logits
-                step_loss = causal_lm_loss_sum(logits, labels)
-                scaler.scale(step_loss / num_trained).backward()
-                loss_sum += step_loss.detach()
-                seen_tokens += int(batch["attention_mask"].sum())
+            loss_sum, num_trained, tokens = accumulate_gradients(model, [batch for _, batch in group], device, autocast, scaler)
+            seen_tokens += tokens
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), config.max_norm if config.max_norm is not None else float("inf")
@@ -194,7 +264,11 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
                 for item in answers:
                     progress.console.print(f"[dim]eval step {step}[/] {item['input']!r} -> {item['output']!r}")
             if step % config.save_steps == 0 or step == steps:
-                result.checkpoint = save_checkpoint(model, tokenizer, run_dir, step, meta)
+                position = {"step": step, "tokens": seen_tokens, "trained_tokens": trained_tokens, "elapsed_s": elapsed}
+                result.checkpoint = save_checkpoint(
+                    model, tokenizer, run_dir, step, meta,
+                    lambda folder: write_training_state(folder, optimizer, scheduler, scaler, position),
+                )  # fmt: skip
                 prune_checkpoints(run_dir, config.save_total_limit)
     metrics.close()
     console.print(f"saved {result.checkpoint}")

@@ -180,10 +180,11 @@ def build_model(spec: TinySpec, vocab_size: int) -> PreTrainedModel:
         eos_token_id=2,
         pad_token_id=2,
     )
-    if spec.architecture == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**config))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**config))
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
+        if spec.architecture == "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(**config))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**config))
     generator = torch.Generator().manual_seed(spec.seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

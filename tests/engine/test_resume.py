@@ -1,0 +1,66 @@
+"""A run killed with SIGKILL and resumed ends bit-identical to one that was never interrupted."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from xtune.config.load import load_config
+from xtune.engine.train import train
+from xtune.errors import CheckpointError
+
+pytestmark = pytest.mark.slow
+
+OPTIONS = ["max_steps=40", "save_steps=10", "save_total_limit=-1", "batch_size=4", "accumulative_counts=2",
+           "lora_dropout=0.1", "evaluation_freq=1000", "evaluation_inputs=[]"]  # fmt: skip
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in records if "loss" in r]
+
+
+def test_sigkill_then_resume_auto_is_bit_identical(tmp_path):
+    killed_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "xtune.cli", "train", "tiny_internlm2_chat_lora_antonyms",
+               "--work-dir", str(killed_dir), "--cfg-options", *OPTIONS]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(killed_dir.glob("*/checkpoint-20")) and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    (run,) = killed_dir.iterdir()
+    assert not (run / "checkpoint-40").exists()
+
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(killed_dir)!r}", *OPTIONS])
+    resumed = train(config, Console(file=io.StringIO()), resume="auto")
+    assert resumed.run_dir == run and len(resumed.losses) == 40 - int(resumed.losses and 20)
+
+    reference_config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path / 'ref')!r}", *OPTIONS])
+    reference = train(reference_config, Console(file=io.StringIO()))
+
+    assert losses(run) == losses(reference.run_dir)
+    final = load_file(run / "checkpoint-40" / "adapter_model.safetensors")
+    expected = load_file(reference.run_dir / "checkpoint-40" / "adapter_model.safetensors")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[name], expected[name]) for name in final)
+
+
+def test_resume_refuses_a_changed_config_and_an_empty_work_dir(tmp_path):
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path)!r}", "max_steps=2", "save_steps=1"])
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train(config, Console(file=io.StringIO()), resume="auto")
+    train(config, Console(file=io.StringIO()))
+    changed, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path)!r}", "max_steps=2", "seed=5"])
+    with pytest.raises(CheckpointError, match="the config changed \\(seed: 0 -> 5\\)"):
+        train(changed, Console(file=io.StringIO()), resume="auto")
