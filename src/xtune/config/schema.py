@@ -51,6 +51,10 @@ class Config(BaseModel):
     """Dropout on the LoRA branch's input."""
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt; `all-linear` means every linear layer but the output head."""
+    use_dora: bool = False
+    """DoRA: learn each adapted weight's magnitude apart from its direction (peft)."""
+    use_rslora: bool = False
+    """rsLoRA: scale the update by lora_alpha / sqrt(lora_r), which keeps high ranks stable (peft)."""
 
     # Data
     data_root: str = "./data/"

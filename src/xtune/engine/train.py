@@ -255,7 +255,8 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
                 metrics.flush()
             progress.update(
                 task, advance=1,
-                status=f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s",
+                status=f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} grad {record['grad_norm']:.2f} "
+                f"{record['tokens_per_s']:.0f} tok/s{memory_note(device)}",
             )  # fmt: skip
 
             if config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps):
@@ -273,6 +274,12 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
     metrics.close()
     console.print(f"saved {result.checkpoint}")
     return result
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f" {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    return ""
 
 
 def evaluate_chat(model, tokenizer, template: ChatTemplate, config: Config) -> list[dict[str, str]]:

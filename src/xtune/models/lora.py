@@ -12,6 +12,8 @@ def lora_config(config: Config) -> LoraConfig:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
         task_type="CAUSAL_LM",
     )
 

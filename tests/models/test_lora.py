@@ -1,0 +1,35 @@
+from xtune.config.schema import Config
+from xtune.models.load import load_model, resolve_model_path
+from xtune.models.lora import count_parameters, prepare_trainable
+
+
+def config(**values):
+    return Config(llm_name_or_path="xtune-tiny/llama", data_path="-", lora_r=8, lora_alpha=16, **values)
+
+
+def model():
+    return load_model(resolve_model_path("xtune-tiny/llama"))
+
+
+def test_lora_adapts_every_linear_layer_but_the_head():
+    peft_model = prepare_trainable(model(), config())
+    adapted = {name.split(".lora_A")[0].split(".")[-1] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in name and "lora" in name for name, _ in peft_model.named_parameters())
+    trainable, total = count_parameters(peft_model)
+    assert 0 < trainable < 0.2 * total
+
+
+def test_dora_and_rslora_options_reach_peft():
+    dora = prepare_trainable(model(), config(use_dora=True))
+    assert any("lora_magnitude_vector" in name for name, _ in dora.named_parameters())
+    rslora = prepare_trainable(model(), config(use_rslora=True))
+    assert rslora.peft_config["default"].use_rslora
+    layer = rslora.base_model.model.model.layers[0].self_attn.q_proj
+    assert abs(layer.scaling["default"] - 16 / 8**0.5) < 1e-9
+
+
+def test_full_method_trains_every_weight():
+    full = prepare_trainable(model(), config(method="full"))
+    trainable, total = count_parameters(full)
+    assert trainable == total
