@@ -13,6 +13,7 @@ import time
 
 from xtune.config.schema import Config
 from xtune.data.dataset import encode_parallel
+from xtune.data.encode import encode, encode_batch
 from xtune.data.formats import alpaca_to_standard
 from xtune.data.packing import pack, packing_efficiency
 from xtune.data.templates import get_template
@@ -46,6 +47,13 @@ def main():
         start = time.perf_counter()
         encoded = encode_parallel(conversations, template, tokenizer, config, num_proc)
         results[f"encode_samples_per_s_num_proc_{num_proc}"] = args.samples / (time.perf_counter() - start)
+    subset = conversations[:20_000]
+    start = time.perf_counter()
+    one_by_one = [encode(c, template, tokenizer, args.max_length) for c in subset]
+    results["encode_one_by_one_samples_per_s"] = len(subset) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    assert encode_batch(subset, template, tokenizer, args.max_length) == one_by_one
+    results["encode_batch_same_subset_samples_per_s"] = len(subset) / (time.perf_counter() - start)
     start = time.perf_counter()
     rows = pack(encoded, args.max_length, tokenizer.pad_token_id, shuffle_seed=0)
     results["pack_samples_per_s"] = args.samples / (time.perf_counter() - start)

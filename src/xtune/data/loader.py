@@ -4,17 +4,15 @@ Reading lives in `xtune.data.sources`; `resolve_data_path`, `read_records` and `
 are importable from here as well.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from xtune.data.encode import IGNORE_INDEX, Encoded, encode
+from xtune.data.encode import IGNORE_INDEX, Encoded
 from xtune.data.formats import Conversation
 from xtune.data.sources import SourceSpec, load_sources, read_records, resolve_data_path
-from xtune.data.templates import ChatTemplate
 
-__all__ = ["EncodeStats", "collate", "encode_all", "load_conversations", "read_records", "resolve_data_path"]
+__all__ = ["collate", "length_grouped_batches", "load_conversations", "read_records", "resolve_data_path", "shuffled_batches"]
 
 
 def load_conversations(
@@ -34,31 +32,6 @@ def load_conversations(
     source = SourceSpec(str(path), dataset_format, image_folder=image_folder)
     loaded = load_sources([source], system=system, skip_bad_records=skip_bad_records, check_images=check_images)
     return loaded.conversations
-
-
-@dataclass(frozen=True)
-class EncodeStats:
-    samples: int
-    truncated: int
-    dropped_untrained: int
-    """Samples left without any trained token after truncation; they are not used."""
-    tokens: int
-    trained_tokens: int
-
-
-def encode_all(
-    conversations: list[Conversation], template: ChatTemplate, tokenizer, max_length: int
-) -> tuple[list[Encoded], EncodeStats]:
-    encoded = [encode(c, template, tokenizer, max_length) for c in conversations]
-    kept = [sample for sample in encoded if sample.num_trained > 0]
-    stats = EncodeStats(
-        samples=len(kept),
-        truncated=sum(sample.truncated for sample in encoded),
-        dropped_untrained=len(encoded) - len(kept),
-        tokens=sum(len(sample.input_ids) for sample in kept),
-        trained_tokens=sum(sample.num_trained for sample in kept),
-    )
-    return kept, stats
 
 
 def collate(samples: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -64,10 +64,10 @@ def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def accumulate_gradients(model, batches: list[dict], device, autocast=nullcontext(), scaler=None):
     """Backward over the micro-batches of one optimizer step, so that the gradient is that of the mean
     loss over every trained token of the step (not a mean of per-micro-batch means).
-    Returns (summed loss, trained tokens, input tokens)."""
+    Returns (summed loss, trained tokens, input tokens) as tensors: no host sync per micro-batch."""
     num_trained = sum(count_trained(batch) for batch in batches)
     loss_sum = torch.zeros((), device=device)
-    tokens = 0
+    tokens = torch.zeros((), dtype=torch.long, device=device)
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
@@ -77,7 +77,7 @@ def accumulate_gradients(model, batches: list[dict], device, autocast=nullcontex
         scaled = step_loss / num_trained
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += step_loss.detach()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += batch["attention_mask"].sum()
     return loss_sum, num_trained, tokens
 
 
@@ -230,7 +230,6 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
             group = [next(batches) for _ in range(config.accumulative_counts)]
             epoch = group[-1][0]
             loss_sum, num_trained, tokens = accumulate_gradients(model, [batch for _, batch in group], device, autocast, scaler)
-            seen_tokens += tokens
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), config.max_norm if config.max_norm is not None else float("inf")
@@ -243,6 +242,7 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
 
             loss = (loss_sum / num_trained).item()
             trained_tokens += int(num_trained)
+            seen_tokens += int(tokens)
             result.losses.append(loss)
             elapsed = time.perf_counter() - start
             record = {
