@@ -78,15 +78,22 @@ def train_cmd(
     ] = None,
 ):
     """Train with a config. Override keys with `--cfg-options key=value [key=value ...]`."""
+    import os
+
     from xtune.config.load import load_config
+    from xtune.engine.distributed import torchrun_command
     from xtune.engine.train import train
 
+    command = torchrun_command(sys.argv[1:])
+    if command is not None:
+        os.execv(command[0], command)
     overrides = _cfg_options(ctx.args)
     if work_dir is not None:
         overrides.append(f"work_dir={work_dir!r}")
     resolved, path = load_config(config, overrides)
-    err_console.print(f"config {path}:")
-    err_console.print_json(resolved.model_dump_json())
+    if os.environ.get("RANK", "0") == "0":
+        err_console.print(f"config {path}:")
+        err_console.print_json(resolved.model_dump_json())
     result = train(resolved, err_console, resume=resume)
     console.print(f"checkpoint: {result.checkpoint}", highlight=False)
 

@@ -1,5 +1,6 @@
 """The training loop: forward, loss, backward, step, log, evaluate, save, in one place."""
 
+import io
 import json
 import math
 import time
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -34,6 +36,8 @@ from xtune.engine.checkpoint import (
     write_training_state,
 )
 from xtune.engine.device import resolve_device, resolve_dtype
+from xtune.engine.distributed import Ranks, all_sum, barrier, my_share, share
+from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.errors import CheckpointError
 from xtune.infer.generate import GenerationOptions, generate_replies
@@ -61,11 +65,12 @@ def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def accumulate_gradients(model, batches: list[dict], device, autocast=nullcontext(), scaler=None):
+def accumulate_gradients(model, batches: list[dict], device, autocast=nullcontext(), scaler=None, ranks=Ranks()):
     """Backward over the micro-batches of one optimizer step, so that the gradient is that of the mean
-    loss over every trained token of the step (not a mean of per-micro-batch means).
-    Returns (summed loss, trained tokens, input tokens) as tensors: no host sync per micro-batch."""
-    num_trained = sum(count_trained(batch) for batch in batches)
+    loss over every trained token of the step on every rank (not a mean of per-micro-batch means).
+    Returns this rank's (summed loss, input tokens) and the global trained-token count, as tensors:
+    no host sync per micro-batch."""
+    num_trained = all_sum(sum(count_trained(batch) for batch in batches).to(device), ranks)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
     for batch in batches:
@@ -74,7 +79,7 @@ def accumulate_gradients(model, batches: list[dict], device, autocast=nullcontex
         with autocast:
             logits = model(**batch, use_cache=False).logits
         step_loss = causal_lm_loss_sum(logits, labels)
-        scaled = step_loss / num_trained
+        scaled = step_loss * ranks.world / num_trained  # DDP averages gradients over the ranks
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += step_loss.detach()
         tokens += batch["attention_mask"].sum()
@@ -130,18 +135,21 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def total_steps(config: Config, num_samples: int) -> int:
+def total_steps(config: Config, num_samples: int, world: int = 1) -> int:
     if config.max_steps is not None:
         return config.max_steps
-    batches_per_epoch = math.ceil(num_samples / config.batch_size)
+    batches_per_epoch = math.ceil(num_samples / (config.batch_size * world))
     return math.ceil(batches_per_epoch * config.max_epochs / config.accumulative_counts)
 
 
 def train(config: Config, console: Console | None = None, resume: str | None = None) -> TrainResult:
     """Train as the config says; `resume` = "auto" or a checkpoint folder continues an earlier run."""
-    console = console or Console(stderr=True)
-    torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    ranks = setup_distributed(device)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)
+    console = (console or Console(stderr=True)) if ranks.main else Console(file=io.StringIO())
+    torch.manual_seed(config.seed)
     dtype = resolve_dtype(config.dtype, device)
 
     model_path = resolve_model_path(config.llm_name_or_path)
@@ -182,8 +190,11 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     console.print(f"model: {model_path} on {device}, {dtype}; {trainable:,} of {total:,} parameters trainable")
+    if ranks.world > 1:
+        console.print(f"data parallel over {ranks.world} processes (DDP)")
+    forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else model
 
-    steps = total_steps(config, len(items))
+    steps = total_steps(config, len(items), ranks.world)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, device)
     scheduler = build_scheduler(optimizer, config, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -198,11 +209,13 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
         load_trainable_weights(model, checkpoint, config.method)
         progress_state = read_training_state(checkpoint, optimizer, scheduler, scaler)
         run_dir = checkpoint.parent
-        _keep_metrics_up_to(run_dir / "metrics.jsonl", progress_state["step"])
+        if ranks.main:
+            _keep_metrics_up_to(run_dir / "metrics.jsonl", progress_state["step"])
         console.print(f"resuming {run_dir} from step {progress_state['step']}")
     else:
-        run_dir = new_run_dir(config.work_dir)
-        (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        run_dir = share(new_run_dir(config.work_dir) if ranks.main else None, ranks)
+        if ranks.main:
+            (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
     meta = {
         "llm_name_or_path": config.llm_name_or_path,
         "method": config.method,
@@ -211,10 +224,11 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
         "SYSTEM": config.SYSTEM,
         "max_length": config.max_length,
     }
-    metrics = (run_dir / "metrics.jsonl").open("a")
+    metrics = (run_dir / "metrics.jsonl").open("a") if ranks.main else io.StringIO()
     done = progress_state["step"]
-    plan = islice(batch_plan(len(items), config.batch_size, config.seed, grouping), done * config.accumulative_counts, None)
-    batches = ((epoch, collate_fn([items[i] for i in indices])) for epoch, indices in plan)
+    global_batch = config.batch_size * ranks.world
+    plan = islice(batch_plan(len(items), global_batch, config.seed, grouping), done * config.accumulative_counts, None)
+    batches = ((epoch, rank_batch(items, indices, collate_fn, ranks)) for epoch, indices in plan)
     result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
     model.train()
     start = time.perf_counter() - progress_state["elapsed_s"]
@@ -229,7 +243,10 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
         for step in range(done + 1, steps + 1):
             group = [next(batches) for _ in range(config.accumulative_counts)]
             epoch = group[-1][0]
-            loss_sum, num_trained, tokens = accumulate_gradients(model, [batch for _, batch in group], device, autocast, scaler)
+            loss_sum, num_trained, tokens = accumulate_gradients(
+                forward, [batch for _, batch in group], device, autocast, scaler, ranks
+            )
+            loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), config.max_norm if config.max_norm is not None else float("inf")
@@ -259,21 +276,33 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
                 f"{record['tokens_per_s']:.0f} tok/s{memory_note(device)}",
             )  # fmt: skip
 
-            if config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps):
+            if ranks.main and config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps):
                 answers = evaluate_chat(model, tokenizer, template, config)
                 metrics.write(json.dumps({"step": step, "evaluation": answers}) + "\n")
                 for item in answers:
                     progress.console.print(f"[dim]eval step {step}[/] {item['input']!r} -> {item['output']!r}")
             if step % config.save_steps == 0 or step == steps:
                 position = {"step": step, "tokens": seen_tokens, "trained_tokens": trained_tokens, "elapsed_s": elapsed}
-                result.checkpoint = save_checkpoint(
-                    model, tokenizer, run_dir, step, meta,
-                    lambda folder: write_training_state(folder, optimizer, scheduler, scaler, position),
-                )  # fmt: skip
-                prune_checkpoints(run_dir, config.save_total_limit)
+                result.checkpoint = run_dir / f"checkpoint-{step}"
+                if ranks.main:
+                    save_checkpoint(
+                        model, tokenizer, run_dir, step, meta,
+                        lambda folder: write_training_state(folder, optimizer, scheduler, scaler, position),
+                    )  # fmt: skip
+                    prune_checkpoints(run_dir, config.save_total_limit)
+                barrier(ranks)
     metrics.close()
     console.print(f"saved {result.checkpoint}")
     return result
+
+
+def rank_batch(items, indices: list[int], collate_fn, ranks: Ranks) -> dict:
+    """This rank's part of a global micro-batch, collated; a stand-in part carries no loss."""
+    part, real = my_share(indices, ranks)
+    batch = collate_fn([items[i] for i in part])
+    if not real:
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
 
 
 def memory_note(device: torch.device) -> str:

@@ -1,0 +1,76 @@
+"""Several processes through torch.distributed: launched by torchrun, data-parallel through DDP.
+
+`NPROC_PER_NODE=N xtune train CONFIG` re-runs itself under torchrun (with NNODES, NODE_RANK, ADDR and
+PORT when set). Each rank reads its share of every global batch; only rank 0 logs and saves.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_command(argv: list[str]) -> list[str] | None:
+    """The torchrun command that re-runs `argv` on NPROC_PER_NODE processes, or None when not asked
+    for (or already under torchrun)."""
+    processes = int(os.environ.get("NPROC_PER_NODE", "1"))
+    if processes <= 1 or "LOCAL_RANK" in os.environ:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    command += [f"--nnodes={os.environ.get('NNODES', '1')}", f"--node_rank={os.environ.get('NODE_RANK', '0')}"]
+    command += [f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}", f"--master_port={os.environ.get('PORT', '29500')}"]
+    return [*command, "-m", "xtune.cli", *argv]
+
+
+def setup(device: torch.device) -> Ranks:
+    """Joins the process group torchrun describes (nccl on GPUs, gloo on CPUs); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(ranks.local_rank)
+    return ranks
+
+
+def all_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    if ranks.world > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def share(value, ranks: Ranks):
+    """Rank 0's `value` on every rank."""
+    if ranks.world <= 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def my_share(indices: list[int], ranks: Ranks) -> tuple[list[int], bool]:
+    """This rank's part of a global batch, and whether it is real: a rank left without any item gets
+    the batch's first item to run with no loss, because every rank must take part in each backward."""
+    part = indices[ranks.rank :: ranks.world]
+    return (part, True) if part else (indices[:1], False)
