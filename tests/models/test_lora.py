@@ -33,3 +33,26 @@ def test_full_method_trains_every_weight():
     full = prepare_trainable(model(), config(method="full"))
     trainable, total = count_parameters(full)
     assert trainable == total
+
+
+def test_modules_to_save_train_in_full_beside_the_adapters():
+    peft_model = prepare_trainable(model(), config(modules_to_save=["embed_tokens", "lm_head"]))
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens.modules_to_save" in name for name in trainable)
+    assert any("lm_head.modules_to_save" in name for name in trainable)
+
+
+def test_embeddings_grow_when_the_tokenizer_does(tokenizer):
+    from copy import deepcopy
+
+    from xtune.models.lora import fit_embeddings
+
+    llama = model()
+    rows = llama.get_input_embeddings().num_embeddings
+    assert not fit_embeddings(llama, tokenizer)
+    grown = deepcopy(tokenizer)
+    grown.add_special_tokens({"additional_special_tokens": [f"<|new_{i}|>" for i in range(rows - len(tokenizer) + 3)]})
+    assert fit_embeddings(llama, grown)
+    assert llama.get_input_embeddings().num_embeddings >= len(grown)
+    assert llama.get_input_embeddings().num_embeddings % 64 == 0
+    assert llama.get_output_embeddings().weight.shape[0] == llama.get_input_embeddings().num_embeddings

@@ -51,6 +51,9 @@ class Config(BaseModel):
     """Dropout on the LoRA branch's input."""
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt; `all-linear` means every linear layer but the output head."""
+    modules_to_save: list[str] = []
+    """Modules trained in full next to the adapters, e.g. ["embed_tokens", "lm_head"] when new special
+    tokens were added to the tokenizer."""
     use_dora: bool = False
     """DoRA: learn each adapted weight's magnitude apart from its direction (peft)."""
     use_rslora: bool = False

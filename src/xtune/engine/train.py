@@ -43,7 +43,7 @@ from xtune.errors import CheckpointError
 from xtune.infer.generate import GenerationOptions, generate_replies
 from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
-from xtune.models.lora import count_parameters, prepare_trainable
+from xtune.models.lora import count_parameters, fit_embeddings, prepare_trainable
 
 
 @dataclass
@@ -185,6 +185,10 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
     if config.pack_to_max_length:
         use_varlen_attention(model)
     torch.manual_seed(config.seed)  # new weights (LoRA) and dropout do not depend on what ran before
+    if fit_embeddings(model, tokenizer):
+        console.print(f"embeddings grown to {model.get_input_embeddings().num_embeddings} rows for the tokenizer's new tokens")
+        if config.method == "lora" and not config.modules_to_save:
+            console.print("[yellow]new token rows stay untrained under LoRA: add embed_tokens and lm_head to modules_to_save")
     model = prepare_trainable(model, config).to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
