@@ -30,3 +30,32 @@ def test_scheduler_drives_the_optimizer_lr():
         scheduler.step()
     assert seen[0] == pytest.approx(5e-3) and seen[1] == pytest.approx(1e-2)
     assert seen[-1] < seen[2]
+
+
+@pytest.mark.parametrize("optim_type", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizers_step_and_their_state_survives_a_checkpoint(tmp_path, optim_type):
+    pytest.importorskip("bitsandbytes")
+    from xtune.engine.checkpoint import read_training_state, write_training_state
+
+    config = Config(llm_name_or_path="m", data_path="d", lr=1e-2, optim_type=optim_type)
+
+    def fresh():
+        torch.manual_seed(0)
+        parameter = torch.nn.Parameter(torch.randn(256, 256))
+        optimizer = build_optimizer([parameter], config, torch.device("cpu"))
+        return parameter, optimizer, build_scheduler(optimizer, config, total_steps=10)
+
+    parameter, optimizer, scheduler = fresh()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = parameter.detach().clone()
+    for _ in range(2):
+        parameter.grad = torch.ones_like(parameter)
+        optimizer.step()
+        scheduler.step()
+    assert not torch.equal(parameter, before)
+    write_training_state(tmp_path, optimizer, scheduler, scaler, {"step": 2})
+    copy, restored, restored_scheduler = fresh()
+    assert read_training_state(tmp_path, restored, restored_scheduler, scaler) == {"step": 2}
+    for name, value in optimizer.state[parameter].items():
+        other = restored.state[copy][name]
+        assert torch.equal(value, other) if torch.is_tensor(value) else value == other

@@ -105,6 +105,9 @@ class Config(BaseModel):
     """Stop after this many optimizer steps; overrides max_epochs when set."""
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate, reached at the end of warmup."""
+    optim_type: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """AdamW (fused where available), or bitsandbytes' 8-bit AdamW, optionally paged (state pages to
+    host memory under GPU memory pressure): a quarter of AdamW's optimizer memory."""
     betas: tuple[float, float] = Field((0.9, 0.999), strict=False)
     """AdamW betas."""
     weight_decay: float = Field(0.0, ge=0)

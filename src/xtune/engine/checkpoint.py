@@ -88,23 +88,15 @@ TRAINING_STATE_META = "training_state.json"
 
 def write_training_state(folder: Path, optimizer, scheduler, scaler, progress: dict) -> None:
     """Optimizer, scheduler, grad scaler, RNG states and data position, in safetensors + JSON (no pickle)."""
-    optimizer_state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for index, state in optimizer_state["state"].items():
-        for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
+    optimizer_state = _tensors_aside(optimizer.state_dict(), "optimizer", tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for device, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{device}"] = state
     meta = {
         "progress": progress,
-        "optimizer_param_groups": optimizer_state["param_groups"],
-        "optimizer_scalars": scalars,
+        "optimizer": optimizer_state,
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "scaler": scaler.state_dict(),
         "rng_python": random.getstate(),
@@ -120,14 +112,9 @@ def read_training_state(folder: Path, optimizer, scheduler, scaler) -> dict:
         raise CheckpointError(f"{folder} has no {missing[0]}: it cannot be resumed (was it saved by xtune train?).")
     tensors = load_file(folder / TRAINING_STATE)
     meta = json.loads((folder / TRAINING_STATE_META).read_text())
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        kind, *rest = key.split(".")
-        if kind == "optimizer":
-            state.setdefault(int(rest[0]), {})[rest[1]] = value
-    for index, values in meta["optimizer_scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    optimizer_state = _tensors_back(meta["optimizer"], tensors)
+    optimizer_state["state"] = {int(index): value for index, value in optimizer_state["state"].items()}
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     if meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])
@@ -138,6 +125,32 @@ def read_training_state(folder: Path, optimizer, scheduler, scaler) -> dict:
     version, internal, gauss = meta["rng_python"]
     random.setstate((version, tuple(internal), gauss))
     return meta["progress"]
+
+
+_TENSOR = "__tensor__:"
+
+
+def _tensors_aside(value, path: str, tensors: dict[str, torch.Tensor]):
+    """`value` with every tensor moved into `tensors` (keyed by its path) and left as a reference, so the
+    rest is JSON: this holds torch's and bitsandbytes' nested optimizer states alike."""
+    if torch.is_tensor(value):
+        tensors[path] = value.detach().cpu().contiguous()
+        return _TENSOR + path
+    if isinstance(value, dict):
+        return {str(key): _tensors_aside(item, f"{path}.{key}", tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tensors_aside(item, f"{path}.{index}", tensors) for index, item in enumerate(value)]
+    return value
+
+
+def _tensors_back(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, str) and value.startswith(_TENSOR):
+        return tensors[value.removeprefix(_TENSOR)]
+    if isinstance(value, dict):
+        return {key: _tensors_back(item, tensors) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_tensors_back(item, tensors) for item in value]
+    return value
 
 
 def find_resume_checkpoint(work_dir: str | Path, resume: str) -> Path:

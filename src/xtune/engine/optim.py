@@ -5,13 +5,20 @@ import math
 import torch
 
 from xtune.config.schema import Config
+from xtune.errors import ConfigError
 
 
-def build_optimizer(parameters, config: Config, device: torch.device) -> torch.optim.AdamW:
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused
-    )
+def build_optimizer(parameters, config: Config, device: torch.device) -> torch.optim.Optimizer:
+    options = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    if config.optim_type == "adamw":
+        return torch.optim.AdamW(parameters, fused=device.type in ("cuda", "cpu"), **options)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(f"optim_type = {config.optim_type!r} needs bitsandbytes: pip install 'xtune[bnb]'.") from None
+    if config.optim_type == "adamw_8bit":
+        return bitsandbytes.optim.AdamW8bit(parameters, **options)
+    return bitsandbytes.optim.PagedAdamW8bit(parameters, **options)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
