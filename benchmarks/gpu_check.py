@@ -25,6 +25,7 @@ from xtune.config.load import load_config
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, Encoded
 from xtune.data.packing import collate_packed, pack
+from xtune.engine.optim import build_optimizer
 from xtune.engine.train import causal_lm_loss_sum, train
 from xtune.models import attention
 from xtune.models.load import load_model, resolve_model_path
@@ -120,16 +121,18 @@ def train_speed(work_dir: Path, device: str = "cuda") -> dict:
     return results
 
 
-def qlora_step(folder: Path, checkpointing: bool, tokens: int = 2048) -> dict:
+def qlora_step(folder: Path, checkpointing: bool, tokens: int = 2048, optim_type: str = "adamw") -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = load_model(folder, dtype=torch.bfloat16, quantization="4bit", device="cuda")
-    config = Config(llm_name_or_path=str(folder), data_path="x", lora_r=64, lora_alpha=16, lora_dropout=0.1)
+    config = Config(
+        llm_name_or_path=str(folder), data_path="x", lora_r=64, lora_alpha=16, lora_dropout=0.1, optim_type=optim_type
+    )
     model = prepare_trainable(model, config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, torch.device("cuda"))
     loaded = torch.cuda.memory_allocated()
     ids = torch.randint(3, INTERNLM2_1_8B["vocab_size"], (1, tokens), device="cuda")
     times = []
@@ -147,7 +150,7 @@ def qlora_step(folder: Path, checkpointing: bool, tokens: int = 2048) -> dict:
     peak = torch.cuda.max_memory_allocated()
     del model, optimizer, logits, loss
     return {
-        "gradient_checkpointing": checkpointing, "tokens": tokens,
+        "gradient_checkpointing": checkpointing, "tokens": tokens, "optim_type": optim_type,
         "weights_loaded_gib": loaded / 2**30, "peak_allocated_gib": peak / 2**30,
         "step_seconds": min(times), "tokens_per_s": tokens / min(times),
     }  # fmt: skip
@@ -162,7 +165,8 @@ def qlora_memory(folder: Path) -> list[dict]:
             model = LlamaForCausalLM(LlamaConfig(**INTERNLM2_1_8B, initializer_range=0.02)).to(torch.bfloat16)
         model.save_pretrained(folder)
         del model
-    return [qlora_step(folder, checkpointing) for checkpointing in (True, False)]
+    runs = [qlora_step(folder, True, optim_type=optim) for optim in ("adamw", "paged_adamw_8bit")]
+    return runs + [qlora_step(folder, False)]
 
 
 def main():
@@ -171,19 +175,21 @@ def main():
     parser.add_argument("--work-dir", default="/tmp/xtune_gpu_check")
     parser.add_argument("--skip-qlora", action="store_true")
     parser.add_argument("--cpu-train-only", action="store_true", help="only the tiny training job, on the CPU")
+    parser.add_argument("--qlora-only", action="store_true")
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
     if args.cpu_train_only:
         print(json.dumps(train_speed(work_dir, "cpu"), indent=1))
         return
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    skip = {"varlen_kernel", "varlen", "train"} if args.qlora_only else set()
     for name, run in [
         ("varlen_kernel", check_varlen_kernel),
         ("varlen", check_varlen),
         ("train", lambda: train_speed(work_dir)),
         ("qlora_internlm2_1_8b_shape", None if args.skip_qlora else lambda: qlora_memory(work_dir / "llama_1_8b")),
     ]:
-        if run is None:
+        if run is None or name in skip:
             continue
         try:
             results[name] = run()
