@@ -64,3 +64,20 @@ def test_resume_refuses_a_changed_config_and_an_empty_work_dir(tmp_path):
     changed, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path)!r}", "max_steps=2", "seed=5"])
     with pytest.raises(CheckpointError, match="the config changed \\(seed: 0 -> 5\\)"):
         train(changed, Console(file=io.StringIO()), resume="auto")
+
+
+def test_full_fine_tuning_resumes_bit_identical(tmp_path):
+    import shutil
+
+    options = ["max_steps=4", "save_steps=2", "save_total_limit=-1", "evaluation_inputs=[]"]
+    config, _ = load_config("tiny_llama_full_antonyms", [f"work_dir={str(tmp_path / 'a')!r}", *options])
+    reference = train(config, Console(file=io.StringIO()))
+    resumed_dir = tmp_path / "b" / reference.run_dir.name
+    shutil.copytree(reference.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoint-4")
+    config_b, _ = load_config("tiny_llama_full_antonyms", [f"work_dir={str(tmp_path / 'b')!r}", *options])
+    resumed = train(config_b, Console(file=io.StringIO()), resume="auto")
+    assert resumed.losses == reference.losses[2:]
+    final = load_file(resumed_dir / "checkpoint-4" / "model.safetensors")
+    expected = load_file(reference.run_dir / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
