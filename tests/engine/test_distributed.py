@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from rich.console import Console
+from safetensors.torch import load_file
 
 from xtune.config.load import load_config
 from xtune.engine.distributed import Ranks, my_share, torchrun_command
@@ -25,13 +26,14 @@ def step_losses(work_dir):
     return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(tmp_path, strategy):
     environment = {**os.environ, "NPROC_PER_NODE": "2", "PORT": "29517", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "xtune.cli", "train", "tiny_internlm2_chat_lora_antonyms",
-               "--work-dir", str(tmp_path / "two"), "--cfg-options", "batch_size=2", *OPTIONS]  # fmt: skip
+               "--work-dir", str(tmp_path / "two"), "--cfg-options", "batch_size=2", f"strategy={strategy!r}", *OPTIONS]  # fmt: skip
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "data parallel over 2 processes" in completed.stderr
+    assert f"data parallel over 2 processes ({strategy.upper()})" in completed.stderr
 
     config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path / 'one')!r}", "batch_size=4", *OPTIONS])
     train(config, Console(file=io.StringIO()))
@@ -40,6 +42,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert two == pytest.approx(one, abs=1e-5)
     (run,) = (tmp_path / "two").iterdir()
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    saved = load_file(run / "checkpoint-6" / "adapter_model.safetensors")
+    (one_run,) = (tmp_path / "one").iterdir()
+    expected = load_file(one_run / "checkpoint-6" / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys()
+    assert all((saved[name] - expected[name]).abs().max() < 1e-4 for name in saved)
 
 
 def test_torchrun_command_and_rank_shares(monkeypatch):

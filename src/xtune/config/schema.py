@@ -121,6 +121,10 @@ class Config(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute precision: `auto` is bf16 where the device runs it fast (recent GPUs, CPUs with
     AVX512-BF16 or AMX), else fp32 on CPU and fp16 on older GPUs."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (NPROC_PER_NODE > 1) share the work: `ddp` keeps a whole model on each;
+    `fsdp` (PyTorch FSDP2, one shard unit per decoder layer) shards weights, gradients and optimizer
+    state across them. Resuming an fsdp run is not supported yet."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     seed: int = 0

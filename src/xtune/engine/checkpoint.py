@@ -34,14 +34,20 @@ def new_run_dir(work_dir: str | Path) -> Path:
 
 
 def save_checkpoint(
-    model, tokenizer, run_dir: Path, step: int, meta: dict, write_extra: Callable[[Path], None] | None = None
+    model,
+    tokenizer,
+    run_dir: Path,
+    step: int,
+    meta: dict,
+    write_extra: Callable[[Path], None] | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Write `run_dir/checkpoint-<step>/` atomically: a model (or PEFT adapter), tokenizer, meta, and
     whatever `write_extra(folder)` adds (the training state)."""
     final = run_dir / f"checkpoint-{step}"
     partial = run_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
+    model.save_pretrained(partial, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(partial)
     (partial / RUN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
     if write_extra is not None:

@@ -74,3 +74,31 @@ def my_share(indices: list[int], ranks: Ranks) -> tuple[list[int], bool]:
     the batch's first item to run with no loss, because every rank must take part in each backward."""
     part = indices[ranks.rank :: ranks.world]
     return (part, True) if part else (indices[:1], False)
+
+
+def wrap(model, ranks: Ranks, strategy: str, device: torch.device):
+    """The module to run forward and backward through: DDP around the model, or the model itself after
+    FSDP2 sharded each decoder layer and the whole in place."""
+    if ranks.world <= 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model, ranks: Ranks, strategy: str) -> dict | None:
+    """Under FSDP, the whole (unsharded) state dict, gathered on every rank (a collective); else None
+    (save_pretrained reads the model itself)."""
+    if ranks.world <= 1 or strategy != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
-from torch.nn.parallel import DistributedDataParallel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -36,7 +35,8 @@ from xtune.engine.checkpoint import (
     write_training_state,
 )
 from xtune.engine.device import resolve_device, resolve_dtype
-from xtune.engine.distributed import Ranks, all_sum, barrier, my_share, share
+from xtune.engine.distributed import Ranks, all_sum, barrier, full_state_dict, my_share, share
+from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.errors import CheckpointError
@@ -194,9 +194,12 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     console.print(f"model: {model_path} on {device}, {dtype}; {trainable:,} of {total:,} parameters trainable")
+    fsdp = ranks.world > 1 and config.strategy == "fsdp"
     if ranks.world > 1:
-        console.print(f"data parallel over {ranks.world} processes (DDP)")
-    forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ranks.world > 1 else model
+        console.print(f"data parallel over {ranks.world} processes ({config.strategy.upper()})")
+    if fsdp and resume is not None:
+        raise CheckpointError("resuming a run with strategy = 'fsdp' is not supported yet; use ddp to resume.")
+    forward = wrap_for_ranks(model, ranks, config.strategy, device)
 
     steps = total_steps(config, len(items), ranks.world)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, device)
@@ -280,7 +283,8 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
                 f"{record['tokens_per_s']:.0f} tok/s{memory_note(device)}",
             )  # fmt: skip
 
-            if ranks.main and config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps):
+            evaluate = config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps)
+            if evaluate and (ranks.main or fsdp):  # sharded weights: every rank takes part in generation
                 answers = evaluate_chat(model, tokenizer, template, config)
                 metrics.write(json.dumps({"step": step, "evaluation": answers}) + "\n")
                 for item in answers:
@@ -288,10 +292,12 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
             if step % config.save_steps == 0 or step == steps:
                 position = {"step": step, "tokens": seen_tokens, "trained_tokens": trained_tokens, "elapsed_s": elapsed}
                 result.checkpoint = run_dir / f"checkpoint-{step}"
+                gathered = full_state_dict(model, ranks, config.strategy)
                 if ranks.main:
                     save_checkpoint(
                         model, tokenizer, run_dir, step, meta,
-                        lambda folder: write_training_state(folder, optimizer, scheduler, scaler, position),
+                        None if fsdp else lambda folder: write_training_state(folder, optimizer, scheduler, scaler, position),
+                        state_dict=gathered,
                     )  # fmt: skip
                     prune_checkpoints(run_dir, config.save_total_limit)
                 barrier(ranks)
