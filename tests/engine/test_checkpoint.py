@@ -47,3 +47,20 @@ def test_existing_checkpoint_is_never_overwritten(tmp_path):
     save_checkpoint(FakeSaver(), FakeSaver(), tmp_path, 3, {})
     with pytest.raises(FileExistsError):
         save_checkpoint(FakeSaver(), FakeSaver(), tmp_path, 3, {})
+
+
+def test_full_weights_missing_from_a_checkpoint_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from xtune.engine.train import load_trainable_weights
+    from xtune.errors import CheckpointError
+    from xtune.models.load import load_model, resolve_model_path
+
+    model = load_model(resolve_model_path("xtune-tiny/llama"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "model.safetensors")
+    load_trainable_weights(model, tmp_path, "full")
+    del state["model.norm.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="lacks 1 of the model's weights, e.g. 'model.norm.weight'"):
+        load_trainable_weights(model, tmp_path, "full")

@@ -10,6 +10,11 @@ from xtune.data.templates import Segment, Template, TokenizerTemplate, render
 IGNORE_INDEX = -100
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]

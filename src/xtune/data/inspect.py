@@ -18,7 +18,7 @@ from rich.text import Text
 
 from xtune.config.schema import Config
 from xtune.data.dataset import DataReport, apply_length_policy, cache_entry, is_cached, prepare_samples, source_specs
-from xtune.data.encode import IGNORE_INDEX, Encoded, encode
+from xtune.data.encode import IGNORE_INDEX, Encoded, encode, pad_token_id
 from xtune.data.loader import length_grouped_batches, shuffled_batches
 from xtune.data.packing import pack, packing_efficiency
 from xtune.data.sources import BadRecord, SourceSpec, load_sources, read_conversations
@@ -32,11 +32,6 @@ def config_tokenizer(config: Config):
     from xtune.models.load import load_tokenizer, resolve_model_path
 
     return load_tokenizer(resolve_model_path(config.llm_name_or_path), trust_remote_code=config.trust_remote_code)
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id batches are padded with, as training pads them."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 # preprocess ---------------------------------------------------------------------------------------

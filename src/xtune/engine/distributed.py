@@ -6,6 +6,7 @@ PORT when set). Each rank reads its share of every global batch; only rank 0 log
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -102,3 +103,15 @@ def full_state_dict(model, ranks: Ranks, strategy: str) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextmanager
+def gradient_sync(model, last: bool):
+    """Reduce gradients across ranks only on the last micro-batch of a step, not on each one."""
+    if hasattr(model, "no_sync") and not last:  # DDP
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    yield

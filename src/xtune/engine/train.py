@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from xtune.config.schema import Config
-from xtune.data.encode import IGNORE_INDEX
+from xtune.data.encode import IGNORE_INDEX, pad_token_id
 from xtune.data.formats import Conversation, Turn
 from xtune.data.dataset import prepare_samples
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
@@ -36,6 +36,7 @@ from xtune.engine.checkpoint import (
 )
 from xtune.engine.device import resolve_device, resolve_dtype
 from xtune.engine.distributed import Ranks, all_sum, barrier, full_state_dict, my_share, share
+from xtune.engine.distributed import gradient_sync
 from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.optim import build_optimizer, build_scheduler
@@ -73,14 +74,15 @@ def accumulate_gradients(model, batches: list[dict], device, autocast=nullcontex
     num_trained = all_sum(sum(count_trained(batch) for batch in batches).to(device), ranks)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
-    for batch in batches:
+    for index, batch in enumerate(batches):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
-        with autocast:
-            logits = model(**batch, use_cache=False).logits
-        step_loss = causal_lm_loss_sum(logits, labels)
-        scaled = step_loss * ranks.world / num_trained  # DDP averages gradients over the ranks
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        with gradient_sync(model, last=index == len(batches) - 1):
+            with autocast:
+                logits = model(**batch, use_cache=False).logits
+            step_loss = causal_lm_loss_sum(logits, labels)
+            scaled = step_loss * ranks.world / num_trained  # DDP averages gradients over the ranks
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += step_loss.detach()
         tokens += batch["attention_mask"].sum()
     return loss_sum, num_trained, tokens
@@ -123,7 +125,10 @@ def load_trainable_weights(model, checkpoint: Path, method: str) -> None:
         for file in sorted(checkpoint.glob("*.safetensors")):
             if file.name != TRAINING_STATE:
                 state.update(load_file(file))
-        model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        missing = sorted(set(model.load_state_dict(state, strict=False).missing_keys) - tied)
+        if missing:
+            raise CheckpointError(f"{checkpoint} lacks {len(missing)} of the model's weights, e.g. {missing[0]!r}.")
     else:
         set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
 
@@ -161,17 +166,17 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
         f"{report.truncated} over max_length={config.max_length} ({report.dropped_too_long} dropped), "
         f"{report.dropped_untrained} without trained tokens dropped, {len(report.skipped)} bad records skipped"
     )
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     if config.pack_to_max_length:
         shuffle_seed = config.seed if config.shuffle_before_pack else None
-        items = pack(samples, config.max_length, pad_token_id, shuffle_seed)
+        items = pack(samples, config.max_length, pad_id, shuffle_seed)
         collate_fn = collate_packed
         console.print(
             f"packed into {len(items)} rows of {config.max_length} tokens, "
             f"{packing_efficiency(items, config.max_length):.1%} of them sample tokens"
         )
     else:
-        items, collate_fn = samples, partial(collate, pad_token_id=pad_token_id)
+        items, collate_fn = samples, partial(collate, pad_token_id=pad_id)
     grouping = report.lengths if config.group_by_length and not config.pack_to_max_length else None
 
     base_dtype = torch.float32 if config.method == "full" else dtype
@@ -264,13 +269,17 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
 
-            loss = (loss_sum / num_trained).item()
-            trained_tokens += int(num_trained)
-            seen_tokens += int(tokens)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                grad_norm = grad_norm.full_tensor()
+            loss, step_trained, step_tokens, grad_norm = torch.stack(  # the step's one host sync
+                [loss_sum / num_trained, num_trained.double(), tokens.double(), grad_norm.double()]
+            ).tolist()
+            trained_tokens += int(step_trained)
+            seen_tokens += int(step_tokens)
             result.losses.append(loss)
             elapsed = time.perf_counter() - start
             record = {
-                "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": seen_tokens, "tokens_per_s": seen_tokens / elapsed,
                 "trained_tokens": trained_tokens, "trained_tokens_per_s": trained_tokens / elapsed, "elapsed_s": elapsed,
             }  # fmt: skip

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from xtune.data.encode import encode
+from xtune.data.encode import encode, pad_token_id
 from xtune.data.formats import Conversation
 from xtune.data.templates import ChatTemplate
 
@@ -38,7 +38,7 @@ def generation_kwargs(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase
     kwargs = dict(
         max_new_tokens=options.max_new_tokens,
         eos_token_id=sorted(set(stop_ids)),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer),
         repetition_penalty=options.repetition_penalty,
         do_sample=options.temperature > 0,
     )
