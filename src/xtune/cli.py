@@ -76,20 +76,32 @@ def train_cmd(
     resume: Annotated[
         Optional[str], typer.Option(help="'auto' (the newest complete checkpoint in work_dir) or a checkpoint folder.")
     ] = None,
+    deepspeed: Annotated[
+        Optional[str],
+        typer.Option(help="DeepSpeed ZeRO: deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file."),
+    ] = None,
+    launcher: Annotated[
+        str, typer.Option(help="'torchrun' (NPROC_PER_NODE re-launches through it) or 'slurm' (one process per srun task).")
+    ] = "torchrun",
 ):
     """Train with a config. Override keys with `--cfg-options key=value [key=value ...]`."""
     import os
 
     from xtune.config.load import load_config
-    from xtune.engine.distributed import torchrun_command
+    from xtune.engine.distributed import slurm_environment, torchrun_command
     from xtune.engine.train import train
 
-    command = torchrun_command(sys.argv[1:])
-    if command is not None:
+    if launcher == "slurm":
+        slurm_environment(os.environ)
+    elif launcher != "torchrun":
+        raise XtuneError(f"--launcher {launcher!r}: use 'torchrun' or 'slurm'.")
+    elif (command := torchrun_command(sys.argv[1:])) is not None:
         os.execv(command[0], command)
     overrides = _cfg_options(ctx.args)
     if work_dir is not None:
         overrides.append(f"work_dir={work_dir!r}")
+    if deepspeed is not None:
+        overrides.append(f"deepspeed={deepspeed!r}")
     resolved, path = load_config(config, overrides)
     if os.environ.get("RANK", "0") == "0":
         err_console.print(f"config {path}:")

@@ -59,8 +59,8 @@ def test_full_weights_missing_from_a_checkpoint_are_refused(tmp_path):
     model = load_model(resolve_model_path("xtune-tiny/llama"))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     save_file(state, tmp_path / "model.safetensors")
-    load_trainable_weights(model, tmp_path, "full")
+    load_trainable_weights(model, tmp_path, whole_model=True)
     del state["model.norm.weight"]
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="lacks 1 of the model's weights, e.g. 'model.norm.weight'"):
-        load_trainable_weights(model, tmp_path, "full")
+        load_trainable_weights(model, tmp_path, whole_model=True)

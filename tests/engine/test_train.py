@@ -55,3 +55,29 @@ def test_accumulation_gives_the_gradient_of_the_whole_step(packed):
     whole = gradients(len(items))
     assert (gradients(max(1, len(items) // 4)) - whole).abs().max() < 1e-6
     assert (gradients(1) - whole).abs().max() < 1e-6
+
+
+def test_freeze_llm_trains_only_modules_to_save(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from xtune.errors import ConfigError
+    from xtune.models.load import load_model, resolve_model_path
+
+    overrides = [f"work_dir={str(tmp_path)!r}", "max_steps=3", "accumulative_counts=1", "evaluation_inputs=[]",
+                 "freeze_llm=True", "modules_to_save=['embed_tokens']", "dtype='fp32'"]  # fmt: skip
+    config, _ = load_config("tiny_llama_full_antonyms", overrides)
+    output = io.StringIO()
+    result = train(config, Console(file=output, width=200))
+    trained = sum(p.numel() for p in load_model(resolve_model_path("xtune-tiny/llama")).get_input_embeddings().parameters())
+    assert f"{trained:,} of" in output.getvalue()
+    base = load_model(resolve_model_path("xtune-tiny/llama"), dtype=torch.float32).state_dict()
+    saved = {}
+    for file in result.checkpoint.glob("model*.safetensors"):
+        saved.update(load_file(file))
+    changed = {name for name, value in saved.items() if not torch.equal(value, base[name])}
+    assert changed == {"model.embed_tokens.weight"}
+
+    config.modules_to_save = ["no_such_module"]
+    with pytest.raises(ConfigError, match="no module named 'no_such_module'"):
+        train(config, Console(file=io.StringIO()))

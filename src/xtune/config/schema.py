@@ -58,6 +58,9 @@ class Config(BaseModel):
     """DoRA: learn each adapted weight's magnitude apart from its direction (peft)."""
     use_rslora: bool = False
     """rsLoRA: scale the update by lora_alpha / sqrt(lora_r), which keeps high ranks stable (peft)."""
+    freeze_llm: bool = False
+    """Train no weight of the language model except `modules_to_save` (no adapters on it): e.g. only the
+    embeddings of new tokens, or, for LLaVA, only the projector."""
 
     # Data
     data_root: str = "./data/"
@@ -124,7 +127,11 @@ class Config(BaseModel):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """How several processes (NPROC_PER_NODE > 1) share the work: `ddp` keeps a whole model on each;
     `fsdp` (PyTorch FSDP2, one shard unit per decoder layer) shards weights, gradients and optimizer
-    state across them. Resuming an fsdp run is not supported yet."""
+    state across them."""
+    deepspeed: str | None = None
+    """Run through DeepSpeed ZeRO instead: a shipped config (deepspeed_zero1, deepspeed_zero2,
+    deepspeed_zero2_offload, deepspeed_zero3, deepspeed_zero3_offload) or a DeepSpeed JSON file whose
+    "auto" values xtune fills from this config. `xtune train --deepspeed NAME` sets it."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     seed: int = 0
@@ -146,6 +153,9 @@ class Config(BaseModel):
     """Prompts answered and logged during training, to watch what the model learns."""
     evaluation_max_new_tokens: int = Field(64, gt=0)
     """Answer length limit for evaluation_inputs."""
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    """Also send metrics to TensorBoard (events in the run folder) and/or Weights & Biases (project from
+    WANDB_PROJECT, default xtune). metrics.jsonl and loss.png are always written."""
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
 
@@ -154,6 +164,12 @@ class Config(BaseModel):
     def _has_data(self) -> "Config":
         if self.data_path is None and not self.datasets:
             raise ValueError("no training data: set data_path, or datasets = [{'path': ...}, ...]")
+        return self
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> "Config":
+        if self.deepspeed is not None and self.strategy == "fsdp":
+            raise ValueError("deepspeed and strategy = 'fsdp' both shard the model; choose one")
         return self
 
     @field_validator("save_total_limit")

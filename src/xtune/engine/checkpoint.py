@@ -41,12 +41,14 @@ def save_checkpoint(
     meta: dict,
     write_extra: Callable[[Path], None] | None = None,
     state_dict: dict | None = None,
+    clear: bool = True,
 ) -> Path:
     """Write `run_dir/checkpoint-<step>/` atomically: a model (or PEFT adapter), tokenizer, meta, and
-    whatever `write_extra(folder)` adds (the training state)."""
-    final = run_dir / f"checkpoint-{step}"
-    partial = run_dir / f".checkpoint-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    whatever `write_extra(folder)` adds (the training state). `clear=False` keeps what other ranks
+    already wrote into the partial folder (DeepSpeed's state)."""
+    final, partial = run_dir / f"checkpoint-{step}", partial_checkpoint(run_dir, step)
+    if clear:
+        shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(partial)
     (partial / RUN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
@@ -57,6 +59,11 @@ def save_checkpoint(
         raise FileExistsError(f"{final} already exists; refusing to overwrite it.")
     os.replace(partial, final)
     return final
+
+
+def partial_checkpoint(run_dir: Path, step: int) -> Path:
+    """Where checkpoint-<step> is written before it is renamed into place."""
+    return run_dir / f".checkpoint-{step}.partial"
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -92,10 +99,12 @@ TRAINING_STATE = "training_state.safetensors"
 TRAINING_STATE_META = "training_state.json"
 
 
-def write_training_state(folder: Path, optimizer, scheduler, scaler, progress: dict) -> None:
-    """Optimizer, scheduler, grad scaler, RNG states and data position, in safetensors + JSON (no pickle)."""
+def write_training_state(folder: Path, optimizer_state: dict | None, scheduler, scaler, progress: dict) -> None:
+    """Optimizer state (whole, as `optimizer.state_dict()` or FSDP's full one), scheduler, grad scaler,
+    RNG states and data position, in safetensors + JSON (no pickle). Without an optimizer state and
+    scheduler (DeepSpeed keeps its own), RNG states and data position only."""
     tensors: dict[str, torch.Tensor] = {}
-    optimizer_state = _tensors_aside(optimizer.state_dict(), "optimizer", tensors)
+    optimizer_state = _tensors_aside(optimizer_state, "optimizer", tensors) if optimizer_state else None
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for device, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -103,26 +112,31 @@ def write_training_state(folder: Path, optimizer, scheduler, scaler, progress: d
     meta = {
         "progress": progress,
         "optimizer": optimizer_state,
-        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-        "scaler": scaler.state_dict(),
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"} if scheduler else None,
+        "scaler": scaler.state_dict() if scaler else {},
         "rng_python": random.getstate(),
     }
     save_file(tensors, folder / TRAINING_STATE)
     (folder / TRAINING_STATE_META).write_text(json.dumps(meta))
 
 
-def read_training_state(folder: Path, optimizer, scheduler, scaler) -> dict:
-    """Restores what `write_training_state` wrote; returns its `progress`."""
+def read_training_state(folder: Path, scheduler, scaler) -> tuple[dict, dict | None]:
+    """Restores the scheduler, scaler and RNG states `write_training_state` wrote (None skips one);
+    returns its progress and optimizer state for the caller to load."""
     missing = [name for name in (TRAINING_STATE, TRAINING_STATE_META) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"{folder} has no {missing[0]}: it cannot be resumed (was it saved by xtune train?).")
     tensors = load_file(folder / TRAINING_STATE)
     meta = json.loads((folder / TRAINING_STATE_META).read_text())
-    optimizer_state = _tensors_back(meta["optimizer"], tensors)
-    optimizer_state["state"] = {int(index): value for index, value in optimizer_state["state"].items()}
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    if meta["scaler"]:
+    optimizer_state = None
+    if meta["optimizer"] is not None:
+        optimizer_state = _tensors_back(meta["optimizer"], tensors)
+        optimizer_state["state"] = {  # torch numbers parameters; FSDP's full state names them
+            int(key) if key.isdigit() else key: value for key, value in optimizer_state["state"].items()
+        }
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["scheduler"]["base_lrs"])})
+    if meta["scaler"] and scaler is not None:
         scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
@@ -130,7 +144,7 @@ def read_training_state(folder: Path, optimizer, scheduler, scaler) -> dict:
         torch.cuda.set_rng_state_all(cuda_states)
     version, internal, gauss = meta["rng_python"]
     random.setstate((version, tuple(internal), gauss))
-    return meta["progress"]
+    return meta["progress"], optimizer_state
 
 
 _TENSOR = "__tensor__:"

@@ -5,12 +5,16 @@ PORT when set). Each rank reads its share of every global batch; only rank 0 log
 """
 
 import os
+import re
+import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from xtune.errors import XtuneError
 
 
 @dataclass(frozen=True)
@@ -36,17 +40,47 @@ def torchrun_command(argv: list[str]) -> list[str] | None:
     return [*command, "-m", "xtune.cli", *argv]
 
 
-def setup(device: torch.device) -> Ranks:
-    """Joins the process group torchrun describes (nccl on GPUs, gloo on CPUs); one process otherwise."""
+def slurm_environment(environ) -> None:
+    """Under `srun` (one process per task): the torch.distributed variables from Slurm's, in place.
+    The first node of the job hosts the rendezvous, at PORT (default 29500)."""
+    if "SLURM_PROCID" not in environ:
+        raise XtuneError("--launcher slurm: SLURM_PROCID is not set; start the job with srun (one task per GPU).")
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["WORLD_SIZE"] = environ.get("SLURM_NTASKS", "1")
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    environ.setdefault("MASTER_ADDR", first_host(environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST", "127.0.0.1"))))
+    environ.setdefault("MASTER_PORT", environ.get("PORT", "29500"))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: `gpu[07-09,12],cpu1` -> `gpu07`."""
+    match = re.match(r"([^,\[]+)(?:\[([^,\-\]]+))?", nodelist.strip())
+    if match is None:
+        raise XtuneError(f"cannot read the Slurm node list {nodelist!r}; set MASTER_ADDR to the first node's address.")
+    return match.group(1) + (match.group(2) or "")
+
+
+def setup(device: torch.device, group_of_one: bool = False) -> Ranks:
+    """Joins the process group torchrun describes (nccl on GPUs, gloo on CPUs); one process otherwise,
+    in a group of its own when `group_of_one` (DeepSpeed needs a process group even then)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world <= 1:
+        if group_of_one and not dist.is_initialized():
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         return Ranks()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(ranks.local_rank)
     return ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def all_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
@@ -115,3 +149,23 @@ def gradient_sync(model, last: bool):
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(last)
     yield
+
+
+def optimizer_state(model, optimizer, ranks: Ranks, strategy: str) -> dict:
+    """The whole optimizer state: FSDP's sharded state gathered and keyed by parameter name (a
+    collective), else the optimizer's own."""
+    if ranks.world <= 1 or strategy != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict, ranks: Ranks, strategy: str) -> None:
+    """Loads what `optimizer_state` returned; under FSDP each rank keeps its shard of it."""
+    if ranks.world <= 1 or strategy != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -20,15 +21,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, pad_token_id
-from xtune.data.formats import Conversation, Turn
 from xtune.data.dataset import prepare_samples
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, packing_efficiency
-from xtune.data.templates import ChatTemplate, get_template
+from xtune.data.templates import get_template
+from xtune.engine import zero
 from xtune.engine.checkpoint import (
     TRAINING_STATE,
+    TRAINING_STATE_META,
     find_resume_checkpoint,
     new_run_dir,
+    partial_checkpoint,
     prune_checkpoints,
     read_training_state,
     save_checkpoint,
@@ -36,15 +39,15 @@ from xtune.engine.checkpoint import (
 )
 from xtune.engine.device import resolve_device, resolve_dtype
 from xtune.engine.distributed import Ranks, all_sum, barrier, full_state_dict, my_share, share
-from xtune.engine.distributed import gradient_sync
+from xtune.engine.distributed import gradient_sync, load_optimizer_state, optimizer_state
 from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
+from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.errors import CheckpointError
-from xtune.infer.generate import GenerationOptions, generate_replies
 from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
-from xtune.models.lora import count_parameters, fit_embeddings, prepare_trainable
+from xtune.models.lora import count_parameters, fit_embeddings, prepare_trainable, saves_whole_model
 
 
 @dataclass
@@ -66,23 +69,30 @@ def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def accumulate_gradients(model, batches: list[dict], device, autocast=nullcontext(), scaler=None, ranks=Ranks()):
+def accumulate_gradients(
+    model, batches: list[dict], device, autocast=nullcontext(), scaler=None, ranks=Ranks(), engine=None
+):
     """Backward over the micro-batches of one optimizer step, so that the gradient is that of the mean
     loss over every trained token of the step on every rank (not a mean of per-micro-batch means).
     Returns this rank's (summed loss, input tokens) and the global trained-token count, as tensors:
-    no host sync per micro-batch."""
+    no host sync per micro-batch. With a DeepSpeed `engine`, it also steps: DeepSpeed counts the
+    micro-batches and updates the weights on the last one."""
     num_trained = all_sum(sum(count_trained(batch) for batch in batches).to(device), ranks)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
     for index, batch in enumerate(batches):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
-        with gradient_sync(model, last=index == len(batches) - 1):
+        with gradient_sync(model, last=index == len(batches) - 1) if engine is None else nullcontext():
             with autocast:
                 logits = model(**batch, use_cache=False).logits
             step_loss = causal_lm_loss_sum(logits, labels)
-            scaled = step_loss * ranks.world / num_trained  # DDP averages gradients over the ranks
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            scaled = step_loss * ranks.world / num_trained  # DDP and DeepSpeed average gradients over the ranks
+            if engine is not None:
+                engine.backward(scaled, scale_wrt_gas=False)
+                engine.step()
+            else:
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += step_loss.detach()
         tokens += batch["attention_mask"].sum()
     return loss_sum, num_trained, tokens
@@ -105,22 +115,30 @@ def batch_plan(num_items: int, batch_size: int, seed: int, lengths: list[int] | 
 RESUME_MUST_MATCH = (
     "llm_name_or_path", "method", "quantization", "lora_r", "lora_alpha", "lora_target_modules", "data_path",
     "datasets", "dataset_format", "prompt_template", "SYSTEM", "max_length", "pack_to_max_length",
-    "shuffle_before_pack", "group_by_length", "batch_size", "accumulative_counts", "seed",
+    "shuffle_before_pack", "group_by_length", "batch_size", "accumulative_counts", "seed", "strategy", "deepspeed",
+    "freeze_llm", "modules_to_save",
 )  # fmt: skip
 """Keys that decide the model, the data or its order: a run can only resume with the same values."""
 
 
-def check_resumable(config: Config, checkpoint: Path) -> None:
+def check_resumable(config: Config, checkpoint: Path, world: int) -> None:
     saved = json.loads((checkpoint.parent / "config.json").read_text())
     current = json.loads(config.model_dump_json())
     changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != current.get(key)]
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
         raise CheckpointError(f"cannot resume {checkpoint}: the config changed ({details}); restore them or start a new run.")
+    state_meta = checkpoint / TRAINING_STATE_META
+    saved_world = json.loads(state_meta.read_text())["progress"].get("world", 1) if state_meta.is_file() else world
+    if saved_world != world:
+        raise CheckpointError(
+            f"cannot resume {checkpoint} on {world} processes: it was trained on {saved_world}, and the global batch, "
+            f"data order and optimizer shards follow that; resume with NPROC_PER_NODE={saved_world}."
+        )
 
 
-def load_trainable_weights(model, checkpoint: Path, method: str) -> None:
-    if method == "full":
+def load_trainable_weights(model, checkpoint: Path, whole_model: bool) -> None:
+    if whole_model:
         state = {}
         for file in sorted(checkpoint.glob("*.safetensors")):
             if file.name != TRAINING_STATE:
@@ -150,12 +168,13 @@ def total_steps(config: Config, num_samples: int, world: int = 1) -> int:
 def train(config: Config, console: Console | None = None, resume: str | None = None) -> TrainResult:
     """Train as the config says; `resume` = "auto" or a checkpoint folder continues an earlier run."""
     device = resolve_device(config.device)
-    ranks = setup_distributed(device)
+    ranks = setup_distributed(device, group_of_one=config.deepspeed is not None)
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
     console = (console or Console(stderr=True)) if ranks.main else Console(file=io.StringIO())
     torch.manual_seed(config.seed)
     dtype = resolve_dtype(config.dtype, device)
+    ds_settings = zero.deepspeed_config(config, ranks.world, dtype) if config.deepspeed else None
 
     model_path = resolve_model_path(config.llm_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
@@ -200,26 +219,39 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
     trainable, total = count_parameters(model)
     console.print(f"model: {model_path} on {device}, {dtype}; {trainable:,} of {total:,} parameters trainable")
     fsdp = ranks.world > 1 and config.strategy == "fsdp"
-    if ranks.world > 1:
-        console.print(f"data parallel over {ranks.world} processes ({config.strategy.upper()})")
-    if fsdp and resume is not None:
-        raise CheckpointError("resuming a run with strategy = 'fsdp' is not supported yet; use ddp to resume.")
-    forward = wrap_for_ranks(model, ranks, config.strategy, device)
+    engine_name = f"DeepSpeed ZeRO-{zero.zero_stage(ds_settings)}" if ds_settings else config.strategy.upper()
+    if ranks.world > 1 or ds_settings:
+        console.print(f"data parallel over {ranks.world} processes ({engine_name})")
 
-    steps = total_steps(config, len(items), ranks.world)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, device)
-    scheduler = build_scheduler(optimizer, config, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    )
-
-    progress_state = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0}
+    checkpoint = None
     if resume is not None:
         checkpoint = find_resume_checkpoint(config.work_dir, resume)
-        check_resumable(config, checkpoint)
-        load_trainable_weights(model, checkpoint, config.method)
-        progress_state = read_training_state(checkpoint, optimizer, scheduler, scaler)
+        check_resumable(config, checkpoint, ranks.world)
+        if not ds_settings:  # DeepSpeed restores the weights with its own state
+            load_trainable_weights(model, checkpoint, saves_whole_model(config))
+    steps = total_steps(config, len(items), ranks.world)
+    if not ds_settings:  # FSDP2 shards the parameters before the optimizer sees them
+        forward = wrap_for_ranks(model, ranks, config.strategy, device)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, device)
+    scheduler = build_scheduler(optimizer, config, steps)
+    engine = None
+    if ds_settings:
+        engine = forward = zero.initialize(model, optimizer, scheduler, ds_settings)
+    autocast = (  # DeepSpeed holds the weights in the compute precision itself
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and engine is None else nullcontext()
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and engine is None)
+    sharded = fsdp or (engine is not None and engine.zero_optimization_stage() == 3)
+    """Weights split over the ranks: gathering them, and generating, takes every rank."""
+
+    progress_state = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0}
+    if checkpoint is not None:
+        if engine is not None:
+            zero.load_state(engine, checkpoint)
+            progress_state, _ = read_training_state(checkpoint, None, None)
+        else:
+            progress_state, saved_optimizer = read_training_state(checkpoint, scheduler, scaler)
+            load_optimizer_state(model, optimizer, saved_optimizer, ranks, config.strategy)
         run_dir = checkpoint.parent
         if ranks.main:
             _keep_metrics_up_to(run_dir / "metrics.jsonl", progress_state["step"])
@@ -230,13 +262,13 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
             (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
     meta = {
         "llm_name_or_path": config.llm_name_or_path,
-        "method": config.method,
+        "method": "full" if saves_whole_model(config) else config.method,
         "quantization": config.quantization,
         "prompt_template": config.prompt_template,
         "SYSTEM": config.SYSTEM,
         "max_length": config.max_length,
     }
-    metrics = (run_dir / "metrics.jsonl").open("a") if ranks.main else io.StringIO()
+    sinks = MetricSinks(run_dir, config, main=ranks.main)
     done = progress_state["step"]
     global_batch = config.batch_size * ranks.world
     plan = islice(batch_plan(len(items), global_batch, config.seed, grouping), done * config.accumulative_counts, None)
@@ -255,19 +287,22 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
         for step in range(done + 1, steps + 1):
             group = [next(batches) for _ in range(config.accumulative_counts)]
             epoch = group[-1][0]
+            lr = scheduler.get_last_lr()[0]
             loss_sum, num_trained, tokens = accumulate_gradients(
-                forward, [batch for _, batch in group], device, autocast, scaler, ranks
+                forward, [batch for _, batch in group], device, autocast, scaler, ranks, engine
             )
             loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.max_norm if config.max_norm is not None else float("inf")
-            )
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            if engine is not None:  # it clipped and stepped on the last micro-batch
+                grad_norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float64, device=device)
+            else:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), config.max_norm if config.max_norm is not None else float("inf")
+                )
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
 
             if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
                 grad_norm = grad_norm.full_tensor()
@@ -284,8 +319,7 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
                 "trained_tokens": trained_tokens, "trained_tokens_per_s": trained_tokens / elapsed, "elapsed_s": elapsed,
             }  # fmt: skip
             if step % config.logging_steps == 0 or step == steps:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                sinks.log(record)
             progress.update(
                 task, advance=1,
                 status=f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} grad {record['grad_norm']:.2f} "
@@ -293,26 +327,51 @@ def train(config: Config, console: Console | None = None, resume: str | None = N
             )  # fmt: skip
 
             evaluate = config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps)
-            if evaluate and (ranks.main or fsdp):  # sharded weights: every rank takes part in generation
+            if evaluate and (ranks.main or sharded):  # sharded weights: every rank takes part in generation
                 answers = evaluate_chat(model, tokenizer, template, config)
-                metrics.write(json.dumps({"step": step, "evaluation": answers}) + "\n")
+                sinks.log({"step": step, "evaluation": answers})
                 for item in answers:
                     progress.console.print(f"[dim]eval step {step}[/] {item['input']!r} -> {item['output']!r}")
             if step % config.save_steps == 0 or step == steps:
-                position = {"step": step, "tokens": seen_tokens, "trained_tokens": trained_tokens, "elapsed_s": elapsed}
-                result.checkpoint = run_dir / f"checkpoint-{step}"
-                gathered = full_state_dict(model, ranks, config.strategy)
+                position = {
+                    "step": step, "tokens": seen_tokens, "trained_tokens": trained_tokens, "elapsed_s": elapsed,
+                    "world": ranks.world,
+                }  # fmt: skip
+                result.checkpoint = save_step(
+                    model, tokenizer, run_dir, meta, position, config, ranks, optimizer, scheduler, scaler, engine
+                )
                 if ranks.main:
-                    save_checkpoint(
-                        model, tokenizer, run_dir, step, meta,
-                        None if fsdp else lambda folder: write_training_state(folder, optimizer, scheduler, scaler, position),
-                        state_dict=gathered,
-                    )  # fmt: skip
-                    prune_checkpoints(run_dir, config.save_total_limit)
-                barrier(ranks)
-    metrics.close()
+                    plot_loss(run_dir)
+    sinks.close()
     console.print(f"saved {result.checkpoint}")
     return result
+
+
+def save_step(model, tokenizer, run_dir, meta, position, config, ranks, optimizer, scheduler, scaler, engine) -> Path:
+    """checkpoint-<step>: weights (gathered when sharded), training state, then the rename. Every rank
+    calls this: gathering and DeepSpeed's state are collectives; only rank 0 writes the rest."""
+    step = position["step"]
+    if engine is not None:
+        gathered, whole_optimizer_state = zero.gathered_state_dict(engine), None
+        if ranks.main:
+            shutil.rmtree(partial_checkpoint(run_dir, step), ignore_errors=True)
+        barrier(ranks)
+        zero.save_state(engine, partial_checkpoint(run_dir, step))
+        barrier(ranks)
+    else:
+        gathered = full_state_dict(model, ranks, config.strategy)
+        whole_optimizer_state = optimizer_state(model, optimizer, ranks, config.strategy)
+    if ranks.main:
+        save_checkpoint(
+            model, tokenizer, run_dir, step, meta,
+            lambda folder: write_training_state(
+                folder, whole_optimizer_state, scheduler if engine is None else None, scaler, position
+            ),
+            state_dict=gathered, clear=engine is None,
+        )  # fmt: skip
+        prune_checkpoints(run_dir, config.save_total_limit)
+    barrier(ranks)
+    return run_dir / f"checkpoint-{step}"
 
 
 def rank_batch(items, indices: list[int], collate_fn, ranks: Ranks) -> dict:
@@ -322,21 +381,3 @@ def rank_batch(items, indices: list[int], collate_fn, ranks: Ranks) -> dict:
     if not real:
         batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
     return batch
-
-
-def memory_note(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f" {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-    return ""
-
-
-def evaluate_chat(model, tokenizer, template: ChatTemplate, config: Config) -> list[dict[str, str]]:
-    """Answers to `evaluation_inputs`, in eval mode, restoring train mode afterwards."""
-    system = (Turn("system", config.SYSTEM),) if config.SYSTEM else ()
-    conversations = [Conversation((*system, Turn("user", text))) for text in config.evaluation_inputs]
-    model.eval()
-    replies = generate_replies(
-        model, tokenizer, template, conversations, GenerationOptions(max_new_tokens=config.evaluation_max_new_tokens)
-    )
-    model.train()
-    return [{"input": text, "output": reply} for text, reply in zip(config.evaluation_inputs, replies)]

@@ -4,6 +4,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from xtune.config.schema import Config
+from xtune.errors import ConfigError
 
 
 def lora_config(config: Config) -> LoraConfig:
@@ -20,11 +21,34 @@ def lora_config(config: Config) -> LoraConfig:
 
 
 def prepare_trainable(model: PreTrainedModel, config: Config) -> PreTrainedModel | PeftModel:
-    """LoRA adapters on a frozen base, or every weight trainable for full fine-tuning."""
+    """LoRA adapters on a frozen base, every weight trainable for full fine-tuning, or with
+    `freeze_llm` only the `modules_to_save` (saved as a whole model)."""
+    if config.freeze_llm:
+        model.requires_grad_(False)
+        chosen = [(name, module) for name, module in model.named_modules() if _named_in(name, config.modules_to_save)]
+        missing = set(config.modules_to_save) - {name.rsplit(".", 1)[-1] for name, _ in chosen}
+        if not config.modules_to_save or missing:
+            problem = f"the model has no module named {sorted(missing)[0]!r}" if missing else "modules_to_save is empty"
+            raise ConfigError(
+                f"freeze_llm = True trains only modules_to_save, but {problem}; name the modules to train, "
+                "e.g. modules_to_save = ['embed_tokens', 'lm_head']."
+            )
+        for _, module in chosen:
+            module.float().requires_grad_(True)  # trained weights in fp32; autocast computes in low precision
+        return model
     if config.method == "full":
         model.requires_grad_(True)
         return model
     return get_peft_model(model, lora_config(config))
+
+
+def _named_in(name: str, short_names: list[str]) -> bool:
+    return bool(name) and name.rsplit(".", 1)[-1] in short_names
+
+
+def saves_whole_model(config: Config) -> bool:
+    """Whether checkpoints hold the whole model (full fine-tuning, freeze_llm) rather than an adapter."""
+    return config.method == "full" or config.freeze_llm
 
 
 def fit_embeddings(model: PreTrainedModel, tokenizer) -> bool:
