@@ -68,7 +68,8 @@ def test_optimizer_blocks_broken_json_and_zero3_qlora_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_process_deepspeed_run_saves_its_state_and_leaves_no_launcher_variables(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["zero1", "zero2_offload", "zero3_offload"])  # zero2 and zero3: test_distributed
+def test_one_process_deepspeed_run_saves_its_state_and_leaves_no_launcher_variables(tmp_path, monkeypatch, name):
     pytest.importorskip("deepspeed")
     import io
     import os
@@ -81,7 +82,7 @@ def test_one_process_deepspeed_run_saves_its_state_and_leaves_no_launcher_variab
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     resolved, _ = load_config(
         "tiny_internlm2_chat_lora_antonyms",
-        [f"work_dir={str(tmp_path)!r}", "deepspeed='zero2'", "max_steps=2", "batch_size=4", "accumulative_counts=1",
+        [f"work_dir={str(tmp_path)!r}", f"deepspeed={name!r}", "max_steps=2", "batch_size=4", "accumulative_counts=1",
          "evaluation_inputs=[]"],
     )  # fmt: skip
     result = train(resolved, Console(file=io.StringIO()))

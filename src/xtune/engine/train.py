@@ -167,6 +167,11 @@ def total_steps(config: Config, num_samples: int, world: int = 1) -> int:
 
 def train(config: Config, console: Console | None = None, resume: str | None = None) -> TrainResult:
     """Train as the config says; `resume` = "auto" or a checkpoint folder continues an earlier run."""
+    with zero.launcher_variables(config.deepspeed is not None):
+        return _train(config, console, resume)
+
+
+def _train(config: Config, console: Console | None, resume: str | None) -> TrainResult:
     device = resolve_device(config.device)
     ranks = setup_distributed(device, group_of_one=config.deepspeed is not None)
     if device.type == "cuda" and ranks.world > 1:

@@ -8,6 +8,7 @@ are said once; a number that contradicts the config is an error, not a silent wi
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,15 +97,23 @@ def initialize(model, optimizer, scheduler, settings: dict):
         raise ConfigError(
             "deepspeed is set but DeepSpeed is not installed: pip install --no-build-isolation 'xtune[deepspeed]'."
         ) from None
-    single = "LOCAL_RANK" not in os.environ  # one process without a launcher; DeepSpeed insists on the variable
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings)
+    return engine
+
+
+@contextmanager
+def launcher_variables(active: bool):
+    """DeepSpeed reads LOCAL_RANK throughout a run; one process started without a launcher has none.
+    Set while the run lasts, then removed, so that processes started later do not think they run
+    under torchrun."""
+    single = active and "LOCAL_RANK" not in os.environ
     if single:
         os.environ["LOCAL_RANK"] = "0"
     try:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings)
+        yield
     finally:
-        if single:  # not left behind for processes this one starts later
-            del os.environ["LOCAL_RANK"]
-    return engine
+        if single:
+            os.environ.pop("LOCAL_RANK", None)
 
 
 def gathered_state_dict(engine) -> dict | None:
