@@ -1,6 +1,7 @@
 """Command line: parses flags, calls one function per verb, prints results."""
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -85,8 +86,6 @@ def train_cmd(
     ] = "torchrun",
 ):
     """Train with a config. Override keys with `--cfg-options key=value [key=value ...]`."""
-    import os
-
     from xtune.config.load import load_config
     from xtune.engine.distributed import slurm_environment, torchrun_command
     from xtune.engine.train import train
@@ -179,8 +178,14 @@ def log_dataset_cmd(
 def chat(
     model: Annotated[str, typer.Argument(help="Base model folder or id.")],
     adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder (a checkpoint-<step>).")] = None,
-    prompt_template: Annotated[Optional[str], typer.Option(help="Chat template; default: the adapter's.")] = None,
+    prompt_template: Annotated[
+        Optional[str], typer.Option(help="Chat template; default: the one recorded with the adapter or model, else the tokenizer's.")
+    ] = None,
     system: Annotated[str, typer.Option(help="System prompt.")] = "",
+    system_template: Annotated[
+        Optional[str], typer.Option(help="A named system prompt: alpaca, coder, sql, lawyer, medical, colorist, arxiv_gentile, moss_sft.")
+    ] = None,
+    no_streamer: Annotated[bool, typer.Option("--no-streamer", help="Print each answer whole instead of streaming it.")] = False,
     input: Annotated[Optional[str], typer.Option("--input", help="Prompts file, one per line ('-' for stdin); answers go to stdout.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="With --input: write answers as JSONL here too.")] = None,
     max_new_tokens: int = 512,
@@ -200,18 +205,20 @@ def chat(
 
     import torch
 
-    from xtune.infer.chat import answer_all, load_chat_model, pick_template, read_prompts, repl
+    from xtune.infer.chat import answer_all, load_chat_model, pick_template, read_prompts, repl, system_prompt
     from xtune.infer.generate import GenerationOptions
+    from xtune.models.load import resolve_model_path
 
     torch.manual_seed(seed)
-    template = pick_template(prompt_template, adapter)
+    system = system_prompt(system, system_template)
     options = GenerationOptions(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, stop_words=tuple(stop_words or ()),
     )  # fmt: skip
     llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
+    template = pick_template(prompt_template, adapter, resolve_model_path(model), tokenizer)
     if input is None:
-        repl(llm, tokenizer, template, system, options)
+        repl(llm, tokenizer, template, system, options, stream=not no_streamer)
         return
     lines = sys.stdin if input == "-" else Path(input).open(encoding="utf-8")
     conversations = read_prompts(lines)
@@ -222,6 +229,42 @@ def chat(
         with output.open("w", encoding="utf-8") as out:
             for conversation, reply in zip(conversations, replies):
                 out.write(json.dumps({"prompt": conversation.turns[-1].content, "answer": reply}) + "\n")
+
+
+convert_app = typer.Typer(help="Convert checkpoints: pth_to_hf (a checkpoint as a clean HF folder), merge (LoRA into its base).", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+MaxShardSize = Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB or 500MB.")]
+
+
+@convert_app.command("pth_to_hf")
+def convert_pth_to_hf(
+    config: ConfigArgument,
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint-<step> folder, or a run folder (its newest checkpoint).")],
+    save_dir: Annotated[Path, typer.Argument(help="New folder to write.")],
+    fp32: Annotated[bool, typer.Option("--fp32", help="Save in fp32 instead of the base model's dtype.")] = False,
+    max_shard_size: MaxShardSize = "2GB",
+):
+    """A training checkpoint as a Hugging Face folder: a PEFT adapter (LoRA runs) or a model (full runs)."""
+    from xtune.convert.pth_to_hf import pth_to_hf
+
+    pth_to_hf(config, checkpoint, save_dir, fp32=fp32, max_shard_size=max_shard_size, console=err_console)
+
+
+@convert_app.command("merge")
+def convert_merge(
+    base: Annotated[str, typer.Argument(help="Base model folder or id.")],
+    adapter: Annotated[str, typer.Argument(help="LoRA adapter folder (a checkpoint-<step> or pth_to_hf output).")],
+    save_dir: Annotated[Path, typer.Argument(help="New folder to write.")],
+    max_shard_size: MaxShardSize = "2GB",
+    device: Annotated[str, typer.Option(help="Where to merge: cpu or cuda.")] = "cpu",
+    fp32: Annotated[bool, typer.Option("--fp32", help="Save in fp32 instead of the base model's dtype.")] = False,
+    keep_layout: Annotated[bool, typer.Option("--keep-layout", help="Save an InternLM2 base in its own layout (default: Llama layout).")] = False,
+    prompt_template: Annotated[Optional[str], typer.Option(help="Chat template to save; default: the adapter's.")] = None,
+):
+    """Merge a LoRA (or QLoRA) adapter into its base and save a standalone model with its chat template."""
+    from xtune.convert.merge import merge
+
+    merge(base, adapter, save_dir, max_shard_size, device, fp32, keep_layout, prompt_template, console=err_console)
 
 
 @app.command()
@@ -239,6 +282,8 @@ def demo(
 def _quiet_library_noise() -> None:
     """Messages from libraries that a user can do nothing about."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
+    if "DS_ACCELERATOR" not in os.environ and not Path("/proc/driver/nvidia").exists():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed, imported by accelerate, warns on every CPU-only run
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 

@@ -61,12 +61,36 @@ def test_repl_ctrl_c_stops_an_answer_without_quitting(monkeypatch):
     assert [t.content for t in calls[1].turns] == ["second"]
 
 
-def test_pick_template_prefers_the_flag_then_the_adapter(tmp_path):
-    (tmp_path / "xtune_run.json").write_text('{"prompt_template": "qwen_chat"}')
-    assert chat.pick_template(None, str(tmp_path)).name == "qwen_chat"
-    assert chat.pick_template("internlm2_chat", str(tmp_path)).name == "internlm2_chat"
+def test_pick_template_prefers_the_flag_then_the_adapter_then_the_model_then_the_tokenizer(tmp_path, tokenizer):
+    adapter, model = tmp_path / "adapter", tmp_path / "model"
+    adapter.mkdir(), model.mkdir()
+    (adapter / "xtune_run.json").write_text('{"prompt_template": "qwen_chat"}')
+    (model / "xtune_run.json").write_text('{"prompt_template": "llama3_chat"}')
+    assert chat.pick_template(None, str(adapter), model).name == "qwen_chat"
+    assert chat.pick_template("internlm2_chat", str(adapter)).name == "internlm2_chat"
+    assert chat.pick_template(None, None, model).name == "llama3_chat"  # a merged model carries its template
+    assert chat.pick_template(None, None, tmp_path, tokenizer).name == "hf"  # the tokenizer's own chat_template
     with pytest.raises(XtuneError, match="pass --prompt-template"):
         chat.pick_template(None, None)
+    with pytest.raises(XtuneError, match="unknown prompt template 'nope'"):
+        chat.pick_template("nope", None)
+
+
+def test_system_prompt_from_text_or_a_named_template():
+    assert chat.system_prompt("Be nice.", None) == "Be nice."
+    assert chat.system_prompt("", "alpaca").startswith("Below is an instruction that describes a task.")
+    with pytest.raises(XtuneError, match="not both"):
+        chat.system_prompt("Be nice.", "alpaca")
+    with pytest.raises(XtuneError, match="unknown system template 'poet'; known: moss_sft, alpaca"):
+        chat.system_prompt("", "poet")
+
+
+def test_repl_without_streamer_prints_whole_answers(monkeypatch):
+    monkeypatch.setattr(chat, "generate_replies", lambda *a, streamer=None, **k: [f"whole answer, streamer={streamer}"])
+    inputs = iter(["hi", "EXIT"])
+    out = io.StringIO()
+    chat.repl(None, None, get_template("internlm2_chat"), "", GenerationOptions(), read=lambda _: next(inputs), out=out, stream=False)
+    assert "whole answer, streamer=None\n" in out.getvalue()
 
 
 def test_cut_at_stop_words():

@@ -13,6 +13,7 @@ assistant's text.
 """
 
 import json
+import string
 from dataclasses import dataclass
 from importlib import resources
 from itertools import groupby
@@ -503,3 +504,95 @@ def _cut(text: str, spans: list[tuple[int, int]]) -> list[Segment]:
         position = end
     segments.append((text[position:], False))
     return _drop_empty(segments)
+
+
+SAVED_AS_OFFICIAL = set(TEMPLATES) - {"qwen_chat", "mistral", "mixtral"}
+"""Templates whose prompts equal their family's official jinja for every conversation xtune writes (the tests
+check it). Not so: qwen_chat (the official jinja adds Qwen's default system prompt, which xtune does not train
+with), mistral and mixtral (their jinja refuses the system turn xtune writes as an [INST] block)."""
+
+
+def chat_template_jinja(name: str) -> str:
+    """The `chat_template` to save with a model trained with template `name`: the family's official jinja where
+    it writes the same prompts, else one generated from the template's pieces (`jinja_of`)."""
+    template = get_template(name)
+    if isinstance(template, TokenizerTemplate):
+        raise XtuneError("prompt template 'hf' is the tokenizer's own chat_template; there is nothing to write.")
+    if name in SAVED_AS_OFFICIAL and (resources.files(__package__) / "jinja" / f"{name}.jinja").is_file():
+        return official_chat_template(name)
+    return jinja_of(template)
+
+
+def jinja_of(template: ChatTemplate) -> str:
+    """A jinja chat template that writes what `render` writes for system, user and assistant turns (tool turns
+    raise). As in xtune's templates, a user turn always ends with the assistant's header, with or without
+    add_generation_prompt."""
+
+    def text(piece: str, **fields: str) -> str:
+        """A template piece as a jinja expression; `fields` maps {input}/{system} to jinja expressions."""
+        parts = []
+        for literal, field, _, _ in string.Formatter().parse(piece):
+            if literal:
+                parts.append(json.dumps(literal, ensure_ascii=False))
+            if field is not None:
+                parts.append({"bos": "bos_token", "eos": "eos_token", **fields}[field])
+        return " + ".join(parts) or "''"
+
+    content = "(message['content'] | trim)" if template.strip_content else "message['content']"
+    system = text(template.system, system="message['content']" if template.system_in_user else content)
+    default = text(template.system, system=json.dumps(template.default_system, ensure_ascii=False))
+    keep = "{%- set ns.pending = ns.pending + " if template.system_in_user else "{{- "
+    close = " -%}" if template.system_in_user else " -}}"
+    lines = [
+        "{%- set ns = namespace(pending='') -%}",
+        "{{- " + text(template.prefix) + " -}}",
+    ]
+    if template.default_system:
+        lines += [
+            "{%- if messages | selectattr('role', 'equalto', 'system') | list | length == 0 -%}",
+            keep + default + close,
+            "{%- endif -%}",
+        ]
+    lines += [
+        "{%- for message in messages -%}",
+        "{%- if message['role'] == 'system' -%}",
+        keep + system + close,
+        "{%- elif message['role'] == 'user' -%}",
+        "{{- " + text(template.user, input="ns.pending + " + content) + " -}}",
+        "{%- set ns.pending = '' -%}",
+        "{%- elif message['role'] == 'assistant' -%}",
+        "{{- " + text(template.assistant_prefix + "{content}" + template.assistant_suffix, content=content) + " -}}",
+        "{{- " + text(template.separator) + " -}}",
+        "{%- else -%}",
+        "{{- raise_exception('this chat template writes system, user and assistant messages only') -}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if messages and messages[-1]['role'] == 'assistant' -%}",
+        "{{- " + text(template.end_of_conversation) + " -}}",
+        "{%- endif -%}",
+    ]
+    return "\n".join(lines)
+
+
+SYSTEM_TEMPLATES = {
+    "moss_sft": (
+        "You are an AI assistant whose name is BOT.\nCapabilities and tools that BOT can possess.\n"
+        "- Inner thoughts: enabled.\n- Web search: enabled. API: Search(query)\n"
+        "- Calculator: enabled. API: Calculate(expression)\n- Equation solver: enabled. API: Solve(equation)\n"
+        "- Text-to-image: disabled.\n- Image edition: disabled.\n- Text-to-speech: disabled.\n"
+    ),
+    "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n",
+    "arxiv_gentile": (
+        "If you are an expert in writing papers, please generate a good paper title for this paper based on other "
+        "authors' descriptions of their abstracts.\n"
+    ),
+    "colorist": (
+        "You are a professional color designer. Please provide the corresponding colors based on the description of "
+        "Human.\n"
+    ),
+    "coder": "You are a professional programer. Please provide the corresponding code based on the description of Human.\n",
+    "lawyer": "你现在是一名专业的中国律师，请根据用户的问题给出准确、有理有据的回复。\n",
+    "medical": "如果你是一名医生，请根据患者的描述回答医学问题。\n",
+    "sql": "If you are an expert in SQL, please generate a good SQL Query for Question based on the CREATE TABLE statement.\n",
+}
+"""XTuner's named system prompts (SYSTEM_TEMPLATE), for `xtune chat --system-template NAME` and configs."""

@@ -5,16 +5,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
-from peft import PeftModel
 from transformers import TextStreamer
 
 from xtune.data.formats import Conversation, Turn, with_system
-from xtune.data.templates import ChatTemplate, get_template
+from xtune.data.templates import SYSTEM_TEMPLATES, ChatTemplate, Template, get_template
 from xtune.engine.checkpoint import read_run_meta
 from xtune.engine.device import resolve_device, resolve_dtype
 from xtune.errors import XtuneError
 from xtune.infer.generate import GenerationOptions, generate_replies
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
+from xtune.models.lora import attach_adapter
 
 RESET, EXIT = "RESET", "EXIT"
 
@@ -41,21 +41,41 @@ def load_chat_model(
     tokenizer_path = base_path
     if adapter is not None:
         adapter_path = Path(adapter)
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise XtuneError(f"--adapter {adapter}: no adapter_config.json there; pass a checkpoint-<step> folder.")
-        llm = PeftModel.from_pretrained(llm, adapter_path)
+        llm = attach_adapter(llm, adapter_path, base_path)
         if (adapter_path / "tokenizer_config.json").is_file():
             tokenizer_path = adapter_path
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     return llm.to(torch_device).eval(), tokenizer
 
 
-def pick_template(prompt_template: str | None, adapter: str | None) -> ChatTemplate:
-    """The template named on the command line, else the one the adapter was trained with."""
-    name = prompt_template or (read_run_meta(Path(adapter)).get("prompt_template") if adapter else None)
+def pick_template(
+    prompt_template: str | None, adapter: str | None, model: str | Path | None = None, tokenizer=None
+) -> Template:
+    """The template named on the command line; else the one recorded with the adapter, or with the model
+    folder (merged and converted models carry xtune_run.json); else the tokenizer's own chat_template."""
+    name = prompt_template
+    for folder in (adapter, model):
+        if name is None and folder is not None and Path(folder).is_dir():
+            name = read_run_meta(Path(folder)).get("prompt_template")
+    if name is None and getattr(tokenizer, "chat_template", None):
+        name = "hf"
     if name is None:
-        raise XtuneError("no chat template known for this model; pass --prompt-template (e.g. internlm2_chat).")
+        raise XtuneError(
+            "no chat template known for this model (none recorded with it, and its tokenizer has no chat_template); "
+            "pass --prompt-template (e.g. internlm2_chat)."
+        )
     return get_template(name)
+
+
+def system_prompt(system: str, system_template: str | None) -> str:
+    """`--system TEXT` or `--system-template NAME` (XTuner's named system prompts)."""
+    if system and system_template:
+        raise XtuneError("pass --system or --system-template, not both.")
+    if system_template is None:
+        return system
+    if system_template not in SYSTEM_TEMPLATES:
+        raise XtuneError(f"unknown system template {system_template!r}; known: {', '.join(SYSTEM_TEMPLATES)}.")
+    return SYSTEM_TEMPLATES[system_template]
 
 
 def read_prompts(lines: Iterable[str]) -> list[Conversation]:
@@ -94,6 +114,7 @@ def repl(
     options: GenerationOptions,
     read: Callable[[str], str] = input,
     out: TextIO | None = None,
+    stream: bool = True,
 ) -> None:
     """Multi-turn chat with streamed answers; RESET clears the history, EXIT (or end of input) quits,
     Ctrl-C stops the answer being written."""
@@ -114,7 +135,7 @@ def repl(
             out.write("(history cleared)\n")
             continue
         history.append(Turn("user", text))
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         try:
             (reply,) = generate_replies(
                 model, tokenizer, template, [with_system(Conversation(tuple(history)), system)], options,
@@ -124,4 +145,6 @@ def repl(
             out.write("\n(stopped)\n")
             history.pop()
             continue
+        if not stream:
+            out.write(reply + "\n")
         history.append(Turn("assistant", reply, trainable=True))

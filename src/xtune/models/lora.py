@@ -1,10 +1,12 @@
 """Adapters through peft: which weights train."""
 
+from pathlib import Path
+
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from xtune.config.schema import Config
-from xtune.errors import ConfigError
+from xtune.errors import CheckpointError, ConfigError
 
 
 def lora_config(config: Config) -> LoraConfig:
@@ -64,3 +66,23 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def attach_adapter(model: PreTrainedModel, adapter: str | Path, base: str | Path) -> PeftModel:
+    """The model with the LoRA adapter folder `adapter` loaded on it; an adapter made for another base (its
+    shapes do not fit) or a folder that is not an adapter is a clear error, not a stack trace."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise CheckpointError(f"{adapter} has no adapter_config.json: it is not a LoRA adapter (a checkpoint-<step> of a LoRA run is).")
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise CheckpointError(f"{adapter} has no adapter_model.safetensors: the adapter folder is incomplete.")
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as error:
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
+        if mismatch is None:
+            raise
+        raise CheckpointError(
+            f"the adapter {adapter} does not fit the base model {base} ({mismatch.rstrip('.')}); "
+            "was it trained on another model? Pass the base it was trained on."
+        ) from None

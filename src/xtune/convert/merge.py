@@ -1,0 +1,62 @@
+"""`xtune convert merge BASE ADAPTER SAVE_DIR`: a LoRA adapter folded into its base, saved as a standalone model."""
+
+from pathlib import Path
+
+from rich.console import Console
+
+from xtune.convert.folder import new_folder, save_dtype, save_tokenizer, write_meta
+from xtune.engine.checkpoint import read_run_meta
+from xtune.engine.device import resolve_device
+from xtune.models.internlm2 import is_internlm2, save_internlm2
+from xtune.models.load import load_model, load_tokenizer, read_config, resolve_model_path
+from xtune.models.lora import attach_adapter, fit_embeddings
+
+
+def merge(
+    base: str,
+    adapter: str | Path,
+    save_dir: str | Path,
+    max_shard_size: str = "2GB",
+    device: str = "cpu",
+    fp32: bool = False,
+    keep_layout: bool = False,
+    prompt_template: str | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Merge `adapter` into `base` and write SAVE_DIR: weights (sharded safetensors; the base's dtype, or fp32),
+    the tokenizer the adapter was trained with, its chat template in tokenizer_config.json, and xtune_run.json.
+
+    An adapter trained on a 4/8-bit base (QLoRA) is merged into that base dequantized, i.e. into the very
+    weights it was trained against. An InternLM2 base is saved in the Llama layout (loads in any transformers
+    without remote code) unless `keep_layout`."""
+    console = console or Console(stderr=True)
+    adapter = Path(adapter)
+    base_path = resolve_model_path(base)
+    meta = read_run_meta(adapter)
+    quantization = meta.get("quantization")
+    base_config = read_config(base_path)
+    dtype = save_dtype(base_config.get("dtype") or base_config.get("torch_dtype"), fp32)
+    torch_device = resolve_device(device)
+    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base_path)
+
+    if quantization:
+        console.print(
+            f"the adapter was trained on a {quantization} base: loading the base that way and dequantizing it, "
+            f"so the adapter is merged into the weights it was trained against (saved as {dtype})"
+        )
+        model = load_model(base_path, dtype=dtype, quantization=quantization, device=torch_device).dequantize()
+    else:
+        model = load_model(base_path, dtype=dtype, device=torch_device)
+    fit_embeddings(model, tokenizer)
+    merged = attach_adapter(model, adapter, base).merge_and_unload().to(dtype)
+
+    template = prompt_template or meta.get("prompt_template")
+    with new_folder(save_dir) as folder:
+        if keep_layout and is_internlm2(base_config):
+            save_internlm2(merged, folder, max_shard_size=max_shard_size)
+        else:
+            merged.save_pretrained(folder, max_shard_size=max_shard_size)
+        save_tokenizer(tokenizer, folder, template)
+        write_meta(folder, {**meta, "method": "merged", "quantization": None, "merged_from": {"base": str(base), "adapter": str(adapter)}, "prompt_template": template})  # fmt: skip
+    console.print(f"merged model written to {save_dir}")
+    return Path(save_dir)

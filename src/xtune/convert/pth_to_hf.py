@@ -1,0 +1,68 @@
+"""`xtune convert pth_to_hf CONFIG CHECKPOINT SAVE_DIR`: a training checkpoint as a clean Hugging Face folder.
+
+A checkpoint-<step> already holds its weights as PEFT or transformers safetensors (DeepSpeed and FSDP runs gather
+them at save); this writes them without the training state, in the base model's dtype (or fp32), sharded, with the
+tokenizer and the training chat template, ready to share, merge or load anywhere.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from xtune.config.load import load_config
+from xtune.convert.folder import find_checkpoint, new_folder, save_dtype, save_tokenizer, write_meta
+from xtune.engine.checkpoint import read_run_meta
+from xtune.errors import CheckpointError
+from xtune.models.load import load_tokenizer, read_config, resolve_model_path
+
+
+def pth_to_hf(
+    config_path: str,
+    checkpoint: str | Path,
+    save_dir: str | Path,
+    fp32: bool = False,
+    max_shard_size: str = "2GB",
+    console: Console | None = None,
+) -> Path:
+    """Write SAVE_DIR from CHECKPOINT (a checkpoint-<step> folder, or a run folder: its newest complete one): a
+    PEFT adapter for LoRA runs, a whole model for full runs."""
+    console = console or Console(stderr=True)
+    if str(checkpoint).endswith((".pth", ".pt")):
+        raise CheckpointError(
+            f"{checkpoint}: xtune checkpoints are checkpoint-<step> folders in the run folder, not .pth files."
+        )
+    config, config_file = load_config(config_path)
+    folder_in = find_checkpoint(checkpoint)
+    meta = read_run_meta(folder_in)
+    trained_on = meta.get("llm_name_or_path")
+    if trained_on is not None and trained_on != config.llm_name_or_path:
+        raise CheckpointError(
+            f"{folder_in} was trained from {trained_on!r} but {config_file} names {config.llm_name_or_path!r}; "
+            f"pass the run's own config (a copy is {folder_in.parent / 'config.json'})."
+        )
+    base_config = read_config(resolve_model_path(config.llm_name_or_path))
+    dtype = save_dtype(base_config.get("dtype") or base_config.get("torch_dtype"), fp32)
+    tokenizer = load_tokenizer(folder_in)
+    with new_folder(save_dir) as folder:
+        if (folder_in / "adapter_config.json").is_file():
+            weights = load_file(folder_in / "adapter_model.safetensors")
+            save_file({name: _cast(tensor, dtype) for name, tensor in weights.items()}, folder / "adapter_model.safetensors")
+            adapter_config = json.loads((folder_in / "adapter_config.json").read_text())
+            (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+            kind = "PEFT adapter"
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder_in, dtype=dtype)
+            model.save_pretrained(folder, max_shard_size=max_shard_size)
+            kind = "model"
+        save_tokenizer(tokenizer, folder, meta.get("prompt_template") or config.prompt_template)
+        write_meta(folder, {**meta, "converted_from": str(folder_in)})
+    console.print(f"{kind} from {folder_in} written to {save_dir} ({dtype})")
+    return Path(save_dir)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor

@@ -1,0 +1,133 @@
+"""Merging: the merged model, loaded with plain transformers, computes what base + adapter computes; it carries
+the training chat template; QLoRA adapters merge into their dequantized base; bad input is a clear error."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from xtune.convert.merge import merge
+from xtune.data.formats import Conversation, Turn
+from xtune.data.templates import generation_prompt, get_template
+from xtune.engine.checkpoint import RUN_META
+from xtune.errors import CheckpointError, XtuneError
+from xtune.models.load import load_model, load_tokenizer, resolve_model_path
+from xtune.models.lora import attach_adapter
+from xtune.testing.tiny import TinySpec, build_model
+
+INPUT = torch.tensor([[1, 300, 301, 302, 400, 500, 7, 8]])
+
+
+def make_adapter(folder, base="xtune-tiny/internlm2-chat", quantization=None, template="internlm2_chat"):
+    """A LoRA adapter with random (non-zero) A and B, saved as a training checkpoint would be."""
+    model = load_model(resolve_model_path(base), dtype=torch.float32, quantization=quantization)
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.05)  # a visible but sane change
+    peft_model.save_pretrained(folder)
+    load_tokenizer(resolve_model_path(base)).save_pretrained(folder)
+    (folder / RUN_META).write_text(json.dumps({"llm_name_or_path": base, "method": "lora", "quantization": quantization, "prompt_template": template}))
+    return folder
+
+
+def logits_with_adapter(adapter, base="xtune-tiny/internlm2-chat", quantization=None):
+    model = load_model(resolve_model_path(base), dtype=torch.float32, quantization=quantization)
+    with torch.no_grad():
+        return attach_adapter(model, adapter, base).eval()(INPUT).logits
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return make_adapter(tmp_path_factory.mktemp("adapter"))
+
+
+def test_merged_model_loads_with_plain_transformers_and_gives_the_same_logits(tmp_path, adapter):
+    merged = merge("xtune-tiny/internlm2-chat", adapter, tmp_path / "merged", fp32=True, max_shard_size="2MB")
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "llama"  # Llama layout by default
+    assert len(list(merged.glob("model-*.safetensors"))) > 1 and (merged / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        merged_logits = model(INPUT).logits
+    expected = logits_with_adapter(adapter)
+    base = load_model(resolve_model_path("xtune-tiny/internlm2-chat"))(INPUT).logits
+    assert (merged_logits - expected).abs().max() < 1e-4
+    assert (base - expected).abs().max() > 1e-2  # the adapter changes something worth checking
+
+
+def test_keep_layout_writes_internlm2_that_loads_back_to_the_same_logits(tmp_path, adapter):
+    merged = merge("xtune-tiny/internlm2-chat", adapter, tmp_path / "merged", fp32=True, keep_layout=True)
+    config = json.loads((merged / "config.json").read_text())
+    assert config["model_type"] == "internlm2"
+    from safetensors.torch import load_file
+
+    assert any(".attention.wqkv." in name for name in load_file(merged / "model.safetensors"))
+    with torch.no_grad():
+        logits = load_model(merged)(INPUT).logits
+    assert (logits - logits_with_adapter(adapter)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["internlm2_chat", "qwen_chat", "llama3_chat", "mistral", "vicuna", "default"])
+def test_the_saved_chat_template_writes_the_training_prompts(tmp_path, name):
+    adapter = make_adapter(tmp_path / "adapter", template=name)
+    merged = merge("xtune-tiny/internlm2-chat", adapter, tmp_path / "merged", fp32=True)
+    saved = json.loads((merged / "tokenizer_config.json").read_text())["chat_template"]
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer.chat_template == saved
+    template = get_template(name)
+    conversations = [
+        Conversation((Turn("system", "Be brief."), Turn("user", "Hot?"), Turn("assistant", "cold", True), Turn("user", "Big?"))),
+        Conversation((Turn("user", "Opposite of up?"),)),
+    ]  # fmt: skip
+    for conversation in conversations:
+        messages = [{"role": turn.role, "content": turn.content} for turn in conversation.turns]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert text == generation_prompt(conversation, template, tokenizer)
+    assert json.loads((merged / RUN_META).read_text())["prompt_template"] == name
+
+
+def test_a_qlora_adapter_is_merged_into_its_dequantized_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    adapter = make_adapter(tmp_path / "adapter", base="xtune-tiny/llama", quantization="4bit")
+    lines = []
+    console = type("C", (), {"print": lambda self, text: lines.append(text)})()
+    merged = merge("xtune-tiny/llama", adapter, tmp_path / "merged", fp32=True, console=console)
+    assert "dequantizing" in lines[0]
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    assert not any("quantization_config" in key for key in json.loads((merged / "config.json").read_text()))
+    with torch.no_grad():
+        merged_logits = model(INPUT).logits
+    dequantized = load_model(resolve_model_path("xtune-tiny/llama"), dtype=torch.float32, quantization="4bit").dequantize()
+    with torch.no_grad():
+        exact = attach_adapter(dequantized, adapter, "xtune-tiny/llama").eval()(INPUT).logits
+    assert (merged_logits - exact).abs().max() < 1e-4  # merged into exactly the NF4 weights
+    # As trained (bitsandbytes' CPU 4-bit kernel computes in lower precision) it is close; merging into the
+    # original unquantized base would be much further off.
+    trained = logits_with_adapter(adapter, base="xtune-tiny/llama", quantization="4bit")
+    into_unquantized = logits_with_adapter(adapter, base="xtune-tiny/llama")
+    assert (into_unquantized - trained).abs().max() > 10 * (merged_logits - trained).abs().max()
+
+
+def test_bad_input_is_one_clear_error(tmp_path, adapter):
+    other = tmp_path / "other-base"
+    model = build_model(replace(TinySpec("llama"), hidden_size=128, intermediate_size=256), vocab_size=2560)
+    model.save_pretrained(other)
+    load_tokenizer(resolve_model_path("xtune-tiny/llama")).save_pretrained(other)
+    with pytest.raises(CheckpointError, match=r"does not fit the base model .*other-base.*size mismatch"):
+        merge(str(other), adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(XtuneError, match="already exists and is not empty"):
+        merge("xtune-tiny/internlm2-chat", adapter, tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+    with pytest.raises(CheckpointError, match="not a LoRA adapter"):
+        merge("xtune-tiny/internlm2-chat", tmp_path / "full", tmp_path / "out")
