@@ -131,3 +131,22 @@ def test_bad_input_is_one_clear_error(tmp_path, adapter):
 
     with pytest.raises(CheckpointError, match="not a LoRA adapter"):
         merge("xtune-tiny/internlm2-chat", tmp_path / "full", tmp_path / "out")
+
+
+def test_cli_merge_then_chat_answers_as_base_plus_adapter(tmp_path, adapter):
+    from typer.testing import CliRunner
+
+    from xtune.cli import app
+
+    runner = CliRunner()
+    merged = tmp_path / "merged"
+    result = runner.invoke(app, ["convert", "merge", "xtune-tiny/internlm2-chat", str(adapter), str(merged), "--fp32"])
+    assert result.exit_code == 0, result.output
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the opposite of hot?\nAnd of up?\n")
+    common = ["--input", str(prompts), "--dtype", "fp32", "--max-new-tokens", "8"]
+    with_adapter = runner.invoke(app, ["chat", "xtune-tiny/internlm2-chat", "--adapter", str(adapter), *common])
+    from_merged = runner.invoke(app, ["chat", str(merged), *common])  # its template comes from xtune_run.json
+    assert with_adapter.exit_code == 0 and from_merged.exit_code == 0, from_merged.output
+    answers = with_adapter.stdout.strip().splitlines()
+    assert len(answers) == 2 and from_merged.stdout.strip().splitlines() == answers

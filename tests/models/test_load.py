@@ -188,3 +188,19 @@ def test_quantization_config():
         quantization_config("3bit", torch.bfloat16)
 
 
+
+
+def test_incomplete_model_folders_are_clear_errors(tmp_path):
+    import shutil
+
+    from xtune.errors import CheckpointError
+    from xtune.models.load import load_model, load_tokenizer, resolve_model_path
+
+    tiny = resolve_model_path("xtune-tiny/llama")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny / "config.json", config_only)
+    with pytest.raises(CheckpointError, match="config-only has a config.json but no weights"):
+        load_model(config_only)
+    with pytest.raises(CheckpointError, match="config-only has no tokenizer"):
+        load_tokenizer(config_only)

@@ -1,3 +1,5 @@
+import pytest
+
 from xtune.config.schema import Config
 from xtune.models.load import load_model, resolve_model_path
 from xtune.models.lora import count_parameters, prepare_trainable
@@ -56,3 +58,18 @@ def test_embeddings_grow_when_the_tokenizer_does(tokenizer):
     assert llama.get_input_embeddings().num_embeddings >= len(grown)
     assert llama.get_input_embeddings().num_embeddings % 64 == 0
     assert llama.get_output_embeddings().weight.shape[0] == llama.get_input_embeddings().num_embeddings
+
+
+def test_attach_adapter_refuses_folders_that_are_not_complete_adapters(tmp_path):
+    from xtune.errors import CheckpointError
+    from xtune.models.lora import attach_adapter
+
+    partial = tmp_path / ".checkpoint-5.partial"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="save was interrupted"):
+        attach_adapter(None, partial, "base")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
+        attach_adapter(None, tmp_path / "a", "base")

@@ -130,7 +130,32 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
     if (path / "config.json").is_file() and is_internlm2(read_config(path)) and _has_plain_tokenizer_json(path):
         # AutoTokenizer would read config.json, whose model_type transformers does not know.
         return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the base model's tokenizer files into it."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {_first_line(error)}") from error
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weights(path: Path) -> None:
+    """A model folder must hold its weights; say so plainly instead of transformers' OSError."""
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise CheckpointError(
+            f"{path} has a config.json but no weights ({WEIGHT_FILES[0]} or a sharded index); "
+            "is the download or copy complete?"
+        )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _has_plain_tokenizer_json(path: Path) -> bool:
@@ -155,6 +180,7 @@ def load_model(
         path = llama_layout_copy(path, xtune_home() / "llama-layout")
         config = read_config(path)
     check_model_code(path, config, trust_remote_code)
+    check_weights(path)
     return AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,

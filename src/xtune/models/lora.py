@@ -72,6 +72,8 @@ def attach_adapter(model: PreTrainedModel, adapter: str | Path, base: str | Path
     """The model with the LoRA adapter folder `adapter` loaded on it; an adapter made for another base (its
     shapes do not fit) or a folder that is not an adapter is a clear error, not a stack trace."""
     adapter = Path(adapter)
+    if adapter.name.endswith(".partial"):
+        raise CheckpointError(f"{adapter} is a checkpoint whose save was interrupted; use a complete checkpoint-<step>.")
     if not (adapter / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter} has no adapter_config.json: it is not a LoRA adapter (a checkpoint-<step> of a LoRA run is).")
     if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
