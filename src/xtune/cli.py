@@ -231,6 +231,31 @@ def chat(
                 out.write(json.dumps({"prompt": conversation.turns[-1].content, "answer": reply}) + "\n")
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Base model folder or id (or a merged model).")],
+    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder (a checkpoint-<step>).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on; loopback by default.")] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on every request.")] = None,
+    prompt_template: Annotated[Optional[str], typer.Option(help="Chat template; default as for chat.")] = None,
+    system: Annotated[str, typer.Option(help="System prompt for requests without one.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Default max_tokens of a request.")] = 512,
+    bits: Annotated[Optional[int], typer.Option(help="Load the base in 4 or 8 bits.")] = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """An OpenAI-compatible server: POST /v1/chat/completions (streaming or not), GET /v1/models."""
+    from xtune.infer.generate import GenerationOptions
+    from xtune.infer.serve import serve as run_server
+
+    run_server(
+        model, adapter, host, port, api_key, prompt_template, system, bits, device, dtype, trust_remote_code,
+        GenerationOptions(max_new_tokens=max_new_tokens),
+    )  # fmt: skip
+
+
 convert_app = typer.Typer(help="Convert checkpoints: pth_to_hf (a checkpoint as a clean HF folder), merge (LoRA into its base).", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 MaxShardSize = Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB or 500MB.")]
