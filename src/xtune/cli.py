@@ -199,8 +199,11 @@ def chat(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    visual_encoder: Annotated[Optional[str], typer.Option(help="LLaVA: the base vision encoder (CLIP/SigLIP folder or id).")] = None,
+    llava: Annotated[Optional[str], typer.Option(help="LLaVA: the trained parts (a LLaVA checkpoint or pth_to_hf output).")] = None,
+    image: Annotated[Optional[str], typer.Option(help="LLaVA: the image the conversation is about.")] = None,
 ):
-    """Chat with a model (and adapter): interactive, or --input for scripts."""
+    """Chat with a model (and adapter), or a LLaVA model about an image: interactive, or --input for scripts."""
     import json
 
     import torch
@@ -215,13 +218,24 @@ def chat(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, stop_words=tuple(stop_words or ()),
     )  # fmt: skip
-    llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
-    template = pick_template(prompt_template, adapter, resolve_model_path(model), tokenizer)
+    if (visual_encoder is None) != (llava is None):
+        raise XtuneError("a LLaVA chat needs both --visual-encoder and --llava.")
+    if image is not None and llava is None:
+        raise XtuneError("--image needs a LLaVA model: pass --visual-encoder and --llava.")
+    if llava is not None:
+        from xtune.engine.device import resolve_device, resolve_dtype
+        from xtune.models.llava import load_llava
+
+        torch_device = resolve_device(device)
+        llm, tokenizer = load_llava(model, visual_encoder, llava, bits, torch_device, resolve_dtype(dtype, torch_device))
+    else:
+        llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
+    template = pick_template(prompt_template, adapter or llava, resolve_model_path(model), tokenizer)
     if input is None:
-        repl(llm, tokenizer, template, system, options, stream=not no_streamer)
+        repl(llm, tokenizer, template, system, options, stream=not no_streamer, image=image)
         return
     lines = sys.stdin if input == "-" else Path(input).open(encoding="utf-8")
-    conversations = read_prompts(lines)
+    conversations = read_prompts(lines, image)
     replies = answer_all(llm, tokenizer, template, conversations, system, options)
     for reply in replies:
         print(reply.replace("\n", "\\n"), flush=True)

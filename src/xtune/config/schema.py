@@ -62,6 +62,27 @@ class Config(BaseModel):
     """Train no weight of the language model except `modules_to_save` (no adapters on it): e.g. only the
     embeddings of new tokens, or, for LLaVA, only the projector."""
 
+    # Multimodal (LLaVA): set visual_encoder_name_or_path to train a vision-language model
+    visual_encoder_name_or_path: str | None = None
+    """A CLIP or SigLIP vision encoder (local folder, cached hub id, or `xtune-tiny/clip-vision`). Its patch
+    features, projected into the LLM, take the place of each `<image>` in the text."""
+    visual_select_layer: int = -2
+    """Hidden layer of the vision encoder whose patch features are used (CLIP's CLS token dropped)."""
+    projector_depth: int = Field(2, gt=0)
+    """Linear layers of the projector (Linear, then GELU + Linear per extra layer)."""
+    pretrained_pth: str | None = None
+    """A trained projector to start from: the pretrain run's checkpoint-<step> folder (or its projector/)."""
+    freeze_visual_encoder: bool = True
+    """Keep the vision encoder's weights fixed (unless visual_encoder_lora)."""
+    visual_encoder_lora: bool = False
+    """LoRA adapters on the vision encoder's linear layers (rank and alpha as lora_r and lora_alpha)."""
+    pad_image_to_square: bool = False
+    """Pad images to a square with the processor's mean colour before resizing (LLaVA's finetune stage),
+    instead of the processor's resize and centre crop."""
+    evaluation_images: list[str] = []
+    """Images for evaluation_inputs: one per input, or one for all; each input gets `<image>` put in front
+    of it when it has none."""
+
     # Data
     data_root: str = "./data/"
     """Folder the data paths are usually written relative to (`data_path = data_root + 'x.json'`)."""
@@ -170,6 +191,17 @@ class Config(BaseModel):
     def _one_engine(self) -> "Config":
         if self.deepspeed is not None and self.strategy == "fsdp":
             raise ValueError("deepspeed and strategy = 'fsdp' both shard the model; choose one")
+        return self
+
+    @model_validator(mode="after")
+    def _images_need_an_encoder(self) -> "Config":
+        if self.evaluation_images and self.visual_encoder_name_or_path is None:
+            raise ValueError("evaluation_images needs visual_encoder_name_or_path (a LLaVA model)")
+        if len(self.evaluation_images) not in (0, 1, len(self.evaluation_inputs)):
+            raise ValueError(
+                f"evaluation_images has {len(self.evaluation_images)} images for {len(self.evaluation_inputs)} "
+                "evaluation_inputs; give one per input, or one for all"
+            )
         return self
 
     @field_validator("save_total_limit")

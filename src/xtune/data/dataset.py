@@ -57,7 +57,7 @@ def source_specs(config: Config) -> list[SourceSpec]:
     return specs
 
 
-def cache_key(config: Config, specs: list[SourceSpec], tokenizer) -> str:
+def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: int = 0) -> str:
     digest = hashlib.sha256()
     for spec in specs:
         digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
@@ -74,6 +74,7 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer) -> str:
         "skip_bad_records": config.skip_bad_records,
         "seed": config.seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
+        **({"image_tokens": image_tokens} if image_tokens else {}),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
@@ -94,24 +95,27 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_entry(config: Config, tokenizer) -> Path:
+def cache_entry(config: Config, tokenizer, image_tokens: int = 0) -> Path:
     """The folder the config's encoded samples are cached in."""
-    return xtune_home() / "data-cache" / cache_key(config, source_specs(config), tokenizer)
+    return xtune_home() / "data-cache" / cache_key(config, source_specs(config), tokenizer, image_tokens)
 
 
 def is_cached(entry: Path) -> bool:
     return (entry / "samples.safetensors").is_file()
 
 
-def prepare_samples(config: Config, tokenizer, use_cache: bool = True) -> tuple[list[Encoded], DataReport]:
-    """The encoded samples the config trains on, from the cache when it has them."""
+def prepare_samples(
+    config: Config, tokenizer, use_cache: bool = True, image_tokens: int = 0
+) -> tuple[list[Encoded], DataReport]:
+    """The encoded samples the config trains on, from the cache when it has them. `image_tokens`: patches per
+    image of a multimodal model (each `<image>` becomes that many IMAGE_TOKEN_ID)."""
     specs = source_specs(config)
-    cache_dir = cache_entry(config, tokenizer)
+    cache_dir = cache_entry(config, tokenizer, image_tokens)
     if use_cache and is_cached(cache_dir):
         return _read_cache(cache_dir)
     loaded = load_sources(specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed)
     template = get_template(config.prompt_template)
-    encoded = encode_parallel(loaded.conversations, template, tokenizer, config, config.num_proc)
+    encoded = encode_parallel(loaded.conversations, template, tokenizer, config, config.num_proc, image_tokens)
     samples, report = apply_length_policy(encoded, config)
     report.sources = [(spec.path, count) for spec, count in zip(specs, loaded.counts)]
     report.skipped = [str(bad) for bad in loaded.skipped]
@@ -144,23 +148,34 @@ def apply_length_policy(encoded: list[Encoded], config: Config) -> tuple[list[En
 _worker: dict = {}
 
 
-def _init_worker(template: ChatTemplate, tokenizer, max_length: int, last_turn_only: bool, workers: bool) -> None:
+def _init_worker(
+    template: ChatTemplate, tokenizer, max_length: int, last_turn_only: bool, image_tokens: int, workers: bool
+) -> None:
     if workers:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(template=template, tokenizer=tokenizer, max_length=max_length, last_turn_only=last_turn_only)
+    _worker.update(
+        template=template, tokenizer=tokenizer, max_length=max_length, last_turn_only=last_turn_only,
+        image_tokens=image_tokens,
+    )  # fmt: skip
 
 
 def _encode_chunk(conversations: list[Conversation]) -> list[Encoded]:
     return encode_batch(
-        conversations, _worker["template"], _worker["tokenizer"], _worker["max_length"], _worker["last_turn_only"]
-    )
+        conversations, _worker["template"], _worker["tokenizer"], _worker["max_length"], _worker["last_turn_only"],
+        _worker["image_tokens"],
+    )  # fmt: skip
 
 
 def encode_parallel(
-    conversations: list[Conversation], template: ChatTemplate, tokenizer, config: Config, num_proc: int = 1
+    conversations: list[Conversation],
+    template: ChatTemplate,
+    tokenizer,
+    config: Config,
+    num_proc: int = 1,
+    image_tokens: int = 0,
 ) -> list[Encoded]:
     """`encode` over every conversation, in `num_proc` processes when more than one."""
-    args = (template, tokenizer, config.max_length, config.train_on_last_turn_only)
+    args = (template, tokenizer, config.max_length, config.train_on_last_turn_only, image_tokens)
     if num_proc <= 1 or len(conversations) < 2 * num_proc:
         _init_worker(*args, workers=False)
         return _encode_chunk(conversations)
@@ -183,6 +198,8 @@ def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) ->
         "truncated": torch.tensor([s.truncated for s in samples], dtype=torch.bool),
     }
     (partial / "report.json").write_text(json.dumps(asdict(report)))
+    if any(s.images for s in samples):
+        (partial / "images.json").write_text(json.dumps([list(s.images) for s in samples]))
     save_file(tensors, partial / "samples.safetensors")
     if cache_dir.exists() and not is_cached(cache_dir):
         shutil.rmtree(cache_dir)  # not written by us: entries are renamed into place whole
@@ -195,9 +212,12 @@ def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) ->
 def _read_cache(cache_dir: Path) -> tuple[list[Encoded], DataReport]:
     tensors = load_file(cache_dir / "samples.safetensors")
     ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
+    lengths = tensors["lengths"].tolist()
+    images_file = cache_dir / "images.json"
+    images = json.loads(images_file.read_text()) if images_file.is_file() else [[]] * len(lengths)
     samples, start = [], 0
-    for length, truncated in zip(tensors["lengths"].tolist(), tensors["truncated"].tolist()):
-        samples.append(Encoded(ids[start : start + length], labels[start : start + length], truncated))
+    for length, truncated, paths in zip(lengths, tensors["truncated"].tolist(), images):
+        samples.append(Encoded(ids[start : start + length], labels[start : start + length], truncated, tuple(paths)))
         start += length
     report = DataReport(**json.loads((cache_dir / "report.json").read_text()))
     report.sources = [tuple(source) for source in report.sources]

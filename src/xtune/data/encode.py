@@ -4,10 +4,13 @@ from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from xtune.data.formats import Conversation
+from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation
 from xtune.data.templates import Segment, Template, TokenizerTemplate, render
+from xtune.errors import DataError
 
 IGNORE_INDEX = -100
+IMAGE_TOKEN_ID = -200
+"""Stands for one image patch in `input_ids` (as in LLaVA); the model puts the projected patch there."""
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -20,6 +23,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    images: tuple[str, ...] = ()
+    """The images whose patches fill this sample's IMAGE_TOKEN_ID runs, in order."""
 
     @property
     def num_trained(self) -> int:
@@ -32,22 +37,27 @@ def encode(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None = None,
     train_on_last_turn_only: bool = False,
+    image_tokens: int = 0,
 ) -> Encoded:
     """Token ids with labels equal to the ids on trained segments, truncated to `max_length`.
 
     A named template's segments are tokenized one by one, so that no token straddles a trained and an untrained
     segment. "hf" tokenizes the whole text at once, as `apply_chat_template` does, and trains the tokens that lie
-    in trained segments.
+    in trained segments. With `image_tokens` (a multimodal model), each `<image>` becomes that many
+    IMAGE_TOKEN_ID, untrained.
     """
     if train_on_last_turn_only:
         conversation = last_turn_trained_only(conversation)
     segments = render(conversation, template, tokenizer)
-    tokenize = _tokenize_whole if isinstance(template, TokenizerTemplate) else _tokenize_segments
-    input_ids, labels = tokenize(segments, tokenizer)
-    truncated = max_length is not None and len(input_ids) > max_length
-    if truncated:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return Encoded(input_ids, labels, truncated)
+    if image_tokens and isinstance(template, TokenizerTemplate) and conversation.images:
+        raise DataError("prompt template 'hf' cannot place image patches yet; name the model's template instead.")
+    if isinstance(template, TokenizerTemplate):
+        input_ids, labels = _tokenize_whole(segments, tokenizer)
+    else:
+        pieces = _image_pieces(segments, image_tokens)
+        ids = [tokenizer.encode(text, add_special_tokens=False) if text is not None else None for text, _ in pieces]
+        input_ids, labels = _join(pieces, ids, image_tokens)
+    return _fit(input_ids, labels, max_length, conversation.images if image_tokens else (), image_tokens)
 
 
 def encode_batch(
@@ -56,30 +66,63 @@ def encode_batch(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None = None,
     train_on_last_turn_only: bool = False,
+    image_tokens: int = 0,
 ) -> list[Encoded]:
     """`encode` over many conversations, with every segment tokenized in one call to the Rust
     tokenizer (several times faster than segment by segment); the same ids and labels as `encode`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or isinstance(template, TokenizerTemplate):
-        return [encode(c, template, tokenizer, max_length, train_on_last_turn_only) for c in conversations]
+        return [encode(c, template, tokenizer, max_length, train_on_last_turn_only, image_tokens) for c in conversations]
     if train_on_last_turn_only:
         conversations = [last_turn_trained_only(c) for c in conversations]
-    rendered = [render(c, template, tokenizer) for c in conversations]
-    pieces = backend.encode_batch([text for segments in rendered for text, _ in segments], add_special_tokens=False)
-    results, cursor = [], 0
-    for segments in rendered:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for _, trained in segments:
-            ids = pieces[cursor].ids
-            cursor += 1
-            input_ids += ids
-            labels += ids if trained else [IGNORE_INDEX] * len(ids)
-        truncated = max_length is not None and len(input_ids) > max_length
-        if truncated:
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-        results.append(Encoded(input_ids, labels, truncated))
+    rendered = [_image_pieces(render(c, template, tokenizer), image_tokens) for c in conversations]
+    texts = [text for pieces in rendered for text, _ in pieces if text is not None]
+    encodings = iter(backend.encode_batch(texts, add_special_tokens=False))
+    results = []
+    for conversation, pieces in zip(conversations, rendered):
+        ids = [next(encodings).ids if text is not None else None for text, _ in pieces]
+        input_ids, labels = _join(pieces, ids, image_tokens)
+        images = conversation.images if image_tokens else ()
+        results.append(_fit(input_ids, labels, max_length, images, image_tokens))
     return results
+
+
+def _image_pieces(segments: list[Segment], image_tokens: int) -> list[tuple[str | None, bool]]:
+    """The segments, with each `<image>` cut out as a piece of its own (text None) when images become patches."""
+    if not image_tokens:
+        return list(segments)
+    pieces: list[tuple[str | None, bool]] = []
+    for text, trained in segments:
+        for index, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if index:
+                pieces.append((None, False))
+            if part:
+                pieces.append((part, trained))
+    return pieces
+
+
+def _join(pieces, ids: list[list[int] | None], image_tokens: int) -> tuple[list[int], list[int]]:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for (_, trained), piece in zip(pieces, ids):
+        piece = [IMAGE_TOKEN_ID] * image_tokens if piece is None else piece
+        input_ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    return input_ids, labels
+
+
+def _fit(input_ids, labels, max_length: int | None, images: tuple[str, ...], image_tokens: int) -> Encoded:
+    """Truncated to `max_length`; a cut through an image's patches moves back to where they start, and only the
+    images wholly kept stay with the sample."""
+    truncated = max_length is not None and len(input_ids) > max_length
+    if truncated:
+        cut = max_length
+        if images:  # the cut falls inside the last kept image's patches when their count is not whole
+            cut -= input_ids[:cut].count(IMAGE_TOKEN_ID) % image_tokens
+        input_ids, labels = input_ids[:cut], labels[:cut]
+    if images:
+        images = images[: input_ids.count(IMAGE_TOKEN_ID) // image_tokens]
+    return Encoded(input_ids, labels, truncated, tuple(images))
 
 
 def last_turn_trained_only(conversation: Conversation) -> Conversation:
@@ -90,16 +133,6 @@ def last_turn_trained_only(conversation: Conversation) -> Conversation:
         for index, turn in enumerate(conversation.turns)
     )
     return replace(conversation, turns=turns)
-
-
-def _tokenize_segments(segments: list[Segment], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, trained in segments:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        input_ids += ids
-        labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels
 
 
 def _tokenize_whole(segments: list[Segment], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:

@@ -35,7 +35,8 @@ def load_conversations(
 
 
 def collate(samples: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`."""
+    """Right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`; `images` (paths, in order)
+    when samples have any."""
     length = max(len(sample.input_ids) for sample in samples)
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -45,7 +46,8 @@ def collate(samples: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor
         input_ids[row, :n] = torch.tensor(sample.input_ids)
         labels[row, :n] = torch.tensor(sample.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    images = [path for sample in samples for path in sample.images]
+    return ({"images": images} if images else {}) | {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def shuffled_batches(num_items: int, batch_size: int, seed: int) -> list[list[int]]:

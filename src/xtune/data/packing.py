@@ -24,6 +24,8 @@ class PackedRow:
     seq_lens: list[int]
     """Length of each segment in order; the last is the padding when `padding` > 0."""
     padding: int
+    images: tuple[str, ...] = ()
+    """The images of its samples, in order."""
 
     @property
     def num_trained(self) -> int:
@@ -68,7 +70,7 @@ def build_row(samples: Sequence[Encoded], max_length: int, pad_token_id: int) ->
         labels += [IGNORE_INDEX] * padding
         position_ids += range(padding)
         seq_lens.append(padding)
-    return PackedRow(input_ids, labels, position_ids, seq_lens, padding)
+    return PackedRow(input_ids, labels, position_ids, seq_lens, padding, tuple(p for s in samples for p in s.images))
 
 
 def pack(
@@ -101,7 +103,8 @@ def collate_packed(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor | int]:
     seq_lens = [n for row in rows for n in row.seq_lens]
     cu_seq_lens = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     total = sum(seq_lens)
-    return {
+    images = [path for row in rows for path in row.images]
+    return ({"images": images} if images else {}) | {
         "input_ids": torch.tensor([[t for row in rows for t in row.input_ids]]),
         "labels": torch.tensor([[t for row in rows for t in row.labels]]),
         "position_ids": torch.tensor([[p for row in rows for p in row.position_ids]]),

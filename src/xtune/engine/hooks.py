@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from xtune.config.schema import Config
-from xtune.data.formats import Conversation, Turn
+from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation, Turn
 from xtune.data.templates import ChatTemplate
 from xtune.errors import ConfigError
 from xtune.infer.generate import GenerationOptions, generate_replies
@@ -108,9 +108,17 @@ def memory_note(device: torch.device) -> str:
 
 
 def evaluate_chat(model, tokenizer, template: ChatTemplate, config: Config) -> list[dict[str, str]]:
-    """Answers to `evaluation_inputs`, in eval mode, restoring train mode afterwards."""
+    """Answers to `evaluation_inputs` (with `evaluation_images` for LLaVA), in eval mode, restoring train mode
+    afterwards."""
     system = (Turn("system", config.SYSTEM),) if config.SYSTEM else ()
-    conversations = [Conversation((*system, Turn("user", text))) for text in config.evaluation_inputs]
+    images = config.evaluation_images * len(config.evaluation_inputs) if len(config.evaluation_images) == 1 else config.evaluation_images
+    conversations = []
+    for index, text in enumerate(config.evaluation_inputs):
+        if not images:
+            conversations.append(Conversation((*system, Turn("user", text))))
+            continue
+        text = text if IMAGE_PLACEHOLDER in text else f"{IMAGE_PLACEHOLDER}\n{text}"
+        conversations.append(Conversation((*system, Turn("user", text)), images=(images[index],)))
     model.eval()
     replies = generate_replies(
         model, tokenizer, template, conversations, GenerationOptions(max_new_tokens=config.evaluation_max_new_tokens)

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, pad_token_id
 from xtune.data.dataset import prepare_samples
+from xtune.data.images import ImagePreprocessor
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, packing_efficiency
 from xtune.data.templates import get_template
@@ -47,6 +48,7 @@ from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.errors import CheckpointError
 from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
+from xtune.models.llava import build_llava, image_token_count, llava_meta, vision_config, with_pixel_values
 from xtune.models.lora import count_parameters, fit_embeddings, prepare_trainable, saves_whole_model
 
 
@@ -184,7 +186,9 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     model_path = resolve_model_path(config.llm_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     template = get_template(config.prompt_template)
-    samples, report = prepare_samples(config, tokenizer)
+    llava = config.visual_encoder_name_or_path is not None
+    image_tokens = image_token_count(vision_config(config.visual_encoder_name_or_path)) if llava else 0
+    samples, report = prepare_samples(config, tokenizer, image_tokens=image_tokens)
     console.print(
         f"data: {report.samples} samples, {report.tokens} tokens ({report.trained_tokens} trained); "
         f"{report.truncated} over max_length={config.max_length} ({report.dropped_too_long} dropped), "
@@ -202,6 +206,12 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     else:
         items, collate_fn = samples, partial(collate, pad_token_id=pad_id)
     grouping = report.lengths if config.group_by_length and not config.pack_to_max_length else None
+    preprocess = None
+    if llava:
+        preprocess = ImagePreprocessor.from_folder(
+            resolve_model_path(config.visual_encoder_name_or_path), config.pad_image_to_square
+        )
+        collate_fn = with_pixel_values(collate_fn, preprocess)
 
     base_dtype = torch.float32 if config.method == "full" else dtype
     model = load_model(
@@ -218,7 +228,8 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
         console.print(f"embeddings grown to {model.get_input_embeddings().num_embeddings} rows for the tokenizer's new tokens")
         if config.method == "lora" and not config.modules_to_save:
             console.print("[yellow]new token rows stay untrained under LoRA: add embed_tokens and lm_head to modules_to_save")
-    model = prepare_trainable(model, config).to(device)
+    model = prepare_trainable(model, config, others_train=llava)
+    model = build_llava(config, model, dtype, device, preprocess) if llava else model.to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
@@ -233,7 +244,10 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
         checkpoint = find_resume_checkpoint(config.work_dir, resume)
         check_resumable(config, checkpoint, ranks.world)
         if not ds_settings:  # DeepSpeed restores the weights with its own state
-            load_trainable_weights(model, checkpoint, saves_whole_model(config))
+            if llava:
+                model.load_trained(checkpoint)
+            else:
+                load_trainable_weights(model, checkpoint, saves_whole_model(config))
     steps = total_steps(config, len(items), ranks.world)
     if not ds_settings:  # FSDP2 shards the parameters before the optimizer sees them
         forward = wrap_for_ranks(model, ranks, config.strategy, device)
@@ -272,6 +286,7 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
         "prompt_template": config.prompt_template,
         "SYSTEM": config.SYSTEM,
         "max_length": config.max_length,
+        **({"llava": llava_meta(config)} if llava else {}),
     }
     sinks = MetricSinks(run_dir, config, main=ranks.main)
     done = progress_state["step"]

@@ -1,13 +1,14 @@
 """Talk to a model: an interactive streaming REPL, or prompts in and answers out for scripts."""
 
 import json
+from dataclasses import replace
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
 from transformers import TextStreamer
 
-from xtune.data.formats import Conversation, Turn, with_system
+from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation, Turn, with_system
 from xtune.data.templates import SYSTEM_TEMPLATES, ChatTemplate, Template, get_template
 from xtune.engine.checkpoint import read_run_meta
 from xtune.engine.device import resolve_device, resolve_dtype
@@ -78,27 +79,40 @@ def system_prompt(system: str, system_template: str | None) -> str:
     return SYSTEM_TEMPLATES[system_template]
 
 
-def read_prompts(lines: Iterable[str]) -> list[Conversation]:
-    """One prompt per line; a line holding a JSON object with `messages` is a whole conversation."""
+def read_prompts(lines: Iterable[str], image: str | None = None) -> list[Conversation]:
+    """One prompt per line; a line holding a JSON object with `messages` is a whole conversation (with its own
+    `"image"` for a LLaVA model). `image` goes with every conversation that names none."""
     conversations = []
     for number, line in enumerate(lines, start=1):
         text = line.rstrip("\n")
         if not text.strip():
             continue
         if text.lstrip().startswith("{"):
-            conversations.append(_messages_to_conversation(text, number))
+            conversation, own_image = _messages_to_conversation(text, number)
         else:
-            conversations.append(Conversation((Turn("user", text),)))
+            conversation, own_image = Conversation((Turn("user", text),)), None
+        conversations.append(with_image(conversation, own_image or image))
     return conversations
 
 
-def _messages_to_conversation(text: str, number: int) -> Conversation:
+def with_image(conversation: Conversation, image: str | None) -> Conversation:
+    """The conversation about `image`: `<image>` put in front of the first user turn unless the text has one."""
+    if image is None:
+        return conversation
+    turns = list(conversation.turns)
+    if not any(IMAGE_PLACEHOLDER in turn.content for turn in turns):
+        first = next(index for index, turn in enumerate(turns) if turn.role == "user")
+        turns[first] = replace(turns[first], content=f"{IMAGE_PLACEHOLDER}\n{turns[first].content}")
+    return replace(conversation, turns=tuple(turns), images=(image,))
+
+
+def _messages_to_conversation(text: str, number: int) -> tuple[Conversation, str | None]:
     try:
-        messages = json.loads(text)["messages"]
-        turns = tuple(Turn(m["role"], m["content"], m["role"] == "assistant") for m in messages)
+        record = json.loads(text)
+        turns = tuple(Turn(m["role"], m["content"], m["role"] == "assistant") for m in record["messages"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise XtuneError(f"input line {number}: expected a prompt or {{\"messages\": [...]}}: {error}") from None
-    return Conversation(turns)
+    return Conversation(turns), record.get("image")
 
 
 def answer_all(model, tokenizer, template, conversations: list[Conversation], system: str, options) -> list[str]:
@@ -115,6 +129,7 @@ def repl(
     read: Callable[[str], str] = input,
     out: TextIO | None = None,
     stream: bool = True,
+    image: str | None = None,
 ) -> None:
     """Multi-turn chat with streamed answers; RESET clears the history, EXIT (or end of input) quits,
     Ctrl-C stops the answer being written."""
@@ -137,10 +152,8 @@ def repl(
         history.append(Turn("user", text))
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         try:
-            (reply,) = generate_replies(
-                model, tokenizer, template, [with_system(Conversation(tuple(history)), system)], options,
-                streamer=streamer,
-            )  # fmt: skip
+            conversation = with_image(with_system(Conversation(tuple(history)), system), image)
+            (reply,) = generate_replies(model, tokenizer, template, [conversation], options, streamer=streamer)
         except KeyboardInterrupt:
             out.write("\n(stopped)\n")
             history.pop()

@@ -22,9 +22,10 @@ class GenerationOptions:
     """Extra stop words on top of the template's."""
 
 
-def prompt_ids(conversation: Conversation, template: ChatTemplate, tokenizer) -> list[int]:
-    """Token ids of the conversation (ending with a user turn) plus the assistant's header."""
-    return encode(conversation, template, tokenizer).input_ids
+def prompt_ids(conversation: Conversation, template: ChatTemplate, tokenizer, image_tokens: int = 0) -> list[int]:
+    """Token ids of the conversation (ending with a user turn) plus the assistant's header; each `<image>` as
+    `image_tokens` patch positions for a multimodal model."""
+    return encode(conversation, template, tokenizer, image_tokens=image_tokens).input_ids
 
 
 def generation_kwargs(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions) -> dict:
@@ -66,12 +67,20 @@ def generate_replies(
     batch_size: int = 16,
     streamer=None,
 ) -> list[str]:
-    """The assistant's next reply to each conversation, generated in left-padded batches."""
+    """The assistant's next reply to each conversation, generated in left-padded batches. A multimodal model
+    (one with `image_tokens` and `preprocess`, as LlavaModel) sees each conversation's images."""
     kwargs = generation_kwargs(template, tokenizer, options)
     device = next(model.parameters()).device
+    image_tokens = getattr(model, "image_tokens", 0)
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
-        prompts = [prompt_ids(c, template, tokenizer) for c in conversations[start : start + batch_size]]
+        batch = conversations[start : start + batch_size]
+        prompts = [prompt_ids(c, template, tokenizer, image_tokens) for c in batch]
+        images = [path for c in batch for path in c.images] if image_tokens else []
+        if images:
+            kwargs["pixel_values"] = model.preprocess(images).to(device)
+        else:
+            kwargs.pop("pixel_values", None)
         width = max(map(len, prompts))
         input_ids = torch.full((len(prompts), width), kwargs["pad_token_id"], dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)

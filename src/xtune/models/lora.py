@@ -22,9 +22,12 @@ def lora_config(config: Config) -> LoraConfig:
     )
 
 
-def prepare_trainable(model: PreTrainedModel, config: Config) -> PreTrainedModel | PeftModel:
+def prepare_trainable(model: PreTrainedModel, config: Config, others_train: bool = False) -> PreTrainedModel | PeftModel:
     """LoRA adapters on a frozen base, every weight trainable for full fine-tuning, or with
-    `freeze_llm` only the `modules_to_save` (saved as a whole model)."""
+    `freeze_llm` only the `modules_to_save` (saved as a whole model). `others_train`: parts beside the LLM
+    train (LLaVA's projector), so a wholly frozen LLM is fine."""
+    if config.freeze_llm and others_train and not config.modules_to_save:
+        return model.requires_grad_(False)
     if config.freeze_llm:
         model.requires_grad_(False)
         chosen = [(name, module) for name, module in model.named_modules() if _named_in(name, config.modules_to_save)]

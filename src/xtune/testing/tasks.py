@@ -3,12 +3,23 @@
 `antonyms`: "What is the opposite of hot?" -> "cold". Every word and every phrasing is seen in
 training, but the held-out (word, phrasing) pairs never are: the model must learn the mapping from
 the word, whatever the phrasing.
+
+`shapes-captions`, `shapes-vqa`: 32x32 drawings of circles, squares and triangles in six colours, for a
+tiny LLaVA. The captions ("A red circle.", "Two blue squares.") are LLaVA-Pretrain records, the questions
+("What colour is the circle?" -> "red", "How many squares are there?" -> "two") LLaVA-Instruct ones.
+`shapes-vqa-heldout` asks the colour of shapes drawn on images no training record shows. The records name
+their images by absolute path, in `xtune_home()/tiny-data/shapes-v1/`, so no image_folder is needed.
 """
 
 import json
 import os
 import random
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image, ImageDraw
 
 from xtune.errors import XtuneError
 from xtune.paths import xtune_home
@@ -49,9 +60,206 @@ def antonym_examples(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
+SHAPES = ("circle", "square", "triangle")
+SHAPE_COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 130, 20),
+}
+"""Colour name -> the RGB the shapes are filled with, far apart from each other and from the white background."""
+SHAPE_IMAGE_SIZE = 32
+SHAPE_SIZES = {1: (10, 20), 2: (10, 14), 3: (10, 12)}
+"""Shapes per image -> the range of a shape's side in pixels; smaller when several must fit side by side."""
+SHAPE_GAP = 2
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+SHAPES_VERSION = 1
+"""Bump when the drawings change, so that images written before are not reused."""
+SHAPES_TRAIN_IMAGES, SHAPES_CAPTION_IMAGES, SHAPES_HELDOUT_IMAGES = 600, 400, 60
+SEVERAL_SHAPES_FRACTION = 0.25
+
+CAPTION_QUESTIONS = (
+    "Describe the image.",
+    "What is in the picture?",
+    "Give a short caption for the image.",
+    "What do you see?",
+)
+COLOUR_QUESTIONS = ("What colour is the {shape}?", "What color is the shape?", "Which colour is the {shape}?")
+SEVERAL_COLOUR_QUESTIONS = ("What colour are the {shapes}?", "What color are the shapes?")
+
+
+@dataclass(frozen=True)
+class ShapeScene:
+    """One image: shapes of one kind and colour, each in a square box (left, top, side) of the white canvas."""
+
+    shape: str
+    colour: str
+    boxes: tuple[tuple[int, int, int], ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.boxes)
+
+
+def random_scene(rng: random.Random, shape: str, colour: str, count: int) -> ShapeScene:
+    """`count` shapes at random places and sizes, wholly inside the image and `SHAPE_GAP` pixels apart."""
+    low, high = SHAPE_SIZES[count]
+    while True:
+        boxes: list[tuple[int, int, int]] = []
+        for _ in range(100):
+            side = rng.randint(low, high)
+            box = (rng.randint(0, SHAPE_IMAGE_SIZE - side), rng.randint(0, SHAPE_IMAGE_SIZE - side), side)
+            if all(_apart(box, other) for other in boxes):
+                boxes.append(box)
+                if len(boxes) == count:
+                    return ShapeScene(shape, colour, tuple(boxes))
+
+
+def _apart(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    (ax, ay, aside), (bx, by, bside) = a, b
+    apart_x = ax + aside + SHAPE_GAP <= bx or bx + bside + SHAPE_GAP <= ax
+    return apart_x or ay + aside + SHAPE_GAP <= by or by + bside + SHAPE_GAP <= ay
+
+
+def draw_scene(scene: ShapeScene) -> Image.Image:
+    """The scene on a white 32x32 canvas, drawn without antialiasing: every pixel is white or the colour."""
+    image = Image.new("RGB", (SHAPE_IMAGE_SIZE, SHAPE_IMAGE_SIZE), "white")
+    draw = ImageDraw.Draw(image)
+    fill = SHAPE_COLOURS[scene.colour]
+    for left, top, side in scene.boxes:
+        right, bottom = left + side - 1, top + side - 1
+        if scene.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=fill)
+        elif scene.shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=fill)
+        else:
+            draw.polygon([(left, bottom), (right, bottom), ((left + right) / 2, top)], fill=fill)
+    return image
+
+
+def shape_scenes(seed: int = 0) -> tuple[list[ShapeScene], list[ShapeScene]]:
+    """(train, held_out): a quarter of the training images hold two or three shapes; the held-out ones hold
+    one shape each, every colour equally often, and none is drawn the same as a training image."""
+    rng = random.Random(seed)
+    train = []
+    for _ in range(SHAPES_TRAIN_IMAGES):
+        count = rng.choice((2, 3)) if rng.random() < SEVERAL_SHAPES_FRACTION else 1
+        train.append(random_scene(rng, rng.choice(SHAPES), rng.choice(list(SHAPE_COLOURS)), count))
+    seen = set(train)
+    held_out = []
+    colours = list(SHAPE_COLOURS)
+    while len(held_out) < SHAPES_HELDOUT_IMAGES:
+        index = len(held_out)
+        scene = random_scene(rng, SHAPES[index // len(colours) % len(SHAPES)], colours[index % len(colours)], 1)
+        if scene not in seen:
+            seen.add(scene)
+            held_out.append(scene)
+    return train, held_out
+
+
+def caption(scene: ShapeScene) -> str:
+    if scene.count == 1:
+        return f"A {scene.colour} {scene.shape}."
+    return f"{COUNT_WORDS[scene.count].capitalize()} {scene.colour} {scene.shape}s."
+
+
+def scene_questions(scene: ShapeScene) -> dict[str, list[tuple[str, str]]]:
+    """Kind of question ("colour", "shape", "count") -> the (question, one-word answer) pairs the scene answers."""
+    shapes = f"{scene.shape}s"
+    if scene.count == 1:
+        colour = [(question.format(shape=scene.shape), scene.colour) for question in COLOUR_QUESTIONS]
+        shape = [("What shape is it?", scene.shape)]
+    else:
+        colour = [(question.format(shapes=shapes), scene.colour) for question in SEVERAL_COLOUR_QUESTIONS]
+        shape = [("What shape are they?", scene.shape)]
+    return {"colour": colour, "shape": shape, "count": [(f"How many {shapes} are there?", COUNT_WORDS[scene.count])]}
+
+
+def _ask(rng: random.Random, scene: ShapeScene) -> list[tuple[str, str]]:
+    """One question of any kind, or a colour question and one of another kind in random order."""
+    questions = scene_questions(scene)
+    if rng.random() < 0.5:
+        return [rng.choice(questions[rng.choice(sorted(questions))])]
+    pair = [rng.choice(questions["colour"]), rng.choice(questions[rng.choice(("count", "shape"))])]
+    rng.shuffle(pair)
+    return pair
+
+
+def _llava_record(record_id: str, image: str, pairs: list[tuple[str, str]]) -> dict:
+    conversations = []
+    for index, (question, answer) in enumerate(pairs):
+        conversations.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + question})
+        conversations.append({"from": "gpt", "value": answer})
+    return {"id": record_id, "image": image, "conversations": conversations}
+
+
+def shape_examples(image_folder: Path, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """(captions, vqa, held_out) as LLaVA records naming the images of `write_shape_images(image_folder)`."""
+    train, held_out = shape_scenes(seed)
+    rng = random.Random(f"{seed}/questions")
+
+    def record(prefix: str, index: int, pairs: list[tuple[str, str]]) -> dict:
+        name = f"{prefix}-{index:04d}"
+        return _llava_record(f"shapes-{name}", str(image_folder / f"{name}.png"), pairs)
+
+    captions = [
+        record("train", index, [(rng.choice(CAPTION_QUESTIONS), caption(scene))])
+        for index, scene in enumerate(train[:SHAPES_CAPTION_IMAGES])
+    ]
+    vqa = [record("train", index, _ask(rng, scene)) for index, scene in enumerate(train)]
+    held_out_records = [
+        record("heldout", index, [(rng.choice(COLOUR_QUESTIONS).format(shape=scene.shape), scene.colour)])
+        for index, scene in enumerate(held_out)
+    ]
+    return captions, vqa, held_out_records
+
+
+def write_shape_images(folder: Path, seed: int = 0) -> None:
+    """`train-NNNN.png` and `heldout-NNNN.png` for the scenes of `shape_scenes(seed)`."""
+    train, held_out = shape_scenes(seed)
+    for prefix, scenes in (("train", train), ("heldout", held_out)):
+        for index, scene in enumerate(scenes):
+            draw_scene(scene).save(folder / f"{prefix}-{index:04d}.png")
+
+
+def shapes_image_folder() -> Path:
+    """`xtune_home()/tiny-data/shapes-v<N>/`, drawn on first use; a folder there is only ever complete."""
+    folder = xtune_home() / "tiny-data" / f"shapes-v{SHAPES_VERSION}"
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        write_shape_images(staging)
+        staging.chmod(0o755)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not folder.is_dir():  # else another process finished it first: the same images
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def shapes_heldout_questions() -> list[tuple[str, str, str]]:
+    """(image path, question, answer) of each `shapes-vqa-heldout` record, for scoring."""
+    held_out = shape_examples(shapes_image_folder())[2]
+    questions = []
+    for record in held_out:
+        question, answer = (turn["value"] for turn in record["conversations"])
+        questions.append((record["image"], question.removeprefix("<image>\n"), answer))
+    return questions
+
+
 TINY_DATASETS = {
     "antonyms": lambda: antonym_examples()[0],
     "antonyms-heldout": lambda: antonym_examples()[1],
+    "shapes-captions": lambda: shape_examples(shapes_image_folder())[0],
+    "shapes-vqa": lambda: shape_examples(shapes_image_folder())[1],
+    "shapes-vqa-heldout": lambda: shape_examples(shapes_image_folder())[2],
 }
 
 

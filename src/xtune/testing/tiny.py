@@ -2,7 +2,8 @@
 
 `tiny_model_path("internlm2-chat")` gives a complete Hugging Face model folder of a few MB: the same files
 and layout as the real checkpoint, with random weights and a byte-level BPE tokenizer trained on a shipped
-English corpus.
+English corpus. `tiny_model_path("clip-vision")` gives a CLIP vision encoder (32x32 images, 8x8 patches) and
+its image processor, the vision tower of a tiny LLaVA.
 """
 
 import os
@@ -14,6 +15,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -22,6 +26,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from xtune.errors import ModelNotFoundError, XtuneError
 from xtune.models.internlm2 import save_internlm2
@@ -73,6 +78,29 @@ TINY_MODELS: dict[str, TinySpec] = {
     "llama": TinySpec("llama", rope_theta=10_000.0, seed=1),
     "qwen2": TinySpec("qwen2", seed=2),
 }
+"""Tiny language models: a tokenizer, a causal LM and a generation config per folder."""
+
+
+@dataclass(frozen=True)
+class TinyVisionSpec:
+    """The shape of a tiny CLIP vision encoder: 16 patches and a CLS token per image, as in LLaVA's tower."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_channels: int = 3
+    projection_dim: int = 64
+    seed: int = 0
+    architecture: str = "clip_vision_model"
+
+
+TINY_VISION_MODELS: dict[str, TinyVisionSpec] = {
+    "clip-vision": TinyVisionSpec(seed=3),
+}
+"""Tiny vision encoders: a `CLIPVisionModel` and its `CLIPImageProcessor` per folder, no tokenizer."""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -106,13 +134,14 @@ def _train_bpe() -> Tokenizer:
     return tokenizer
 
 
-def tiny_spec(name: str) -> TinySpec:
-    if name not in TINY_MODELS:
+def tiny_spec(name: str) -> TinySpec | TinyVisionSpec:
+    specs = TINY_MODELS | TINY_VISION_MODELS
+    if name not in specs:
         raise ModelNotFoundError(
-            f"there is no tiny model {name!r}; the tiny models are {', '.join(TINY_MODELS)} "
-            f"(e.g. xtune-tiny/{next(iter(TINY_MODELS))})"
+            f"there is no tiny model {name!r}; the tiny models are {', '.join(specs)} "
+            f"(e.g. xtune-tiny/{next(iter(specs))})"
         )
-    return TINY_MODELS[name]
+    return specs[name]
 
 
 def tiny_model_path(name: str) -> Path:
@@ -151,7 +180,11 @@ def _publish(staging: Path, dest: Path) -> None:
             raise XtuneError(f"{dest} exists and is not a model folder; remove it and try again") from error
 
 
-def _write_model_folder(spec: TinySpec, folder: Path) -> None:
+def _write_model_folder(spec: TinySpec | TinyVisionSpec, folder: Path) -> None:
+    if isinstance(spec, TinyVisionSpec):
+        build_vision_model(spec).save_pretrained(folder)
+        image_processor(spec).save_pretrained(folder)
+        return
     tokenizer = build_tokenizer()
     model = build_model(spec, vocab_size=_round_up(len(tokenizer), VOCAB_MULTIPLE))
     if spec.architecture == "internlm2":
@@ -195,6 +228,48 @@ def build_model(spec: TinySpec, vocab_size: int) -> PreTrainedModel:
             else:
                 parameter.normal_(0.0, INITIALIZER_RANGE, generator=generator)
     return model.eval()
+
+
+def build_vision_model(spec: TinyVisionSpec) -> CLIPVisionModel:
+    """A CLIP vision encoder with deterministic weights: normal(0, 0.02), layer norms at one, biases at zero."""
+    config = CLIPVisionConfig(
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_channels=spec.num_channels,
+        projection_dim=spec.projection_dim,
+        initializer_range=INITIALIZER_RANGE,
+    )
+    with torch.random.fork_rng(devices=[]):
+        model = CLIPVisionModel(config)
+    generator = torch.Generator().manual_seed(spec.seed)
+    norms = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in norms:
+                parameter.fill_(1.0)
+            elif name.endswith("bias"):
+                parameter.zero_()
+            else:
+                parameter.normal_(0.0, INITIALIZER_RANGE, generator=generator)
+    return model.eval()
+
+
+def image_processor(spec: TinyVisionSpec) -> CLIPImageProcessorPil:
+    """OpenAI CLIP's preprocessing at the tiny size: shortest edge resized, center crop, CLIP mean and std."""
+    return CLIPImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": spec.image_size},
+        do_center_crop=True,
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
 
 
 def generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
