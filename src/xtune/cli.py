@@ -270,6 +270,23 @@ def serve(
     )  # fmt: skip
 
 
+data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("repeat")
+def data_repeat(
+    input: Annotated[Path, typer.Option("-i", "--input", help="A JSON array or JSONL file of records.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="New file (.json array or .jsonl); never overwritten.")],
+    n: Annotated[int, typer.Option("-n", help="How many times each record is written.", min=1)],
+):
+    """Write every record of a dataset N times (e.g. to oversample a small self-cognition set)."""
+    from xtune.data.tools import repeat_dataset
+
+    count = repeat_dataset(input, output, n)
+    console.print(f"wrote {count} records to {output}", highlight=False)
+
+
 convert_app = typer.Typer(help="Convert checkpoints: pth_to_hf (a checkpoint as a clean HF folder), merge (LoRA into its base).", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 MaxShardSize = Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB or 500MB.")]
@@ -282,11 +299,13 @@ def convert_pth_to_hf(
     save_dir: Annotated[Path, typer.Argument(help="New folder to write.")],
     fp32: Annotated[bool, typer.Option("--fp32", help="Save in fp32 instead of the base model's dtype.")] = False,
     max_shard_size: MaxShardSize = "2GB",
+    export: Annotated[Optional[str], typer.Option(help="LLaVA runs: 'hf-llava' also writes a transformers LlavaForConditionalGeneration folder.")] = None,
 ):
-    """A training checkpoint as a Hugging Face folder: a PEFT adapter (LoRA runs) or a model (full runs)."""
+    """A training checkpoint as a Hugging Face folder: a PEFT adapter (LoRA runs), a model (full runs), or a
+    LLaVA run's parts."""
     from xtune.convert.pth_to_hf import pth_to_hf
 
-    pth_to_hf(config, checkpoint, save_dir, fp32=fp32, max_shard_size=max_shard_size, console=err_console)
+    pth_to_hf(config, checkpoint, save_dir, fp32=fp32, max_shard_size=max_shard_size, console=err_console, export=export)
 
 
 @convert_app.command("merge")
@@ -308,12 +327,16 @@ def convert_merge(
 
 @app.command()
 def demo(
-    work_dir: Annotated[str, typer.Option(help="Where the demo run is written.")] = "work_dirs/demo",
+    work_dir: Annotated[Optional[str], typer.Option(help="Where the demo runs are written.")] = None,
+    llava: Annotated[bool, typer.Option("--llava", help="The multimodal demo: LLaVA's two stages on shape drawings.")] = False,
 ):
     """Train a tiny model on a learnable task and show its answers before and after."""
-    from xtune.demo import run_demo
+    from xtune.demo import run_demo, run_llava_demo
 
-    result = run_demo(work_dir, console)
+    if llava:
+        result = run_llava_demo(work_dir or "work_dirs/demo_llava", console)
+    else:
+        result = run_demo(work_dir or "work_dirs/demo", console)
     if result.accuracy_after < 0.9:
         raise XtuneError(f"the demo model reached only {result.accuracy_after:.0%} held-out accuracy (expected >= 90%).")
 

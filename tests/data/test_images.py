@@ -191,3 +191,26 @@ def test_siglip_processor_works_through_the_auto_class(tmp_path):
 def test_a_folder_without_an_image_processor_is_refused(tmp_path):
     with pytest.raises(ModelNotFoundError, match="preprocessor_config.json"):
         ImagePreprocessor.from_folder(tmp_path)
+
+
+def test_a_record_whose_image_is_not_an_image_is_a_bad_record(tmp_path):
+    import json
+
+    from xtune.data.sources import SourceSpec, load_sources
+    from xtune.errors import DataError
+
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    records = [
+        {"id": "a", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "red"}]},
+        {"id": "b", "image": "broken.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "?"}]},
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    spec = SourceSpec(str(data), "llava", image_folder=str(tmp_path))
+    with pytest.raises(DataError, match=r"broken.png' of record id 'b' cannot be read as an image"):
+        load_sources([spec])
+    loaded = load_sources([spec], skip_bad_records=True)
+    assert len(loaded.conversations) == 1 and len(loaded.skipped) == 1

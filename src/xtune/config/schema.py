@@ -75,7 +75,11 @@ class Config(BaseModel):
     freeze_visual_encoder: bool = True
     """Keep the vision encoder's weights fixed (unless visual_encoder_lora)."""
     visual_encoder_lora: bool = False
-    """LoRA adapters on the vision encoder's linear layers (rank and alpha as lora_r and lora_alpha)."""
+    """LoRA adapters on the vision encoder's linear layers."""
+    visual_encoder_lora_r: int = Field(64, gt=0)
+    """LoRA rank on the vision encoder."""
+    visual_encoder_lora_alpha: float = Field(16, gt=0)
+    """LoRA scaling numerator on the vision encoder."""
     pad_image_to_square: bool = False
     """Pad images to a square with the processor's mean colour before resizing (LLaVA's finetune stage),
     instead of the processor's resize and centre crop."""

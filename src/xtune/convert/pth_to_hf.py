@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from xtune.config.load import load_config
+from xtune.convert.llava import copy_llava_parts, export_hf_llava
 from xtune.convert.folder import find_checkpoint, new_folder, save_dtype, save_tokenizer, write_meta
 from xtune.engine.checkpoint import read_run_meta
 from xtune.errors import CheckpointError
@@ -27,9 +28,13 @@ def pth_to_hf(
     fp32: bool = False,
     max_shard_size: str = "2GB",
     console: Console | None = None,
+    export: str | None = None,
 ) -> Path:
     """Write SAVE_DIR from CHECKPOINT (a checkpoint-<step> folder, or a run folder: its newest complete one): a
-    PEFT adapter for LoRA runs, a whole model for full runs."""
+    PEFT adapter for LoRA runs, a whole model for full runs, the trained parts of a LLaVA run (and with
+    `export="hf-llava"` a transformers LLaVA folder in SAVE_DIR/hf-llava)."""
+    if export not in (None, "hf-llava"):
+        raise CheckpointError(f"--export {export!r}: the one export is 'hf-llava'.")
     console = console or Console(stderr=True)
     if str(checkpoint).endswith((".pth", ".pt")):
         raise CheckpointError(
@@ -47,8 +52,16 @@ def pth_to_hf(
     base_config = read_config(resolve_model_path(config.llm_name_or_path))
     dtype = save_dtype(base_config.get("dtype") or base_config.get("torch_dtype"), fp32)
     tokenizer = load_tokenizer(folder_in)
+    template = meta.get("prompt_template") or config.prompt_template
+    if export and "llava" not in meta:
+        raise CheckpointError(f"--export hf-llava: {folder_in} is not from a LLaVA run.")
     with new_folder(save_dir) as folder:
-        if (folder_in / "adapter_config.json").is_file():
+        if "llava" in meta:
+            kind = "LLaVA parts (" + ", ".join(copy_llava_parts(folder_in, folder, dtype)) + ")"
+            if export:
+                export_hf_llava(config.llm_name_or_path, config.visual_encoder_name_or_path, folder_in, folder / "hf-llava", dtype, template)
+                kind += " and a transformers LLaVA model in hf-llava/"
+        elif (folder_in / "adapter_config.json").is_file():
             weights = load_file(folder_in / "adapter_model.safetensors")
             save_file({name: _cast(tensor, dtype) for name, tensor in weights.items()}, folder / "adapter_model.safetensors")
             adapter_config = json.loads((folder_in / "adapter_config.json").read_text())
@@ -58,7 +71,7 @@ def pth_to_hf(
             model = AutoModelForCausalLM.from_pretrained(folder_in, dtype=dtype)
             model.save_pretrained(folder, max_shard_size=max_shard_size)
             kind = "model"
-        save_tokenizer(tokenizer, folder, meta.get("prompt_template") or config.prompt_template)
+        save_tokenizer(tokenizer, folder, template)
         write_meta(folder, {**meta, "converted_from": str(folder_in)})
     console.print(f"{kind} from {folder_in} written to {save_dir} ({dtype})")
     return Path(save_dir)

@@ -368,7 +368,20 @@ def _with_image_paths(conversation: Conversation, record: Any, image_folder: str
                     f"image '{written}'{_record_id(record)} not found (looked at {Path(path).resolve()}); "
                     "set image_folder, or fix the path"
                 )
+            _check_image_header(written, path, record)
     return dataclasses.replace(conversation, images=paths)
+
+
+def _check_image_header(written: str, path: str, record: Any) -> None:
+    """Opens the file's header (not its pixels): a file that is not an image is the record's fault now, not a
+    crash hours into training."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as error:
+        raise RecordError(f"image '{written}'{_record_id(record)} cannot be read as an image ({error})") from None
 
 
 def _convert(map_fn: Callable, name: str, record: Any) -> Conversation:

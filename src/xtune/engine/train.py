@@ -45,7 +45,7 @@ from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
 from xtune.engine.optim import build_optimizer, build_scheduler
-from xtune.errors import CheckpointError
+from xtune.errors import CheckpointError, ConfigError
 from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
 from xtune.models.llava import build_llava, image_token_count, llava_meta, vision_config, with_pixel_values
@@ -187,6 +187,9 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     template = get_template(config.prompt_template)
     llava = config.visual_encoder_name_or_path is not None
+    missing = [image for image in config.evaluation_images if not Path(image).is_file()]
+    if missing:
+        raise ConfigError(f"evaluation_images: {missing[0]!r} is not a file; give local image paths.")
     image_tokens = image_token_count(vision_config(config.visual_encoder_name_or_path)) if llava else 0
     samples, report = prepare_samples(config, tokenizer, image_tokens=image_tokens)
     console.print(

@@ -190,8 +190,8 @@ def build_llava(config, llm, dtype: torch.dtype, device: torch.device, preproces
     encoder = load_visual_encoder(resolve_model_path(config.visual_encoder_name_or_path), torch.float32 if trained else dtype)
     encoder.requires_grad_(not config.freeze_visual_encoder and not config.visual_encoder_lora)
     if config.visual_encoder_lora:
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=VISION_LORA_TARGETS)  # fmt: skip
+        lora = LoraConfig(r=config.visual_encoder_lora_r, lora_alpha=config.visual_encoder_lora_alpha,
+                          lora_dropout=config.lora_dropout, target_modules=VISION_LORA_TARGETS)  # fmt: skip
         encoder = get_peft_model(encoder, lora)
     vision_hidden, llm_hidden = encoder.config.hidden_size, llm.config.hidden_size
     if config.pretrained_pth:

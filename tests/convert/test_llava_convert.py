@@ -1,0 +1,64 @@
+"""A LLaVA run's checkpoint converts to its parts, and exports to a transformers LLaVA model that computes
+what xtune's LlavaModel computes."""
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from xtune.config.load import load_config
+from xtune.convert.pth_to_hf import pth_to_hf
+from xtune.data.encode import IMAGE_TOKEN_ID, encode
+from xtune.data.formats import Conversation, Turn
+from xtune.data.templates import get_template
+from xtune.engine.train import train
+from xtune.errors import CheckpointError
+from xtune.models.llava import load_llava
+from xtune.testing.tasks import shapes_heldout_questions
+
+CONFIG = "tiny_llava_finetune_shapes"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("llava")
+    overrides = [f"work_dir={str(work_dir)!r}", "max_steps=2", "batch_size=4", "evaluation_inputs=[]", "dtype='fp32'",
+                 "visual_encoder_lora=True", "visual_encoder_lora_r=4"]  # fmt: skip
+    config, _ = load_config(CONFIG, overrides)
+    return train(config, Console(file=io.StringIO()))
+
+
+def test_pth_to_hf_writes_the_parts_and_an_hf_llava_model_with_the_same_logits(tmp_path, run):
+    out = pth_to_hf(CONFIG, run.checkpoint, tmp_path / "out", fp32=True, export="hf-llava")
+    assert {"projector", "llm_adapter", "visual_encoder_adapter", "hf-llava", "xtune_run.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "training_state.json").exists()
+
+    ours, tokenizer = load_llava("xtune-tiny/internlm2-chat", "xtune-tiny/clip-vision", out)
+    image, question, _ = shapes_heldout_questions()[0]
+    conversation = Conversation((Turn("user", f"<image>\n{question}"),), images=(image,))
+    ids = encode(conversation, get_template("internlm2_chat"), tokenizer, image_tokens=ours.image_tokens).input_ids
+    pixels = ours.preprocess([image])
+    hf = LlavaForConditionalGeneration.from_pretrained(out / "hf-llava", dtype=torch.float32).eval()
+    hf_ids = torch.tensor([[hf.config.image_token_index if t == IMAGE_TOKEN_ID else t for t in ids]])
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids]), pixels).logits
+        logits = hf(input_ids=hf_ids, pixel_values=pixels).logits
+    assert (logits - expected).abs().max() < 1e-4
+
+    processor = AutoProcessor.from_pretrained(out / "hf-llava")
+    from PIL import Image
+
+    inputs = processor(images=Image.open(image), text=f"<image>\n{question}", return_tensors="pt")
+    assert (inputs["input_ids"] == hf.config.image_token_index).sum() == ours.image_tokens  # the processor expands it
+
+
+def test_the_parts_load_back_for_chat_and_a_text_run_cannot_export(tmp_path, run):
+    out = pth_to_hf(CONFIG, run.checkpoint, tmp_path / "out")
+    assert json.loads((out / "xtune_run.json").read_text())["llava"]["visual_encoder_name_or_path"] == "xtune-tiny/clip-vision"
+    model, _ = load_llava("xtune-tiny/internlm2-chat", "xtune-tiny/clip-vision", out)
+    assert model.image_tokens == 16
+    with pytest.raises(CheckpointError, match="holds no projector"):
+        load_llava("xtune-tiny/internlm2-chat", "xtune-tiny/clip-vision", tmp_path)

@@ -1,0 +1,127 @@
+"""LLaVA: <image> becomes patch positions, the model fills them with projected patch features, packing gives
+the same logits as separate samples, trained parts save and load back, and the learned model answers."""
+
+import pytest
+import torch
+from transformers import CLIPVisionModel
+
+from xtune.config.schema import Config
+from xtune.data.encode import IGNORE_INDEX, IMAGE_TOKEN_ID, encode
+from xtune.data.formats import Conversation, Turn
+from xtune.data.images import ImagePreprocessor
+from xtune.data.packing import build_row, collate_packed
+from xtune.data.templates import get_template
+from xtune.models.attention import use_varlen_attention
+from xtune.models.llava import LlavaModel, Projector, build_llava, image_token_count, with_pixel_values
+from xtune.models.load import load_model, load_tokenizer, resolve_model_path
+from xtune.models.lora import prepare_trainable
+from xtune.testing.tasks import shapes_heldout_questions
+
+TEMPLATE = get_template("internlm2_chat")
+
+
+def conversation(image: str, question: str = "What colour is the shape?", answer: str = "red") -> Conversation:
+    turns = (Turn("user", f"<image>\n{question}"), Turn("assistant", answer, True))
+    return Conversation(turns, images=(image,))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [path for path, _, _ in shapes_heldout_questions()[:4]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model_path("xtune-tiny/internlm2-chat"))
+
+
+def test_each_image_becomes_a_run_of_untrained_patch_positions(tokenizer, images):
+    encoded = encode(conversation(images[0]), TEMPLATE, tokenizer, image_tokens=16)
+    start = encoded.input_ids.index(IMAGE_TOKEN_ID)
+    assert encoded.input_ids[start : start + 16] == [IMAGE_TOKEN_ID] * 16
+    assert encoded.input_ids.count(IMAGE_TOKEN_ID) == 16
+    assert encoded.labels[start : start + 16] == [IGNORE_INDEX] * 16
+    assert encoded.images == (images[0],)
+    text_only = encode(conversation(images[0]), TEMPLATE, tokenizer)  # a text model keeps <image> as text
+    assert IMAGE_TOKEN_ID not in text_only.input_ids and text_only.images == ()
+
+
+def test_truncation_never_keeps_part_of_an_image(tokenizer, images):
+    two = Conversation((Turn("user", "<image> and <image>: same colour?"), Turn("assistant", "yes", True)), images=tuple(images[:2]))
+    whole = encode(two, TEMPLATE, tokenizer, image_tokens=16)
+    second = len(whole.input_ids) - whole.input_ids[::-1].index(IMAGE_TOKEN_ID)  # end of the second run
+    cut = encode(two, TEMPLATE, tokenizer, max_length=second - 5, image_tokens=16)
+    assert cut.truncated and cut.input_ids.count(IMAGE_TOKEN_ID) == 16 and cut.images == (images[0],)
+    assert cut.input_ids[-1] != IMAGE_TOKEN_ID
+
+
+def tiny_llava(**overrides) -> LlavaModel:
+    config = Config(**{
+        "llm_name_or_path": "xtune-tiny/internlm2-chat", "visual_encoder_name_or_path": "xtune-tiny/clip-vision",
+        "data_path": "-", "freeze_llm": True, **overrides,
+    })  # fmt: skip
+    llm = prepare_trainable(load_model(resolve_model_path(config.llm_name_or_path)), config, others_train=True)
+    preprocess = ImagePreprocessor.from_folder(resolve_model_path("xtune-tiny/clip-vision"))
+    torch.manual_seed(0)
+    return build_llava(config, llm, torch.float32, torch.device("cpu"), preprocess).eval()
+
+
+def test_patch_positions_hold_the_projected_features_of_their_image(tokenizer, images):
+    model = tiny_llava()
+    encoded = encode(conversation(images[1]), TEMPLATE, tokenizer, image_tokens=model.image_tokens)
+    ids = torch.tensor([encoded.input_ids])
+    pixels = model.preprocess([images[1]])
+    embeddings = model.embed(ids, pixels)
+    patches = ids[0] == IMAGE_TOKEN_ID
+    encoder = CLIPVisionModel.from_pretrained(resolve_model_path("xtune-tiny/clip-vision"))
+    expected = model.projector(encoder(pixels, output_hidden_states=True).hidden_states[-2][0, 1:])
+    assert torch.allclose(embeddings[0, patches], expected, atol=1e-6)
+    text = model.llm.get_input_embeddings()(ids[0, ~patches])
+    assert torch.equal(embeddings[0, ~patches], text)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model.embed(ids)
+
+
+def test_packed_rows_with_images_give_the_logits_of_separate_samples(tokenizer, images):
+    model = tiny_llava()
+    use_varlen_attention(model.llm)
+    conversations = [conversation(images[0]), Conversation((Turn("user", "Hi"), Turn("assistant", "hello", True))),
+                     conversation(images[2], "What shape is it?", "circle")]  # fmt: skip
+    samples = [encode(c, TEMPLATE, tokenizer, image_tokens=model.image_tokens) for c in conversations]
+    collate = with_pixel_values(collate_packed, model.preprocess)
+    row = build_row(samples, max_length=sum(len(s.input_ids) for s in samples) + 3, pad_token_id=2)
+    batch = collate([row])
+    assert batch["pixel_values"].shape[0] == 2
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        start = 0
+        for sample in samples:
+            alone = torch.tensor([sample.input_ids])
+            pixels = model.preprocess(list(sample.images)) if sample.images else None
+            logits = model(alone, pixels, use_cache=False).logits[0]
+            n = len(sample.input_ids)
+            assert (packed[start : start + n] - logits).abs().max() < 1e-4
+            start += n
+
+
+def test_trained_parts_save_and_load_back(tmp_path):
+    model = tiny_llava(freeze_llm=False, method="lora", lora_r=4, visual_encoder_lora=True, visual_encoder_lora_r=4)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.01)
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"projector", "llm_adapter", "visual_encoder_adapter"}
+    fresh = tiny_llava(freeze_llm=False, method="lora", lora_r=4, visual_encoder_lora=True, visual_encoder_lora_r=4)
+    fresh.load_trained(tmp_path)
+    trained = dict(model.named_parameters())
+    for name, parameter in fresh.named_parameters():
+        if parameter.requires_grad:
+            assert torch.equal(parameter, trained[name]), name
+    assert isinstance(Projector.load(tmp_path), Projector)
+
+
+def test_image_token_count_of_the_tiny_encoder():
+    from xtune.models.llava import vision_config
+
+    assert image_token_count(vision_config("xtune-tiny/clip-vision")) == (32 // 8) ** 2
