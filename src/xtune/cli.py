@@ -270,6 +270,32 @@ def serve(
     )  # fmt: skip
 
 
+@app.command()
+def mmbench(
+    model: Annotated[str, typer.Argument(help="Base LLM folder or id.")],
+    visual_encoder: Annotated[str, typer.Option(help="The base vision encoder (CLIP/SigLIP folder or id).")],
+    llava: Annotated[str, typer.Option(help="The trained LLaVA parts (a checkpoint or pth_to_hf output).")],
+    data_path: Annotated[Path, typer.Option(help="MMBench TSV (base64 images, question, hint, options, answer).")],
+    work_dir: Annotated[Path, typer.Option(help="Answers and scores go to a new folder inside.")] = Path("work_dirs/mmbench"),
+    prompt_template: Annotated[Optional[str], typer.Option(help="Chat template; default: the one recorded with --llava.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Load the base in 4 or 8 bits.")] = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+):
+    """Score a LLaVA model on MMBench: accuracy overall and per category; every answer saved."""
+    from xtune.infer.mmbench import mmbench as run_mmbench
+
+    result = run_mmbench(model, visual_encoder, llava, data_path, work_dir, prompt_template, bits, device, dtype,
+                         batch_size=batch_size, console=err_console)  # fmt: skip
+    table = Table("category", "accuracy")
+    for category, accuracy in sorted(result.per_category.items()):
+        table.add_row(category, f"{accuracy:.1%}")
+    console.print(table)
+    overall = "n/a (no answers in the file)" if result.overall is None else f"{result.overall:.1%}"
+    console.print(f"overall {overall} over {result.n} questions; answers: {result.answers_path}", highlight=False)
+
+
 data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
