@@ -125,3 +125,21 @@ def test_image_token_count_of_the_tiny_encoder():
     from xtune.models.llava import vision_config
 
     assert image_token_count(vision_config("xtune-tiny/clip-vision")) == (32 // 8) ** 2
+
+
+def test_each_part_can_be_frozen_and_unsupported_sharding_is_refused():
+    from pydantic import ValidationError
+
+    from xtune.engine.zero import deepspeed_config
+    from xtune.errors import ConfigError
+
+    model = tiny_llava(freeze_projector=True)
+    assert not any(p.requires_grad for p in model.parameters())
+    model = tiny_llava(freeze_visual_encoder=False)
+    assert all(p.requires_grad for p in model.visual_encoder.parameters())
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    llava = {"llm_name_or_path": "m", "data_path": "d", "visual_encoder_name_or_path": "v"}
+    with pytest.raises(ValidationError, match="not fsdp"):
+        Config(**llava, strategy="fsdp")
+    with pytest.raises(ConfigError, match="not wired for LLaVA"):
+        deepspeed_config(Config(**llava, deepspeed="zero3"), world=1, dtype=torch.float32)

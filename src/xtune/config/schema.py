@@ -72,6 +72,8 @@ class Config(BaseModel):
     """Linear layers of the projector (Linear, then GELU + Linear per extra layer)."""
     pretrained_pth: str | None = None
     """A trained projector to start from: the pretrain run's checkpoint-<step> folder (or its projector/)."""
+    freeze_projector: bool = False
+    """Keep the projector's weights fixed (e.g. tuning only the LLM after stage 2)."""
     freeze_visual_encoder: bool = True
     """Keep the vision encoder's weights fixed (unless visual_encoder_lora)."""
     visual_encoder_lora: bool = False
@@ -199,6 +201,8 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _images_need_an_encoder(self) -> "Config":
+        if self.visual_encoder_name_or_path is not None and self.strategy == "fsdp":
+            raise ValueError("LLaVA models train with strategy = 'ddp' or deepspeed = 'deepspeed_zero2', not fsdp yet")
         if self.evaluation_images and self.visual_encoder_name_or_path is None:
             raise ValueError("evaluation_images needs visual_encoder_name_or_path (a LLaVA model)")
         if len(self.evaluation_images) not in (0, 1, len(self.evaluation_inputs)):

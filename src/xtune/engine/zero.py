@@ -78,6 +78,8 @@ def deepspeed_config(config: Config, world: int, dtype: torch.dtype) -> dict:
                 f"{path}: {dotted} = {value!r}, but the xtune config implies {wanted!r}; write \"auto\" there "
                 f"(xtune fills it in) or change {key} in the config."
             )
+    if zero_stage(settings) == 3 and config.visual_encoder_name_or_path is not None:
+        raise ConfigError(f"{path}: ZeRO stage 3 is not wired for LLaVA models yet; use deepspeed_zero2.")
     if zero_stage(settings) == 3 and config.quantization is not None:
         raise ConfigError(
             f"{path}: ZeRO stage 3 cannot partition a {config.quantization} quantized base; use deepspeed_zero2 for QLoRA."

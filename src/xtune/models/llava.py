@@ -149,7 +149,7 @@ class LlavaModel(nn.Module):
         """The trained parts, each in a folder of its own: projector/, llm_adapter/ or llm/, and
         visual_encoder_adapter/ or visual_encoder/ when the encoder was tuned."""
         folder = Path(folder)
-        self.projector.save(folder / PROJECTOR)
+        self.projector.save(folder / PROJECTOR)  # always: chat and stage 2 need it, trained or not
         for module, adapter_name, full_name in (
             (self.llm, LLM_ADAPTER, LLM_FULL), (self.visual_encoder, ENCODER_ADAPTER, ENCODER_FULL)
         ):  # fmt: skip
@@ -203,7 +203,7 @@ def build_llava(config, llm, dtype: torch.dtype, device: torch.device, preproces
             )
     else:
         projector = Projector(vision_hidden, llm_hidden, config.projector_depth)
-    projector.float().requires_grad_(True)
+    projector.float().requires_grad_(not config.freeze_projector)
     return LlavaModel(llm, encoder, projector, config.visual_select_layer, preprocess).to(device)
 
 
