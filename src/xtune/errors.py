@@ -19,3 +19,7 @@ class ModelNotFoundError(XtuneError):
 
 class CheckpointError(XtuneError):
     """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+class TrainingError(XtuneError):
+    """Training cannot go on (e.g. the loss became NaN)."""

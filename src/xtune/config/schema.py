@@ -159,6 +159,9 @@ class Config(BaseModel):
     """Run through DeepSpeed ZeRO instead: a shipped config (deepspeed_zero1, deepspeed_zero2,
     deepspeed_zero2_offload, deepspeed_zero3, deepspeed_zero3_offload) or a DeepSpeed JSON file whose
     "auto" values xtune fills from this config. `xtune train --deepspeed NAME` sets it."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """When a step's loss or gradient norm is NaN/Inf: `stop` (before the weights change; the run resumes
+    from its last checkpoint) or `skip` the step (its batch is logged, the weights untouched)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     seed: int = 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from xtune.data.templates import chat_template_jinja
-from xtune.engine.checkpoint import RUN_META, complete_checkpoints
+from xtune.engine.checkpoint import RUN_META, complete_checkpoints, verify_checkpoint
 from xtune.errors import CheckpointError, XtuneError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -72,12 +72,13 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path} is a checkpoint whose save was interrupted; use a complete checkpoint-<step>.")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder.")
-    if (path / RUN_META).is_file():
-        return path
-    checkpoints = complete_checkpoints(path)
-    if not checkpoints:
-        raise CheckpointError(f"{path} holds no complete checkpoint-<step> folder (and is not one).")
-    return checkpoints[-1]
+    if not (path / RUN_META).is_file():
+        checkpoints = complete_checkpoints(path)
+        if not checkpoints:
+            raise CheckpointError(f"{path} holds no complete checkpoint-<step> folder (and is not one).")
+        path = checkpoints[-1]
+    verify_checkpoint(path)
+    return path
 
 
 def loading_error(what: str, fix: str) -> Callable[[Exception], CheckpointError]:

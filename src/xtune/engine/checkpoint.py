@@ -1,5 +1,6 @@
 """Checkpoints that never look complete unless they are: written aside, then renamed into place."""
 
+import hashlib
 import json
 import os
 import random
@@ -10,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xtune.errors import CheckpointError
@@ -49,16 +51,59 @@ def save_checkpoint(
     final, partial = run_dir / f"checkpoint-{step}", partial_checkpoint(run_dir, step)
     if clear:
         shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-    tokenizer.save_pretrained(partial)
-    (partial / RUN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
-    if write_extra is not None:
-        write_extra(partial)
-    _fsync_tree(partial)
+    try:
+        model.save_pretrained(partial, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        tokenizer.save_pretrained(partial)
+        (partial / RUN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        if write_extra is not None:
+            write_extra(partial)
+        write_manifest(partial)
+        _fsync_tree(partial)
+    except (OSError, SafetensorError) as error:  # e.g. the disk is full
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = complete_checkpoints(run_dir)
+        kept = f"; {previous[-1].name} is intact and --resume auto continues from it" if previous else ""
+        reason = getattr(error, "strerror", None) or str(error)
+        raise CheckpointError(f"could not write {final.name} in {run_dir}: {reason}{kept}.") from error
     if final.exists():
         raise FileExistsError(f"{final} already exists; refusing to overwrite it.")
     os.replace(partial, final)
     return final
+
+
+MANIFEST = "manifest.json"
+"""sha256 of every file of a checkpoint, written last: a file truncated or edited later is found."""
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    digests = {str(p.relative_to(folder)): _sha256(p) for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Every file the manifest lists is there with its size and hash unchanged (a checkpoint without a
+    manifest, from before manifests, is accepted as it is)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    for name, digest in json.loads(manifest.read_text())["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the checkpoint (it is in {MANIFEST}); the checkpoint is damaged.")
+        if _sha256(path) != digest:
+            raise CheckpointError(
+                f"{path} differs from what was saved (sha256 mismatch with {MANIFEST}): truncated or edited; use an "
+                "earlier checkpoint."
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def partial_checkpoint(run_dir: Path, step: int) -> Path:
@@ -173,18 +218,21 @@ def _tensors_back(value, tensors: dict[str, torch.Tensor]):
     return value
 
 
-def find_resume_checkpoint(work_dir: str | Path, resume: str) -> Path:
-    """`auto`: the newest complete checkpoint with a training state in any run under `work_dir`;
-    otherwise the checkpoint folder `resume` names."""
+def find_resume_checkpoint(work_dir: str | Path, resume: str) -> Path | None:
+    """`auto`: the newest complete checkpoint with a training state in any run under `work_dir`, or None
+    when there is none yet (a job script can always pass --resume auto); otherwise the checkpoint folder
+    `resume` names. The checkpoint's files are checked against its manifest."""
     if resume != "auto":
         path = Path(resume)
         if not (path / TRAINING_STATE).is_file():
             raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {TRAINING_STATE}).")
+        verify_checkpoint(path)
         return path
     work_dir = Path(work_dir)
     runs = sorted((p for p in work_dir.iterdir() if p.is_dir()), key=lambda p: p.name) if work_dir.is_dir() else []
     for run in reversed(runs):
         resumable = [c for c in complete_checkpoints(run) if (c / TRAINING_STATE).is_file()]
         if resumable:
+            verify_checkpoint(resumable[-1])
             return resumable[-1]
-    raise CheckpointError(f"--resume auto: no complete checkpoint under {work_dir}; start without --resume.")
+    return None

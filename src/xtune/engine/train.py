@@ -45,7 +45,7 @@ from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
 from xtune.engine.optim import build_optimizer, build_scheduler
-from xtune.errors import CheckpointError, ConfigError
+from xtune.errors import CheckpointError, ConfigError, TrainingError
 from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
 from xtune.models.llava import build_llava, image_token_count, llava_meta, vision_config, with_pixel_values
@@ -245,6 +245,9 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     checkpoint = None
     if resume is not None:
         checkpoint = find_resume_checkpoint(config.work_dir, resume)
+        if checkpoint is None:
+            console.print(f"--resume auto: no complete checkpoint under {config.work_dir} yet; starting a new run")
+    if checkpoint is not None:
         check_resumable(config, checkpoint, ranks.world)
         if not ds_settings:  # DeepSpeed restores the weights with its own state
             if llava:
@@ -295,7 +298,7 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     done = progress_state["step"]
     global_batch = config.batch_size * ranks.world
     plan = islice(batch_plan(len(items), global_batch, config.seed, grouping), done * config.accumulative_counts, None)
-    batches = ((epoch, rank_batch(items, indices, collate_fn, ranks)) for epoch, indices in plan)
+    batches = ((epoch, indices, rank_batch(items, indices, collate_fn, ranks)) for epoch, indices in plan)
     result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
     model.train()
     start = time.perf_counter() - progress_state["elapsed_s"]
@@ -312,7 +315,7 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
             epoch = group[-1][0]
             lr = scheduler.get_last_lr()[0]
             loss_sum, num_trained, tokens = accumulate_gradients(
-                forward, [batch for _, batch in group], device, autocast, scaler, ranks, engine
+                forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine
             )
             loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
             if engine is not None:  # it clipped and stepped on the last micro-batch
@@ -322,16 +325,21 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), config.max_norm if config.max_norm is not None else float("inf")
                 )
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-
             if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
                 grad_norm = grad_norm.full_tensor()
-            loss, step_trained, step_tokens, grad_norm = torch.stack(  # the step's one host sync
+            loss, step_trained, step_tokens, grad_norm = torch.stack(  # the step's one host sync, before the update
                 [loss_sum / num_trained, num_trained.double(), tokens.double(), grad_norm.double()]
             ).tolist()
+            diverged = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
+            if diverged:  # fp16's loss scaler skips steps with inf gradients by itself
+                handle_divergence(config, step, epoch, [i for _, indices, _ in group for i in indices], loss, grad_norm,
+                                  engine is not None, progress.console)  # fmt: skip
+            if engine is None:
+                if not diverged:
+                    scaler.step(optimizer)
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
             trained_tokens += int(step_trained)
             seen_tokens += int(step_tokens)
             result.losses.append(loss)
@@ -340,6 +348,7 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
                 "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": seen_tokens, "tokens_per_s": seen_tokens / elapsed,
                 "trained_tokens": trained_tokens, "trained_tokens_per_s": trained_tokens / elapsed, "elapsed_s": elapsed,
+                **({"skipped": True} if diverged else {}),
             }  # fmt: skip
             if step % config.logging_steps == 0 or step == steps:
                 sinks.log(record)
@@ -395,6 +404,20 @@ def save_step(model, tokenizer, run_dir, meta, position, config, ranks, optimize
         prune_checkpoints(run_dir, config.save_total_limit)
     barrier(ranks)
     return run_dir / f"checkpoint-{step}"
+
+
+def handle_divergence(config: Config, step: int, epoch: int, indices: list[int], loss: float, grad_norm: float,
+                      stepped: bool, console: Console) -> None:
+    """A NaN/Inf loss or gradient: stop before the weights change (nan_policy = "stop"; always under
+    DeepSpeed, which has already stepped), or let the caller skip the update."""
+    where = f"step {step} (epoch {epoch}, items {indices[:8]}{' ...' if len(indices) > 8 else ''})"
+    if config.nan_policy == "stop" or stepped:
+        raise TrainingError(
+            f"{where}: loss {loss}, gradient norm {grad_norm}: training diverged. Nothing from this step was "
+            "saved; --resume auto continues from the last checkpoint. Lower lr, check those items, or set "
+            "nan_policy = 'skip'."
+        )
+    console.print(f"[yellow]skipped {where}: loss {loss}, gradient norm {grad_norm}; the weights are unchanged")
 
 
 def rank_batch(items, indices: list[int], collate_fn, ranks: Ranks) -> dict:

@@ -6,6 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from xtune.config.schema import Config
+from xtune.engine.checkpoint import verify_checkpoint
 from xtune.errors import CheckpointError, ConfigError
 
 
@@ -79,8 +80,14 @@ def attach_adapter(model: PreTrainedModel, adapter: str | Path, base: str | Path
         raise CheckpointError(f"{adapter} is a checkpoint whose save was interrupted; use a complete checkpoint-<step>.")
     if not (adapter / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter} has no adapter_config.json: it is not a LoRA adapter (a checkpoint-<step> of a LoRA run is).")
-    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+    if not (adapter / "adapter_model.safetensors").is_file():
+        if (adapter / "adapter_model.bin").is_file():
+            raise CheckpointError(
+                f"{adapter} holds its weights as adapter_model.bin, a pickle, which can run code when loaded; xtune "
+                "reads safetensors only. Convert it where you trust it: PeftModel.from_pretrained(...).save_pretrained(DIR)."
+            )
         raise CheckpointError(f"{adapter} has no adapter_model.safetensors: the adapter folder is incomplete.")
+    verify_checkpoint(adapter)
     try:
         return PeftModel.from_pretrained(model, adapter)
     except RuntimeError as error:

@@ -1,0 +1,136 @@
+"""Faults survived: a diverging loss stops (or skips) before the weights change, a full disk leaves the last
+checkpoint intact and the run resumable, damaged checkpoints are named, pickles are refused."""
+
+import errno
+import io
+import json
+import math
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from xtune.config.load import load_config
+from xtune.engine import train as train_module
+from xtune.engine.train import train
+from xtune.errors import CheckpointError, TrainingError
+
+CONFIG = "tiny_internlm2_chat_lora_antonyms"
+SHORT = ["max_steps=4", "save_steps=1", "save_total_limit=-1", "batch_size=4", "accumulative_counts=1",
+         "evaluation_inputs=[]", "lora_dropout=0.0"]  # fmt: skip
+
+
+def config_in(work_dir, *extra):
+    config, _ = load_config(CONFIG, [f"work_dir={str(work_dir)!r}", *SHORT, *extra])
+    return config
+
+
+def poison_step(monkeypatch, bad_step: int):
+    """The loss of every micro-batch of optimizer step `bad_step` becomes NaN."""
+    real, calls = train_module.causal_lm_loss_sum, {"n": 0}
+
+    def loss_sum(logits, labels):
+        calls["n"] += 1
+        value = real(logits, labels)
+        return value * float("nan") if calls["n"] == bad_step else value
+
+    monkeypatch.setattr(train_module, "causal_lm_loss_sum", loss_sum)
+
+
+def adapter(checkpoint):
+    return load_file(checkpoint / "adapter_model.safetensors")
+
+
+def test_a_nan_loss_stops_before_the_weights_change(tmp_path, monkeypatch):
+    poison_step(monkeypatch, bad_step=3)
+    with pytest.raises(TrainingError, match=r"step 3 \(epoch 0, items \[.*\]\): loss nan.*--resume auto"):
+        train(config_in(tmp_path), Console(file=io.StringIO()))
+    (run,) = tmp_path.iterdir()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert all(torch.isfinite(t).all() for t in adapter(run / "checkpoint-2").values())
+
+
+def test_nan_policy_skip_leaves_the_weights_of_that_step_unchanged(tmp_path, monkeypatch):
+    poison_step(monkeypatch, bad_step=3)
+    output = io.StringIO()
+    result = train(config_in(tmp_path, "nan_policy='skip'"), Console(file=output, width=200))
+    assert "skipped step 3" in output.getvalue()
+    assert math.isnan(result.losses[2]) and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
+    run = result.run_dir
+    before, after = adapter(run / "checkpoint-2"), adapter(run / "checkpoint-3")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(torch.isfinite(t).all() for t in adapter(run / "checkpoint-4").values())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [3]
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes_bit_identical(tmp_path, monkeypatch):
+    from xtune.engine import checkpoint as checkpoint_module
+
+    real_save, saves = checkpoint_module.save_file, {"n": 0}
+
+    def full_disk_on_third_save(tensors, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk_on_third_save)
+    with pytest.raises(CheckpointError, match="could not write checkpoint-3 .*No space left on device; checkpoint-2 is intact"):
+        train(config_in(tmp_path / "a"), Console(file=io.StringIO()))
+    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
+    (run,) = (tmp_path / "a").iterdir()
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1", "checkpoint-2"]
+
+    resumed = train(config_in(tmp_path / "a"), Console(file=io.StringIO()), resume="auto")
+    reference = train(config_in(tmp_path / "b"), Console(file=io.StringIO()))
+    final, expected = adapter(resumed.checkpoint), adapter(reference.checkpoint)
+    assert resumed.run_dir == run and all(torch.equal(final[name], expected[name]) for name in final)
+
+
+def test_a_truncated_or_edited_checkpoint_file_is_named(tmp_path):
+    from xtune.convert.pth_to_hf import pth_to_hf
+
+    result = train(config_in(tmp_path / "runs", "max_steps=2"), Console(file=io.StringIO()))
+    weights = result.checkpoint / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors differs from what was saved .*truncated or edited"):
+        train(config_in(tmp_path / "runs", "max_steps=2"), Console(file=io.StringIO()), resume="auto")
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors differs"):
+        pth_to_hf(CONFIG, result.checkpoint, tmp_path / "out")
+    weights.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit flipped, same size
+    with pytest.raises(CheckpointError, match="differs from what was saved"):
+        pth_to_hf(CONFIG, result.checkpoint, tmp_path / "out")
+    (result.checkpoint / "training_state.json").unlink()
+    weights.write_bytes(data)
+    with pytest.raises(CheckpointError, match="training_state.json is missing from the checkpoint"):
+        pth_to_hf(CONFIG, result.checkpoint, tmp_path / "out")
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = "/tmp/xtune-pickle-ran"
+
+
+def test_a_pickled_adapter_is_refused_without_being_unpickled(tmp_path):
+    import os
+    import pickle
+
+    from xtune.infer.chat import load_chat_model
+
+    if os.path.exists(MARKER):
+        os.unlink(MARKER)
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}))
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"weights": Payload()}))
+    with pytest.raises(CheckpointError, match="adapter_model.bin, a pickle"):
+        load_chat_model("xtune-tiny/llama", adapter=str(folder), dtype="fp32")
+    assert not os.path.exists(MARKER)
