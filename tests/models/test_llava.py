@@ -143,3 +143,26 @@ def test_each_part_can_be_frozen_and_unsupported_sharding_is_refused():
         Config(**llava, strategy="fsdp")
     with pytest.raises(ConfigError, match="not wired for LLaVA"):
         deepspeed_config(Config(**llava, deepspeed="zero3"), world=1, dtype=torch.float32)
+
+
+def test_the_eval_chat_hook_asks_about_evaluation_images(tmp_path, images):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from xtune.config.load import load_config
+    from xtune.engine.train import train
+
+    overrides = [f"work_dir={str(tmp_path)!r}", "max_steps=1", "batch_size=2", "evaluation_inputs=['What colour?', 'What shape?']",
+                 f"evaluation_images=[{images[0]!r}]", "evaluation_max_new_tokens=3"]  # fmt: skip
+    config, _ = load_config("tiny_llava_finetune_shapes", overrides)
+    result = train(config, Console(file=io.StringIO()))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    (evaluation,) = [r["evaluation"] for r in records if "evaluation" in r]
+    assert [item["input"] for item in evaluation] == ["What colour?", "What shape?"]
+    config.evaluation_images = ["/no/such/image.png"]
+    from xtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluation_images: '/no/such/image.png' is not a file"):
+        train(config, Console(file=io.StringIO()))

@@ -116,7 +116,8 @@ class LlavaModel(nn.Module):
         """[images, patches, llm hidden] from [images, 3, H, W]."""
         dtype = next(self.visual_encoder.parameters()).dtype
         hidden = self.visual_encoder(pixel_values.to(dtype), output_hidden_states=True).hidden_states[self.select_layer]
-        return self.projector(hidden[:, 1:] if self.drop_cls else hidden)
+        hidden = hidden[:, 1:] if self.drop_cls else hidden
+        return self.projector(hidden.to(next(self.projector.parameters()).dtype))  # outside autocast too
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         patches = input_ids == IMAGE_TOKEN_ID
