@@ -255,6 +255,9 @@ def serve(
     prompt_template: Annotated[Optional[str], typer.Option(help="Chat template; default as for chat.")] = None,
     system: Annotated[str, typer.Option(help="System prompt for requests without one.")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="Default max_tokens of a request.")] = 512,
+    max_tokens_limit: Annotated[int, typer.Option(help="Requests asking for more max_tokens get 400.")] = 4096,
+    max_queued_requests: Annotated[int, typer.Option(help="Requests waiting beyond this get 503 (retry later).")] = 32,
+    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
     bits: Annotated[Optional[int], typer.Option(help="Load the base in 4 or 8 bits.")] = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -266,7 +269,8 @@ def serve(
 
     run_server(
         model, adapter, host, port, api_key, prompt_template, system, bits, device, dtype, trust_remote_code,
-        GenerationOptions(max_new_tokens=max_new_tokens),
+        GenerationOptions(max_new_tokens=max_new_tokens), max_body_bytes=max_body_bytes,
+        max_tokens_limit=max_tokens_limit, max_queued_requests=max_queued_requests,
     )  # fmt: skip
 
 

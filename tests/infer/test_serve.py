@@ -17,6 +17,7 @@ from xtune.data.templates import get_template
 from xtune.infer import serve as serve_module
 from xtune.infer.chat import answer_all, load_chat_model
 from xtune.infer.generate import GenerationOptions, prompt_ids
+from xtune.errors import XtuneError
 from xtune.infer.serve import build_app, streamable_prefix
 
 MODEL = "xtune-tiny/internlm2-chat"
@@ -275,3 +276,95 @@ def test_serve_on_loopback_or_with_a_key_does_not_warn(no_load_no_run, capsys):
     assert capsys.readouterr().err == ""
     headers = {"Authorization": "Bearer k"}
     assert TestClient(no_load_no_run["app"]).get("/v1/models", headers=headers).json()["data"][0]["id"] == MODEL_NAME
+
+
+# Limits: what one client may ask of the server.
+
+
+@pytest.fixture(scope="module")
+def limited_url(loaded):
+    """A server with small limits: 2 kB bodies, max_tokens <= 64, a 40-token context."""
+    model, tokenizer, template = loaded
+    app = build_app(
+        model, tokenizer, template, MODEL_NAME, system=SYSTEM, defaults=GenerationOptions(max_new_tokens=16),
+        max_body_bytes=2000, max_tokens_limit=64, max_context_tokens=40,
+    )  # fmt: skip
+    with running(app) as url:
+        yield url
+
+
+def openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_a_body_over_the_limit_gets_413_whether_its_length_is_declared_or_not(limited_url):
+    long_message = {"role": "user", "content": "x" * 3000}
+    declared = httpx.post(f"{limited_url}/chat/completions", json={"messages": [long_message]})
+    error = openai_error(declared, 413)
+    assert error["code"] == "request_too_large" and "over this server's limit of 2000 bytes" in error["message"]
+    chunked = httpx.post(f"{limited_url}/chat/completions", content=(b"x" * 500 for _ in range(10)))
+    assert "more than 2000 bytes" in openai_error(chunked, 413)["message"]
+    assert httpx.post(f"{limited_url}/chat/completions", json={"messages": [USER], "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "problem"),
+    [
+        (b'{"messages": [', {"content-type": "application/json"}, 400, "invalid request body: not valid JSON"),
+        (b"[" * 100_000, {"content-type": "application/json"}, 400, "invalid request body: it cannot be read as JSON"),
+        (b"\xff\xfe{", {"content-type": "application/json"}, 400, "invalid request body: it cannot be read as JSON"),
+        (b'{"messages": []}', {}, 400, "send a JSON object with Content-Type: application/json, not none"),
+        (b'"hi"', {"content-type": "application/json"}, 400, "expected a JSON object, got str"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_gets_400(base_url, content, headers, status, problem):
+    error = openai_error(httpx.post(f"{base_url}/chat/completions", content=content, headers=headers), status)
+    assert error["type"] == "invalid_request_error" and problem in error["message"]
+
+
+def test_unknown_paths_and_methods_get_openai_errors(base_url):
+    missing = httpx.post(f"{base_url}/completions", json={})
+    assert "no such endpoint /v1/completions" in openai_error(missing, 404)["message"]
+    assert "GET is not allowed" in openai_error(httpx.get(f"{base_url}/chat/completions"), 405)["message"]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_over_the_limit_gets_400_naming_it(limited_url, field):
+    response = httpx.post(f"{limited_url}/chat/completions", json={"messages": [USER], field: 65})
+    assert f"{field}=65 is above this server's limit of 64 tokens" in openai_error(response, 400)["message"]
+
+
+def test_a_reply_must_fit_the_context(limited_url, loaded):
+    model, tokenizer, template = loaded
+    prompt = len(prompt_ids(conversation([{"role": "system", "content": SYSTEM}, USER]), template, tokenizer))
+    room = 40 - prompt
+    assert 2 < room < 16
+    asked = httpx.post(f"{limited_url}/chat/completions", json={"messages": [USER], "max_tokens": room + 1})
+    error = openai_error(asked, 400)
+    assert error["code"] == "context_length_exceeded" and f"ask for at most {room}," in error["message"]
+    default = httpx.post(f"{limited_url}/chat/completions", json={"messages": [USER], "temperature": 0})
+    assert default.status_code == 200 and default.json()["usage"]["completion_tokens"] <= room  # 16 lowered to fit
+    long_message = {"role": "user", "content": "hi " * 40}
+    too_long = httpx.post(f"{limited_url}/chat/completions", json={"messages": [long_message]})
+    assert "leaves no room for a reply" in openai_error(too_long, 400)["message"]
+
+
+def test_a_request_beyond_the_queue_gets_503_and_its_place_comes_back(loaded):
+    model, tokenizer, template = loaded
+    with running(build_app(model, tokenizer, template, MODEL_NAME, max_queued_requests=0)) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        stream = complete(client, CONVERSATIONS["count"], 2000, stream=True)  # a long reply, still generating below
+        next(stream), next(stream)  # generating: the one place is taken
+        busy = httpx.post(f"{url}/chat/completions", json={"messages": [USER], "max_tokens": 2})
+        error = openai_error(busy, 503)
+        assert error["code"] == "server_busy" and busy.headers["retry-after"] == "1"
+        stream.close()
+        retrying = openai.OpenAI(base_url=url, api_key="unused", max_retries=5)  # waits Retry-After between tries
+        assert complete(retrying, [USER], 2).choices[0].message.role == "assistant"
+
+
+def test_a_default_above_the_max_tokens_limit_is_refused(loaded):
+    model, tokenizer, template = loaded
+    with pytest.raises(XtuneError, match=r"default max_new_tokens \(5000\) is above max_tokens_limit \(4096\)"):
+        build_app(model, tokenizer, template, MODEL_NAME, defaults=GenerationOptions(max_new_tokens=5000))

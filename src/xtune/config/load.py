@@ -89,7 +89,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--cfg-options expects key=value, got '{text}'.")
     try:
         value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # e.g. {[1]: 2}: left as text
         value = raw
     return key.strip(), value
 
@@ -119,17 +119,34 @@ def _assignment_lines(path: Path) -> dict[str, int]:
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    text = path.read_text()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({error.reason}); save the config as UTF-8.") from None
     try:
         values = yaml.safe_load(text)
         root = yaml.compose(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        for key, value in yaml.compose(text).value:
+            if isinstance(value, yaml.ScalarNode) and len(value.value) > 1000:
+                raise ConfigError(
+                    f"{path}:{key.start_mark.line + 1}: key '{key.value}': a value of {len(value.value)} characters "
+                    "cannot be read as a number."
+                ) from None
+        raise ConfigError(f"{path}: a value cannot be read: {str(error)[:200]}") from None
     if values is None:
         return {}, {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values.")
     lines = {key.value: key.start_mark.line + 1 for key, _ in root.value}
+    bad = [key for key in values if not isinstance(key, str)]
+    if bad:
+        line = next((k.start_mark.line + 1 for k, _ in root.value if k.value == str(bad[0]) or k.value == bad[0]), "?")
+        raise ConfigError(f"{path}:{line}: the key '{bad[0]}' is not a name; config keys are words like lr or data_path.")
     return values, lines
 
 
@@ -160,7 +177,7 @@ def _explain(error: ValidationError, path: Path, lines: dict[str, int]) -> str:
         expected = _type_name(field.annotation) if field and len(item["loc"]) == 1 else item["type"]
         messages.append(
             f"{_where(path, lines, key)}: key '{name}' expects {expected}, got "
-            f"{type(item['input']).__name__} {item['input']!r} ({item['msg']})."
+            f"{type(item['input']).__name__} {_short(item['input'])} ({item['msg']})."
         )
     return "\n".join(messages)
 
@@ -174,6 +191,15 @@ def _where(source, lines: dict[str, int], key: str) -> str:
     if line == 0:
         return "--cfg-options"
     return f"{source}:{line}" if line else str(source)
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr() of a value, cut to `limit` characters (and safe for integers too long to print)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _suggest(word: str, choices) -> str:

@@ -43,7 +43,7 @@ class Config(BaseModel):
     every weight."""
     quantization: Literal["4bit", "8bit"] | None = None
     """Load the frozen base in 4-bit NF4 (QLoRA, double quantization) or 8 bits; None keeps it whole."""
-    lora_r: int = Field(64, gt=0)
+    lora_r: int = Field(64, gt=0, le=65536)
     """LoRA rank."""
     lora_alpha: float = Field(16, gt=0)
     """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
@@ -78,7 +78,7 @@ class Config(BaseModel):
     """Keep the vision encoder's weights fixed (unless visual_encoder_lora)."""
     visual_encoder_lora: bool = False
     """LoRA adapters on the vision encoder's linear layers."""
-    visual_encoder_lora_r: int = Field(64, gt=0)
+    visual_encoder_lora_r: int = Field(64, gt=0, le=65536)
     """LoRA rank on the vision encoder."""
     visual_encoder_lora_alpha: float = Field(16, gt=0)
     """LoRA scaling numerator on the vision encoder."""
@@ -117,7 +117,7 @@ class Config(BaseModel):
     """Chat template the samples are rendered with, and chat later uses."""
     SYSTEM: str = ""
     """System prompt put in front of every training sample that has none, and used by evaluation."""
-    max_length: int = Field(2048, gt=1)
+    max_length: int = Field(2048, gt=1, le=16_777_216)
     """Longest sample in tokens; longer ones are truncated."""
     pack_to_max_length: bool = False
     """Concatenate samples into rows of exactly max_length tokens without attention across samples."""
@@ -125,11 +125,11 @@ class Config(BaseModel):
     """Shuffle samples (seeded) before packing them, so that a row holds unrelated samples."""
 
     # Optimisation
-    batch_size: int = Field(1, gt=0)
+    batch_size: int = Field(1, gt=0, le=65536)
     """Samples per device per micro-batch."""
-    accumulative_counts: int = Field(16, gt=0)
+    accumulative_counts: int = Field(16, gt=0, le=65536)
     """Micro-batches accumulated into one optimizer step."""
-    max_epochs: int = Field(3, gt=0)
+    max_epochs: int = Field(3, gt=0, le=1_000_000)
     """Passes over the dataset."""
     max_steps: int | None = Field(None, gt=0)
     """Stop after this many optimizer steps; overrides max_epochs when set."""

@@ -9,6 +9,13 @@ events of `chat.completion.chunk` objects whose text, joined, is the non-streame
 Any `model` name in a request is accepted and answered by the one model served, since clients often
 send a placeholder. The model is not thread-safe, so one reply is generated at a time; other requests
 wait their turn.
+
+What one client can ask of the server is bounded, so that no request can take it down: a request body
+over `max_body_bytes` is refused with 413 before it is parsed; `max_tokens` over `max_tokens_limit`, or a
+prompt and max_tokens over the model's context, with 400 as OpenAI does (a request's max_tokens is never
+lowered silently; the server's default is, to fit the context); and a request arriving while
+`max_queued_requests` already wait their turn with 503 and `Retry-After`, which OpenAI clients retry by
+themselves. Every error, 404 and 405 included, has OpenAI's error body.
 """
 
 import asyncio
@@ -20,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +37,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -45,19 +54,34 @@ logger = logging.getLogger(__name__)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """Request roles and the conversation roles they become; OpenAI's newer `developer` is a system message."""
 
+MAX_BODY_BYTES = 1 << 20
+"""Default limit of a request body: 1 MiB holds a conversation of some 250k words."""
+MAX_TOKENS_LIMIT = 4096
+"""Default ceiling of a request's max_tokens."""
+MAX_QUEUED_REQUESTS = 32
+"""Default number of requests that may wait for the model while one is generated."""
+RETRY_AFTER_SECONDS = 1
+
 
 class ApiError(XtuneError):
     """A request the server refuses, answered with this HTTP status and an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error", code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.error_type, self.code = status, error_type, code
+        self.status, self.error_type, self.code, self.headers = status, error_type, code, headers
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.error_type, "param": None, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class ContentPart(BaseModel):
@@ -188,7 +212,7 @@ class _StopWhenSet(StoppingCriteria):
 
 
 class Generation(BaseStreamer):
-    """One reply, generated in a thread of its own once that thread holds `lock`.
+    """One reply to `prompt` (token ids), generated in a thread of its own once that thread holds `lock`.
 
     The thread hands its results to the event loop through an asyncio queue: pieces of text as tokens
     come (when `stream`), then the `Reply`. It is its own streamer for `model.generate` rather than
@@ -196,7 +220,8 @@ class Generation(BaseStreamer):
     SentencePiece token's leading space can be lost there) and knows nothing of stop words; here the ids
     so far are decoded whole each time (quadratic in the reply's length, but decoding is cheap next to a
     forward pass), and `streamable_prefix` says what may be sent. `cancel` (the client
-    went away) stops generating at the next token.
+    went away) stops generating at the next token. `on_finish` is called from the thread when it ends,
+    whatever the outcome.
     """
 
     def __init__(
@@ -204,15 +229,16 @@ class Generation(BaseStreamer):
         model,
         tokenizer,
         template: ChatTemplate,
-        conversation: Conversation,
+        prompt: list[int],
         options: GenerationOptions,
         lock: threading.Lock,
         seed: int | None = None,
         stream: bool = False,
+        on_finish: Callable[[], None] | None = None,
     ):
         self.model, self.tokenizer, self.options, self.lock, self.seed = model, tokenizer, options, lock, seed
-        self.stream = stream
-        self.prompt = prompt_ids(conversation, template, tokenizer)
+        self.stream, self.on_finish = stream, on_finish
+        self.prompt = prompt
         self.kwargs = generation_kwargs(template, tokenizer, options)
         self.stop_words = (*template.stop_words, *options.stop_words)
         self.clean_up_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
@@ -261,6 +287,9 @@ class Generation(BaseStreamer):
             self._send("error", error)
         else:
             self._send("reply", reply)
+        finally:
+            if self.on_finish is not None:
+                self.on_finish()
 
     def _generate(self) -> Reply:
         if self.seed is not None:
@@ -310,6 +339,11 @@ def build_app(
     api_key: str | None = None,
     system: str = "",
     defaults: GenerationOptions = GenerationOptions(),
+    *,
+    max_body_bytes: int | None = MAX_BODY_BYTES,
+    max_tokens_limit: int = MAX_TOKENS_LIMIT,
+    max_queued_requests: int | None = MAX_QUEUED_REQUESTS,
+    max_context_tokens: int | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app for one model.
 
@@ -317,8 +351,26 @@ def build_app(
     request does not set (OpenAI clients send temperature only when the user sets it). With `api_key`, each
     request must carry `Authorization: Bearer <api_key>` or is answered 401. A request's `model` may name
     anything: `model_name` is what `/v1/models` lists and every reply reports.
+
+    Limits (None: none): a body over `max_body_bytes` gets 413; `max_tokens` (or `max_completion_tokens`)
+    over `max_tokens_limit` gets 400; a prompt plus max_tokens over `max_context_tokens` (default: the
+    model's `max_position_embeddings`) gets 400, and when the request sets no max_tokens the default is
+    lowered to fit; a request arriving while `max_queued_requests` wait behind the one generating gets 503.
     """
+    if defaults.max_new_tokens > max_tokens_limit:
+        raise XtuneError(
+            f"the default max_new_tokens ({defaults.max_new_tokens}) is above max_tokens_limit ({max_tokens_limit}); "
+            "raise the limit or lower the default."
+        )
+    if max_tokens_limit < 1 or (max_body_bytes is not None and max_body_bytes < 1):
+        raise XtuneError(f"max_tokens_limit and max_body_bytes must be >= 1, got {max_tokens_limit}, {max_body_bytes}.")
+    if max_queued_requests is not None and max_queued_requests < 0:
+        raise XtuneError(f"max_queued_requests must be >= 0 (or None: no limit), got {max_queued_requests}.")
+    if max_context_tokens is None:
+        max_context_tokens = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     lock = threading.Lock()
+    # a place for the request generating and each one waiting: taken before tokenizing, given back by the thread
+    admitted = None if max_queued_requests is None else threading.BoundedSemaphore(max_queued_requests + 1)
     created = int(time.time())
 
     async def check_api_key(request: Request) -> None:
@@ -332,6 +384,9 @@ def build_app(
     app = FastAPI(title=f"xtune: {model_name}", dependencies=[Depends(check_api_key)])
     app.add_exception_handler(ApiError, lambda request, error: error.response())
     app.add_exception_handler(RequestValidationError, _invalid_request_body)
+    app.add_exception_handler(HTTPException, _http_error)
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -342,14 +397,40 @@ def build_app(
     async def chat_completions(request: ChatCompletionRequest):
         if request.n not in (None, 1):
             raise ApiError(400, f"n={request.n}: only one choice per request (n=1) is supported.")
+        asked = _asked_max_tokens(request)
+        if asked is not None and asked[1] > max_tokens_limit:
+            raise ApiError(
+                400,
+                f"{asked[0]}={asked[1]} is above this server's limit of {max_tokens_limit} tokens; "
+                f"ask for at most {max_tokens_limit}.",
+            )
         conversation = with_system(request_conversation(request.messages), system)
-        options = request_options(request, defaults)
-        generation = Generation(model, tokenizer, template, conversation, options, lock, request.seed, request.stream)
+        if admitted is not None and not admitted.acquire(blocking=False):
+            raise ApiError(
+                503,
+                f"server busy: one reply is being generated and {max_queued_requests} more requests wait (the "
+                "server's limit); retry shortly.",
+                error_type="server_error",
+                code="server_busy",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        release = admitted.release if admitted is not None else None
+        try:
+            prompt = await asyncio.to_thread(prompt_ids, conversation, template, tokenizer)
+            options = _fit_context(len(prompt), request_options(request, defaults), asked, max_context_tokens)
+            generation = Generation(
+                model, tokenizer, template, prompt, options, lock, request.seed, request.stream, on_finish=release
+            )
+            # started here, not when the stream is first read, so that its thread always ends and gives back its place
+            generation.start()
+        except BaseException:  # a bad request, or the client went away while it was tokenized
+            if release is not None:
+                release()
+            raise
         completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return StreamingResponse(_events(generation, completion, include_usage), media_type="text/event-stream")
-        generation.start()
         try:
             reply = await generation.result()
         except Exception as error:
@@ -364,6 +445,39 @@ def build_app(
     return app
 
 
+def _asked_max_tokens(request: ChatCompletionRequest) -> tuple[str, int] | None:
+    """The field that sets the reply's length and its value, if the request sets one."""
+    if request.max_completion_tokens is not None:
+        return "max_completion_tokens", request.max_completion_tokens
+    if request.max_tokens is not None:
+        return "max_tokens", request.max_tokens
+    return None
+
+
+def _fit_context(
+    prompt_tokens: int, options: GenerationOptions, asked: tuple[str, int] | None, context: int | None
+) -> GenerationOptions:
+    """The options, if the prompt and the reply fit in `context` tokens; a default max_new_tokens is lowered to fit."""
+    if context is None or prompt_tokens + options.max_new_tokens <= context:
+        return options
+    room = context - prompt_tokens
+    if room < 1:
+        raise ApiError(
+            400,
+            f"the prompt is {prompt_tokens} tokens, which leaves no room for a reply in the model's context of "
+            f"{context} tokens; send a shorter conversation.",
+            code="context_length_exceeded",
+        )
+    if asked is not None:
+        raise ApiError(
+            400,
+            f"the prompt ({prompt_tokens} tokens) plus {asked[0]}={asked[1]} exceed the model's context of "
+            f"{context} tokens; ask for at most {room}, or send a shorter conversation.",
+            code="context_length_exceeded",
+        )
+    return replace(options, max_new_tokens=room)
+
+
 async def _events(generation: Generation, completion: dict, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: the role, the text in pieces, the finish reason, the usage if asked, [DONE]."""
 
@@ -371,7 +485,6 @@ async def _events(generation: Generation, completion: dict, include_usage: bool)
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return _event({**completion, "object": "chat.completion.chunk", "choices": [choice]})
 
-    generation.start()
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for piece in generation.pieces():
@@ -393,9 +506,83 @@ def _event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class BodyLimit:
+    """ASGI middleware that refuses a request body over `max_bytes` with 413, before the app reads any of it.
+
+    A declared Content-Length over the limit is refused at once; a chunked body is read up to the limit and
+    refused when it goes over. A body within the limit is handed on whole.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(scope, receive, send, f"{int(length)} bytes")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, f"more than {self.max_bytes} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body, only http.disconnect comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
+        message = f"the request body ({size}) is over this server's limit of {self.max_bytes} bytes; send less."
+        await ApiError(413, message, code="request_too_large").response()(scope, receive, send)
+
+
 async def _invalid_request_body(request: Request, error: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{_location(problem['loc'])}: {problem['msg']}" for problem in error.errors())
-    return ApiError(400, f"invalid request body: {problems}").response()
+    problems = []
+    for problem in error.errors():
+        if problem["type"] == "json_invalid":
+            reason = problem.get("ctx", {}).get("error", problem["msg"])
+            problems.append(f"not valid JSON ({reason} at character {problem['loc'][-1]})")
+        elif problem["type"] == "model_attributes_type" and tuple(problem["loc"]) == ("body",):
+            content_type = request.headers.get("content-type")
+            if content_type is None or "json" not in content_type:
+                problems.append(f"send a JSON object with Content-Type: application/json, not {content_type or 'none'}")
+            else:
+                problems.append(f"expected a JSON object, got {type(problem['input']).__name__}")
+        else:
+            problems.append(f"{_location(problem['loc'])}: {problem['msg']}")
+    return ApiError(400, f"invalid request body: {'; '.join(problems)}").response()
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (404, 405, a body that cannot be parsed) with OpenAI's error body."""
+    if error.status_code == 404:
+        endpoints = "POST /v1/chat/completions and GET /v1/models"
+        message = f"no such endpoint {request.url.path}; this server answers {endpoints}."
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}."
+    elif error.status_code == 400:
+        message = "invalid request body: it cannot be read as JSON (not UTF-8, or nested too deeply)."
+    else:
+        message = f"{error.detail}."
+    error_type = "invalid_request_error" if error.status_code < 500 else "server_error"
+    return ApiError(error.status_code, message, error_type, headers=getattr(error, "headers", None)).response()
 
 
 def _location(loc: Sequence) -> str:
@@ -428,14 +615,26 @@ def serve(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     options: GenerationOptions = GenerationOptions(),
+    *,
+    max_body_bytes: int | None = MAX_BODY_BYTES,
+    max_tokens_limit: int = MAX_TOKENS_LIMIT,
+    max_queued_requests: int | None = MAX_QUEUED_REQUESTS,
+    max_context_tokens: int | None = None,
 ) -> None:
     """Load the model and answer OpenAI chat requests at http://host:port/v1 until stopped (Ctrl-C).
 
-    The model is listed under the adapter's folder name when there is an adapter, else the model's.
+    The model is listed under the adapter's folder name when there is an adapter, else the model's. The
+    limits are `build_app`'s.
     """
     llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
     template = pick_template(prompt_template, adapter, resolve_model_path(model), tokenizer)
-    app = build_app(llm, tokenizer, template, Path(adapter or model).name, api_key, system, options)
+    limits = dict(
+        max_body_bytes=max_body_bytes,
+        max_tokens_limit=max_tokens_limit,
+        max_queued_requests=max_queued_requests,
+        max_context_tokens=max_context_tokens,
+    )
+    app = build_app(llm, tokenizer, template, Path(adapter or model).name, api_key, system, options, **limits)
     if api_key is None and not is_loopback(host):
         print(
             f"warning: serving on {host}:{port} without an API key: anyone who can reach this port can use the "
