@@ -174,8 +174,9 @@ def log_dataset_cmd(
     render_samples(first_samples(resolved, n), console)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def chat(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Base model folder or id.")],
     adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder (a checkpoint-<step>).")] = None,
     prompt_template: Annotated[
@@ -202,8 +203,18 @@ def chat(
     visual_encoder: Annotated[Optional[str], typer.Option(help="LLaVA: the base vision encoder (CLIP/SigLIP folder or id).")] = None,
     llava: Annotated[Optional[str], typer.Option(help="LLaVA: the trained parts (a LLaVA checkpoint or pth_to_hf output).")] = None,
     image: Annotated[Optional[str], typer.Option(help="LLaVA: the image the conversation is about.")] = None,
+    with_plugins: Annotated[
+        Optional[list[str]],
+        typer.Option("--with-plugins", help="Let the model call tools: calculate, solve, search (e.g. --with-plugins calculate solve)."),
+    ] = None,
+    search_folder: Annotated[Optional[Path], typer.Option(help="The folder of .txt/.md files the search plugin reads.")] = None,
+    agent_max_turns: Annotated[int, typer.Option(help="With plugins: the most replies (tool calls included) per question.")] = 5,
+    list_tools: Annotated[
+        bool, typer.Option(help="With plugins: list them in the prompt; --no-list-tools for a model trained without the list.")
+    ] = True,
 ):
-    """Chat with a model (and adapter), or a LLaVA model about an image: interactive, or --input for scripts."""
+    """Chat with a model (and adapter), or a LLaVA model about an image: interactive, or --input for scripts.
+    With --with-plugins the model may call tools; their calls and results are shown (on stderr with --input)."""
     import json
 
     import torch
@@ -211,6 +222,19 @@ def chat(
     from xtune.infer.chat import answer_all, load_chat_model, pick_template, read_prompts, repl, system_prompt
     from xtune.infer.generate import GenerationOptions
     from xtune.models.load import resolve_model_path
+
+    plugins = []
+    if with_plugins:
+        from xtune.infer.plugins import get_plugins
+
+        names = [name for value in [*with_plugins, *ctx.args] for name in value.replace(",", " ").split()]
+        plugins = get_plugins(names, search_folder)
+        if llava is not None:
+            raise XtuneError("--with-plugins does not work with LLaVA models yet.")
+    elif ctx.args:
+        raise XtuneError(f"unexpected arguments: {' '.join(ctx.args)}.")
+    elif search_folder is not None:
+        raise XtuneError("--search-folder is for the search plugin: add --with-plugins search.")
 
     torch.manual_seed(seed)
     system = system_prompt(system, system_template)
@@ -231,6 +255,13 @@ def chat(
     else:
         llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
     template = pick_template(prompt_template, adapter or llava, resolve_model_path(model), tokenizer)
+    if plugins:
+        from xtune.infer.agent import chat_with_plugins
+
+        chat_with_plugins(
+            llm, tokenizer, template, plugins, system, options, input, output, agent_max_turns, list_tools, err_console
+        )
+        return
     if input is None:
         repl(llm, tokenizer, template, system, options, stream=not no_streamer, image=image)
         return

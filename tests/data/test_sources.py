@@ -188,7 +188,9 @@ LLAVA = {"id": "7", "image": "cat.jpg", "conversations": [{"from": "human", "val
 
 def test_image_paths_are_joined_to_the_image_folder(tmp_path):
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "cat.jpg").write_bytes(b"jpg")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "gray").save(tmp_path / "images" / "cat.jpg")
     path = write_jsonl(tmp_path / "d.jsonl", [LLAVA])
     (conversation,) = load(path, image_folder=str(tmp_path / "images")).conversations
     assert conversation.images == (str(tmp_path / "images" / "cat.jpg"),)

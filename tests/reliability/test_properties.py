@@ -45,18 +45,8 @@ def report(name: str, outcomes: Counter, cases: int = CASES) -> None:
 
 
 def known_bug(error: BaseException) -> str | None:
-    """The name of a known bug that `error` is, else None. Each is pinned by a strict xfail test at the end of this
-    file; the fuzzing still runs over them and counts them apart. Delete the entry when its bug is fixed."""
-    text = f"{type(error).__name__}: {error}"
-    frames = []
-    traceback = error.__traceback__
-    while traceback is not None:
-        frames.append(traceback.tb_frame.f_code.co_name)
-        traceback = traceback.tb_next
-    if isinstance(error, TypeError) and "_literal" in frames:
-        return "msagent-unhashable-literal"
-    if isinstance(error, TypeError) and "TextEncodeInput" in text:
-        return "lone-surrogate"
+    """The name of a known bug that `error` is, else None: the fuzzing counts known bugs apart while their fix
+    is pending (each pinned by a strict xfail test). Every bug found so far is fixed, so there are none."""
     return None
 
 
@@ -551,13 +541,11 @@ def test_an_int_over_4300_digits_is_a_config_error(tmp_path, suffix):
         load_config(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: formats._literal lets ast.literal_eval's TypeError (unhashable key) out")
 def test_msagent_conversations_text_with_an_unhashable_literal_is_a_record_error():
     with pytest.raises(RecordError, match="conversations"):
         FORMATS["msagent_react"]({"conversations": "{[1]: 2}"})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a lone surrogate (JSON '\\ud800') passes the readers, crashes tokenizing")
 def test_a_lone_surrogate_is_a_record_error(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"instruction": "a\\ud800", "output": "b"}\n')

@@ -25,7 +25,7 @@ from xtune.data.sources import SourceSpec, data_files, load_sources, resolve_dat
 from xtune.data.templates import ChatTemplate, get_template
 from xtune.paths import xtune_home
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when encoding changes, so that entries written before are not read."""
 
 

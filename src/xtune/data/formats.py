@@ -10,7 +10,9 @@ user and assistant turns in turn, tool results after an assistant turn that call
 assistant's turn last, and at least one assistant turn to train on.
 """
 
+import ast
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -131,18 +133,18 @@ def _tool_call(function: Any, where: str) -> ToolCall:
     return ToolCall(name, _json_object_text(function["arguments"], f"{where}.arguments"))
 
 
-def _tools(record: dict) -> tuple[str, ...]:
+def _tools(record: dict, key: str = "tools") -> tuple[str, ...]:
     """`tools`: a list of tool schemas, or its JSON text (LLaMA-Factory), in OpenAI's wrapped form or bare."""
     tools = record.get("tools")
     if tools is None or (isinstance(tools, str) and not tools.strip()):
         return ()
     if isinstance(tools, str):
-        tools = _parse_json(tools, "tools")
+        tools = _parse_json(tools, key)
     if not isinstance(tools, list):
-        raise RecordError(f"field 'tools' must be a list of tool schemas or its JSON text, got {type(tools).__name__}")
+        raise RecordError(f"field '{key}' must be a list of tool schemas or its JSON text, got {type(tools).__name__}")
     schemas = []
     for index, tool in enumerate(tools):
-        where = f"tools[{index}]"
+        where = f"{key}[{index}]"
         tool = _object(tool, f"'{where}'")
         if tool.get("function") is not None:
             if tool.get("type") not in (None, "function"):
@@ -243,6 +245,19 @@ def _check_types(conversation: Conversation, wheres: list[str]) -> None:
         raise RecordError("a conversation's tools must be JSON texts")
     if not all(isinstance(image, str) for image in conversation.images):
         raise RecordError("a conversation's images must be paths")
+    for turn, where in zip(conversation.turns, wheres):
+        texts = [turn.content, turn.name or "", *(f"{call.name}{call.arguments}" for call in turn.tool_calls or ())]
+        _check_unicode(texts, f"'{where}'")
+    _check_unicode(list(conversation.tools), "the tools")
+
+
+def _check_unicode(texts: list[str], where: str) -> None:
+    """Text a tokenizer can take: a lone surrogate (the JSON escape \\ud800) is valid JSON but not Unicode text."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError(f"{where} holds a lone surrogate (not valid Unicode text); fix or drop the record") from None
 
 
 def conversation_to_standard(record: Any) -> Conversation:
@@ -324,6 +339,8 @@ def openai_to_standard(record: Any) -> Conversation:
     [{"id", "type": "function", "function": {"name", "arguments"}}], its content then optional; a
     tool message's name is its `name`, else that of the call its `tool_call_id` answers, else that of
     the call at its position after the assistant turn. `weight` 0 leaves an assistant turn untrained.
+    OpenAI's older function calling reads the same: an assistant `function_call` {"name", "arguments"}
+    is one tool call, a `function` message its result, and top-level `functions` the tools offered.
     Top-level `images` (paths) go with `<image>` placeholders in the text, as in LLaMA-Factory.
     """
     record = _object(record)
@@ -339,6 +356,7 @@ def openai_to_standard(record: Any) -> Conversation:
         if not isinstance(message, dict):
             raise RecordError(f"'{where}' must be an object with role and content")
         role = _text(message, "role", f"{where}.")
+        role = "tool" if role == "function" else role
         if role not in ROLES:
             raise RecordError(f"field '{where}.role' must be one of {', '.join(ROLES)}, got {_show(role)}")
         if role == "assistant":
@@ -352,12 +370,15 @@ def openai_to_standard(record: Any) -> Conversation:
         else:
             turns.append(Turn(role, _content(message, f"{where}.")))
         wheres.append(where)
-    conversation = Conversation(tuple(turns), tools=_tools(record), images=_images(record))
+    tools = _tools(record) if record.get("functions") is None else _tools({"tools": record["functions"]}, "functions")
+    conversation = Conversation(tuple(turns), tools=tools, images=_images(record))
     return check_conversation(conversation, wheres)
 
 
 def _openai_tool_calls(message: dict, where: str, calls_by_id: dict[str, ToolCall]) -> tuple[ToolCall, ...]:
     raw_calls = message.get("tool_calls")
+    if raw_calls is None and message.get("function_call") is not None:
+        return (_tool_call(message["function_call"], f"{where}.function_call"),)
     if raw_calls is None:
         return ()
     if not isinstance(raw_calls, list):
@@ -470,6 +491,139 @@ def _sharegpt_calls(value: str, where: str) -> tuple[ToolCall, ...]:
     return tuple(_tool_call(call, f"{where}[{index}]") for index, call in enumerate(calls))
 
 
+_MSAGENT_STEP = re.compile(
+    r"<\|startofthink\|>(?P<think>.*?)<\|endofthink\|>|<\|startofexec\|>(?P<exec>.*?)<\|endofexec\|>", re.DOTALL
+)
+
+
+def msagent_react_to_standard(record: Any) -> Conversation:
+    """MSAgent-Bench (ModelScope-Agent): {"conversations": [{"from": system|user|assistant, "value"}]}, read as
+    XTuner's `msagent_react_map_fn` reads it.
+
+    The system value declares the tools as JSON objects with `name`, `description` and `paths[0].parameters`
+    ([{name, description, required}]); they become the conversation's `tools` (every parameter a string), and, as
+    in XTuner, the rest of the system text is dropped. An assistant value is a ReAct trajectory: text (the
+    thought), `<|startofthink|>```JSON {"api_name", "parameters"}```<|endofthink|>` (the call),
+    `<|startofexec|>```JSON ...```<|endofexec|>` (the result), then the final answer. Thoughts, calls and answers
+    become trained assistant turns, results untrained tool turns, and each template writes them in its own
+    protocol (ReAct's Thought/Action/Action Input/Observation where it has none). `conversations` may also be its
+    JSON (or Python literal) text, as in the dataset's own files.
+    """
+    record = _object(record)
+    messages = record.get("conversations")
+    if isinstance(messages, str):
+        messages = _literal(messages, "conversations")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("field 'conversations' must be a non-empty list of {from, value} objects")
+    turns: list[Turn] = []
+    wheres: list[str] = []
+    tools: list[str] = []
+    for index, message in enumerate(messages):
+        where = f"conversations[{index}]"
+        if not isinstance(message, dict):
+            raise RecordError(f"'{where}' must be an object with from and value")
+        sender = _text(message, "from", f"{where}.")
+        value = _text(message, "value", f"{where}.")
+        if sender == "system":
+            tools += _msagent_tools(value, f"{where}.value")
+        elif sender == "user":
+            turns.append(Turn("user", value))
+            wheres.append(where)
+        elif sender == "assistant":
+            steps = _msagent_steps(value, f"{where}.value")
+            turns += steps
+            wheres += [where] * len(steps)
+        else:
+            raise RecordError(f"field '{where}.from' must be one of system, user, assistant; got {_show(sender)}")
+    return check_conversation(Conversation(tuple(turns), tools=tuple(tools)), wheres)
+
+
+def _literal(text: str, where: str) -> Any:
+    """JSON text, or the Python literal text that some copies of MSAgent-Bench hold (read safely, never run)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise RecordError(f"field '{where}' is neither a list nor the JSON text of one") from None
+
+
+def _msagent_tools(system: str, where: str) -> list[str]:
+    """The JSON objects with a name and a description in the system text (XTuner's `extract_json_objects`), as tools."""
+    decoder = json.JSONDecoder()
+    tools, position = [], 0
+    while (start := system.find("{", position)) != -1:
+        try:
+            found, length = decoder.raw_decode(system, start)
+        except ValueError:
+            position = start + 1
+            continue
+        if not (isinstance(found, dict) and "name" in found and "description" in found):
+            position = start + 1
+            continue
+        position = start + length
+        properties, required = {}, []
+        paths = found.get("paths")
+        first_path = paths[0] if isinstance(paths, list) and paths and isinstance(paths[0], dict) else {}
+        parameters = first_path.get("parameters")
+        for parameter in parameters if isinstance(parameters, list) else []:
+            if isinstance(parameter, dict) and isinstance(parameter.get("name"), str):
+                properties[parameter["name"]] = {"type": "string", "description": str(parameter.get("description", ""))}
+                if str(parameter.get("required", "")).lower() == "true":
+                    required.append(parameter["name"])
+        function = {
+            "name": str(found["name"]),
+            "description": str(found["description"]),
+            "parameters": {"type": "object", "properties": properties, "required": required},
+        }
+        tools.append(_dump({"type": "function", "function": function}, where))
+    return tools
+
+
+def _fenced_json(text: str) -> str:
+    """The text inside MSAgent's ```JSON ... ``` fence."""
+    return text.replace("```JSON", "").replace("```json", "").replace("```", "").strip()
+
+
+def _msagent_steps(value: str, where: str) -> list[Turn]:
+    """One assistant value -> assistant turns (thought + calls, answer) and tool turns (results), in order."""
+    turns: list[Turn] = []
+    thought, calls = "", []
+    position = 0
+    for match in _MSAGENT_STEP.finditer(value):
+        text = value[position : match.start()].strip()
+        position = match.end()
+        if text and (calls or match.group("think") is not None):
+            thought = f"{thought}\n{text}" if thought else text
+        if match.group("think") is not None:
+            call = _parse_json(_fenced_json(match.group("think")).replace("\n", ""), where + " <|startofthink|>")
+            if not isinstance(call, dict) or not isinstance(call.get("api_name"), str) or not call["api_name"]:
+                raise RecordError(f"field '{where}': a <|startofthink|> call must be a JSON object with an api_name")
+            arguments = call.get("parameters")
+            arguments = {} if arguments is None else arguments
+            arguments = _json_object_text(arguments, f"{where} <|startofthink|>.parameters")
+            calls.append(ToolCall(call["api_name"], arguments))
+            continue
+        if calls:
+            turns.append(Turn("assistant", thought, trainable=True, tool_calls=tuple(calls)))
+            thought, calls = "", []
+        elif text or not turns or turns[-1].role != "tool":
+            raise RecordError(f"field '{where}': a <|startofexec|> result with no <|startofthink|> call before it")
+        answered = len(turns) - len(_without_trailing_tools(turns))
+        caller = turns[-1 - answered]
+        name = caller.tool_calls[answered].name if answered < len(caller.tool_calls) else None
+        turns.append(Turn("tool", _fenced_json(match.group("exec")), name=name))
+    rest = value[position:].strip()
+    if calls:
+        thought = f"{thought}\n{rest}" if thought and rest else thought or rest
+        turns.append(Turn("assistant", thought, trainable=True, tool_calls=tuple(calls)))
+    elif rest or not turns:
+        turns.append(Turn("assistant", rest, trainable=True))
+    return turns
+
+
 def text_to_standard(record: Any) -> Conversation:
     """Pretraining text: {"text"}; other keys are ignored."""
     text = _text(_object(record), "text")
@@ -485,8 +639,12 @@ FORMATS: dict[str, Callable[[Any], Conversation]] = {
     "sharegpt": sharegpt_to_standard,
     "llava": sharegpt_to_standard,
     "text": text_to_standard,
+    "msagent_react": msagent_react_to_standard,
 }
 """Format names (the values of `dataset_format`) -> map functions. `llava` is ShareGPT with images."""
+
+MSAGENT_MARKERS = ("<|startofthink|>", "<|startofexec|>", '"plugin_schema_for_model"')
+"""Text only MSAgent-Bench records hold: its call and result markers, and its tool declarations."""
 
 
 def detect_format(record: Any) -> str:
@@ -498,7 +656,9 @@ def detect_format(record: Any) -> str:
         if "messages" in keys:
             return "openai"
         if "conversations" in keys:
-            return "llava" if keys & {"image", "images"} else "sharegpt"
+            if keys & {"image", "images"}:
+                return "llava"
+            return "msagent_react" if _has_msagent_markers(record["conversations"]) else "sharegpt"
         if "instruction" in keys:
             return "alpaca"
         if "text" in keys:
@@ -510,6 +670,14 @@ def detect_format(record: Any) -> str:
         f"unknown record format (keys: {found}); expected the keys of one of {', '.join(FORMATS)}. "
         "Set dataset_format in the config to choose one"
     )
+
+
+def _has_msagent_markers(messages: Any) -> bool:
+    if isinstance(messages, str):
+        return any(marker in messages for marker in MSAGENT_MARKERS)
+    messages = messages if isinstance(messages, list) else []
+    values = [message.get("value") for message in messages if isinstance(message, dict)]
+    return any(isinstance(value, str) and marker in value for value in values for marker in MSAGENT_MARKERS)
 
 
 def with_system(conversation: Conversation, system: str) -> Conversation:

@@ -14,7 +14,7 @@ assistant's text.
 
 import json
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from itertools import groupby
 
@@ -27,18 +27,32 @@ from xtune.errors import DataError, XtuneError
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """How a family writes the assistant's tool calls and the tools' results."""
+    """How a family writes the tools offered, the assistant's tool calls and the tools' results."""
 
+    name: str
     call: str
-    """One call, with `{call}`: the JSON object {"name": ..., <arguments_key>: ...}."""
+    """One call, with `{call}`: the JSON object {"name": ..., <arguments_key>: ...}; or with `{name}` and
+    `{arguments}` (the arguments' JSON object)."""
     arguments_key: str
     call_separator: str
     """Between the assistant's text and its first call, and between calls."""
     result: str
     """One tool result, with `{content}`."""
-    results: str
-    """A run of consecutive tool results, with `{results}`; ends with the assistant's header."""
+    results: str | None
+    """A run of consecutive tool results, with `{results}`; ends with the assistant's header. None: the run is
+    written as a user turn of the template."""
     result_separator: str = ""
+    thought: str = "{content}"
+    """The assistant's text before its calls, with `{content}`."""
+    tools_prompt: str = ""
+    """The tools offered, with `{tools}` (and `{names}`, their names), written into the system text after a blank
+    line (or as the whole system text when the conversation has none)."""
+    tools_turn: str = ""
+    """The tools offered as a turn of their own, with `{tools}`, written after the system turn."""
+    tools_json: str = "tools_per_line"
+    """How `{tools}` is written: a key of TOOL_LISTS."""
+    stop_words: tuple[str, ...] = ()
+    """Where a call ends: generation stops there, so that the model does not write the tool's result itself."""
 
 
 @dataclass(frozen=True)
@@ -102,21 +116,76 @@ Segment = tuple[str, bool]
 CHATML_SYSTEM = "<|im_start|>system\n{system}<|im_end|>\n"
 CHATML_USER = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 
+# InternLM2's chat_format.md: the functions as an indented JSON list in a `system name=<|plugin|>` turn of their own
+# (as lagent's Internlm2Protocol writes them), calls between <|action_start|><|plugin|> and <|action_end|>, results
+# in `environment` turns.
 INTERNLM2_TOOLS = ToolFormat(
+    name="internlm2",
     call="<|action_start|><|plugin|>\n{call}<|action_end|>",
     arguments_key="parameters",
     call_separator="",
     result="<|im_start|>environment name=<|plugin|>\n{content}<|im_end|>\n",
     results="{results}<|im_start|>assistant\n",
+    tools_turn="<|im_start|>system name=<|plugin|>\n{tools}\n<|im_end|>\n",
+    tools_json="functions_indented",
+    stop_words=("<|action_end|>",),
 )
+# Qwen2.5's jinja: the tools one JSON per line inside <tools></tools> after the system text; calls in <tool_call>,
+# results in <tool_response> inside one user turn. Without a system turn the jinja writes Qwen's default system text
+# before the tools; here, as for qwen_chat without tools, there is none (set `SYSTEM` to match a model's).
 QWEN_TOOLS = ToolFormat(
+    name="qwen",
     call="<tool_call>\n{call}\n</tool_call>",
     arguments_key="arguments",
     call_separator="\n",
     result="<tool_response>\n{content}\n</tool_response>",
     result_separator="\n",
     results=CHATML_USER.replace("{input}", "{results}"),
+    tools_prompt=(
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+        "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+        'XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+    ),
+    tools_json="tools_per_line",
+    stop_words=("</tool_call>",),
 )
+# ReAct (Yao et al. 2023) as plain text, for families without a protocol of their own: the assistant writes
+# "Thought: ...", then "Action: NAME" and "Action Input: {JSON}"; the results come back in a user turn as
+# "Observation: ...". The tools are listed in the system text, one JSON function a line.
+REACT_TOOLS = ToolFormat(
+    name="react",
+    call="Action: {name}\nAction Input: {arguments}",
+    arguments_key="arguments",
+    call_separator="\n",
+    thought="Thought: {content}",
+    result="Observation: {content}",
+    result_separator="\n",
+    results=None,
+    tools_prompt=(
+        "You can use these tools:\n{tools}\n\n"
+        "To use a tool, answer in this format:\n"
+        "Thought: what you need to do\nAction: the tool's name, one of [{names}]\n"
+        "Action Input: the tool's arguments as a JSON object\n"
+        'The result comes back as "Observation: ...". When you know the answer, write it without an Action.'
+    ),
+    tools_json="functions_per_line",
+    stop_words=("Observation:",),
+)
+TOOL_FORMATS = {"internlm2": INTERNLM2_TOOLS, "qwen": QWEN_TOOLS, "react": REACT_TOOLS}
+"""Tool formats by name; `prompt_template = "NAME+FORMAT"` (e.g. "llama3_chat+react") picks one for a template."""
+
+
+def _functions(tools: list[dict]) -> list[dict]:
+    return [tool.get("function", tool) for tool in tools]
+
+
+TOOL_LISTS = {
+    "tools_per_line": lambda tools: "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools),
+    "functions_per_line": lambda tools: "\n".join(json.dumps(f, ensure_ascii=False) for f in _functions(tools)),
+    "functions_indented": lambda tools: json.dumps(_functions(tools), ensure_ascii=False, indent=4),
+}
+"""How a ToolFormat writes the list of tools (OpenAI tool objects) for `{tools}`."""
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -280,11 +349,24 @@ TEMPLATES: dict[str, ChatTemplate] = {
 
 
 def get_template(name: str) -> Template:
-    if name == "hf":
+    """The template of that name; "NAME+FORMAT" is template NAME writing tools in TOOL_FORMATS[FORMAT]."""
+    base, plus, tool_format = name.partition("+")
+    if base == "hf":
+        if plus:
+            raise XtuneError(f"prompt template '{name}': 'hf' writes tools as the tokenizer's chat_template does.")
         return TokenizerTemplate()
-    if name not in TEMPLATES:
-        raise XtuneError(f"unknown prompt template '{name}'; known: {', '.join(TEMPLATES)}, hf.")
-    return TEMPLATES[name]
+    if base not in TEMPLATES:
+        raise XtuneError(f"unknown prompt template '{base}'; known: {', '.join(TEMPLATES)}, hf.")
+    return with_tool_format(TEMPLATES[base], tool_format) if plus else TEMPLATES[base]
+
+
+def with_tool_format(template: ChatTemplate, tool_format: str) -> ChatTemplate:
+    """The template writing tools, calls and results in TOOL_FORMATS[tool_format], e.g. "react" for a family that
+    has no protocol of its own; the template's name becomes "NAME+FORMAT"."""
+    if tool_format not in TOOL_FORMATS:
+        raise XtuneError(f"unknown tool format '{tool_format}'; known: {', '.join(TOOL_FORMATS)}.")
+    base = template.name.partition("+")[0]
+    return replace(template, name=f"{base}+{tool_format}", tools=TOOL_FORMATS[tool_format])
 
 
 def official_chat_template(name: str) -> str:
@@ -341,13 +423,19 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
         return text.format(bos=bos, eos=eos, **fields)
 
     turns = _with_default_system(conversation.turns, template)
+    tools_turn = ""
+    if conversation.tools:
+        turns, tools_turn = _with_tools(turns, conversation.tools, template)
     segments: list[Segment] = [(fill(template.prefix), False)]
     pending_system = ""
     for is_tool, run in groupby(turns, key=lambda turn: turn.role == "tool"):
         if is_tool:
-            segments.append((_tool_results(list(run), template), False))
+            segments.append((_tool_results(list(run), template, fill), False))
             continue
         for turn in run:
+            if turn.role != "system" and tools_turn:
+                segments.append((tools_turn, False))
+                tools_turn = ""
             if turn.role == "system" and template.system_in_user:
                 pending_system += fill(template.system, system=turn.content)
             elif turn.role == "system":
@@ -374,6 +462,38 @@ def _with_default_system(turns: tuple[Turn, ...], template: ChatTemplate) -> tup
     return (Turn("system", template.default_system), *turns)
 
 
+def _with_tools(
+    turns: tuple[Turn, ...], tools: tuple[str, ...], template: ChatTemplate
+) -> tuple[tuple[Turn, ...], str]:
+    """(turns with the tools written into the system text, the tools' own turn), as the tool format writes them."""
+    if template.tools is None:
+        raise XtuneError(
+            f"template '{template.name}' cannot write the tools offered (the record's 'tools') yet; use "
+            f"internlm2_chat, qwen_chat or hf, or write them in ReAct style: prompt_template = \"{template.name}+react\"."
+        )
+    tool_format = template.tools
+    schemas = [_tool_schema(tool) for tool in tools]
+    listed = TOOL_LISTS[tool_format.tools_json](schemas)
+    names = ", ".join(function.get("name", "") for function in _functions(schemas))
+    if tool_format.tools_prompt:
+        prompt = tool_format.tools_prompt.format(tools=listed, names=names)
+        if turns and turns[0].role == "system":
+            turns = (replace(turns[0], content=f"{turns[0].content}\n\n{prompt}"), *turns[1:])
+        else:
+            turns = (Turn("system", prompt), *turns)
+    return turns, tool_format.tools_turn.format(tools=listed)
+
+
+def _tool_schema(text: str) -> dict:
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"a tool offered must be the JSON text of a tool schema, got {text[:40]!r} ({error})") from None
+    if not isinstance(schema, dict):
+        raise DataError(f"a tool offered must be a JSON object, got {text[:40]!r}")
+    return schema
+
+
 def _text(turn: Turn, template: ChatTemplate) -> str:
     return turn.content.strip() if template.strip_content else turn.content
 
@@ -383,21 +503,30 @@ def _assistant_text(turn: Turn, template: ChatTemplate) -> str:
     if not turn.tool_calls:
         return text
     tools = _tool_format(template)
-    calls = [tools.call.format(call=_call_json(call, tools.arguments_key)) for call in turn.tool_calls]
-    return tools.call_separator.join([text, *calls] if text else calls)
+    calls = [
+        tools.call.format(
+            call=_call_json(call, tools.arguments_key),
+            name=call.name,
+            arguments=json.dumps(_arguments(call), ensure_ascii=False),
+        )
+        for call in turn.tool_calls
+    ]
+    return tools.call_separator.join([tools.thought.format(content=text), *calls] if text else calls)
 
 
-def _tool_results(turns: list[Turn], template: ChatTemplate) -> str:
+def _tool_results(turns: list[Turn], template: ChatTemplate, fill) -> str:
     tools = _tool_format(template)
     results = tools.result_separator.join(tools.result.format(content=turn.content) for turn in turns)
+    if tools.results is None:
+        return fill(template.user, input=results)
     return tools.results.format(results=results)
 
 
 def _tool_format(template: ChatTemplate) -> ToolFormat:
     if template.tools is None:
         raise XtuneError(
-            f"template '{template.name}' does not support tool turns or tool calls yet; "
-            "use internlm2_chat, qwen_chat or hf for agent data."
+            f"template '{template.name}' does not support tool turns or tool calls yet; use internlm2_chat, qwen_chat "
+            f"or hf for agent data, or write them in ReAct style: prompt_template = \"{template.name}+react\"."
         )
     return template.tools
 

@@ -20,6 +20,9 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     stop_words: tuple[str, ...] = ()
     """Extra stop words on top of the template's."""
+    keep_special_tokens: bool = False
+    """Decode special tokens too (InternLM2 writes tool calls with them); the reply is still cut at EOS and
+    padding."""
 
 
 def prompt_ids(conversation: Conversation, template: ChatTemplate, tokenizer, image_tokens: int = 0) -> list[int]:
@@ -90,7 +93,8 @@ def generate_replies(
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), streamer=streamer, **kwargs
         )
+        ends = {tokenizer.eos_token, tokenizer.pad_token} - {None, ""} if options.keep_special_tokens else set()
         for row in output[:, width:]:
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            replies.append(cut_at_stop_words(text, (*template.stop_words, *options.stop_words)).strip())
+            text = tokenizer.decode(row, skip_special_tokens=not options.keep_special_tokens)
+            replies.append(cut_at_stop_words(text, (*template.stop_words, *options.stop_words, *ends)).strip())
     return replies

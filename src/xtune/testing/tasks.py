@@ -4,6 +4,12 @@
 training, but the held-out (word, phrasing) pairs never are: the model must learn the mapping from
 the word, whatever the phrasing.
 
+`calculator`: tool use. "What is 37 * 41?" -> the assistant calls `calculate` with {"expression": "37 * 41"}, the
+tool answers "1517", the assistant answers "1517". `calculator-heldout` asks about (number, operator, number)
+triples no training record has: the model must copy the numbers into the call and the tool's result into its
+answer, which `calculator_correct` checks. The numbers are chosen so that each copy is token for token (see
+`calculator_problems`), which a tiny model learns in a few hundred steps.
+
 `shapes-captions`, `shapes-vqa`: 32x32 drawings of circles, squares and triangles in six colours, for a
 tiny LLaVA. The captions ("A red circle.", "Two blue squares.") are LLaVA-Pretrain records, the questions
 ("What colour is the circle?" -> "red", "How many squares are there?" -> "two") LLaVA-Instruct ones.
@@ -11,6 +17,7 @@ tiny LLaVA. The captions ("A red circle.", "Two blue squares.") are LLaVA-Pretra
 their images by absolute path, in `xtune_home()/tiny-data/shapes-v1/`, so no image_folder is needed.
 """
 
+import functools
 import json
 import os
 import random
@@ -58,6 +65,98 @@ def antonym_examples(seed: int = 0) -> tuple[list[dict], list[dict]]:
             (held_out if index < HELD_OUT_PER_WORD else train).append(record)
     rng.shuffle(train)
     return train, held_out
+
+
+CALCULATOR_PHRASINGS = (
+    "What is {a} {op} {b}?",
+    "Calculate {a} {op} {b}.",
+    "How much is {a} {op} {b}?",
+    "Please work out {a} {op} {b}.",
+    "Compute {a} {op} {b}.",
+    "Tell me {a} {op} {b}.",
+)
+CALCULATOR_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+CALCULATOR_HELDOUT = 40
+
+
+@dataclass(frozen=True)
+class CalculatorQuestion:
+    question: str
+    expression: str
+    answer: str
+
+
+@functools.cache
+def calculator_problems() -> tuple[tuple[int, str, int], ...]:
+    """Every (a, op, b) whose copies the tiny tokenizer writes token for token.
+
+    The operands are the two-digit numbers written as two tokens, a digit then the rest, both after a space (in the
+    question: " 37" -> "Ġ3" "7") and after a quote (first in the call's JSON: '"37' -> '"' "3" "7"), so a copy
+    changes at most the first digit's token, one of nine; a number such as 24 is one token after a space and
+    another without, a mapping of its own that no held-out question could be answered by. The results are written
+    in two tokens, so the answer copies them position for position. `a - b` has a >= b: no negative results.
+    """
+    from xtune.testing.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+
+    def pieces(text: str) -> list[str]:
+        return tokenizer.convert_ids_to_tokens(tokenizer.encode(text, add_special_tokens=False))
+
+    operands = [
+        n for n in range(10, 100) if pieces(f" {n}") == [f"Ġ{str(n)[0]}", str(n)[1]] and pieces(str(n)) == list(str(n))
+    ]
+    return tuple(
+        (a, op, b)
+        for op, operation in CALCULATOR_OPERATIONS.items()
+        for a in operands
+        for b in operands
+        if not (op == "-" and a < b) and len(pieces(str(operation(a, b)))) == 2
+    )
+
+
+def calculator_questions(seed: int = 0) -> tuple[list[CalculatorQuestion], list[CalculatorQuestion]]:
+    """(train, held_out): every problem of `calculator_problems` once, in a random phrasing; CALCULATOR_HELDOUT
+    of them held out."""
+    rng = random.Random(seed)
+    problems = list(calculator_problems())
+    rng.shuffle(problems)
+    questions = [
+        CalculatorQuestion(
+            question=rng.choice(CALCULATOR_PHRASINGS).format(a=a, op=op, b=b),
+            expression=f"{a} {op} {b}",
+            answer=str(CALCULATOR_OPERATIONS[op](a, b)),
+        )
+        for a, op, b in problems
+    ]
+    return questions[CALCULATOR_HELDOUT:], questions[:CALCULATOR_HELDOUT]
+
+
+def calculator_record(question: CalculatorQuestion) -> dict:
+    """An OpenAI-format record: the question, the assistant's call, the tool's result, the answer. It lists no tools,
+    which keeps the tiny model's prompts short (listing `calculate` as InternLM2 does takes five times the tokens
+    of the rest): the model learns its one tool by heart, and is run offering none (`run_agent(..., tools=())`,
+    `xtune chat --with-plugins calculate --no-list-tools`)."""
+    arguments = json.dumps({"expression": question.expression})
+    call = {"type": "function", "function": {"name": "calculate", "arguments": arguments}}
+    return {
+        "messages": [
+            {"role": "user", "content": question.question},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "name": "calculate", "content": question.answer},
+            {"role": "assistant", "content": question.answer},
+        ]
+    }
+
+
+def calculator_correct(steps, question: CalculatorQuestion) -> bool:
+    """Whether an agent episode (its `AgentStep`s) called `calculate` well (one call, read and run without error)
+    and then answered the right number."""
+    if len(steps) != 2 or len(steps[0].calls) != 1 or steps[0].calls[0].name != "calculate":
+        return False
+    if steps[0].results[0].startswith("error:") or not steps[1].is_answer:
+        return False
+    return steps[1].content.strip().rstrip(".") == question.answer
 
 
 SHAPES = ("circle", "square", "triangle")
@@ -257,6 +356,8 @@ def shapes_heldout_questions() -> list[tuple[str, str, str]]:
 TINY_DATASETS = {
     "antonyms": lambda: antonym_examples()[0],
     "antonyms-heldout": lambda: antonym_examples()[1],
+    "calculator": lambda: [calculator_record(q) for q in calculator_questions()[0]],
+    "calculator-heldout": lambda: [calculator_record(q) for q in calculator_questions()[1]],
     "shapes-captions": lambda: shape_examples(shapes_image_folder())[0],
     "shapes-vqa": lambda: shape_examples(shapes_image_folder())[1],
     "shapes-vqa-heldout": lambda: shape_examples(shapes_image_folder())[2],

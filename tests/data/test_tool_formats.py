@@ -1,0 +1,322 @@
+"""Agent data: tool-calling records in, and the tools, calls and results as each template family writes them."""
+
+import json
+
+import pytest
+
+from xtune.data.encode import IGNORE_INDEX, encode
+from xtune.data.formats import (
+    FORMATS,
+    Conversation,
+    RecordError,
+    ToolCall,
+    Turn,
+    detect_format,
+    msagent_react_to_standard,
+    openai_to_standard,
+)
+from xtune.data.templates import (
+    REACT_TOOLS,
+    get_template,
+    official_chat_template,
+    render,
+    with_tool_format,
+)
+from xtune.errors import XtuneError
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+WEATHER_TOOL = json.dumps({"type": "function", "function": WEATHER})
+AGENT = Conversation(
+    (
+        Turn("system", "You may call tools."),
+        Turn("user", "Weather in Paris?"),
+        Turn("assistant", "Let me look.", True, tool_calls=(ToolCall("get_weather", '{"city": "Paris"}'),)),
+        Turn("tool", '{"celsius": 22}', name="get_weather"),
+        Turn("assistant", "It is 22.", True),
+    ),
+    tools=(WEATHER_TOOL,),
+)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_openai_legacy_function_calling_reads_as_tool_calls():
+    record = {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"role": "function", "name": "get_weather", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ],
+        "functions": [WEATHER],
+    }
+    assert openai_to_standard(record) == Conversation(
+        (
+            Turn("user", "Weather in Paris?"),
+            Turn("assistant", "", True, (ToolCall("get_weather", '{"city": "Paris"}'),)),
+            Turn("tool", "sunny", name="get_weather"),
+            Turn("assistant", "Sunny.", True),
+        ),
+        tools=(WEATHER_TOOL,),
+    )
+    with pytest.raises(RecordError, match=r"missing field 'functions\[0\]\.name'"):
+        openai_to_standard({**record, "functions": [{"description": "x"}]})
+
+
+SYSTEM_WITH_PLUGINS = (
+    "你是达摩院的ModelScopeGPT。\n\n<tool_list>\n1. "
+    + json.dumps(
+        {
+            "plugin_name": "modelscope_text-ie",
+            "plugin_schema_for_model": {
+                "name": "modelscope_text-ie",
+                "description": "信息抽取",
+                "url": "http://x",
+                "paths": [
+                    {
+                        "name": "modelscope_text-ie",
+                        "method": "post",
+                        "parameters": [
+                            {"name": "text", "description": "用户输入的文本", "required": "True"},
+                            {"name": "schema", "description": "要抽取信息的json表示", "required": "False"},
+                        ],
+                    }
+                ],
+            },
+        },
+        ensure_ascii=False,
+    )
+    + "\n</tool_list>"
+)
+THINK = '<|startofthink|>```JSON\n{"api_name": "modelscope_text-ie", "url": "http://x", "parameters": {"text": "近日", "schema": "{}"}}\n```<|endofthink|>'
+EXEC = '<|startofexec|>```JSON\n{"人物": []}\n```<|endofexec|>'
+MSAGENT = {
+    "id": "MS_Agent_Bench_20",
+    "conversations": [
+        {"from": "system", "value": SYSTEM_WITH_PLUGINS},
+        {"from": "user", "value": "抽取信息"},
+        {"from": "assistant", "value": f"好的。{THINK}\n\n{EXEC}\n信息抽取结果：无。"},
+        {"from": "user", "value": "谢谢"},
+        {"from": "assistant", "value": "不客气"},
+    ],
+}
+IE_TOOL = json.dumps(
+    {
+        "type": "function",
+        "function": {
+            "name": "modelscope_text-ie",
+            "description": "信息抽取",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "text": {"type": "string", "description": "用户输入的文本"},
+                    "schema": {"type": "string", "description": "要抽取信息的json表示"},
+                },
+                "required": ["text"],
+            },
+        },
+    },
+    ensure_ascii=False,
+)
+IE_CALL = ToolCall("modelscope_text-ie", '{"text": "近日", "schema": "{}"}')
+
+
+def test_msagent_react_reads_thought_call_result_and_answer_as_xtuner_does():
+    assert detect_format(MSAGENT) == "msagent_react"
+    assert FORMATS["msagent_react"](MSAGENT) == Conversation(
+        (
+            Turn("user", "抽取信息"),
+            Turn("assistant", "好的。", True, (IE_CALL,)),
+            Turn("tool", '{"人物": []}', name="modelscope_text-ie"),
+            Turn("assistant", "信息抽取结果：无。", True),
+            Turn("user", "谢谢"),
+            Turn("assistant", "不客气", True),
+        ),
+        tools=(IE_TOOL,),
+    )
+
+
+def test_msagent_react_in_react_style_is_xtuners_text_with_observations_untrained():
+    """XTuner writes "Thought:/Action:/Action Input:" trained, "Response:" untrained, "Final Answer:" trained."""
+    conversation = msagent_react_to_standard({"conversations": MSAGENT["conversations"][:3]})
+    segments = render(conversation, get_template("default+react"))
+    assert [(text, trained) for text, trained in segments if trained] == [
+        ('Thought: 好的。\nAction: modelscope_text-ie\nAction Input: {"text": "近日", "schema": "{}"}</s>', True),
+        ("信息抽取结果：无。</s>", True),
+    ]
+    assert ('<|User|>:Observation: {"人物": []}\n<|Bot|>:', False) in segments
+
+
+def test_msagent_react_python_literal_parallel_calls_and_a_call_that_ends_the_record():
+    second = THINK.replace("近日", "昨天")
+    value = f"{THINK}{second}{EXEC}{EXEC.replace('人物', '地点')}都好。"
+    record = {"conversations": repr([{"from": "user", "value": "q"}, {"from": "assistant", "value": value}])}
+    assert msagent_react_to_standard(record).turns == (
+        Turn("user", "q"),
+        Turn("assistant", "", True, (IE_CALL, ToolCall("modelscope_text-ie", '{"text": "昨天", "schema": "{}"}'))),
+        Turn("tool", '{"人物": []}', name="modelscope_text-ie"),
+        Turn("tool", '{"地点": []}', name="modelscope_text-ie"),
+        Turn("assistant", "都好。", True),
+    )
+    ending = {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": f"我来查。{THINK}"}]}
+    assert msagent_react_to_standard(ending).turns[-1] == Turn("assistant", "我来查。", True, (IE_CALL,))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (f"{EXEC}答案", "a <|startofexec|> result with no <|startofthink|> call before it"),
+        ("<|startofthink|>```JSON\n{oops}\n```<|endofthink|>", r"conversations\[1\]\.value <\|startofthink\|>' is not valid JSON"),
+        ('<|startofthink|>{"parameters": {}}<|endofthink|>', "a <|startofthink|> call must be a JSON object with an api_name"),
+    ],
+)
+def test_msagent_react_errors_name_the_field(value, message):
+    record = {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": value}]}
+    with pytest.raises(RecordError, match=message):
+        msagent_react_to_standard(record)
+
+
+def test_plain_sharegpt_is_not_taken_for_msagent():
+    record = {"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
+    assert detect_format(record) == "sharegpt"
+
+
+# ---------------------------------------------------------------- rendering per family
+
+
+def test_internlm2_lists_the_tools_in_a_plugin_system_turn_and_trains_calls_not_results(tokenizer):
+    segments = render(AGENT, get_template("internlm2_chat"))
+    assert segments == [
+        ("<s>", False),
+        ("<|im_start|>system\nYou may call tools.<|im_end|>\n", False),
+        (
+            "<|im_start|>system name=<|plugin|>\n[\n    {\n        \"name\": \"get_weather\",\n"
+            '        "description": "Weather of a city",\n        "parameters": {\n'
+            '            "type": "object",\n            "properties": {\n                "city": {\n'
+            '                    "type": "string"\n                }\n            },\n'
+            '            "required": [\n                "city"\n            ]\n        }\n    }\n]\n<|im_end|>\n',
+            False,
+        ),
+        ("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n", False),
+        (
+            'Let me look.<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}'
+            "<|action_end|><|im_end|>",
+            True,
+        ),
+        ("\n", False),
+        ('<|im_start|>environment name=<|plugin|>\n{"celsius": 22}<|im_end|>\n<|im_start|>assistant\n', False),
+        ("It is 22.<|im_end|>", True),
+        ("\n", False),
+    ]
+    encoded = encode(AGENT, get_template("internlm2_chat"), tokenizer)
+    trained = [token for token, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "".join(text for text, is_trained in segments if is_trained)
+    assert tokenizer.convert_tokens_to_ids("<|action_end|>") in trained
+
+
+def test_internlm2_without_a_system_turn_starts_with_the_plugin_turn():
+    conversation = Conversation(AGENT.turns[1:3], tools=AGENT.tools)
+    text = "".join(text for text, _ in render(conversation, get_template("internlm2_chat")))
+    assert text.startswith("<s><|im_start|>system name=<|plugin|>\n[\n")
+    assert "]\n<|im_end|>\n<|im_start|>user\nWeather in Paris?" in text
+
+
+def test_qwen_writes_the_tools_into_the_system_turn_as_qwen2_5_does(tokenizer):
+    text = "".join(text for text, _ in render(AGENT, get_template("qwen_chat")))
+    messages = [
+        {"role": "system", "content": "You may call tools."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": '{"celsius": 22}'},
+        {"role": "assistant", "content": "It is 22."},
+    ]  # fmt: skip
+    official = tokenizer.apply_chat_template(
+        messages, tools=[json.loads(WEATHER_TOOL)], chat_template=official_chat_template("qwen_chat"), tokenize=False
+    )
+    assert text == official
+    assert text.startswith(
+        "<|im_start|>system\nYou may call tools.\n\n# Tools\n\nYou may call one or more functions to assist with the "
+        "user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        + WEATHER_TOOL
+        + "\n</tools>\n\n"
+    )
+    alone = Conversation(AGENT.turns[1:2], tools=AGENT.tools)
+    assert "".join(t for t, _ in render(alone, get_template("qwen_chat"))).startswith("<|im_start|>system\n# Tools\n")
+
+
+def test_react_writes_thoughts_actions_and_observations_for_a_family_without_a_protocol():
+    segments = render(AGENT, get_template("llama3_chat+react"))
+    assert segments == [
+        ("<|begin_of_text|>", False),
+        (
+            "<|start_header_id|>system<|end_header_id|>\n\nYou may call tools.\n\nYou can use these tools:\n"
+            + json.dumps(WEATHER)
+            + "\n\nTo use a tool, answer in this format:\nThought: what you need to do\n"
+            "Action: the tool's name, one of [get_weather]\nAction Input: the tool's arguments as a JSON object\n"
+            'The result comes back as "Observation: ...". When you know the answer, write it without an Action.'
+            "<|eot_id|>",
+            False,
+        ),
+        ("<|start_header_id|>user<|end_header_id|>\n\nWeather in Paris?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        ('Thought: Let me look.\nAction: get_weather\nAction Input: {"city": "Paris"}<|eot_id|>', True),
+        (
+            '<|start_header_id|>user<|end_header_id|>\n\nObservation: {"celsius": 22}<|eot_id|>'
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            False,
+        ),
+        ("It is 22.<|eot_id|>", True),
+    ]  # fmt: skip
+
+
+def test_react_in_a_family_without_a_system_role_and_with_parallel_calls():
+    calls = (ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_weather", '{"city": "Rome"}'))
+    conversation = Conversation(
+        (
+            Turn("user", "Paris and Rome?"),
+            Turn("assistant", "", True, calls),
+            Turn("tool", "22", name="get_weather"),
+            Turn("tool", "25", name="get_weather"),
+            Turn("assistant", "22 and 25.", True),
+        ),
+        tools=(WEATHER_TOOL,),
+    )
+    segments = render(conversation, get_template("mistral+react"))
+    assert segments[0] == ("<s>", False)
+    assert segments[1][0].startswith("[INST] You can use these tools:\n")
+    assert segments[1][0].endswith("write it without an Action.\n\nParis and Rome? [/INST]")
+    assert segments[2:] == [
+        (
+            'Action: get_weather\nAction Input: {"city": "Paris"}\nAction: get_weather\nAction Input: {"city": "Rome"}</s>',
+            True,
+        ),
+        (" ", False),
+        ("[INST] Observation: 22\nObservation: 25 [/INST]", False),
+        ("22 and 25.</s>", True),
+        (" ", False),
+    ]
+
+
+def test_tool_formats_are_chosen_by_name():
+    assert get_template("llama3_chat+react") == with_tool_format(get_template("llama3_chat"), "react")
+    assert get_template("llama3_chat+react").name == "llama3_chat+react"
+    assert get_template("internlm2_chat+react").tools == REACT_TOOLS
+    assert with_tool_format(get_template("qwen_chat+react"), "internlm2").name == "qwen_chat+internlm2"
+    with pytest.raises(XtuneError, match="unknown tool format 'json'; known: internlm2, qwen, react"):
+        get_template("llama3_chat+json")
+    with pytest.raises(XtuneError, match="'hf' writes tools as the tokenizer's chat_template does"):
+        get_template("hf+react")
+    with pytest.raises(XtuneError, match="unknown prompt template 'nope'"):
+        get_template("nope+react")
+
+
+def test_a_family_without_a_tool_format_refuses_tools_and_says_how():
+    offered_only = Conversation((Turn("user", "Hi"), Turn("assistant", "Hello", True)), tools=(WEATHER_TOOL,))
+    with pytest.raises(XtuneError, match=r"cannot write the tools offered .*prompt_template = \"llama3_chat\+react\""):
+        render(offered_only, get_template("llama3_chat"))
+    with pytest.raises(XtuneError, match=r"does not support tool turns or tool calls yet.*\"gemma\+react\""):
+        render(Conversation(AGENT.turns), get_template("gemma"))
