@@ -166,3 +166,18 @@ def test_the_eval_chat_hook_asks_about_evaluation_images(tmp_path, images):
 
     with pytest.raises(ConfigError, match="evaluation_images: '/no/such/image.png' is not a file"):
         train(config, Console(file=io.StringIO()))
+
+
+def test_qlora_on_the_vision_encoder(images):
+    pytest.importorskip("bitsandbytes")
+    model = tiny_llava(visual_encoder_lora=True, visual_encoder_lora_r=4, visual_encoder_quantization="4bit")
+    assert any(type(m).__name__ == "Linear4bit" for m in model.visual_encoder.modules())
+    trained = [n for n, p in model.visual_encoder.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    pixels = model.preprocess(images[:2])
+    model.train()
+    model.image_features(pixels).float().pow(2).mean().backward()
+    grads = {n: p.grad for n, p in model.visual_encoder.named_parameters() if p.requires_grad}
+    first_layer = {n: g for n, g in grads.items() if ".layers.0." in n}  # the last layer is past select_layer -2
+    assert first_layer and all(g is not None for g in first_layer.values())
+    assert all(g.abs().sum() > 0 for n, g in first_layer.items() if "lora_B" in n)  # lora_A's wait for B to move

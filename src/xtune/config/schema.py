@@ -78,6 +78,8 @@ class Config(BaseModel):
     """Keep the vision encoder's weights fixed (unless visual_encoder_lora)."""
     visual_encoder_lora: bool = False
     """LoRA adapters on the vision encoder's linear layers."""
+    visual_encoder_quantization: Literal["4bit", "8bit"] | None = None
+    """Load the vision encoder in 4-bit NF4 or 8 bits (QLoRA on it with visual_encoder_lora)."""
     visual_encoder_lora_r: int = Field(64, gt=0, le=65536)
     """LoRA rank on the vision encoder."""
     visual_encoder_lora_alpha: float = Field(16, gt=0)
@@ -204,6 +206,8 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _images_need_an_encoder(self) -> "Config":
+        if self.visual_encoder_quantization and not self.freeze_visual_encoder and not self.visual_encoder_lora:
+            raise ValueError("a quantized vision encoder cannot be trained in full; set visual_encoder_lora = True")
         if self.visual_encoder_name_or_path is not None and self.strategy == "fsdp":
             raise ValueError("LLaVA models train with strategy = 'ddp' or deepspeed = 'deepspeed_zero2', not fsdp yet")
         if self.evaluation_images and self.visual_encoder_name_or_path is None:

@@ -85,9 +85,16 @@ def _vision_classes(path: Path):
     raise ConfigError(f"the vision encoder {str(path)!r} is a {model_type!r} model; use a CLIP or SigLIP one.")
 
 
-def load_visual_encoder(path: Path, dtype: torch.dtype = torch.float32):
-    """A CLIP or SigLIP vision tower from a local folder (a whole CLIP/SigLIP checkpoint works too)."""
-    return _vision_classes(path)[0].from_pretrained(path, dtype=dtype)
+def load_visual_encoder(path: Path, dtype: torch.dtype = torch.float32, quantization: str | None = None, device=None):
+    """A CLIP or SigLIP vision tower from a local folder (a whole CLIP/SigLIP checkpoint works too), in 4 or
+    8 bits through bitsandbytes when `quantization` says so."""
+    from xtune.models.load import quantization_config
+
+    if quantization is None:
+        return _vision_classes(path)[0].from_pretrained(path, dtype=dtype)
+    return _vision_classes(path)[0].from_pretrained(
+        path, dtype=dtype, quantization_config=quantization_config(quantization, dtype), device_map={"": device or "cpu"}
+    )
 
 
 def vision_config(name_or_path: str):
@@ -188,7 +195,12 @@ def build_llava(config, llm, dtype: torch.dtype, device: torch.device, preproces
     from xtune.models.load import resolve_model_path
 
     trained = config.visual_encoder_lora or not config.freeze_visual_encoder
-    encoder = load_visual_encoder(resolve_model_path(config.visual_encoder_name_or_path), torch.float32 if trained else dtype)
+    encoder = load_visual_encoder(
+        resolve_model_path(config.visual_encoder_name_or_path),
+        torch.float32 if trained and not config.visual_encoder_quantization else dtype,
+        config.visual_encoder_quantization,
+        device,
+    )
     encoder.requires_grad_(not config.freeze_visual_encoder and not config.visual_encoder_lora)
     if config.visual_encoder_lora:
         lora = LoraConfig(r=config.visual_encoder_lora_r, lora_alpha=config.visual_encoder_lora_alpha,
@@ -228,6 +240,7 @@ def llava_meta(config) -> dict:
         "visual_select_layer": config.visual_select_layer,
         "projector_depth": config.projector_depth,
         "pad_image_to_square": config.pad_image_to_square,
+        "visual_encoder_quantization": config.visual_encoder_quantization,
     }
 
 
@@ -255,7 +268,10 @@ def load_llava(
     if (llava / LLM_ADAPTER).is_dir():
         language_model = attach_adapter(language_model, llava / LLM_ADAPTER, llm)
     encoder_path = resolve_model_path(visual_encoder)
-    encoder = load_visual_encoder(llava / ENCODER_FULL if (llava / ENCODER_FULL).is_dir() else encoder_path, dtype)
+    encoder = load_visual_encoder(  # quantized as in training, so a QLoRA adapter meets the weights it learned on
+        llava / ENCODER_FULL if (llava / ENCODER_FULL).is_dir() else encoder_path, dtype,
+        meta.get("visual_encoder_quantization"), device,
+    )  # fmt: skip
     if (llava / ENCODER_ADAPTER).is_dir():
         encoder = attach_adapter(encoder, llava / ENCODER_ADAPTER, visual_encoder)
     preprocess = ImagePreprocessor.from_folder(encoder_path, meta.get("pad_image_to_square", False))
