@@ -16,7 +16,11 @@ def xtune(*args):
 def test_list_cfg_with_pattern():
     result = runner.invoke(app, ["list-cfg", "-p", "qlora"])
     assert result.exit_code == 0
-    assert result.output.split() == ["internlm2_chat_1_8b_qlora_alpaca_e3", "tiny_internlm2_chat_qlora_antonyms"]
+    assert result.output.split() == [
+        "internlm2_chat_1_8b_qlora_alpaca_e3",
+        "llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune",
+        "tiny_internlm2_chat_qlora_antonyms",
+    ]
 
 
 def test_copy_cfg_then_show_it(tmp_path):

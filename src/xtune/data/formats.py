@@ -629,7 +629,7 @@ def text_to_standard(record: Any) -> Conversation:
     text = _text(_object(record), "text")
     if not text.strip():
         raise RecordError("field 'text' is empty")
-    return Conversation((Turn("assistant", text, trainable=True),), raw=True)
+    return check_conversation(Conversation((Turn("assistant", text, trainable=True),), raw=True), ["text"])
 
 
 FORMATS: dict[str, Callable[[Any], Conversation]] = {
