@@ -60,6 +60,7 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        assert not thread.is_alive(), "the server did not shut down"
 
 
 @pytest.fixture(scope="module")

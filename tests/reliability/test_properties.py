@@ -23,6 +23,7 @@ from xtune.data.encode import IGNORE_INDEX, encode
 from xtune.data.formats import FORMATS, Conversation, RecordError, check_conversation, detect_format
 from xtune.data.sources import BadRecord, SourceSpec, load_sources, read_conversations
 from xtune.data.templates import get_template
+from tests.data.test_formats import _places
 from xtune.errors import ConfigError, DataError, XtuneError
 
 CASES = 1000
@@ -243,17 +244,6 @@ def mutated(draw, valid):
         else:
             container[draw(st.sampled_from(KEYS))] = copy.deepcopy(container[key])
     return record
-
-
-def _places(value):
-    if isinstance(value, dict):
-        for key in list(value):
-            yield value, key
-            yield from _places(value[key])
-    elif isinstance(value, list):
-        for index in range(len(value)):
-            yield value, index
-            yield from _places(value[index])
 
 
 @st.composite

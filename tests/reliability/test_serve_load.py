@@ -9,15 +9,14 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from xtune.data.templates import get_template
 from xtune.infer.chat import load_chat_model
+from tests.infer.test_serve import running
 from xtune.infer.serve import build_app
 
 REQUESTS = 200
@@ -30,25 +29,6 @@ PROMPTS = ["Count to five.", "Hi there", "What is the capital of France?", "Tell
 def loaded(xtune_home):
     model, tokenizer = load_chat_model("xtune-tiny/internlm2-chat")
     return model, tokenizer, get_template("internlm2_chat")
-
-
-@contextmanager
-def running(app):
-    """The app served by uvicorn in a background thread on a free port; yields the API's base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "the server did not shut down"
 
 
 def one_request(client: openai.OpenAI, index: int) -> str:

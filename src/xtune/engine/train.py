@@ -266,8 +266,8 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and engine is None else nullcontext()
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and engine is None)
+    # weights split over the ranks: gathering them, and generating, takes every rank
     sharded = fsdp or (engine is not None and engine.zero_optimization_stage() == 3)
-    """Weights split over the ranks: gathering them, and generating, takes every rank."""
 
     progress_state = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0}
     if checkpoint is not None:
