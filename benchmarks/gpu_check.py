@@ -26,7 +26,8 @@ from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, Encoded
 from xtune.data.packing import collate_packed, pack
 from xtune.engine.optim import build_optimizer
-from xtune.engine.train import causal_lm_loss_sum, train
+from xtune.engine.loss import FusedHead, next_token_loss_sum
+from xtune.engine.train import train
 from xtune.models import attention
 from xtune.models.load import load_model, resolve_model_path
 from xtune.models.lora import prepare_trainable
@@ -139,16 +140,15 @@ def qlora_step(folder: Path, checkpointing: bool, tokens: int = 2048, optim_type
     for _ in range(3):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=ids, use_cache=False).logits
-        loss = causal_lm_loss_sum(logits, ids) / (tokens - 1)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        loss = next_token_loss_sum(model, {"input_ids": ids}, ids, autocast, FusedHead.of(model)) / (tokens - 1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated()
-    del model, optimizer, logits, loss
+    del model, optimizer, loss
     return {
         "gradient_checkpointing": checkpointing, "tokens": tokens, "optim_type": optim_type,
         "weights_loaded_gib": loaded / 2**30, "peak_allocated_gib": peak / 2**30,

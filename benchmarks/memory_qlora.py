@@ -1,13 +1,14 @@
 """Peak memory of one QLoRA step of an InternLM2-1.8B-shaped model at 2,048 tokens, with and without gradient
 checkpointing, each setting in a fresh process.
 
-    python benchmarks/memory_qlora.py [--layers 24] [--tokens 2048] [--settings gc,no_gc,gc_chunked]
+    python benchmarks/memory_qlora.py [--layers 24] [--tokens 2048] [--settings gc,no_gc,gc_full_logits]
 
 The model is a Llama with InternLM2-1.8B's shape (hidden 2048, 16 heads, 8 key-value heads, intermediate 8192,
 vocab 92,544; `--layers` of them, 24 in the real model) and random bf16 weights, saved once as a Hugging Face
 folder and loaded through xtune's own `load_model(..., quantization="4bit")` (NF4, double quantization, bf16
 compute), LoRA r=64 on every linear layer but the head (xtune's `prepare_trainable`), xtune's fused AdamW, one
-sequence of `--tokens` tokens, bf16 autocast, xtune's loss (`causal_lm_loss_sum`: the full logits in fp32).
+sequence of `--tokens` tokens (every position trained), bf16 autocast, xtune's loss
+(`xtune.engine.loss.next_token_loss_sum`: head and cross-entropy fused, chunk by chunk).
 
 On a GPU it reports `torch.cuda.max_memory_allocated`. On a CPU it reports the process's resident memory: the
 peak of the step alone (VmHWM after resetting it through /proc/self/clear_refs once the model is loaded), the
@@ -18,8 +19,8 @@ that the step's peak is what the step needs, not pages of the bf16 checkpoint fi
 On a CPU a 24-layer step takes minutes; `--layers 4` and `--layers 8` give the per-layer slope, and the 24-layer
 figure is extrapolated linearly (every per-layer term, 4-bit weights, LoRA weights, gradients and Adam state,
 saved activations, is linear in the layer count; the head, embeddings and loss are not per layer).
-Settings: `gc` / `no_gc` (gradient checkpointing on / off), `gc_chunked` / `no_gc_chunked` (with the head and
-loss run in chunks of 1,024 tokens: benchmarks/levers.py, an engine change not in xtune yet).
+Settings: `gc` / `no_gc` (gradient checkpointing on / off), `gc_full_logits` / `no_gc_full_logits` (the loss
+as xtune computed it before `xtune.engine.loss`: the whole [tokens, vocab] logits, then fp32 cross-entropy).
 """
 
 import argparse
@@ -95,7 +96,7 @@ def step(folder: Path, setting: str, tokens: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     from xtune.config.schema import Config
-    from xtune.engine import train as engine
+    from xtune.engine.loss import FusedHead, next_token_loss_sum
     from xtune.engine.optim import build_optimizer
     from xtune.models.load import load_model
     from xtune.models.lora import prepare_trainable
@@ -103,15 +104,11 @@ def step(folder: Path, setting: str, tokens: int, threads: int) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     checkpointing = not setting.startswith("no_gc")
+    full_logits = setting.endswith("full_logits")
     started = time.perf_counter()
     model = load_model(folder, dtype=torch.bfloat16, quantization="4bit", device=device)
     config = Config(llm_name_or_path=str(folder), data_path="-", lora_r=64, lora_alpha=16, lora_dropout=0.1)
     model = prepare_trainable(model, config)
-    if setting.endswith("chunked"):
-        sys.path.insert(0, str(BENCH))
-        from levers import use_chunked_loss
-
-        use_chunked_loss(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -131,9 +128,13 @@ def step(folder: Path, setting: str, tokens: int, threads: int) -> dict:
         before_file = status_kib("RssFile") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     started = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        logits = model(input_ids=ids, use_cache=False).logits
-    loss = engine.causal_lm_loss_sum(logits, ids) / (tokens - 1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    if full_logits:
+        with autocast:
+            logits = model(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="mean")
+    else:
+        loss = next_token_loss_sum(model, {"input_ids": ids}, ids, autocast, FusedHead.of(model)) / (tokens - 1)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -141,7 +142,7 @@ def step(folder: Path, setting: str, tokens: int, threads: int) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     result = {
-        "setting": setting, "gradient_checkpointing": checkpointing, "chunked_loss": setting.endswith("chunked"),
+        "setting": setting, "gradient_checkpointing": checkpointing, "full_logits_loss": full_logits,
         "layers": model.config.num_hidden_layers, "tokens": tokens, "trainable_parameters": trainable,
         "loss": loss.item(), "load_s": load_s, "step_s": seconds, "device": str(device),
     }  # fmt: skip

@@ -3,18 +3,20 @@
     python benchmarks/profile_train_step.py [--model 100m] [--rounds 3] [--threads 1]
     python benchmarks/profile_train_step.py --levers baseline,compile --rounds 4   # torch.compile, alone
 
-The step is xtune's, piece by piece (`xtune.engine.train`'s loop: forward under bf16 autocast, its
-`causal_lm_loss_sum`, backward, gradient clipping, fused AdamW), on packed rows of 2,048 tokens of the
+The step is xtune's, piece by piece (`xtune.engine.train`'s loop: forward under bf16 autocast with its loss,
+`xtune.engine.loss.next_token_loss_sum` (fused head + cross-entropy), backward, gradient clipping, fused AdamW), on packed rows of 2,048 tokens of the
 benchmark's synthetic chat data (benchmarks/train_throughput.py), model and LoRA (r=16, all linear layers) as
 xtune's `load_model`, `use_varlen_attention` and `prepare_trainable` build them. Timers split forward (with
-the loss), backward and optimizer; torch.profiler attributes one baseline step to operator groups.
+the loss; the fused loss makes the head's gradients there too), backward and optimizer; torch.profiler attributes one baseline step to operator groups.
 
 Levers, each a patch in this process (nothing in src/ changes), measured on the very same batches, the levers
 interleaved within each round so that the load of other processes falls on all of them alike:
 - `baseline`: as xtune trains today;
-- `chunked_loss`: head + cross-entropy per 1,024 trained tokens, logits recomputed in backward
-  (benchmarks/levers.py); untrained positions (prompts, padding) get no logits at all;
-- `no_lora_dropout`: LoRA's input dropout (peft's nn.Dropout, p=0.1) replaced by identity;
+- `unfused_loss`: `fused_loss = False`: the head's logits for the trained positions only, then cross-entropy;
+- `full_logits_loss`: logits for every position, then cross-entropy over the trained ones (xtune before
+  `xtune.engine.loss`);
+- `no_lora_dropout`: LoRA's input dropout (xtune's `FastDropout`, p=0.1) replaced by identity;
+- `peft_dropout`: LoRA's input dropout back to peft's own `nn.Dropout` (what xtune used before `FastDropout`);
 - `gradient_checkpointing`: xtune's `gradient_checkpointing = True` (the memory lever; its cost);
 - `one_sdpa_block_mask`: a packed row's attention in one SDPA call with a block-diagonal causal mask instead of
   xtune's one SDPA call per sample (CPU path of `xtune.models.attention`);
@@ -34,10 +36,11 @@ from pathlib import Path
 
 import torch
 
+from xtune.engine.loss import next_token_loss_sum
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from levers import HiddenStates, chunked_lm_loss_sum  # noqa: E402
 from train_throughput import LORA, MAX_LENGTH, MODELS, build_assets, matmul_peak, model_flops  # noqa: E402
 
 GROUPS = {  # operator -> group, for the profile
@@ -101,15 +104,20 @@ def packed_batches(assets: dict, count: int) -> tuple[list[dict], float]:
 class Lever:
     """A model variant: `enter` switches the model to it, `exit` back to the baseline."""
 
-    def __init__(self, name: str, model, autocast: bool = True, loss=None, enter=None, exit=None):
+    def __init__(self, name: str, model, autocast: bool = True, loss=None, enter=None, exit=None, fused="auto"):
+        from xtune.engine.loss import FusedHead
+
         self.name, self.model, self.autocast, self.loss = name, model, autocast, loss
+        self.fused = FusedHead.of(model) if fused == "auto" else fused
         self.enter, self.exit = enter or (lambda: None), exit or (lambda: None)
 
 
-def full_loss_sum(model, output, labels):
-    from xtune.engine.train import causal_lm_loss_sum
+def full_logits_loss_sum(model, inputs, labels, autocast, fused=None):
+    import torch.nn.functional as F
 
-    return causal_lm_loss_sum(output, labels)
+    with autocast:
+        logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
 
 
 def run_step(lever: Lever, optimizer, batch: dict) -> dict:
@@ -117,9 +125,7 @@ def run_step(lever: Lever, optimizer, batch: dict) -> dict:
     labels = batch["labels"]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if lever.autocast else nullcontext()
     started = time.perf_counter()
-    with autocast:
-        output = lever.model(**inputs, use_cache=False).logits
-    loss_sum = (lever.loss or full_loss_sum)(lever.model, output, labels)  # outside autocast, as in xtune's loop
+    loss_sum = (lever.loss or next_token_loss_sum)(lever.model, inputs, labels, autocast, lever.fused)
     num_trained = (labels[:, 1:] != -100).sum()
     forward = time.perf_counter()
     (loss_sum / num_trained).backward()
@@ -152,27 +158,22 @@ def block_mask_attention(module, query, key, value, attention_mask, dropout=0.0,
 
 def make_levers(names: list[str], model, fp32_model) -> list[Lever]:
     base = model.get_base_model()
-    head = base.lm_head
     levers = []
     for name in names:
         if name == "baseline":
             levers.append(Lever(name, model))
-        elif name == "chunked_loss":
-            def enter():
-                base.lm_head = HiddenStates(head)
-
-            def exit():
-                base.lm_head = head
-
-            levers.append(Lever(name, model, loss=lambda m, hidden, labels: chunked_lm_loss_sum(hidden, head.weight, labels),
-                                enter=enter, exit=exit))  # fmt: skip
-        elif name == "no_lora_dropout":
+        elif name == "unfused_loss":
+            levers.append(Lever(name, model, fused=None))
+        elif name == "full_logits_loss":
+            levers.append(Lever(name, model, loss=full_logits_loss_sum, fused=None))
+        elif name in ("no_lora_dropout", "peft_dropout"):
             dropouts = [(module.lora_dropout, key, drop) for module in model.modules() if hasattr(module, "lora_dropout")
                         for key, drop in module.lora_dropout.items()]  # fmt: skip
+            swap = torch.nn.Identity if name == "no_lora_dropout" else lambda: torch.nn.Dropout(LORA["dropout"])
 
-            def enter(dropouts=dropouts):
+            def enter(dropouts=dropouts, swap=swap):
                 for container, key, _ in dropouts:
-                    container[key] = torch.nn.Identity()
+                    container[key] = swap()
 
             def exit(dropouts=dropouts):
                 for container, key, drop in dropouts:
@@ -236,7 +237,7 @@ def profile_step(lever: Lever, optimizer, batch: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="100m")
-    parser.add_argument("--levers", default="baseline,chunked_loss,no_lora_dropout,gradient_checkpointing,fp32")
+    parser.add_argument("--levers", default="baseline,unfused_loss,no_lora_dropout,gradient_checkpointing,fp32")
     parser.add_argument("--rounds", type=int, default=3, help="steps per lever; the first is a warm-up, not counted")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=300)
@@ -286,11 +287,6 @@ def main():
     if not args.no_profile and "baseline" in names:
         baseline = next(lever for lever in levers if lever.name == "baseline")
         report["profile_baseline"] = profile_step(baseline, optimizer, batches[-1])
-        if "chunked_loss" in names:
-            chunked = next(lever for lever in levers if lever.name == "chunked_loss")
-            chunked.enter()
-            report["profile_chunked_loss"] = profile_step(chunked, optimizer, batches[-1])
-            chunked.exit()
     out = Path(args.out or Path(args.work_dir) / f"profile_{args.model}_{'_'.join(names)}.json")
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "batches_tokens"}, indent=1))

@@ -20,7 +20,8 @@ What is the same for every run:
   the same ChatML text (xtune's `internlm2_chat`; for TRL the tokenizer's `chat_template`, which writes the same
   text with `{% generation %}` marks) and train on the assistant's words and its `<|im_end|>` only;
 - LoRA r=16, alpha 32, dropout 0.1 on every linear layer but the head; AdamW (fused), lr 2e-4, 3% warmup then
-  cosine, clip 1.0; bf16 weights for the frozen base, bf16 autocast; no gradient checkpointing;
+  cosine, clip 1.0; bf16 weights for the frozen base, bf16 autocast; no gradient checkpointing (peer
+  `trl_packed_gc`: TRL packed with its own default, `gradient_checkpointing=True`);
 - the global batch: packed runs take 1 row of 2,048 tokens a step; unpacked runs take as many samples a step
   as make the same number of steps per epoch (length-grouped batches in both tools); one epoch each.
 
@@ -270,7 +271,7 @@ def trl_worker(spec: dict) -> dict:
         output_dir=spec["work_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         num_train_epochs=1, max_steps=spec.get("max_steps") or -1, learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=round(WARMUP_RATIO * steps), weight_decay=0.0, max_grad_norm=MAX_NORM, optim="adamw_torch_fused",
-        bf16=True, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[],
+        bf16=True, gradient_checkpointing=spec.get("gradient_checkpointing", False), logging_steps=1, save_strategy="no", report_to=[],
         max_length=MAX_LENGTH, packing=spec["packed"], assistant_only_loss=True,
         train_sampling_strategy="random" if spec["packed"] else "group_by_length",
         seed=0, use_cpu=True, model_init_kwargs={"dtype": torch.bfloat16}, dataloader_num_workers=0,
@@ -342,6 +343,7 @@ PEERS = {
     "xtune_unpacked": ("xtune", False),
     "trl_packed": ("trl", True),
     "trl_unpacked": ("trl", False),
+    "trl_packed_gc": ("trl", True),  # TRL's own default: gradient checkpointing on (SFTConfig)
 }
 
 
@@ -353,6 +355,7 @@ def run_one(name: str, repeat: int, assets: dict, plan: dict, args, out_dir: Pat
         **assets, "packed": packed, "threads": args.threads, "work_dir": str(work_dir),
         "batch_size": ROWS_PER_STEP if packed else plan["unpacked_batch_size"], "max_steps": args.max_steps,
         "steps_per_epoch": plan["steps_per_epoch"], "result": str(work_dir / "result.json"),
+        "gradient_checkpointing": name.endswith("_gc"),
     }  # fmt: skip
     (work_dir / "spec.json").write_text(json.dumps(spec))
     python = MAIN_PYTHON if tool == "xtune" else TRL_PYTHON
@@ -448,6 +451,14 @@ def aggregate(runs: list[dict], peak: float) -> dict:
             ratios[f"xtune/trl {mode} per repeat"] = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in pairs]
     if "xtune_packed" in by_peer and "trl_unpacked" in by_peer:
         ratios["xtune packed / trl unpacked tokens/s"] = by_peer["xtune_packed"]["tokens_per_s"] / by_peer["trl_unpacked"]["tokens_per_s"]
+    ours = [by_peer[name]["trained_tokens_per_s"] for name in by_peer if name.startswith("xtune")]
+    theirs = [by_peer[name]["trained_tokens_per_s"] for name in by_peer if name.startswith("trl")]
+    if ours and theirs:
+        ratios["xtune best / trl best trained tokens/s"] = max(ours) / max(theirs)
+    if "xtune_packed" in by_peer and "trl_packed_gc" in by_peer:
+        ratios["xtune packed / trl packed with its default gradient checkpointing, trained tokens/s"] = (
+            by_peer["xtune_packed"]["trained_tokens_per_s"] / by_peer["trl_packed_gc"]["trained_tokens_per_s"]
+        )
     if "xtune_packed" in by_peer and "xtune_unpacked" in by_peer:
         ratios["xtune packed / unpacked tokens/s"] = by_peer["xtune_packed"]["tokens_per_s"] / by_peer["xtune_unpacked"]["tokens_per_s"]
     return {"by_peer": by_peer, "ratios": ratios}

@@ -21,11 +21,9 @@ def test_short_run_loss_falls_packed_or_not(tmp_path, packed):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_accumulation_gives_the_gradient_of_the_whole_step(packed):
-    import random
-
     import torch
 
-    from xtune.data.encode import IGNORE_INDEX, Encoded
+    from tests.engine.test_loss import random_samples
     from xtune.data.loader import collate
     from xtune.data.packing import collate_packed, pack
     from xtune.engine.train import accumulate_gradients
@@ -34,12 +32,7 @@ def test_accumulation_gives_the_gradient_of_the_whole_step(packed):
 
     model = load_model(resolve_model_path("xtune-tiny/llama"), dtype=torch.float32)
     use_varlen_attention(model)
-    rng = random.Random(0)
-    samples = []
-    for _ in range(8):
-        ids = [1] + [rng.randrange(3, 2000) for _ in range(rng.randrange(5, 40))]
-        cut = rng.randrange(1, len(ids) - 1)
-        samples.append(Encoded(ids, [IGNORE_INDEX] * cut + ids[cut:]))
+    samples = random_samples(8, 40)
     if packed:
         items = pack([s for s in samples], max_length=48, pad_token_id=2)
         batch_of = collate_packed
@@ -81,3 +74,16 @@ def test_freeze_llm_trains_only_modules_to_save(tmp_path):
     config.modules_to_save = ["no_such_module"]
     with pytest.raises(ConfigError, match="no module named 'no_such_module'"):
         train(config, Console(file=io.StringIO()))
+
+
+def test_dataloader_workers_and_the_fused_loss_leave_the_run_unchanged(tmp_path):
+    base = ["max_steps=6", "max_epochs=1", "dtype='fp32'", "lora_dropout=0.1", "evaluation_inputs=[]", "save_steps=6"]
+
+    def losses(name, *extra):
+        config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path / name)!r}", *base, *extra])
+        return train(config, Console(file=io.StringIO())).losses
+
+    reference = losses("reference")
+    assert losses("workers", "dataloader_num_workers=2") == reference  # same batches in the same order
+    unfused = losses("unfused", "fused_loss=False")
+    assert max(abs(a - b) for a, b in zip(unfused, reference, strict=True)) < 1e-5

@@ -181,3 +181,22 @@ def test_qlora_on_the_vision_encoder(images):
     first_layer = {n: g for n, g in grads.items() if ".layers.0." in n}  # the last layer is past select_layer -2
     assert first_layer and all(g is not None for g in first_layer.values())
     assert all(g.abs().sum() > 0 for n, g in first_layer.items() if "lora_B" in n)  # lora_A's wait for B to move
+
+
+def test_dataloader_workers_read_the_images_into_the_same_batches(tokenizer, images):
+    from functools import partial
+
+    from xtune.data.loader import collate
+    from xtune.engine.distributed import Ranks
+    from xtune.engine.train import collated
+
+    preprocess = ImagePreprocessor.from_folder(resolve_model_path("xtune-tiny/clip-vision"), True)
+    samples = [encode(conversation(image), TEMPLATE, tokenizer, image_tokens=4) for image in images]
+    collate_fn = with_pixel_values(partial(collate, pad_token_id=2), preprocess)
+    plan = [(0, [0, 1]), (0, [2, 3]), (1, [3, 0])]
+    here = list(collated(samples, plan, collate_fn, Ranks()))
+    ahead = list(collated(samples, plan, collate_fn, Ranks(), workers=2))
+    assert [(epoch, indices) for epoch, indices, _ in ahead] == plan
+    for (_, _, mine), (_, _, theirs) in zip(here, ahead, strict=True):
+        assert mine.keys() == theirs.keys() and "pixel_values" in mine
+        assert all(torch.equal(mine[key], theirs[key]) for key in mine)

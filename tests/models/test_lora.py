@@ -1,8 +1,9 @@
 import pytest
+import torch
 
 from xtune.config.schema import Config
 from xtune.models.load import load_model, resolve_model_path
-from xtune.models.lora import count_parameters, prepare_trainable
+from xtune.models.lora import FastDropout, count_parameters, prepare_trainable
 
 
 def config(**values):
@@ -73,3 +74,39 @@ def test_attach_adapter_refuses_folders_that_are_not_complete_adapters(tmp_path)
     (tmp_path / "a" / "adapter_config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
         attach_adapter(None, tmp_path / "a", "base")
+
+
+def test_fast_dropout_keeps_the_distribution_of_nn_dropout():
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000, dtype=torch.bfloat16) + 1
+    dropout = FastDropout(0.1).train()
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - 3277 / 2**15)) < 0.002  # p rounded to 3277 / 2**15
+    scale = 2**15 / (2**15 - 3277)
+    assert torch.equal(y[kept], (x * scale)[kept])
+    assert abs(y.double().sum().item() / x.double().sum().item() - 1) < 0.003  # unbiased
+    rows, columns = kept.float().mean(1), kept.float().mean(0)  # no pattern along either axis
+    assert rows.std().item() < 0.02 and columns.std().item() < 0.02
+    torch.manual_seed(0)
+    torch.rand(1000, 1000)
+    assert torch.equal(dropout(x), y)  # seeded by torch's generator
+    assert not torch.equal(dropout(x), y)
+    assert dropout.eval()(x) is x
+    assert FastDropout(0.0).train()(x) is x
+
+
+def test_fast_dropout_gradient_is_the_mask_times_the_scale():
+    x = torch.randn(7, 33, requires_grad=True)  # odd sizes: the draws are cut to the element count
+    y = FastDropout(0.5).train()(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() * 2)
+
+
+def test_lora_adapters_drop_out_with_fast_dropout():
+    peft_model = prepare_trainable(model(), config(lora_dropout=0.1))
+    dropouts = [m for m in peft_model.modules() if isinstance(m, FastDropout)]
+    assert len(dropouts) == 7 * peft_model.config.num_hidden_layers and dropouts[0].p == 0.1
+    assert not any(isinstance(m, torch.nn.Dropout) for m in peft_model.modules())
+    no_dropout = prepare_trainable(model(), config(lora_dropout=0.0))
+    assert not any(isinstance(m, FastDropout) for m in no_dropout.modules())

@@ -28,14 +28,14 @@ def config_in(work_dir, *extra):
 
 def poison_step(monkeypatch, bad_step: int):
     """The loss of every micro-batch of optimizer step `bad_step` becomes NaN."""
-    real, calls = train_module.causal_lm_loss_sum, {"n": 0}
+    real, calls = train_module.next_token_loss_sum, {"n": 0}
 
-    def loss_sum(logits, labels):
+    def loss_sum(*args):
         calls["n"] += 1
-        value = real(logits, labels)
+        value = real(*args)
         return value * float("nan") if calls["n"] == bad_step else value
 
-    monkeypatch.setattr(train_module, "causal_lm_loss_sum", loss_sum)
+    monkeypatch.setattr(train_module, "next_token_loss_sum", loss_sum)
 
 
 def adapter(checkpoint):

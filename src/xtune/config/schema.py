@@ -125,6 +125,10 @@ class Config(BaseModel):
     """Concatenate samples into rows of exactly max_length tokens without attention across samples."""
     shuffle_before_pack: bool = True
     """Shuffle samples (seeded) before packing them, so that a row holds unrelated samples."""
+    dataloader_num_workers: int = Field(0, ge=0, le=256)
+    """Processes that collate the batches ahead of the training step (LLaVA: read and preprocess the
+    images), so that the step never waits on them; 0 collates in the training process. The batches, and so
+    the run, are the same either way."""
 
     # Optimisation
     batch_size: int = Field(1, gt=0, le=65536)
@@ -166,6 +170,11 @@ class Config(BaseModel):
     from its last checkpoint) or `skip` the step (its batch is logged, the weights untouched)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    fused_loss: bool = True
+    """Compute the output head and the cross-entropy together, chunk by chunk, so the [tokens, vocab] logits
+    never exist whole (0.76 GB in fp32 for 2,048 tokens of InternLM2's 92,544-token vocab, and as much for
+    their gradient). Applies where the head is a plain linear layer and the model is not sharded (not with
+    FSDP or ZeRO-3); elsewhere logits are made for the trained positions only. False: always that way."""
     seed: int = 0
     """Seed for weights of new layers, data order and dropout."""
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from rich.console import Console
@@ -43,6 +42,7 @@ from xtune.engine.distributed import Ranks, all_sum, barrier, full_state_dict, m
 from xtune.engine.distributed import gradient_sync, load_optimizer_state, optimizer_state
 from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
+from xtune.engine.loss import FusedHead, next_token_loss_sum
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.errors import CheckpointError, ConfigError, TrainingError
@@ -60,25 +60,19 @@ class TrainResult:
     """Mean loss over the trained tokens of each optimizer step."""
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over trained positions (labels are aligned with inputs)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
 def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def accumulate_gradients(
-    model, batches: list[dict], device, autocast=nullcontext(), scaler=None, ranks=Ranks(), engine=None
+    model, batches: list[dict], device, autocast=nullcontext(), scaler=None, ranks=Ranks(), engine=None, fused=None
 ):
     """Backward over the micro-batches of one optimizer step, so that the gradient is that of the mean
     loss over every trained token of the step on every rank (not a mean of per-micro-batch means).
     Returns this rank's (summed loss, input tokens) and the global trained-token count, as tensors:
     no host sync per micro-batch. With a DeepSpeed `engine`, it also steps: DeepSpeed counts the
-    micro-batches and updates the weights on the last one."""
+    micro-batches and updates the weights on the last one. `fused`: the loss from the head's weight
+    without whole logits (`xtune.engine.loss.FusedHead`)."""
     num_trained = all_sum(sum(count_trained(batch) for batch in batches).to(device), ranks)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -86,9 +80,7 @@ def accumulate_gradients(
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
         with gradient_sync(model, last=index == len(batches) - 1) if engine is None else nullcontext():
-            with autocast:
-                logits = model(**batch, use_cache=False).logits
-            step_loss = causal_lm_loss_sum(logits, labels)
+            step_loss = next_token_loss_sum(model, batch, labels, autocast, fused)
             scaled = step_loss * ranks.world / num_trained  # DDP and DeepSpeed average gradients over the ranks
             if engine is not None:
                 engine.backward(scaled, scale_wrt_gas=False)
@@ -268,6 +260,7 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and engine is None)
     # weights split over the ranks: gathering them, and generating, takes every rank
     sharded = fsdp or (engine is not None and engine.zero_optimization_stage() == 3)
+    fused = FusedHead.of(model) if config.fused_loss and not sharded else None  # a sharded head is not whole outside forward
 
     progress_state = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0}
     if checkpoint is not None:
@@ -297,8 +290,11 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     sinks = MetricSinks(run_dir, config, main=ranks.main)
     done = progress_state["step"]
     global_batch = config.batch_size * ranks.world
-    plan = islice(batch_plan(len(items), global_batch, config.seed, grouping), done * config.accumulative_counts, None)
-    batches = ((epoch, indices, rank_batch(items, indices, collate_fn, ranks)) for epoch, indices in plan)
+    plan = islice(  # the micro-batches of steps done+1 .. steps
+        batch_plan(len(items), global_batch, config.seed, grouping),
+        done * config.accumulative_counts, steps * config.accumulative_counts,
+    )
+    batches = collated(items, plan, collate_fn, ranks, config.dataloader_num_workers, pin=device.type == "cuda")
     result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
     model.train()
     start = time.perf_counter() - progress_state["elapsed_s"]
@@ -315,7 +311,7 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
             epoch = group[-1][0]
             lr = scheduler.get_last_lr()[0]
             loss_sum, num_trained, tokens = accumulate_gradients(
-                forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine
+                forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine, fused
             )
             loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
             if engine is not None:  # it clipped and stepped on the last micro-batch
@@ -418,6 +414,34 @@ def handle_divergence(config: Config, step: int, epoch: int, indices: list[int],
             "nan_policy = 'skip'."
         )
     console.print(f"[yellow]skipped {where}: loss {loss}, gradient norm {grad_norm}; the weights are unchanged")
+
+
+class _PlannedBatches(torch.utils.data.Dataset):
+    """The k-th planned micro-batch, collated for this rank: what DataLoader workers build ahead."""
+
+    def __init__(self, items, plan: list[tuple[int, list[int]]], collate_fn, ranks: Ranks):
+        self.items, self.plan, self.collate_fn, self.ranks = items, plan, collate_fn, ranks
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> dict:
+        return rank_batch(self.items, self.plan[k][1], self.collate_fn, self.ranks)
+
+
+def collated(items, plan, collate_fn, ranks: Ranks, workers: int = 0, pin: bool = False) -> Iterator[tuple[int, list[int], dict]]:
+    """(epoch, indices, this rank's batch) for each planned micro-batch, in plan order: collated here, or by
+    `workers` DataLoader processes a few batches ahead."""
+    if workers == 0:
+        yield from ((epoch, indices, rank_batch(items, indices, collate_fn, ranks)) for epoch, indices in plan)
+        return
+    plan = list(plan)
+    loader = torch.utils.data.DataLoader(  # its own generator: seeding workers draws nothing from dropout's
+        _PlannedBatches(items, plan, collate_fn, ranks), batch_size=None, num_workers=workers, pin_memory=pin,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for (epoch, indices), batch in zip(plan, loader, strict=True):
+        yield epoch, indices, batch
 
 
 def rank_batch(items, indices: list[int], collate_fn, ranks: Ranks) -> dict:

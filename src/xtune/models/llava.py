@@ -10,6 +10,7 @@ there) are settled before the model runs.
 """
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -193,6 +194,7 @@ def build_llava(config, llm, dtype: torch.dtype, device: torch.device, preproces
     from peft import LoraConfig, get_peft_model
 
     from xtune.models.load import resolve_model_path
+    from xtune.models.lora import use_fast_dropout
 
     trained = config.visual_encoder_lora or not config.freeze_visual_encoder
     encoder = load_visual_encoder(
@@ -205,7 +207,7 @@ def build_llava(config, llm, dtype: torch.dtype, device: torch.device, preproces
     if config.visual_encoder_lora:
         lora = LoraConfig(r=config.visual_encoder_lora_r, lora_alpha=config.visual_encoder_lora_alpha,
                           lora_dropout=config.lora_dropout, target_modules=VISION_LORA_TARGETS)  # fmt: skip
-        encoder = get_peft_model(encoder, lora)
+        encoder = use_fast_dropout(get_peft_model(encoder, lora))
     vision_hidden, llm_hidden = encoder.config.hidden_size, llm.config.hidden_size
     if config.pretrained_pth:
         projector = Projector.load(config.pretrained_pth)
@@ -221,16 +223,17 @@ def build_llava(config, llm, dtype: torch.dtype, device: torch.device, preproces
 
 
 def with_pixel_values(collate_fn, preprocess):
-    """A collate function that turns the batch's image paths into `pixel_values`."""
+    """A collate function that turns the batch's image paths into `pixel_values` (picklable, for DataLoader
+    workers however they start)."""
+    return partial(_collate_with_pixel_values, collate_fn=collate_fn, preprocess=preprocess)
 
-    def collate(items):
-        batch = collate_fn(items)
-        paths = batch.pop("images", None)
-        if paths:
-            batch["pixel_values"] = preprocess(paths)
-        return batch
 
-    return collate
+def _collate_with_pixel_values(items, collate_fn, preprocess) -> dict:
+    batch = collate_fn(items)
+    paths = batch.pop("images", None)
+    if paths:
+        batch["pixel_values"] = preprocess(paths)
+    return batch
 
 
 def llava_meta(config) -> dict:
