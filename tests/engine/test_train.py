@@ -87,3 +87,19 @@ def test_dataloader_workers_and_the_fused_loss_leave_the_run_unchanged(tmp_path)
     assert losses("workers", "dataloader_num_workers=2") == reference  # same batches in the same order
     unfused = losses("unfused", "fused_loss=False")
     assert max(abs(a - b) for a, b in zip(unfused, reference, strict=True)) < 1e-5
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_run(tmp_path):
+    base = ["max_steps=3", "max_epochs=1", "dtype='fp32'", "lora_dropout=0.0", "evaluation_inputs=[]", "save_steps=3",
+            "pack_to_max_length=True", "batch_size=1", "max_length=128"]  # fmt: skip
+
+    def run(name, *extra):
+        config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path / name)!r}", *base, *extra])
+        output = io.StringIO()
+        return train(config, Console(file=output, width=200)).losses, output.getvalue()
+
+    reference, _ = run("eager")
+    compiled, output = run("compiled", "torch_compile=True")
+    assert "torch.compile: 4 decoder layers" in output
+    assert max(abs(a - b) for a, b in zip(compiled, reference, strict=True)) < 1e-4

@@ -170,6 +170,10 @@ class Config(BaseModel):
     from its last checkpoint) or `skip` the step (its batch is logged, the weights untouched)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    torch_compile: bool = False
+    """Compile each decoder layer with torch.compile (dynamic shapes). The first steps wait for the
+    compiler (a minute or more); whether later steps are faster depends on the device: measure with
+    benchmarks/profile_train_step.py --levers baseline,compile."""
     fused_loss: bool = True
     """Compute the output head and the cross-entropy together, chunk by chunk, so the [tokens, vocab] logits
     never exist whole (0.76 GB in fp32 for 2,048 tokens of InternLM2's 92,544-token vocab, and as much for

@@ -122,9 +122,10 @@ def wrap(model, ranks: Ranks, strategy: str, device: torch.device):
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
-    for module in model.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
-            fully_shard(module)
+    from xtune.models.compile import decoder_layers
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
     fully_shard(model)
     return model
 

@@ -47,6 +47,7 @@ from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_los
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.errors import CheckpointError, ConfigError, TrainingError
 from xtune.models.attention import use_varlen_attention
+from xtune.models.compile import compile_decoder_layers
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
 from xtune.models.llava import build_llava, image_token_count, llava_meta, vision_config, with_pixel_values
 from xtune.models.lora import count_parameters, fit_embeddings, prepare_trainable, saves_whole_model
@@ -227,6 +228,8 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     model = build_llava(config, model, dtype, device, preprocess) if llava else model.to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.torch_compile:
+        console.print(f"torch.compile: {compile_decoder_layers(model)} decoder layers (compiled at their first steps)")
     trainable, total = count_parameters(model)
     console.print(f"model: {model_path} on {device}, {dtype}; {trainable:,} of {total:,} parameters trainable")
     fsdp = ranks.world > 1 and config.strategy == "fsdp"
