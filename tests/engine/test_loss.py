@@ -129,3 +129,12 @@ def test_no_fused_head_where_the_head_is_not_a_plain_linear_layer():
     assert FusedHead.of(tiny(method="full")) is not None
     assert FusedHead.of(tiny(modules_to_save=["lm_head"])) is None  # peft's wrapper around a trained copy
     assert FusedHead.of(tiny(lora_target_modules=["q_proj", "lm_head"])) is None  # LoRA on the head
+
+
+def test_an_fp16_loss_scale_does_not_overflow_the_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 16, dtype=torch.float16, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float16) * 0.001  # gradients of ~1e-3
+    targets = torch.randint(0, 40, (8,))
+    (linear_cross_entropy(hidden, weight, targets) * (65536.0 * 8 / 4)).backward()  # scale x 8 ranks / 4 tokens
+    assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().max() > 1

@@ -59,8 +59,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
+        return (  # scaled in fp32: an fp16 loss scale (65,536) is past fp16's range
+            (grad_hidden.float() * grad_loss).to(grad_hidden.dtype) if grad_hidden is not None else None,
             (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
             None, None, None,
         )  # fmt: skip
