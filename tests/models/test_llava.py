@@ -200,3 +200,22 @@ def test_dataloader_workers_read_the_images_into_the_same_batches(tokenizer, ima
     for (_, _, mine), (_, _, theirs) in zip(here, ahead, strict=True):
         assert mine.keys() == theirs.keys() and "pixel_values" in mine
         assert all(torch.equal(mine[key], theirs[key]) for key in mine)
+
+
+def test_a_whole_part_missing_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from xtune.errors import CheckpointError
+
+    model = tiny_llava(freeze_visual_encoder=False)  # the encoder trains in full: saved whole
+    model.save_pretrained(tmp_path)
+    fresh = tiny_llava(freeze_visual_encoder=False)
+    fresh.load_trained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.visual_encoder.parameters(), model.visual_encoder.parameters()))
+    (weights,) = (tmp_path / "visual_encoder").glob("*.safetensors")
+    state = load_file(weights)
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, weights)
+    with pytest.raises(CheckpointError, match=f"visual_encoder lacks \\['{dropped}'\\]"):
+        fresh.load_trained(tmp_path)

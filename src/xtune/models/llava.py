@@ -181,7 +181,18 @@ class LlavaModel(nn.Module):
                 state = {}
                 for file in sorted((folder / full_name).glob("*.safetensors")):
                     state.update(load_file(file))
-                module.load_state_dict(state, strict=False)
+                _load_whole(module, state, folder / full_name)
+
+
+def _load_whole(module: nn.Module, state: dict, folder: Path) -> None:
+    """`state` into `module`, every weight: only a tied weight (the head sharing the embeddings) may be absent."""
+    result = module.load_state_dict(state, strict=False)
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    loaded = {id(parameters[name]) for name in state if name in parameters}
+    missing = [name for name in result.missing_keys if id(parameters.get(name)) not in loaded]
+    if missing or result.unexpected_keys:
+        problem = f"lacks {missing[:3]}" if missing else f"has weights this model does not: {result.unexpected_keys[:3]}"
+        raise CheckpointError(f"{folder} {problem}; it was saved from another model or is damaged.")
 
 
 VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
