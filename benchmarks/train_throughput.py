@@ -8,8 +8,9 @@
 
 On a machine whose cores other processes also use, pass `--threads 1`: two OpenMP threads wait at every
 barrier for the one that is descheduled (a step measured 3.6x slower on 2 threads than on 1 under load).
-XTuner 0.1.11 is not a peer: it installs, but its patched Llama attention fails on transformers 5.24 and 4.48
-(`'LlamaAttention' object has no attribute 'num_heads'`); see RESULTS.md.
+XTuner 0.1.11 (`xtuner_packed`, `xtuner_packed_gc`) runs in its own venv on transformers 4.36.2 and peft 0.7.1,
+its own era: its patched Llama attention fails on transformers 4.48 and 5.x (`'LlamaAttention' object has no
+attribute 'num_heads'`). The model folder is copied into the 4.36 format for it (`_transformers4_copy`).
 
 What is the same for every run:
 - the model: a Llama-shaped model with random weights, saved once as a Hugging Face folder (bf16 safetensors)
@@ -50,6 +51,7 @@ BENCH = ROOT / "benchmarks"
 VENVS = BENCH / ".venvs"
 MAIN_PYTHON = ROOT / ".venv" / "bin" / "python"
 TRL_PYTHON = VENVS / "trl" / "bin" / "python"
+XTUNER_PYTHON = VENVS / "xtuner" / "bin" / "python"
 TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.16.0", "transformers==5.24.0", "peft==0.21.2", "accelerate", "datasets"]
 
 MODELS = {
@@ -142,6 +144,19 @@ def ensure_trl_venv() -> None:
         [str(TRL_PYTHON), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), *TRL_REQUIREMENTS],
         check=True,
     )
+
+
+XTUNER_REQUIREMENTS = ["xtuner==0.1.11", "transformers==4.36.2", "peft==0.7.1", "datasets<4"]
+
+
+def ensure_xtuner_venv() -> None:
+    if XTUNER_PYTHON.is_file():
+        return
+    print(f"creating {XTUNER_PYTHON.parent.parent} (pip install {' '.join(XTUNER_REQUIREMENTS)})", flush=True)
+    subprocess.run(["python3", "-m", "venv", str(VENVS / "xtuner")], check=True)
+    pip = [str(XTUNER_PYTHON), "-m", "pip"]
+    subprocess.run([*pip, "install", "-q", "-c", str(ROOT / "constraints.txt"), *XTUNER_REQUIREMENTS], check=True)
+    subprocess.run([*pip, "uninstall", "-y", "-q", "torchvision", "torchaudio"], check=False)  # they break imports here
 
 
 def matmul_peak(threads: int, size: int = 2048, repeats: int = 12) -> dict:
@@ -309,6 +324,128 @@ def trl_worker(spec: dict) -> dict:
     }
 
 
+def xtuner_worker(spec: dict) -> dict:
+    """XTuner 0.1.11 as its configs run it (mmengine Runner, `SupervisedFinetune`, `process_hf_dataset`, its
+    packing), on transformers 4.36 (its era: its patched attention needs `num_heads`). Its LoRA path casts the
+    frozen base to fp32 (peft's `prepare_model_for_kbit_training`), and its packed rows attend across samples
+    (0.1.11 has no varlen attention). bf16 autocast through an mmengine `OptimWrapper` (its `AmpOptimWrapper`
+    asserts a GPU)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from contextlib import contextmanager
+
+    from datasets import load_dataset
+    from mmengine.config import ConfigDict
+    from mmengine.dataset import DefaultSampler
+    from mmengine.hooks import CheckpointHook, Hook, IterTimerHook, LoggerHook, ParamSchedulerHook
+    from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
+    from mmengine.runner import Runner
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from xtuner.dataset import process_hf_dataset
+    from xtuner.dataset.collate_fns import default_collate_fn
+    from xtuner.dataset.map_fns import openai_map_fn, template_map_fn_factory
+    from xtuner.model import SupervisedFinetune
+
+    model_dir = _transformers4_copy(Path(spec["model_dir"]), Path(spec["work_dir"]) / "model_t4")
+    steps = spec.get("max_steps") or spec["steps_per_epoch"]
+    warmup = max(1, round(WARMUP_RATIO * spec["steps_per_epoch"]))
+    chatml = ConfigDict(SYSTEM="<|im_start|>system\n{system}<|im_end|>\n",
+                        INSTRUCTION="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    tokenizer = dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=str(model_dir), padding_side="right")
+    step_ends, losses, batches = [], [], []
+    bos = AutoTokenizer.from_pretrained(str(model_dir)).bos_token_id
+
+    class Counting(Hook):
+        def before_train(self, runner):
+            self.start = time.perf_counter()
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            data = data_batch["data"]
+            documents = []  # samples start with BOS; packed rows hold several
+            for row, mask in zip(data["input_ids"], data["attention_mask"]):
+                length = int(mask.sum())
+                starts = (row[:length] == bos).nonzero().flatten().tolist()
+                bounds = [0, *[start for start in starts if start > 0], length]
+                documents += [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            batches.append(_counts(data, documents))
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            step_ends.append(time.perf_counter() - self.start)
+            losses.append(float(outputs["loss"]))
+
+    class Bf16OptimWrapper(OptimWrapper):
+        @contextmanager
+        def optim_context(self, model):
+            with super().optim_context(model), torch.autocast("cpu", dtype=torch.bfloat16):
+                yield
+
+    runner = Runner(
+        model=dict(
+            type=SupervisedFinetune, use_activation_checkpointing=spec.get("gradient_checkpointing", False),
+            llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(model_dir),
+                     torch_dtype=torch.bfloat16),
+            lora=dict(type=LoraConfig, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
+                      task_type="CAUSAL_LM"),
+        ),
+        work_dir=spec["work_dir"],
+        train_dataloader=dict(
+            batch_size=spec["batch_size"], num_workers=0, sampler=dict(type=DefaultSampler, shuffle=True),
+            collate_fn=dict(type=default_collate_fn),
+            dataset=dict(
+                type=process_hf_dataset, dataset=dict(type=load_dataset, path="json", data_files=dict(train=spec["data"])),
+                tokenizer=tokenizer, max_length=MAX_LENGTH, dataset_map_fn=openai_map_fn,
+                template_map_fn=dict(type=template_map_fn_factory, template=chatml), remove_unused_columns=True,
+                shuffle_before_pack=True, pack_to_max_length=spec["packed"], map_num_proc=1,
+            ),
+        ),
+        optim_wrapper=dict(type=Bf16OptimWrapper, optimizer=dict(type=torch.optim.AdamW, lr=LR, betas=(0.9, 0.999),
+                           weight_decay=0.0, fused=True), clip_grad=dict(max_norm=MAX_NORM, error_if_nonfinite=False)),
+        param_scheduler=[
+            dict(type=LinearLR, start_factor=1e-5, by_epoch=False, begin=0, end=warmup),
+            dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=False, begin=warmup, end=spec["steps_per_epoch"],
+                 T_max=spec["steps_per_epoch"] - warmup),
+        ],
+        train_cfg=dict(by_epoch=False, max_iters=steps),
+        default_hooks=dict(timer=dict(type=IterTimerHook), logger=dict(type=LoggerHook, interval=1),
+                           param_scheduler=dict(type=ParamSchedulerHook), checkpoint=dict(type=CheckpointHook, interval=10**9)),
+        custom_hooks=[Counting()],
+        launcher="none", env_cfg=dict(dist_cfg=dict(backend="gloo")), randomness=dict(seed=0), log_level="WARNING",
+        visualizer=None, default_scope="mmengine",
+    )  # fmt: skip
+    started = time.perf_counter()
+    runner.train()
+    wall = time.perf_counter() - started
+    return {
+        "steps": [{"loss": loss, "end_s": end, **_sum(batches[k : k + 1])} for k, (loss, end) in enumerate(zip(losses, step_ends))],
+        "train_call_s": wall, "dtype": "bfloat16 autocast; base cast to fp32 by XTuner's LoRA path",
+    }
+
+
+def _transformers4_copy(model_dir: Path, copy: Path) -> Path:
+    """`model_dir` as transformers 4.36 reads it: rope_theta instead of rope_parameters, a fast tokenizer class."""
+    if (copy / "config.json").is_file():
+        return copy
+    copy.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    config["torch_dtype"] = config.pop("dtype", "bfloat16")
+    (copy / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer.pop("backend", None)
+    tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer["additional_special_tokens"] = tokenizer.pop("extra_special_tokens", [])
+    tokenizer["model_max_length"] = 4096
+    (copy / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    rules = json.loads((model_dir / "tokenizer.json").read_text())  # tokenizers 0.15: merges as "a b", no ignore_merges
+    rules["model"]["merges"] = [" ".join(pair) if isinstance(pair, list) else pair for pair in rules["model"]["merges"]]
+    rules["model"].pop("ignore_merges", None)
+    (copy / "tokenizer.json").write_text(json.dumps(rules))
+    (copy / "model.safetensors").symlink_to((model_dir / "model.safetensors").resolve())
+    return copy
+
+
 def _counts(batch, documents: list[int]) -> dict:
     labels = batch["labels"]
     return {
@@ -329,7 +466,7 @@ def _sum(batches: list[dict]) -> dict:
 def worker_main(kind: str, spec_path: str) -> None:
     started = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
-    result = (xtune_worker if kind == "xtune" else trl_worker)(spec)
+    result = {"xtune": xtune_worker, "trl": trl_worker, "xtuner": xtuner_worker}[kind](spec)
     result["process_s"] = time.perf_counter() - started
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     Path(spec["result"]).write_text(json.dumps(result))
@@ -344,6 +481,8 @@ PEERS = {
     "trl_packed": ("trl", True),
     "trl_unpacked": ("trl", False),
     "trl_packed_gc": ("trl", True),  # TRL's own default: gradient checkpointing on (SFTConfig)
+    "xtuner_packed": ("xtuner", True),  # XTuner 0.1.11 in its own venv on transformers 4.36 (see xtuner_worker)
+    "xtuner_packed_gc": ("xtuner", True),  # its default: activation checkpointing on
 }
 
 
@@ -358,7 +497,7 @@ def run_one(name: str, repeat: int, assets: dict, plan: dict, args, out_dir: Pat
         "gradient_checkpointing": name.endswith("_gc"),
     }  # fmt: skip
     (work_dir / "spec.json").write_text(json.dumps(spec))
-    python = MAIN_PYTHON if tool == "xtune" else TRL_PYTHON
+    python = {"xtune": MAIN_PYTHON, "trl": TRL_PYTHON, "xtuner": XTUNER_PYTHON}[tool]
     env = {**os.environ, "XTUNE_HOME": str(out_dir.parent / "xtune_home"), "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # fmt: skip
     load = os.getloadavg()[0]
@@ -459,6 +598,11 @@ def aggregate(runs: list[dict], peak: float) -> dict:
         ratios["xtune packed / trl packed with its default gradient checkpointing, trained tokens/s"] = (
             by_peer["xtune_packed"]["trained_tokens_per_s"] / by_peer["trl_packed_gc"]["trained_tokens_per_s"]
         )
+    for peer in ("xtuner_packed", "xtuner_packed_gc"):
+        if "xtune_packed" in by_peer and peer in by_peer:
+            ratios[f"xtune packed / {peer} trained tokens/s"] = (
+                by_peer["xtune_packed"]["trained_tokens_per_s"] / by_peer[peer]["trained_tokens_per_s"]
+            )
     if "xtune_packed" in by_peer and "xtune_unpacked" in by_peer:
         ratios["xtune packed / unpacked tokens/s"] = by_peer["xtune_packed"]["tokens_per_s"] / by_peer["xtune_unpacked"]["tokens_per_s"]
     return {"by_peer": by_peer, "ratios": ratios}
@@ -516,7 +660,7 @@ def main():
     parser.add_argument("--work-dir", default=str(BENCH / "runs"))
     parser.add_argument("--out", default=None, help="JSON report (default: <work-dir>/train_throughput_<model>.json)")
     parser.add_argument("--append-results", action="store_true", help="append the markdown tables to benchmarks/RESULTS.md")
-    parser.add_argument("--worker", choices=["xtune", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["xtune", "trl", "xtuner"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -528,6 +672,8 @@ def main():
         parser.error(f"unknown peers {sorted(unknown)}; choose from {sorted(PEERS)}")
     if any(p.startswith("trl") for p in peers):
         ensure_trl_venv()
+    if any(PEERS[peer][0] == "xtuner" for peer in peers):
+        ensure_xtuner_venv()
     work = Path(args.work_dir)
     assets = build_assets(work / "assets", args.model, args.samples, args.seed)
     plan = plan_batches(assets)
@@ -578,7 +724,8 @@ def cpu_name() -> str:
 
 def versions() -> dict:
     found = {}
-    for python, names in ((MAIN_PYTHON, "torch transformers peft xtune"), (TRL_PYTHON, "torch transformers peft trl")):
+    for python, names in ((MAIN_PYTHON, "torch transformers peft xtune"), (TRL_PYTHON, "torch transformers peft trl"),
+                          (XTUNER_PYTHON, "torch transformers peft xtuner mmengine")):
         if python.is_file():
             code = f"import importlib.metadata as m; print({{n: m.version(n) for n in {names.split()!r}}})"
             found[str(python.relative_to(ROOT))] = subprocess.run(
