@@ -21,6 +21,7 @@ pad_image_to_square = False
 
 # Optimisation
 batch_size = 32  # per device
+dataloader_num_workers = 4  # images read and preprocessed ahead of the step (benchmarks/image_collate.py)
 accumulative_counts = 1
 max_epochs = 1
 lr = 1e-3

@@ -29,6 +29,7 @@ pad_image_to_square = True
 
 # Optimisation
 batch_size = 16  # per device
+dataloader_num_workers = 4  # images read and preprocessed ahead of the step (benchmarks/image_collate.py)
 accumulative_counts = 1
 max_epochs = 1
 lr = 2e-4
