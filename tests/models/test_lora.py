@@ -94,6 +94,7 @@ def test_fast_dropout_keeps_the_distribution_of_nn_dropout():
     assert not torch.equal(dropout(x), y)
     assert dropout.eval()(x) is x
     assert FastDropout(0.0).train()(x) is x
+    assert (FastDropout(0.99999).train()(x) != 0).float().mean() < 0.001  # p -> 1: no division by zero
 
 
 def test_fast_dropout_gradient_is_the_mask_times_the_scale():

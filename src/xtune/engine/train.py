@@ -42,8 +42,8 @@ from xtune.engine.distributed import Ranks, all_sum, barrier, full_state_dict, m
 from xtune.engine.distributed import gradient_sync, load_optimizer_state, optimizer_state
 from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
-from xtune.engine.loss import FusedHead, next_token_loss_sum
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
+from xtune.engine.loss import FusedHead, next_token_loss_sum
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.errors import CheckpointError, ConfigError, TrainingError
 from xtune.models.attention import use_varlen_attention

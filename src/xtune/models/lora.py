@@ -66,7 +66,7 @@ class FastDropout(torch.nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self.threshold = round(p * self.RESOLUTION)
+        self.threshold = min(round(p * self.RESOLUTION), self.RESOLUTION - 1)  # p -> 1 keeps 1 in 2**15
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
