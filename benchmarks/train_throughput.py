@@ -5,6 +5,8 @@
     python benchmarks/train_throughput.py --model 100m --peers xtune_packed,xtune_unpacked --repeats 1 --max-steps 10
     python benchmarks/train_throughput.py --append-results      # also append the tables to benchmarks/RESULTS.md
     python benchmarks/train_throughput.py --max-steps 8 --threads 1   # a machine other processes load (RESULTS.md)
+    python benchmarks/train_throughput.py --device cuda --model 1.8b --peers xtune_packed,trl_packed --max-steps 20
+        # on a GPU (not run yet): InternLM2-1.8B's shape; TRL's venv then takes the system's CUDA torch
 
 On a machine whose cores other processes also use, pass `--threads 1`: two OpenMP threads wait at every
 barrier for the one that is descheduled (a step measured 3.6x slower on 2 threads than on 1 under load).
@@ -59,6 +61,8 @@ MODELS = {
                 num_key_value_heads=8, vocab_size=3072),
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=12, vocab_size=8192),
+    "1.8b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=92544),  # InternLM2-1.8B's shape, for a GPU (--device cuda)
 }  # fmt: skip
 MAX_LENGTH = 2048
 ROWS_PER_STEP = 1
@@ -135,15 +139,16 @@ def plan_batches(assets: dict) -> dict:
     }  # fmt: skip
 
 
-def ensure_trl_venv() -> None:
+def ensure_trl_venv(device: str = "cpu") -> None:
+    """benchmarks/.venvs/trl. On a GPU machine it sees the system's CUDA torch and transformers
+    (`--system-site-packages`) and installs TRL alone (offline: set PIP_NO_INDEX=1 PIP_FIND_LINKS=<wheels>)."""
     if TRL_PYTHON.is_file():
         return
-    print(f"creating {TRL_PYTHON.parent.parent} (pip install {' '.join(TRL_REQUIREMENTS)})", flush=True)
-    subprocess.run(["python3", "-m", "venv", str(VENVS / "trl")], check=True)
-    subprocess.run(
-        [str(TRL_PYTHON), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), *TRL_REQUIREMENTS],
-        check=True,
-    )
+    requirements = TRL_REQUIREMENTS if device == "cpu" else [r for r in TRL_REQUIREMENTS if r.startswith("trl")]
+    print(f"creating {TRL_PYTHON.parent.parent} (pip install {' '.join(requirements)})", flush=True)
+    subprocess.run(["python3", "-m", "venv", *(["--system-site-packages"] if device != "cpu" else []), str(VENVS / "trl")], check=True)
+    constraints = ["-c", str(ROOT / "constraints.txt")] if device == "cpu" else []
+    subprocess.run([str(TRL_PYTHON), "-m", "pip", "install", "-q", *constraints, *requirements], check=True)
 
 
 XTUNER_REQUIREMENTS = ["xtuner==0.1.11", "transformers==4.36.2", "peft==0.7.1", "datasets<4"]
@@ -173,8 +178,26 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 12) -> dict:
     return result
 
 
-def peak_both(threads: int) -> dict:
-    """The peak on the threads the runs use (MFU's denominator), and on 2 threads for reference."""
+def cuda_matmul_peak(size: int = 8192, repeats: int = 10) -> dict:
+    """Best-of-`repeats` GFLOP/s of size x size matmuls on the GPU, bf16 and fp32 (TF32 off)."""
+    import torch
+
+    result = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = (torch.randn(size, size, dtype=dtype, device="cuda") for _ in range(2))
+        a @ b
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            times.append(_timed(lambda: (a @ b, torch.cuda.synchronize())))
+        result[f"{name}_gflops"] = 2 * size**3 / min(times) / 1e9
+    return result
+
+
+def peak_both(threads: int, device: str = "cpu") -> dict:
+    """The peak on the threads the runs use (MFU's denominator), and on 2 threads for reference; a GPU's own."""
+    if device == "cuda":
+        return cuda_matmul_peak()
     found = matmul_peak(threads)
     if threads != 2:
         found |= {f"{key}_2_threads": value for key, value in matmul_peak(2).items()}
@@ -243,7 +266,7 @@ def xtune_worker(spec: dict) -> dict:
         batch_size=spec["batch_size"], accumulative_counts=1, max_epochs=1, max_steps=spec.get("max_steps"),
         lr=LR, warmup_ratio=WARMUP_RATIO, max_norm=MAX_NORM, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"], dtype=spec.get("dtype", "auto"), gradient_checkpointing=False,
-        work_dir=spec["work_dir"], save_steps=10**9, logging_steps=1, seed=0, device="cpu",
+        work_dir=spec["work_dir"], save_steps=10**9, logging_steps=1, seed=0, device=spec.get("device", "cpu"),
     )  # fmt: skip
     started = time.perf_counter()
     result = engine.train(config, Console(file=open(os.devnull, "w")))
@@ -252,7 +275,7 @@ def xtune_worker(spec: dict) -> dict:
     steps = [m for m in metrics if "loss" in m]
     return {
         "steps": [{"loss": m["loss"], "end_s": m["elapsed_s"], **_sum(batches[k : k + 1])} for k, m in enumerate(steps)],
-        "train_call_s": wall, "dtype": str(engine.resolve_dtype(config.dtype, torch.device("cpu"))),
+        "train_call_s": wall, "dtype": str(engine.resolve_dtype(config.dtype, torch.device(config.device))),
     }
 
 
@@ -289,7 +312,7 @@ def trl_worker(spec: dict) -> dict:
         bf16=True, gradient_checkpointing=spec.get("gradient_checkpointing", False), logging_steps=1, save_strategy="no", report_to=[],
         max_length=MAX_LENGTH, packing=spec["packed"], assistant_only_loss=True,
         train_sampling_strategy="random" if spec["packed"] else "group_by_length",
-        seed=0, use_cpu=True, model_init_kwargs={"dtype": torch.bfloat16}, dataloader_num_workers=0,
+        seed=0, use_cpu=spec.get("device", "cpu") == "cpu", model_init_kwargs={"dtype": torch.bfloat16}, dataloader_num_workers=0,
         disable_tqdm=True,
     )  # fmt: skip
     peft_config = LoraConfig(
@@ -339,7 +362,7 @@ def xtuner_worker(spec: dict) -> dict:
     from mmengine.config import ConfigDict
     from mmengine.dataset import DefaultSampler
     from mmengine.hooks import CheckpointHook, Hook, IterTimerHook, LoggerHook, ParamSchedulerHook
-    from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
+    from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR, OptimWrapper
     from mmengine.runner import Runner
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -381,6 +404,7 @@ def xtuner_worker(spec: dict) -> dict:
             with super().optim_context(model), torch.autocast("cpu", dtype=torch.bfloat16):
                 yield
 
+    wrapper = dict(type=AmpOptimWrapper, dtype="bfloat16") if spec.get("device") == "cuda" else dict(type=Bf16OptimWrapper)
     runner = Runner(
         model=dict(
             type=SupervisedFinetune, use_activation_checkpointing=spec.get("gradient_checkpointing", False),
@@ -400,7 +424,7 @@ def xtuner_worker(spec: dict) -> dict:
                 shuffle_before_pack=True, pack_to_max_length=spec["packed"], map_num_proc=1,
             ),
         ),
-        optim_wrapper=dict(type=Bf16OptimWrapper, optimizer=dict(type=torch.optim.AdamW, lr=LR, betas=(0.9, 0.999),
+        optim_wrapper=dict(**wrapper, optimizer=dict(type=torch.optim.AdamW, lr=LR, betas=(0.9, 0.999),
                            weight_decay=0.0, fused=True), clip_grad=dict(max_norm=MAX_NORM, error_if_nonfinite=False)),
         param_scheduler=[
             dict(type=LinearLR, start_factor=1e-5, by_epoch=False, begin=0, end=warmup),
@@ -469,6 +493,10 @@ def worker_main(kind: str, spec_path: str) -> None:
     result = {"xtune": xtune_worker, "trl": trl_worker, "xtuner": xtuner_worker}[kind](spec)
     result["process_s"] = time.perf_counter() - started
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if spec.get("device") == "cuda":
+        import torch
+
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -491,7 +519,7 @@ def run_one(name: str, repeat: int, assets: dict, plan: dict, args, out_dir: Pat
     work_dir = out_dir / f"{name}_{repeat}"
     work_dir.mkdir(parents=True, exist_ok=True)
     spec = {
-        **assets, "packed": packed, "threads": args.threads, "work_dir": str(work_dir),
+        **assets, "packed": packed, "threads": args.threads, "work_dir": str(work_dir), "device": args.device,
         "batch_size": ROWS_PER_STEP if packed else plan["unpacked_batch_size"], "max_steps": args.max_steps,
         "steps_per_epoch": plan["steps_per_epoch"], "result": str(work_dir / "result.json"),
         "gradient_checkpointing": name.endswith("_gc"),
@@ -529,7 +557,8 @@ def summarize(name: str, repeat: int, result: dict, wall: float, load: float, ar
         "model_tflops_per_s": flops / seconds / 1e12,
         "epoch_tokens": sum(s["tokens"] for s in steps), "epoch_trained_tokens": sum(s["trained"] for s in steps),
         "final_loss": steps[-1]["loss"], "tail_losses": [s["loss"] for s in steps[-tail:]],
-        "first_loss": steps[0]["loss"], "peak_rss_gib": result["peak_rss_gib"], "process_wall_s": wall,
+        "first_loss": steps[0]["loss"], "process_wall_s": wall,
+        "peak_rss_gib": result.get("peak_gpu_gib", result["peak_rss_gib"]),  # GPU: peak allocated there
         "train_call_s": result["train_call_s"], "load_avg_at_start": load, "dtype": result.get("dtype"),
     }  # fmt: skip
 
@@ -611,7 +640,7 @@ def aggregate(runs: list[dict], peak: float) -> dict:
 def markdown(report: dict) -> str:
     args, plan, peak = report["args"], report["plan"], report["peak"]
     lines = [
-        f"## {report['date']}: training throughput, xtune vs TRL ({args['model']} model, CPU)",
+        f"## {report['date']}: training throughput, xtune vs TRL ({args['model']} model, {args.get('device', 'cpu').upper()})",
         "",
         f"`{report['command']}` ({report['machine']}; torch threads {args['threads']}; "
         f"bf16 matmul peak on {args['threads']} thread(s) {peak['bf16_gflops']:.0f} GFLOP/s, best of the measurements before and "
@@ -625,7 +654,7 @@ def markdown(report: dict) -> str:
         f"{plan['unpacked_batch_size']} samples a step. Runs interleaved in the order {', '.join(args['peers'])}, "
         f"{args['repeats']}x.",
         "",
-        "| run | steps | tokens/s | trained tokens/s | padding | MFU | peak RSS | final loss | process wall s |",
+        f"| run | steps | tokens/s | trained tokens/s | padding | MFU | {'peak GPU allocated' if args.get('device') == 'cuda' else 'peak RSS'} | final loss | process wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in report["summary"]["by_peer"].items():
@@ -657,6 +686,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps (else one epoch)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: every tool trains on the GPU; memory is the peak allocated there (see --model 1.8b)")
     parser.add_argument("--work-dir", default=str(BENCH / "runs"))
     parser.add_argument("--out", default=None, help="JSON report (default: <work-dir>/train_throughput_<model>.json)")
     parser.add_argument("--append-results", action="store_true", help="append the markdown tables to benchmarks/RESULTS.md")
@@ -671,7 +702,7 @@ def main():
     if unknown:
         parser.error(f"unknown peers {sorted(unknown)}; choose from {sorted(PEERS)}")
     if any(p.startswith("trl") for p in peers):
-        ensure_trl_venv()
+        ensure_trl_venv(args.device)
     if any(PEERS[peer][0] == "xtuner" for peer in peers):
         ensure_xtuner_venv()
     work = Path(args.work_dir)
@@ -681,14 +712,14 @@ def main():
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     load_before = os.getloadavg()[0]
     out_dir = work / f"{args.model}_{stamp}"
-    peaks = [peak_both(args.threads)]
+    peaks = [peak_both(args.threads, args.device)]
     runs = []
     for repeat in range(args.repeats):
         for name in peers:
             summary = run_one(name, repeat, assets, plan, args, out_dir)
             runs.append(summary)
             print(json.dumps({k: v for k, v in summary.items() if k != "tail_losses"}), flush=True)
-    peaks.append(peak_both(args.threads))
+    peaks.append(peak_both(args.threads, args.device))
     peak = {key: max(p[key] for p in peaks) for key in peaks[0]}  # the best the machine did: a conservative MFU
     report = {
         "date": datetime.date.today().isoformat(), "load_before": load_before, "load_after": os.getloadavg()[0],
