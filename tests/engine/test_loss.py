@@ -138,3 +138,29 @@ def test_an_fp16_loss_scale_does_not_overflow_the_gradient():
     targets = torch.randint(0, 40, (8,))
     (linear_cross_entropy(hidden, weight, targets) * (65536.0 * 8 / 4)).backward()  # scale x 8 ranks / 4 tokens
     assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().max() > 1
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward knows nothing of `logits_to_keep`, as some remote code is."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+
+def test_a_model_without_logits_to_keep_gets_the_same_loss():
+    torch.manual_seed(0)
+    model = load_model(resolve_model_path("xtune-tiny/llama"), dtype=torch.float32)
+    batch = _tiny_batches()["unpacked"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    reference = _full_logits_loss(model, batch).item()
+    plain = _NoLogitsToKeep(model)
+    for fused in (None, FusedHead.of(plain)):
+        loss = next_token_loss_sum(plain, inputs, batch["labels"], fused=fused).item()
+        assert abs(loss - reference) < 1e-5 * reference

@@ -8,6 +8,7 @@ the [tokens, vocab] logits never exist whole (InternLM2's vocab is 92,544: 2,048
 0.76 GB, their gradient as much again) and nothing is recomputed.
 """
 
+import inspect
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -112,11 +113,27 @@ def _pass_through(hidden: torch.Tensor) -> torch.Tensor:
 def next_token_loss_sum(model, batch: dict, labels: torch.Tensor, autocast=nullcontext(), fused: FusedHead | None = None):
     """Forward `batch` through `model` and return the summed next-token cross-entropy of its trained positions."""
     keep, targets = next_token_targets(labels)
+    options = {"logits_to_keep": keep} if takes_logits_to_keep(model) else {}
     if fused is None:
         with autocast:
-            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
+            logits = _kept(model(**batch, use_cache=False, **options).logits, keep)
         return F.cross_entropy(logits.float(), targets, reduction="sum")
     with autocast:  # the head's matmul in the autocast dtype, as the head itself would run it
         with fused.hidden_states():
-            hidden = model(**batch, use_cache=False, logits_to_keep=keep).logits
+            hidden = _kept(model(**batch, use_cache=False, **options).logits, keep)
         return fused.loss_sum(hidden, targets)
+
+
+def _kept(output: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The kept positions: a model that made every position's output ([batch, tokens, ...]) is cut here."""
+    return output[keep] if output.dim() == keep.dim() + 1 else output
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the language model's forward takes `logits_to_keep` (transformers' own models do; a model's
+    remote code may not)."""
+    for attribute in ("module", "llm"):  # DDP and DeepSpeed wrappers, LLaVA
+        model = getattr(model, attribute, model)
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
