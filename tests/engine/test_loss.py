@@ -129,6 +129,9 @@ def test_no_fused_head_where_the_head_is_not_a_plain_linear_layer():
     assert FusedHead.of(tiny(method="full")) is not None
     assert FusedHead.of(tiny(modules_to_save=["lm_head"])) is None  # peft's wrapper around a trained copy
     assert FusedHead.of(tiny(lora_target_modules=["q_proj", "lm_head"])) is None  # LoRA on the head
+    soft_capped = tiny()
+    soft_capped.config.model_type = "gemma2"  # logits soft-capped after the head: the fused loss would skip that
+    assert FusedHead.of(soft_capped) is None
 
 
 def test_an_fp16_loss_scale_does_not_overflow_the_gradient():
@@ -145,7 +148,7 @@ class _NoLogitsToKeep(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model, self.config = model, model.config
 
     def forward(self, input_ids, attention_mask=None, use_cache=False):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
@@ -161,6 +164,7 @@ def test_a_model_without_logits_to_keep_gets_the_same_loss():
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     reference = _full_logits_loss(model, batch).item()
     plain = _NoLogitsToKeep(model)
+    assert FusedHead.of(plain) is not None
     for fused in (None, FusedHead.of(plain)):
         loss = next_token_loss_sum(plain, inputs, batch["labels"], fused=fused).item()
         assert abs(loss - reference) < 1e-5 * reference

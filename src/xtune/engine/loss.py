@@ -21,6 +21,11 @@ LOGITS_PER_CHUNK = 1 << 25
 a whole 2,048-token row of a small one."""
 
 
+PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3"}
+"""Model types (InternLM2 loads as llama) whose logits are the head's output as it is: no soft-capping (Gemma 2)
+or scaling (Cohere, Granite) after it, which the fused loss would apply to hidden states instead."""
+
+
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep, targets): keep[b, i] is whether position i's next token is trained; targets are those next
     tokens, in the order `hidden_states[keep]` lists the kept positions."""
@@ -87,8 +92,11 @@ class FusedHead:
     @classmethod
     def of(cls, model) -> "FusedHead | None":
         """The fused head for `model` (a causal LM, a peft model around one, or LLaVA's), or None where the
-        head is not a plain linear layer (LoRA on the head, `modules_to_save`, a bias, a quantized head)."""
+        head is not a plain linear layer (LoRA on the head, `modules_to_save`, a bias, a quantized head) or the
+        model changes the logits after it (not in PLAIN_HEAD_MODELS)."""
         language_model = getattr(model, "llm", model)
+        if getattr(getattr(language_model, "config", None), "model_type", None) not in PLAIN_HEAD_MODELS:
+            return None
         head = language_model.get_output_embeddings()
         if type(head) is not torch.nn.Linear or head.bias is not None:
             return None
