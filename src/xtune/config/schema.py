@@ -177,8 +177,9 @@ class Config(BaseModel):
     fused_loss: bool = True
     """Compute the output head and the cross-entropy together, chunk by chunk, so the [tokens, vocab] logits
     never exist whole (0.76 GB in fp32 for 2,048 tokens of InternLM2's 92,544-token vocab, and as much for
-    their gradient). Applies where the head is a plain linear layer and the model is not sharded (not with
-    FSDP or ZeRO-3); elsewhere logits are made for the trained positions only. False: always that way."""
+    their gradient). Applies where the head is a plain linear layer whose output the model uses as it is
+    (Llama/InternLM2, Mistral, Mixtral, Qwen2/3, Phi-3) and the model is not sharded (not with FSDP or ZeRO-3);
+    elsewhere logits are made for the trained positions only. False: always that way."""
     seed: int = 0
     """Seed for weights of new layers, data order and dropout."""
 
