@@ -242,6 +242,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile", default="baseline", help="levers to attribute to operators with torch.profiler")
     parser.add_argument("--work-dir", default=str(BENCH / "runs"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -284,9 +285,11 @@ def main():
             summary[name]["speedup_vs_baseline"] = summary["baseline"]["step_s"] / summary[name]["step_s"]
     report = {"model": args.model, "threads": args.threads, "peak": peak, "collate_s_per_row": collate_s,
               "summary": summary, "batches_tokens": [int(b["input_ids"].numel()) for b in batches]}  # fmt: skip
-    if not args.no_profile and "baseline" in names:
-        baseline = next(lever for lever in levers if lever.name == "baseline")
-        report["profile_baseline"] = profile_step(baseline, optimizer, batches[-1])
+    for lever in levers if not args.no_profile else []:
+        if lever.name in args.profile.split(","):
+            lever.enter()
+            report[f"profile_{lever.name}"] = profile_step(lever, optimizer, batches[-1])
+            lever.exit()
     out = Path(args.out or Path(args.work_dir) / f"profile_{args.model}_{'_'.join(names)}.json")
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "batches_tokens"}, indent=1))

@@ -1,6 +1,7 @@
 """Agent data: tool-calling records in, and the tools, calls and results as each template family writes them."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -66,6 +67,8 @@ def test_openai_legacy_function_calling_reads_as_tool_calls():
     )
     with pytest.raises(RecordError, match=r"missing field 'functions\[0\]\.name'"):
         openai_to_standard({**record, "functions": [{"description": "x"}]})
+    with pytest.raises(RecordError, match="both 'tools' and 'functions'"):  # neither is dropped silently
+        openai_to_standard({**record, "tools": [WEATHER]})
 
 
 SYSTEM_WITH_PLUGINS = (
@@ -302,7 +305,8 @@ def test_react_in_a_family_without_a_system_role_and_with_parallel_calls():
 
 
 def test_tool_formats_are_chosen_by_name():
-    assert get_template("llama3_chat+react") == with_tool_format(get_template("llama3_chat"), "react")
+    react = get_template("llama3_chat+react")  # llama3_chat's turns, ReAct's tool format
+    assert react.tools is REACT_TOOLS and replace(react, name="llama3_chat", tools=None) == get_template("llama3_chat")
     assert get_template("llama3_chat+react").name == "llama3_chat+react"
     assert get_template("internlm2_chat+react").tools == REACT_TOOLS
     assert with_tool_format(get_template("qwen_chat+react"), "internlm2").name == "qwen_chat+internlm2"

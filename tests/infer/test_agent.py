@@ -70,6 +70,8 @@ def test_calls_are_read_in_each_format(text, tool_format, parsed):
         ('<tool_call>\n["calculate"]\n</tool_call>', QWEN_TOOLS, 'expected a JSON object {"name": ..., "arguments": {...}}'),
         ('<tool_call>\n{"name": "calculate", "arguments": [1]}', QWEN_TOOLS, "the arguments of calculate must be a JSON object, got list"),
         ("Action: calculate\nAction Input: 37 * 24", REACT_TOOLS, "the Action Input of calculate are not valid JSON"),
+        ("Action: calculate\nAction Input: " + "[" * 5000, REACT_TOOLS, "the Action Input of calculate are not valid JSON (RecursionError)"),
+        ('<tool_call>\n{"name": "calculate", "arguments": "' + "[" * 5000 + '"}', QWEN_TOOLS, "not valid JSON (RecursionError)"),
         ("Action: calculate", REACT_TOOLS, "Action: calculate has no 'Action Input:' line"),
         ("Action:\nAction Input: {}", REACT_TOOLS, "the Action line names no tool"),
     ],

@@ -219,3 +219,18 @@ def test_a_whole_part_missing_weights_is_refused(tmp_path):
     save_file(state, weights)
     with pytest.raises(CheckpointError, match=f"visual_encoder lacks \\['{dropped}'\\]"):
         fresh.load_trained(tmp_path)
+
+
+def test_a_damaged_llava_checkpoint_is_refused_before_loading(tmp_path):
+    from xtune.engine.checkpoint import write_manifest
+    from xtune.errors import CheckpointError
+
+    model = tiny_llava()
+    model.save_pretrained(tmp_path)
+    write_manifest(tmp_path)
+    assert isinstance(Projector.load(tmp_path), Projector)
+    weights = tmp_path / "projector" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        Projector.load(tmp_path)  # chat (load_llava) and stage 2 (pretrained_pth) both read it so

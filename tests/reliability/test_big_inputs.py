@@ -2,10 +2,11 @@
 
 The full sizes take about 13 s and 36 s on one core, so they are slow tests; a tenth of each runs in the quick
 suite with the same assertions. Each prints its time (`pytest -s`); the figures are in
-docs/RELIABILITY_inputs.md.
+docs/RELIABILITY.md.
 """
 
 import json
+import resource
 import time
 
 import pytest
@@ -28,11 +29,14 @@ def test_a_huge_record_loads_and_is_truncated_to_max_length_and_counted(size, tm
     output = (WORDS * (size // len(WORDS) + 1))[:size]
     path.write_text(json.dumps({"instruction": "Write a lot.", "output": output}) + "\n")
     config = Config(llm_name_or_path="xtune-tiny/internlm2-chat", data_path=str(path), max_length=MAX_LENGTH)
-    start = time.perf_counter()
-    loaded = load_sources([SourceSpec(str(path), "alpaca")])
+    peak_before, start = _peak_rss_gib(), time.perf_counter()
     samples, report = prepare_samples(config, tokenizer, use_cache=False)
     seconds = time.perf_counter() - start
-    print(f"\none {size / 1e6:g} MB alpaca record: loaded, encoded, truncated to {MAX_LENGTH} tokens in {seconds:.1f} s")
+    print(
+        f"\none {size / 1e6:g} MB alpaca record: loaded, encoded, truncated to {MAX_LENGTH} tokens in {seconds:.1f} s; "
+        f"peak memory +{_peak_rss_gib() - peak_before:.2f} GiB (meaningful run alone: -k {size // 1_000_000}MB)"
+    )
+    loaded = load_sources([SourceSpec(str(path), "alpaca")])
     assert loaded.conversations[0].turns[-1].content == output  # read whole, never cut while reading
     assert report.truncated == 1 and report.samples == 1 and report.dropped_too_long == 0
     assert len(samples[0].input_ids) == len(samples[0].labels) == MAX_LENGTH and samples[0].truncated
@@ -59,12 +63,14 @@ def test_one_bad_line_among_a_million_is_named_or_skipped_alone(lines, tmp_path)
     with pytest.raises(DataError) as error:
         load_sources([SourceSpec(str(path), "alpaca")])
     raised = time.perf_counter()
+    peak_before = _peak_rss_gib()
     loaded = load_sources([SourceSpec(str(path), "alpaca")], skip_bad_records=True)
     skipped = time.perf_counter()
     size = path.stat().st_size / 1e6
     print(
         f"\n{lines:,} alpaca lines ({size:.0f} MB) written in {written - start:.1f} s; "
-        f"DataError at line {bad:,} in {raised - written:.1f} s; all read skipping it in {skipped - raised:.1f} s"
+        f"DataError at line {bad:,} in {raised - written:.1f} s; all read skipping it in {skipped - raised:.1f} s, "
+        f"peak memory +{_peak_rss_gib() - peak_before:.2f} GiB"
     )
     why = f"{path}:{bad}: field 'output' must be a string, got int (format 'alpaca')"
     assert str(error.value) == f"{why}."
@@ -73,3 +79,8 @@ def test_one_bad_line_among_a_million_is_named_or_skipped_alone(lines, tmp_path)
     assert loaded.samples[bad - 1] == (f"{path}:{bad + 1}", loaded.samples[bad - 1][1])
     last = loaded.samples[-1][1]
     assert isinstance(last, Conversation) and last.turns[-1].content == f"answer {lines}"
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (a high-water mark: a growth shows only past earlier peaks)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

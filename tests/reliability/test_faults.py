@@ -44,11 +44,20 @@ def adapter(checkpoint):
 
 def test_a_nan_loss_stops_before_the_weights_change(tmp_path, monkeypatch):
     poison_step(monkeypatch, bad_step=3)
+    updates, build_optimizer = [], train_module.build_optimizer
+
+    def counting_optimizer(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: updates.append(1))
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", counting_optimizer)
     with pytest.raises(TrainingError, match=r"step 3 \(epoch 0, items \[.*\]\): loss nan.*--resume auto"):
         train(config_in(tmp_path), Console(file=io.StringIO()))
     (run,) = tmp_path.iterdir()
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert all(torch.isfinite(t).all() for t in adapter(run / "checkpoint-2").values())
+    assert len(updates) == 2  # steps 1 and 2 updated the weights; step 3 stopped before its update
 
 
 def test_nan_policy_skip_leaves_the_weights_of_that_step_unchanged(tmp_path, monkeypatch):
@@ -110,27 +119,25 @@ def test_a_truncated_or_edited_checkpoint_file_is_named(tmp_path):
 
 
 class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
         import os
 
-        return (os.system, (f"touch {MARKER}",))
-
-
-MARKER = "/tmp/xtune-pickle-ran"
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_a_pickled_adapter_is_refused_without_being_unpickled(tmp_path):
-    import os
     import pickle
 
     from xtune.infer.chat import load_chat_model
 
-    if os.path.exists(MARKER):
-        os.unlink(MARKER)
+    marker = tmp_path / "pickle-ran"
     folder = tmp_path / "evil"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}))
-    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"weights": Payload()}))
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"weights": Payload(marker)}))
     with pytest.raises(CheckpointError, match="adapter_model.bin, a pickle"):
         load_chat_model("xtune-tiny/llama", adapter=str(folder), dtype="fp32")
-    assert not os.path.exists(MARKER)
+    assert not marker.exists()

@@ -3,7 +3,7 @@ is a valid result or one of xtune's own errors whose message says where (file an
 another exception.
 
 Each test prints how many cases it tried and what came of them (`pytest -s`); the figures are in
-docs/RELIABILITY_inputs.md.
+docs/RELIABILITY.md.
 """
 
 import copy
@@ -36,19 +36,14 @@ are slow, 100 run in the quick suite."""
 
 def fuzz(cases: int = CASES) -> settings:
     return settings(
-        max_examples=cases, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+        max_examples=cases, deadline=None, derandomize=True,  # the same cases each run: the counts reproduce
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
     )
 
 
 def report(name: str, outcomes: Counter, cases: int = CASES) -> None:
     print(f"\n{name}: {sum(outcomes.values())} cases: {dict(sorted(outcomes.items()))}")
     assert sum(outcomes.values()) >= cases
-
-
-def known_bug(error: BaseException) -> str | None:
-    """The name of a known bug that `error` is, else None: the fuzzing counts known bugs apart while their fix
-    is pending (each pinned by a strict xfail test). Every bug found so far is fixed, so there are none."""
-    return None
 
 
 # Configs ------------------------------------------------------------------------------------------------
@@ -105,11 +100,6 @@ def config_outcome(load, where: str, keys) -> str:
         if keys is not None and "unknown key" in message:
             assert any(f"unknown key '{key}'" in message for key in keys), message
         return "ConfigError"
-    except Exception as error:
-        bug = known_bug(error)
-        if bug is None:
-            raise
-        return f"known bug: {bug}"
     assert isinstance(config, Config)
     return "Config"
 
@@ -377,11 +367,6 @@ def encode_outcome(conversation: Conversation, template_name: str, max_length: i
     except XtuneError as error:  # a template without tool turns, or the tokenizer's chat_template refusing a turn order
         assert f"'{template_name.partition('+')[0]}'" in str(error) or "prompt template 'hf'" in str(error), error
         return "encode: XtuneError"
-    except Exception as error:
-        bug = known_bug(error)
-        if bug is None:
-            raise
-        return f"encode: known bug: {bug}"
     assert len(encoded.input_ids) == len(encoded.labels)
     assert max_length is None or len(encoded.input_ids) <= max_length
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels))
@@ -447,14 +432,7 @@ def test_records_read_as_conversations_or_errors_naming_file_and_line(name, case
     )
     def check(lines, template_name, max_length):
         path.write_bytes(b"\n".join(lines) + b"\n")
-        try:
-            bad, good = read_outcomes(name, path, lines)
-        except Exception as error:
-            bug = known_bug(error)
-            if bug is None:
-                raise
-            outcomes[f"read: known bug: {bug}"] += 1
-            return
+        bad, good = read_outcomes(name, path, lines)
         check_loading(path, name, bad, good)
         outcomes["lines: bad"] += len(bad)
         outcomes["lines: conversation"] += len(good)
@@ -483,11 +461,6 @@ def test_map_functions_give_a_conversation_or_a_record_error(name, cases):
         except RecordError as error:
             assert str(error)
             outcomes["RecordError"] += 1
-        except Exception as error:
-            bug = known_bug(error)
-            if bug is None:
-                raise
-            outcomes[f"known bug: {bug}"] += 1
         else:
             assert check_conversation(conversation) is conversation
             outcomes["Conversation"] += 1
@@ -496,7 +469,7 @@ def test_map_functions_give_a_conversation_or_a_record_error(name, cases):
     report(f"map function {name}", outcomes, cases)
 
 
-# The known bugs, pinned ---------------------------------------------------------------------------------
+# Fixed bugs, pinned ---------------------------------------------------------------------------------------
 
 
 def test_yaml_key_that_is_not_a_string_is_a_config_error(tmp_path):

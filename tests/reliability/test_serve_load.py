@@ -2,7 +2,7 @@
 16 client threads (the official `openai` client, streamed and not, some streams abandoned mid-way).
 
 Every request must get a whole reply or a clean 503 refusal, and the server must answer normally after.
-The figures are printed (`pytest -s`) and recorded in docs/RELIABILITY_inputs.md.
+The figures are printed (`pytest -s`) and recorded in docs/RELIABILITY.md.
 """
 
 import threading

@@ -23,7 +23,7 @@ from xtune.data.encode import Encoded, encode_batch
 from xtune.data.formats import Conversation
 from xtune.data.sources import SourceSpec, data_files, load_sources, resolve_data_path
 from xtune.data.templates import ChatTemplate, get_template
-from xtune.paths import xtune_home
+from xtune.paths import file_sha256, xtune_home
 
 CACHE_VERSION = 2
 """Bump when encoding changes, so that entries written before are not read."""
@@ -63,7 +63,7 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: 
         digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
         for file in data_files(resolve_data_path(spec.path)):
             digest.update(str(file.name).encode())
-            digest.update(_file_hash(file).encode())
+            digest.update(file_sha256(file).encode())
     settings = {
         "version": CACHE_VERSION,
         "system": config.SYSTEM,
@@ -85,14 +85,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     extra = json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template])
     return hashlib.sha256((text + extra).encode()).hexdigest()
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_entry(config: Config, tokenizer, image_tokens: int = 0) -> Path:

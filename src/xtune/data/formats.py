@@ -134,8 +134,8 @@ def _tool_call(function: Any, where: str) -> ToolCall:
 
 
 def _tools(record: dict, key: str = "tools") -> tuple[str, ...]:
-    """`tools`: a list of tool schemas, or its JSON text (LLaMA-Factory), in OpenAI's wrapped form or bare."""
-    tools = record.get("tools")
+    """`record[key]`: a list of tool schemas, or its JSON text (LLaMA-Factory), in OpenAI's wrapped form or bare."""
+    tools = record.get(key)
     if tools is None or (isinstance(tools, str) and not tools.strip()):
         return ()
     if isinstance(tools, str):
@@ -370,7 +370,9 @@ def openai_to_standard(record: Any) -> Conversation:
         else:
             turns.append(Turn(role, _content(message, f"{where}.")))
         wheres.append(where)
-    tools = _tools(record) if record.get("functions") is None else _tools({"tools": record["functions"]}, "functions")
+    if record.get("tools") is not None and record.get("functions") is not None:
+        raise RecordError("the record has both 'tools' and 'functions' (OpenAI's legacy name for them); keep one")
+    tools = _tools(record) or _tools(record, "functions")
     conversation = Conversation(tuple(turns), tools=tools, images=_images(record))
     return check_conversation(conversation, wheres)
 

@@ -1,6 +1,5 @@
 """Checkpoints that never look complete unless they are: written aside, then renamed into place."""
 
-import hashlib
 import json
 import os
 import random
@@ -15,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xtune.errors import CheckpointError
+from xtune.paths import file_sha256
 
 RUN_META = "xtune_run.json"
 """Written into every checkpoint: what chat and convert need to use it the way it was trained."""
@@ -77,7 +77,7 @@ MANIFEST = "manifest.json"
 
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    digests = {str(p.relative_to(folder)): _sha256(p) for p in files}
+    digests = {str(p.relative_to(folder)): file_sha256(p) for p in files}
     (folder / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1))
 
 
@@ -91,19 +91,11 @@ def verify_checkpoint(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint (it is in {MANIFEST}); the checkpoint is damaged.")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise CheckpointError(
                 f"{path} differs from what was saved (sha256 mismatch with {MANIFEST}): truncated or edited; use an "
                 "earlier checkpoint."
             )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def partial_checkpoint(run_dir: Path, step: int) -> Path:

@@ -1,7 +1,7 @@
 """The training loss: next-token cross-entropy summed over the trained positions, and only those.
 
-Only positions whose next token is trained go through the output head (`logits_to_keep` takes a boolean
-mask in transformers 5): prompts, system turns and padding get no logits at all. Where the head is a plain
+Only positions whose next token is trained go through the output head (`logits_to_keep` takes positions or
+a boolean mask in transformers 5): prompts, system turns and padding get no logits at all. Where the head is a plain
 `nn.Linear` on an unsharded model, `FusedHead` goes further: the model hands back the kept hidden states,
 and `linear_cross_entropy` computes logits, loss and both gradients chunk by chunk in the forward pass, so
 the [tokens, vocab] logits never exist whole (InternLM2's vocab is 92,544: 2,048 tokens of fp32 logits are
@@ -10,6 +10,7 @@ the [tokens, vocab] logits never exist whole (InternLM2's vocab is 92,544: 2,048
 
 import inspect
 from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -119,22 +120,30 @@ def _pass_through(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def next_token_loss_sum(model, batch: dict, labels: torch.Tensor, autocast=nullcontext(), fused: FusedHead | None = None):
-    """Forward `batch` through `model` and return the summed next-token cross-entropy of its trained positions."""
+    """Forward `batch` through `model` and return the summed next-token cross-entropy of its trained positions.
+    `labels` may stay on the CPU: the kept positions are then found there, and no host sync waits on the device
+    (the positions go over as indices; only an unpacked batch, with the fused loss off, masks on the device)."""
     keep, targets = next_token_targets(labels)
-    options = {"logits_to_keep": keep} if takes_logits_to_keep(model) else {}
-    if fused is None:
-        with autocast:
-            logits = _kept(model(**batch, use_cache=False, **options).logits, keep)
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
-    with autocast:  # the head's matmul in the autocast dtype, as the head itself would run it
-        with fused.hidden_states():
-            hidden = _kept(model(**batch, use_cache=False, **options).logits, keep)
-        return fused.loss_sum(hidden, targets)
+    device = batch["input_ids"].device
+    flat = keep.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # kept positions of [batch x tokens]
+    targets = targets.to(device, non_blocking=True)
+    if fused is not None:
+        with autocast:  # the head's matmul in the autocast dtype, as the head itself would run it
+            with fused.hidden_states():  # the hidden states are small: no need to cut them inside the model
+                hidden = model(**batch, use_cache=False).logits
+            return fused.loss_sum(_at(hidden, flat), targets)
+    options = {}
+    if takes_logits_to_keep(model):  # one row (packed): its positions; several: a mask
+        options["logits_to_keep"] = flat if keep.shape[0] == 1 else keep.to(device, non_blocking=True)
+    with autocast:
+        logits = model(**batch, use_cache=False, **options).logits
+    logits = _at(logits, flat) if not options else logits[0] if keep.shape[0] == 1 else logits
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def _kept(output: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The kept positions: a model that made every position's output ([batch, tokens, ...]) is cut here."""
-    return output[keep] if output.dim() == keep.dim() + 1 else output
+def _at(output: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """[batch, tokens, ...] -> the rows of the flat positions `flat`."""
+    return output.flatten(0, 1).index_select(0, flat)
 
 
 def takes_logits_to_keep(model) -> bool:
@@ -144,4 +153,9 @@ def takes_logits_to_keep(model) -> bool:
         model = getattr(model, attribute, model)
     if hasattr(model, "get_base_model"):  # peft
         model = model.get_base_model()
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _forward_takes_logits_to_keep(type(model))
+
+
+@lru_cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:  # once per class, not per micro-batch
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters

@@ -78,8 +78,9 @@ def accumulate_gradients(
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
     for index, batch in enumerate(batches):
+        batch = dict(batch)
+        labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained positions there, without a sync
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        labels = batch.pop("labels")
         with gradient_sync(model, last=index == len(batches) - 1) if engine is None else nullcontext():
             step_loss = next_token_loss_sum(model, batch, labels, autocast, fused)
             scaled = step_loss * ranks.world / num_trained  # DDP and DeepSpeed average gradients over the ranks

@@ -94,6 +94,8 @@ def _call(name: str, arguments, key: str) -> ToolCall | str:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as error:
             return f"the {key} of {name} are not valid JSON ({error.msg} at column {error.colno}): {_clip(arguments)}"
+        except (ValueError, RecursionError) as error:  # nesting too deep, a number too long
+            return f"the {key} of {name} are not valid JSON ({type(error).__name__}): {_clip(arguments)}"
     if not isinstance(arguments, dict):
         return f"the {key} of {name} must be a JSON object, got {type(arguments).__name__}"
     return ToolCall(name, json.dumps(arguments, ensure_ascii=False))

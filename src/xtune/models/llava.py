@@ -55,8 +55,12 @@ class Projector(nn.Module):
 
 
 def projector_folder(path: str | Path) -> Path:
-    """`pretrained_pth`: a projector folder, or a checkpoint (or pth_to_hf output) that holds one."""
+    """`pretrained_pth`: a projector folder, or a checkpoint (or pth_to_hf output) that holds one; a checkpoint
+    is checked against its manifest first (LLaVA's chat and stage 2 both load through here)."""
+    from xtune.engine.checkpoint import verify_checkpoint
+
     path = Path(path)
+    verify_checkpoint(path)
     for folder in (path, path / PROJECTOR):
         if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
             return folder
@@ -202,10 +206,10 @@ VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 def build_llava(config, llm, dtype: torch.dtype, device: torch.device, preprocess=None) -> LlavaModel:
     """The LLaVA model a config describes, around an LLM already made trainable (or frozen) by the caller:
     the vision encoder frozen, LoRA-tuned or fully trained, and a new projector or `pretrained_pth`'s."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from xtune.models.load import resolve_model_path
-    from xtune.models.lora import use_fast_dropout
+    from xtune.models.lora import lora_model
 
     trained = config.visual_encoder_lora or not config.freeze_visual_encoder
     encoder = load_visual_encoder(
@@ -218,7 +222,7 @@ def build_llava(config, llm, dtype: torch.dtype, device: torch.device, preproces
     if config.visual_encoder_lora:
         lora = LoraConfig(r=config.visual_encoder_lora_r, lora_alpha=config.visual_encoder_lora_alpha,
                           lora_dropout=config.lora_dropout, target_modules=VISION_LORA_TARGETS)  # fmt: skip
-        encoder = use_fast_dropout(get_peft_model(encoder, lora))
+        encoder = lora_model(encoder, lora)
     vision_hidden, llm_hidden = encoder.config.hidden_size, llm.config.hidden_size
     if config.pretrained_pth:
         projector = Projector.load(config.pretrained_pth)

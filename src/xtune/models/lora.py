@@ -47,7 +47,12 @@ def prepare_trainable(model: PreTrainedModel, config: Config, others_train: bool
     if config.method == "full":
         model.requires_grad_(True)
         return model
-    return use_fast_dropout(get_peft_model(model, lora_config(config)))
+    return lora_model(model, lora_config(config))
+
+
+def lora_model(model, lora: LoraConfig) -> PeftModel:
+    """peft's LoRA model around `model`, its adapters' dropout sampled by `FastDropout`."""
+    return use_fast_dropout(get_peft_model(model, lora))
 
 
 class FastDropout(torch.nn.Module):
