@@ -17,6 +17,8 @@ interleaved within each round so that the load of other processes falls on all o
   `xtune.engine.loss`);
 - `no_lora_dropout`: LoRA's input dropout (xtune's `FastDropout`, p=0.1) replaced by identity;
 - `peft_dropout`: LoRA's input dropout back to peft's own `nn.Dropout` (what xtune used before `FastDropout`);
+- `peft_input_cast`: peft's cast of each adapter's input to the adapter's fp32 weight dtype, which xtune's
+  training step leaves out under autocast (the LoRA matmuls run in bf16 either way), put back;
 - `gradient_checkpointing`: xtune's `gradient_checkpointing = True` (the memory lever; its cost);
 - `one_sdpa_block_mask`: a packed row's attention in one SDPA call with a block-diagonal causal mask instead of
   xtune's one SDPA call per sample (CPU path of `xtune.models.attention`);
@@ -35,6 +37,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 from xtune.engine.loss import next_token_loss_sum
 
@@ -104,10 +107,11 @@ def packed_batches(assets: dict, count: int) -> tuple[list[dict], float]:
 class Lever:
     """A model variant: `enter` switches the model to it, `exit` back to the baseline."""
 
-    def __init__(self, name: str, model, autocast: bool = True, loss=None, enter=None, exit=None, fused="auto"):
+    def __init__(self, name: str, model, autocast: bool = True, loss=None, enter=None, exit=None, fused="auto",
+                 input_cast: bool = False):  # fmt: skip
         from xtune.engine.loss import FusedHead
 
-        self.name, self.model, self.autocast, self.loss = name, model, autocast, loss
+        self.name, self.model, self.autocast, self.loss, self.input_cast = name, model, autocast, loss, input_cast
         self.fused = FusedHead.of(model) if fused == "auto" else fused
         self.enter, self.exit = enter or (lambda: None), exit or (lambda: None)
 
@@ -125,11 +129,12 @@ def run_step(lever: Lever, optimizer, batch: dict) -> dict:
     labels = batch["labels"]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if lever.autocast else nullcontext()
     started = time.perf_counter()
-    loss_sum = (lever.loss or next_token_loss_sum)(lever.model, inputs, labels, autocast, lever.fused)
-    num_trained = (labels[:, 1:] != -100).sum()
-    forward = time.perf_counter()
-    (loss_sum / num_trained).backward()
-    backward = time.perf_counter()
+    with disable_input_dtype_casting(lever.model, active=lever.autocast and not lever.input_cast):  # as xtune's step
+        loss_sum = (lever.loss or next_token_loss_sum)(lever.model, inputs, labels, autocast, lever.fused)
+        num_trained = (labels[:, 1:] != -100).sum()
+        forward = time.perf_counter()
+        (loss_sum / num_trained).backward()
+        backward = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(lever.model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -180,6 +185,8 @@ def make_levers(names: list[str], model, fp32_model) -> list[Lever]:
                     container[key] = drop
 
             levers.append(Lever(name, model, enter=enter, exit=exit))
+        elif name == "peft_input_cast":
+            levers.append(Lever(name, model, input_cast=True))
         elif name == "gradient_checkpointing":
             levers.append(Lever(
                 name, model,

@@ -36,6 +36,7 @@ Throughput is steady state: the first step (warm-up) is left out. See `MFU` belo
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -447,6 +448,88 @@ def xtuner_worker(spec: dict) -> dict:
     }
 
 
+def ceiling_worker(spec: dict) -> dict:
+    """The arithmetic a LoRA step of this job cannot skip, and nothing else: a bound on what any tool can reach.
+
+    xtune's packed rows (same data, max_length, packing), and for each row in bf16: every frozen linear layer's
+    matmul forward and its activation-gradient matmul backward, every LoRA A/B forward and backward, per-sample
+    causal attention through the same kernel xtune uses (`varlen_attention_forward`: SDPA's CPU flash kernel, or
+    the varlen kernel on CUDA), the head on trained positions and cross-entropy. The glue is the least that keeps
+    the graph a transformer (residual adds, gate x up); no norms, rotary, SiLU, dropout, casts, optimizer step or
+    data loading. Weights are random (the arithmetic does not depend on them); the loss is not a learning curve.
+    `ceiling_matmuls` also takes attention as free: the matmuls alone, a bound whatever attention kernel is used."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(spec["threads"])
+    from xtune.config.schema import Config
+    from xtune.data.dataset import prepare_samples
+    from xtune.data.packing import pack
+    from xtune.models.attention import varlen_attention_forward
+    from xtune.models.load import load_tokenizer
+
+    device = torch.device(spec.get("device", "cpu"))
+    config = Config(llm_name_or_path=spec["model_dir"], data_path=spec["data"], dataset_format="openai",
+                    max_length=MAX_LENGTH)  # fmt: skip
+    samples, _ = prepare_samples(config, load_tokenizer(Path(spec["model_dir"])))
+    rows = pack(samples, MAX_LENGTH, 2, shuffle_seed=0)[: spec.get("max_steps") or None]
+    shape = MODELS[spec["model"]]
+    h, i, heads, vocab = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], shape["vocab_size"]
+    head_dim = h // heads
+    kv = shape["num_key_value_heads"] * head_dim
+    generator = torch.Generator().manual_seed(0)
+
+    def weight(rows_, columns, trained=False):
+        return (torch.randn(rows_, columns, generator=generator) * 0.02).to(device, torch.bfloat16).requires_grad_(trained)
+
+    def linear(a, b):
+        return {"weight": weight(b, a), "lora_A": weight(LORA["r"], a, True), "lora_B": weight(b, LORA["r"], True)}
+
+    layers = [
+        {"q": linear(h, h), "k": linear(h, kv), "v": linear(h, kv), "o": linear(h, h), "gate": linear(h, i),
+         "up": linear(h, i), "down": linear(i, h)}
+        for _ in range(shape["num_hidden_layers"])
+    ]  # fmt: skip
+    head = weight(vocab, h)
+    attention = type("Attention", (), {"training": True})()
+
+    def apply(layer, x):
+        return x @ layer["weight"].T + (x @ layer["lora_A"].T) @ layer["lora_B"].T
+
+    def step(row):
+        tokens = len(row.input_ids)
+        cu_seq_lens = torch.tensor([0, *itertools.accumulate(row.seq_lens)], device=device)  # padding: a segment, as in xtune
+        x = (torch.randn(tokens, h, generator=generator) * 0.02).to(device, torch.bfloat16)
+        for layer in layers:
+            q, k, v = (apply(layer[name], x).view(1, tokens, -1, head_dim).transpose(1, 2) for name in ("q", "k", "v"))
+            if spec["attention"]:
+                out, _ = varlen_attention_forward(attention, q, k, v, None, cu_seq_lens_q=cu_seq_lens,
+                                                  max_length_q=max(row.seq_lens))  # fmt: skip
+            else:  # ceiling_matmuls: attention taken as free (q and k still computed; the output is v)
+                out = v.transpose(1, 2) + 0 * (q.sum() + k.sum())
+            x = x + apply(layer["o"], out.reshape(tokens, h))
+            x = x + apply(layer["down"], apply(layer["gate"], x) * apply(layer["up"], x))
+        labels = torch.tensor(row.labels[1:] + [-100], device=device)
+        trained = (labels != -100).nonzero().squeeze(1)
+        loss = F.cross_entropy((x[trained] @ head.T).float(), labels[trained], reduction="sum")
+        loss.backward()
+        return loss.item() / max(1, len(trained))
+
+    step_ends, losses, start = [], [], time.perf_counter()
+    for row in rows:
+        losses.append(step(row))
+        step_ends.append(time.perf_counter() - start)
+    return {
+        "steps": [
+            {"loss": loss, "end_s": end, "tokens": sum(r.seq_lens) - r.padding, "processed": len(r.input_ids),
+             "trained": r.num_trained - int(r.labels[0] != -100),
+             "documents": r.seq_lens[:-1] if r.padding else list(r.seq_lens)}
+            for loss, end, r in zip(losses, step_ends, rows)
+        ],
+        "train_call_s": step_ends[-1], "dtype": "bfloat16 weights and activations (no autocast needed)",
+    }  # fmt: skip
+
+
 def _transformers4_copy(model_dir: Path, copy: Path) -> Path:
     """`model_dir` as transformers 4.36 reads it: rope_theta instead of rope_parameters, a fast tokenizer class."""
     if (copy / "config.json").is_file():
@@ -490,7 +573,7 @@ def _sum(batches: list[dict]) -> dict:
 def worker_main(kind: str, spec_path: str) -> None:
     started = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
-    result = {"xtune": xtune_worker, "trl": trl_worker, "xtuner": xtuner_worker}[kind](spec)
+    result = {"xtune": xtune_worker, "trl": trl_worker, "xtuner": xtuner_worker, "ceiling": ceiling_worker}[kind](spec)
     result["process_s"] = time.perf_counter() - started
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if spec.get("device") == "cuda":
@@ -511,6 +594,8 @@ PEERS = {
     "trl_packed_gc": ("trl", True),  # TRL's own default: gradient checkpointing on (SFTConfig)
     "xtuner_packed": ("xtuner", True),  # XTuner 0.1.11 in its own venv on transformers 4.36 (see xtuner_worker)
     "xtuner_packed_gc": ("xtuner", True),  # its default: activation checkpointing on
+    "ceiling": ("ceiling", True),  # only the step's unavoidable arithmetic (see ceiling_worker): a bound, not a tool
+    "ceiling_matmuls": ("ceiling", True),  # the same with attention taken as free
 }
 
 
@@ -522,10 +607,10 @@ def run_one(name: str, repeat: int, assets: dict, plan: dict, args, out_dir: Pat
         **assets, "packed": packed, "threads": args.threads, "work_dir": str(work_dir), "device": args.device,
         "batch_size": ROWS_PER_STEP if packed else plan["unpacked_batch_size"], "max_steps": args.max_steps,
         "steps_per_epoch": plan["steps_per_epoch"], "result": str(work_dir / "result.json"),
-        "gradient_checkpointing": name.endswith("_gc"),
+        "gradient_checkpointing": name.endswith("_gc"), "model": args.model, "attention": name != "ceiling_matmuls",
     }  # fmt: skip
     (work_dir / "spec.json").write_text(json.dumps(spec))
-    python = {"xtune": MAIN_PYTHON, "trl": TRL_PYTHON, "xtuner": XTUNER_PYTHON}[tool]
+    python = {"xtune": MAIN_PYTHON, "trl": TRL_PYTHON, "xtuner": XTUNER_PYTHON, "ceiling": MAIN_PYTHON}[tool]
     env = {**os.environ, "XTUNE_HOME": str(out_dir.parent / "xtune_home"), "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # fmt: skip
     load = os.getloadavg()[0]
@@ -632,6 +717,12 @@ def aggregate(runs: list[dict], peak: float) -> dict:
             ratios[f"xtune packed / {peer} trained tokens/s"] = (
                 by_peer["xtune_packed"]["trained_tokens_per_s"] / by_peer[peer]["trained_tokens_per_s"]
             )
+    for bound in ("ceiling", "ceiling_matmuls"):
+        for name in (name for name in by_peer if name == "xtune_packed" or name.startswith("trl")):
+            if bound in by_peer:
+                ratios[f"{bound} / {name} trained tokens/s"] = (
+                    by_peer[bound]["trained_tokens_per_s"] / by_peer[name]["trained_tokens_per_s"]
+                )
     if "xtune_packed" in by_peer and "xtune_unpacked" in by_peer:
         ratios["xtune packed / unpacked tokens/s"] = by_peer["xtune_packed"]["tokens_per_s"] / by_peer["xtune_unpacked"]["tokens_per_s"]
     return {"by_peer": by_peer, "ratios": ratios}
@@ -691,7 +782,7 @@ def main():
     parser.add_argument("--work-dir", default=str(BENCH / "runs"))
     parser.add_argument("--out", default=None, help="JSON report (default: <work-dir>/train_throughput_<model>.json)")
     parser.add_argument("--append-results", action="store_true", help="append the markdown tables to benchmarks/RESULTS.md")
-    parser.add_argument("--worker", choices=["xtune", "trl", "xtuner"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["xtune", "trl", "xtuner", "ceiling"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

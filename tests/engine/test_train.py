@@ -103,3 +103,66 @@ def test_torch_compile_gives_the_same_run(tmp_path):
     compiled, output = run("compiled", "torch_compile=True")
     assert "torch.compile: 4 decoder layers" in output
     assert max(abs(a - b) for a, b in zip(compiled, reference, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_under_autocast_needs_no_input_cast(checkpointing):
+    """What the training step relies on to leave peft's cast of each adapter's input out: under bf16 autocast,
+    with LoRA dropout, the loss and every LoRA gradient are bit-identical without it (also when activation
+    checkpointing recomputes the forward in backward)."""
+    import torch
+    from peft.helpers import disable_input_dtype_casting
+
+    from tests.engine.test_loss import random_samples
+    from xtune.config.schema import Config
+    from xtune.data.packing import collate_packed, pack
+    from xtune.engine.train import accumulate_gradients
+    from xtune.models.attention import use_varlen_attention
+    from xtune.models.load import load_model, resolve_model_path
+    from xtune.models.lora import prepare_trainable
+
+    model = load_model(resolve_model_path("xtune-tiny/llama"), dtype=torch.bfloat16)
+    use_varlen_attention(model)
+    config = Config(llm_name_or_path="xtune-tiny/llama", data_path="-", lora_r=8, lora_alpha=16, lora_dropout=0.1)
+    model = prepare_trainable(model, config).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.no_grad():  # B = 0 at init would hide the adapter's forward
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.02)
+    batch = collate_packed(pack(random_samples(8, 40), max_length=160, pad_token_id=2))
+
+    def step(cast_off):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        with disable_input_dtype_casting(model, active=cast_off):
+            loss, _, _ = accumulate_gradients(model, [batch], "cpu", torch.autocast("cpu", dtype=torch.bfloat16))
+        return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    cast_loss, cast_grads = step(cast_off=False)
+    loss, grads = step(cast_off=True)
+    assert torch.equal(loss, cast_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, cast_grads)) and cast_grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cast_off"),
+    [([], True), (["dtype='fp32'"], False), (["use_dora=True"], False)],
+)
+def test_training_steps_leave_the_adapter_input_cast_out_under_autocast(tmp_path, monkeypatch, overrides, cast_off):
+    import xtune.engine.train as engine
+
+    seen = []
+    original = engine.disable_input_dtype_casting
+
+    def spy(model, active=True):
+        seen.append(active)
+        return original(model, active=active)
+
+    monkeypatch.setattr(engine, "disable_input_dtype_casting", spy)
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [
+        f"work_dir={str(tmp_path)!r}", "max_steps=2", "evaluation_inputs=[]", "dtype='bf16'", *overrides,
+    ])  # fmt: skip
+    train(config, Console(file=io.StringIO()))
+    assert seen == [cast_off, cast_off]

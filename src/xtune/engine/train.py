@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import set_peft_model_state_dict
+from peft.helpers import disable_input_dtype_casting
 from safetensors.torch import load_file
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -258,9 +259,8 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
     engine = None
     if ds_settings:
         engine = forward = zero.initialize(model, optimizer, scheduler, ds_settings)
-    autocast = (  # DeepSpeed holds the weights in the compute precision itself
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and engine is None else nullcontext()
-    )
+    low_precision = dtype != torch.float32 and engine is None  # DeepSpeed holds the weights in that precision itself
+    autocast = torch.autocast(device.type, dtype=dtype) if low_precision else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and engine is None)
     # weights split over the ranks: gathering them, and generating, takes every rank
     sharded = fsdp or (engine is not None and engine.zero_optimization_stage() == 3)
@@ -314,9 +314,14 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
             group = [next(batches) for _ in range(config.accumulative_counts)]
             epoch = group[-1][0]
             lr = scheduler.get_last_lr()[0]
-            loss_sum, num_trained, tokens = accumulate_gradients(
-                forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine, fused
-            )
+            # peft casts each adapter's input to its fp32 weights, and autocast casts it back for the matmul: two
+            # passes over the activations per adapter that change no number (1.02-1.04x a step, benchmarks/RESULTS.md); its
+            # 4-bit layers skip them under autocast already. DoRA keeps them (its weight norm is summed in fp32 then).
+            # Back on outside the step: generation runs without autocast.
+            with disable_input_dtype_casting(model, active=low_precision and not config.use_dora):
+                loss_sum, num_trained, tokens = accumulate_gradients(
+                    forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine, fused
+                )
             loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
             if engine is not None:  # it clipped and stepped on the last micro-batch
                 grad_norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float64, device=device)
