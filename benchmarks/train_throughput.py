@@ -5,6 +5,8 @@
     python benchmarks/train_throughput.py --model 100m --peers xtune_packed,xtune_unpacked --repeats 1 --max-steps 10
     python benchmarks/train_throughput.py --append-results      # also append the tables to benchmarks/RESULTS.md
     python benchmarks/train_throughput.py --max-steps 8 --threads 1   # a machine other processes load (RESULTS.md)
+    python benchmarks/train_throughput.py --peers ceiling,ceiling_matmuls,xtune_packed,trl_unpacked --max-steps 8
+        # with the bounds no tool can beat on this machine's kernels (see ceiling_worker)
     python benchmarks/train_throughput.py --device cuda --model 1.8b --peers xtune_packed,trl_packed --max-steps 20
         # on a GPU (not run yet): InternLM2-1.8B's shape; TRL's venv then takes the system's CUDA torch
 
