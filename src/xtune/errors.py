@@ -23,3 +23,12 @@ class CheckpointError(XtuneError):
 
 class TrainingError(XtuneError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """repr() of a value for a message, cut to `limit` characters (and safe for integers too long to print)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from xtune.config.load import copy_config, list_configs, load_config, parse_override
 from xtune.config.schema import Config
@@ -122,3 +123,31 @@ def test_unknown_builtin_name_suggests():
 def test_every_builtin_config_loads(name):
     config, _ = load_config(name)
     assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize("key", ["true", "null", "on", "1", "2024-01-01", "[a, b]"])
+def test_yaml_key_that_is_not_a_string_names_its_line(tmp_path, key):
+    path = write(tmp_path, f"llm_name_or_path: m\ndata_path: d.json\n{key}: 1\n", "c.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(error.value).startswith(f"{path}:3: the key '{key}' is not a name;") and "quote" in str(error.value)
+
+
+def test_yaml_is_read_once_and_keeps_anchors_and_merges(tmp_path, monkeypatch):
+    path = write(
+        tmp_path,
+        "llm_name_or_path: m\ndatasets: [&a {path: a.json, repeats: 2}, {<<: *a, path: b.json}]\n",
+        "c.yaml",
+    )
+    reads = []
+    original = yaml.reader.Reader.__init__
+    monkeypatch.setattr(yaml.reader.Reader, "__init__", lambda self, stream: reads.append(1) or original(self, stream))
+    config, _ = load_config(str(path))
+    assert len(reads) == 1
+    assert [(d.path, d.repeats) for d in config.datasets] == [("a.json", 2.0), ("b.json", 2.0)]
+
+
+def test_yaml_number_too_long_to_read_names_its_key(tmp_path):
+    path = write(tmp_path, f"llm_name_or_path: m\nlr: 1{'0' * 5000}\n", "c.yaml")
+    with pytest.raises(ConfigError, match=f"{path}:2: key 'lr': a value of 5001 characters cannot be read"):
+        load_config(str(path))

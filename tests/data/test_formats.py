@@ -15,6 +15,7 @@ from xtune.data.formats import (
     check_conversation,
     conversation_to_standard,
     detect_format,
+    msagent_react_to_standard,
     openai_to_standard,
     sharegpt_to_standard,
     text_to_standard,
@@ -299,6 +300,36 @@ def test_format_errors_name_the_field(reader, record, message):
     with pytest.raises(RecordError) as caught:
         reader(record)
     assert message in str(caught.value)
+
+
+def _msagent(think):
+    return {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": f"<|startofthink|>{think}<|endofthink|>"}]}
+
+
+CALL = "conversations[1].value <|startofthink|>"
+
+
+@pytest.mark.parametrize(
+    "think, message",
+    [
+        ('["f"]', f"'{CALL}' must be a JSON object, got list"),
+        ('{"parameters": {}}', f"missing field '{CALL}.api_name'"),
+        ('{"api_name": 3}', f"field '{CALL}.api_name' must be a string, got int"),
+        ('{"api_name": ""}', f"field '{CALL}.api_name' is empty"),
+        ('{"api_name": "f", "parameters": [1]}', f"field '{CALL}.parameters' must be a JSON object or its text, got list"),
+        ('{"api_name": "f", "parameters": "{1}"}', f"field '{CALL}.parameters' is not valid JSON"),
+    ],
+)
+def test_msagent_call_errors_name_the_field(think, message):
+    with pytest.raises(RecordError) as caught:
+        msagent_react_to_standard(_msagent(think))
+    assert message in str(caught.value)
+
+
+def test_msagent_call_parameters_may_be_left_out_or_given_as_text():
+    assert msagent_react_to_standard(_msagent('{"api_name": "f"}')).turns[-1].tool_calls == (ToolCall("f", "{}"),)
+    as_text = _msagent('{"api_name": "f", "parameters": "{\\"q\\": 1}"}')
+    assert msagent_react_to_standard(as_text).turns[-1].tool_calls == (ToolCall("f", '{"q": 1}'),)
 
 
 def test_detect_every_format():

@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from xtune.config.schema import ALIASES, FIELD_NAMES, Config
-from xtune.errors import ConfigError
+from xtune.errors import ConfigError, short_repr
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 CONFIG_SUFFIXES = (".py", ".yaml", ".yml")
@@ -125,29 +125,40 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text ({error.reason}); save the config as UTF-8.") from None
-    try:
-        values = yaml.safe_load(text)
-        root = yaml.compose(text)
+    loader, pairs = yaml.SafeLoader(text), []
+    try:  # compose once: the nodes give each key's line and tag, and the data is built from them
+        root = loader.get_single_node()
+        pairs = list(root.value) if isinstance(root, yaml.MappingNode) else []
+        _check_keys(path, text, pairs)
+        values = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     except ValueError as error:  # e.g. an integer of more digits than Python converts
-        for key, value in yaml.compose(text).value:
+        for key, value in pairs:
             if isinstance(value, yaml.ScalarNode) and len(value.value) > 1000:
                 raise ConfigError(
                     f"{path}:{key.start_mark.line + 1}: key '{key.value}': a value of {len(value.value)} characters "
                     "cannot be read as a number."
                 ) from None
         raise ConfigError(f"{path}: a value cannot be read: {str(error)[:200]}") from None
+    finally:
+        loader.dispose()
     if values is None:
         return {}, {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values.")
-    lines = {key.value: key.start_mark.line + 1 for key, _ in root.value}
-    bad = [key for key in values if not isinstance(key, str)]
-    if bad:
-        line = next((k.start_mark.line + 1 for k, _ in root.value if k.value == str(bad[0]) or k.value == bad[0]), "?")
-        raise ConfigError(f"{path}:{line}: the key '{bad[0]}' is not a name; config keys are words like lr or data_path.")
-    return values, lines
+    return values, {key.value: key.start_mark.line + 1 for key, _ in pairs}
+
+
+def _check_keys(path: Path, text: str, pairs: list[tuple[yaml.Node, yaml.Node]]) -> None:
+    """Every top-level key must be a string: YAML reads `true`, `null`, `on` or `1` as other types."""
+    for key, _ in pairs:
+        if key.tag not in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"):
+            written = short_repr(text[key.start_mark.index : key.end_mark.index])
+            raise ConfigError(
+                f"{path}:{key.start_mark.line + 1}: the key {written} is not a name; config keys are words like lr "
+                f"or data_path (YAML reads this key as {key.tag.rpartition(':')[2]}; quote it to make it a string)."
+            )
 
 
 def _apply_aliases(values: dict[str, Any], source, lines: dict[str, int]) -> dict[str, Any]:
@@ -177,7 +188,7 @@ def _explain(error: ValidationError, path: Path, lines: dict[str, int]) -> str:
         expected = _type_name(field.annotation) if field and len(item["loc"]) == 1 else item["type"]
         messages.append(
             f"{_where(path, lines, key)}: key '{name}' expects {expected}, got "
-            f"{type(item['input']).__name__} {_short(item['input'])} ({item['msg']})."
+            f"{type(item['input']).__name__} {short_repr(item['input'])} ({item['msg']})."
         )
     return "\n".join(messages)
 
@@ -191,15 +202,6 @@ def _where(source, lines: dict[str, int], key: str) -> str:
     if line == 0:
         return "--cfg-options"
     return f"{source}:{line}" if line else str(source)
-
-
-def _short(value, limit: int = 80) -> str:
-    """repr() of a value, cut to `limit` characters (and safe for integers too long to print)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        text = f"<{type(value).__name__} too large to print>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _suggest(word: str, choices) -> str:

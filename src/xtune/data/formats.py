@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from xtune.errors import short_repr
+
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
 IMAGE_PLACEHOLDER = "<image>"
@@ -62,11 +64,6 @@ class RecordError(ValueError):
     """A record does not fit its format; the message names the field and what is expected."""
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _object(record: Any, what: str = "a record") -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"{what} must be a JSON object, got {type(record).__name__}")
@@ -92,7 +89,7 @@ def _trainable(message: dict, where: str) -> bool:
         if value is None:
             continue
         if not isinstance(value, (bool, int, float)) or value not in (0, 1):
-            raise RecordError(f"field '{where}{key}' must be 0 or 1 (or false or true), got {_show(value)}")
+            raise RecordError(f"field '{where}{key}' must be 0 or 1 (or false or true), got {short_repr(value)}")
         trainable = trainable and bool(value)
     return trainable
 
@@ -122,15 +119,22 @@ def _json_object_text(value: Any, where: str) -> str:
     return _dump(value, where)
 
 
-def _tool_call(function: Any, where: str) -> ToolCall:
-    """{"name", "arguments"} -> a ToolCall; arguments may be an object or its JSON text."""
+def _tool_call(
+    function: Any, where: str, name_key: str = "name", arguments_key: str = "arguments", required: bool = True
+) -> ToolCall:
+    """{"name", "arguments"} -> a ToolCall; arguments may be an object or its JSON text.
+
+    MSAgent's calls name the keys `api_name` and `parameters`, and leave out the parameters of a call
+    that takes none (`required=False` reads them as {}).
+    """
     function = _object(function, f"'{where}'")
-    name = _text(function, "name", f"{where}.")
+    name = _text(function, name_key, f"{where}.")
     if not name:
-        raise RecordError(f"field '{where}.name' is empty")
-    if function.get("arguments") is None:
-        raise RecordError(f"missing field '{where}.arguments'")
-    return ToolCall(name, _json_object_text(function["arguments"], f"{where}.arguments"))
+        raise RecordError(f"field '{where}.{name_key}' is empty")
+    arguments = function.get(arguments_key)
+    if arguments is None and required:
+        raise RecordError(f"missing field '{where}.{arguments_key}'")
+    return ToolCall(name, _json_object_text({} if arguments is None else arguments, f"{where}.{arguments_key}"))
 
 
 def _tools(record: dict, key: str = "tools") -> tuple[str, ...]:
@@ -148,7 +152,7 @@ def _tools(record: dict, key: str = "tools") -> tuple[str, ...]:
         tool = _object(tool, f"'{where}'")
         if tool.get("function") is not None:
             if tool.get("type") not in (None, "function"):
-                raise RecordError(f"field '{where}.type' must be 'function', got {_show(tool['type'])}")
+                raise RecordError(f"field '{where}.type' must be 'function', got {short_repr(tool['type'])}")
             function, where = _object(tool["function"], f"'{where}.function'"), f"{where}.function"
         else:
             function = tool
@@ -168,7 +172,7 @@ def _images(record: dict) -> tuple[str, ...]:
         return ()
     paths = [value] if isinstance(value, str) else value
     if not isinstance(paths, list) or not all(isinstance(path, str) and path for path in paths):
-        raise RecordError(f"field '{key}' must be an image path or a list of image paths, got {_show(value)}")
+        raise RecordError(f"field '{key}' must be an image path or a list of image paths, got {short_repr(value)}")
     return tuple(paths)
 
 
@@ -358,7 +362,7 @@ def openai_to_standard(record: Any) -> Conversation:
         role = _text(message, "role", f"{where}.")
         role = "tool" if role == "function" else role
         if role not in ROLES:
-            raise RecordError(f"field '{where}.role' must be one of {', '.join(ROLES)}, got {_show(role)}")
+            raise RecordError(f"field '{where}.role' must be one of {', '.join(ROLES)}, got {short_repr(role)}")
         if role == "assistant":
             last_calls = _openai_tool_calls(message, where, calls_by_id)
             content = _content(message, f"{where}.", required=not last_calls)
@@ -390,7 +394,7 @@ def _openai_tool_calls(message: dict, where: str, calls_by_id: dict[str, ToolCal
         call_where = f"{where}.tool_calls[{index}]"
         raw = _object(raw, f"'{call_where}'")
         if raw.get("type") not in (None, "function"):
-            raise RecordError(f"field '{call_where}.type' must be 'function', got {_show(raw['type'])}")
+            raise RecordError(f"field '{call_where}.type' must be 'function', got {short_repr(raw['type'])}")
         if raw.get("function") is None:
             raise RecordError(f"missing field '{call_where}.function'")
         call = _tool_call(raw["function"], f"{call_where}.function")
@@ -418,7 +422,7 @@ def _tool_name(
     if call_id:
         if call_id not in calls_by_id:
             raise RecordError(
-                f"field '{where}.tool_call_id' is {_show(call_id)}, which no earlier tool call has as its id"
+                f"field '{where}.tool_call_id' is {short_repr(call_id)}, which no earlier tool call has as its id"
             )
         return calls_by_id[call_id].name
     return last_calls[position].name if position < len(last_calls) else None
@@ -465,7 +469,7 @@ def sharegpt_to_standard(record: Any) -> Conversation:
         if sender not in SHAREGPT_ROLES:
             raise RecordError(
                 f"field '{where}.from' must be one of human, gpt, system, function_call, observation; "
-                f"got {_show(sender)}"
+                f"got {short_repr(sender)}"
             )
         value = _text(message, "value", f"{where}.")
         if sender == "function_call":
@@ -536,7 +540,7 @@ def msagent_react_to_standard(record: Any) -> Conversation:
             turns += steps
             wheres += [where] * len(steps)
         else:
-            raise RecordError(f"field '{where}.from' must be one of system, user, assistant; got {_show(sender)}")
+            raise RecordError(f"field '{where}.from' must be one of system, user, assistant; got {short_repr(sender)}")
     return check_conversation(Conversation(tuple(turns), tools=tuple(tools)), wheres)
 
 
@@ -600,13 +604,9 @@ def _msagent_steps(value: str, where: str) -> list[Turn]:
         if text and (calls or match.group("think") is not None):
             thought = f"{thought}\n{text}" if thought else text
         if match.group("think") is not None:
-            call = _parse_json(_fenced_json(match.group("think")).replace("\n", ""), where + " <|startofthink|>")
-            if not isinstance(call, dict) or not isinstance(call.get("api_name"), str) or not call["api_name"]:
-                raise RecordError(f"field '{where}': a <|startofthink|> call must be a JSON object with an api_name")
-            arguments = call.get("parameters")
-            arguments = {} if arguments is None else arguments
-            arguments = _json_object_text(arguments, f"{where} <|startofthink|>.parameters")
-            calls.append(ToolCall(call["api_name"], arguments))
+            call_where = f"{where} <|startofthink|>"
+            call = _parse_json(_fenced_json(match.group("think")).replace("\n", ""), call_where)
+            calls.append(_tool_call(call, call_where, "api_name", "parameters", required=False))
             continue
         if calls:
             turns.append(Turn("assistant", thought, trainable=True, tool_calls=tuple(calls)))
