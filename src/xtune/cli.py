@@ -219,7 +219,7 @@ def chat(
 
     import torch
 
-    from xtune.infer.chat import answer_all, load_chat_model, pick_template, read_prompts, repl, system_prompt
+    from xtune.infer.chat import answer_all, load_chat_model, pick_template, read_input, repl, system_prompt
     from xtune.infer.generate import GenerationOptions
     from xtune.models.load import resolve_model_path
 
@@ -265,8 +265,7 @@ def chat(
     if input is None:
         repl(llm, tokenizer, template, system, options, stream=not no_streamer, image=image)
         return
-    lines = sys.stdin if input == "-" else Path(input).open(encoding="utf-8")
-    conversations = read_prompts(lines, image)
+    conversations = read_input(input, image)
     replies = answer_all(llm, tokenizer, template, conversations, system, options)
     for reply in replies:
         print(reply.replace("\n", "\\n"), flush=True)

@@ -242,6 +242,34 @@ def test_chat_with_plugins_over_a_prompts_file(tmp_path, monkeypatch, capsys):
     ]  # fmt: skip
 
 
+def test_chat_with_plugins_reads_prompts_from_stdin_and_leaves_it_open(monkeypatch, capsys):
+    stdin = io.StringIO("What is 37 * 24?\n")
+    monkeypatch.setattr("sys.stdin", stdin)
+    monkeypatch.setattr(agent, "model_generate", lambda *args, **kwargs: Scripted(INTERNLM2_CALL, "888"))
+    chat_with_plugins(None, None, get_template("internlm2_chat"), PLUGINS, "", GenerationOptions(), "-")
+    assert capsys.readouterr().out == "888\n"
+    assert not stdin.closed
+
+
+def test_repl_greets_with_the_plugins_and_ctrl_c_keeps_the_history():
+    class InterruptedOnce(Scripted):
+        def __call__(self, conversations):
+            if len(self.seen) == 1:
+                self.seen.append(conversations)
+                raise KeyboardInterrupt
+            return super().__call__(conversations)
+
+    model = InterruptedOnce("Hello", "Fine", "Hey")
+    inputs = iter(["Hi", "Slow question", "How are you?", "RESET", "Again", "EXIT"])
+    out = io.StringIO()
+    agent_repl(model, get_template("internlm2_chat"), PLUGINS, "", read=lambda _: next(inputs), out=out)
+    shown = out.getvalue()
+    assert shown.startswith("Chat with internlm2_chat and plugins calculate. RESET clears the history, EXIT quits.\n")
+    assert "\n(stopped)\n" in shown and "(history cleared)\n" in shown
+    assert [turn.content for turn in model.seen[2][0].turns] == ["Hi", "Hello", "How are you?"]
+    assert [turn.content for turn in model.seen[3][0].turns] == ["Again"]
+
+
 def test_cli_chat_with_plugins_takes_xtuners_names_and_runs_the_agent(tmp_path, monkeypatch):
     from xtune.cli import app
     from xtune.infer import chat

@@ -1,4 +1,5 @@
 import io
+import json
 
 import pytest
 
@@ -96,3 +97,38 @@ def test_repl_without_streamer_prints_whole_answers(monkeypatch):
 def test_cut_at_stop_words():
     assert cut_at_stop_words("answer<stop>more", ["<stop>", "x"]) == "answer"
     assert cut_at_stop_words("answer", ["<stop>"]) == "answer"
+
+
+def test_read_input_from_a_file_or_from_stdin_which_stays_open(tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\n\nb\n")
+    assert [c.turns[-1].content for c in chat.read_input(str(prompts))] == ["a", "b"]
+    stdin = io.StringIO("c\n")
+    monkeypatch.setattr("sys.stdin", stdin)
+    (conversation,) = chat.read_input("-", image="cat.png")
+    assert conversation.turns[-1].content == "<image>\nc" and conversation.images == ("cat.png",)
+    assert not stdin.closed
+    with pytest.raises(XtuneError, match="missing.txt"):
+        chat.read_input(str(tmp_path / "missing.txt"))
+
+
+def test_cli_chat_answers_prompts_from_stdin(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from xtune.cli import app
+
+    monkeypatch.setattr(chat, "load_chat_model", lambda *args: (None, None))
+    monkeypatch.setattr(chat, "pick_template", lambda *args: get_template("internlm2_chat"))
+    monkeypatch.setattr("xtune.models.load.resolve_model_path", lambda model: tmp_path)
+    monkeypatch.setattr(chat, "answer_all", lambda model, tokenizer, template, conversations, system, options: [
+        f"{system}: {c.turns[-1].content}\nbye" for c in conversations
+    ])  # fmt: skip
+    answers = tmp_path / "answers.jsonl"
+    args = ["chat", "some/model", "--input", "-", "--system", "S", "--output", str(answers)]
+    result = CliRunner().invoke(app, args, input="hi\nho\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["S: hi\\nbye", "S: ho\\nbye"]
+    assert [json.loads(line) for line in answers.read_text().splitlines()] == [
+        {"prompt": "hi", "answer": "S: hi\nbye"},
+        {"prompt": "ho", "answer": "S: ho\nbye"},
+    ]

@@ -21,6 +21,7 @@ from typing import TextIO
 from xtune.data.formats import Conversation, ToolCall, Turn, with_system
 from xtune.data.templates import ChatTemplate, Template, ToolFormat, TokenizerTemplate, with_tool_format
 from xtune.errors import XtuneError
+from xtune.infer.chat import chat_loop, read_input
 from xtune.infer.generate import GenerationOptions, generate_replies
 from xtune.infer.plugins import Plugin, call_plugin
 
@@ -319,33 +320,22 @@ def agent_repl(
     clears the history, EXIT (or end of input) quits, Ctrl-C stops the answer being worked on."""
     out = out or sys.stdout
     dim = out.isatty()
-    names = ", ".join(plugin.name for plugin in plugins)
-    out.write(f"Chat with {template.name} and plugins {names}. RESET clears the history, EXIT quits.\n")
-    history: tuple[Turn, ...] = ()
-    while True:
-        try:
-            text = read("\n>>> ")
-        except EOFError:
-            return
-        if text.strip() == "EXIT":
-            return
-        if text.strip() == "RESET":
-            history = ()
-            out.write("(history cleared)\n")
-            continue
+
+    def show(index: int, step: AgentStep) -> None:
+        print_step(step, out, dim)
+
+    def answer(history: tuple[Turn, ...], text: str) -> tuple[Turn, ...]:
         conversation = with_system(Conversation((*history, Turn("user", text))), system)
-        try:
-            show = lambda _, step: print_step(step, out, dim)  # noqa: E731
-            (episode,) = run_agent([conversation], plugins, template, generate, max_turns, tools, show)
-        except KeyboardInterrupt:
-            out.write("\n(stopped)\n")
-            continue
+        (episode,) = run_agent([conversation], plugins, template, generate, max_turns, tools, show)
         if episode.answer is None:  # the unfinished exchange is dropped: the history must end with an answer
             out.write(f"({episode.note}; the question is left out of the history)\n")
-            continue
+            return history
         out.write(episode.answer + "\n")
         turns = episode.conversation.turns
-        history = turns[1:] if turns and turns[0].role == "system" and system else turns
+        return turns[1:] if turns and turns[0].role == "system" and system else turns
+
+    names = ", ".join(plugin.name for plugin in plugins)
+    chat_loop(f"Chat with {template.name} and plugins {names}", answer, read, out)
 
 
 def chat_with_plugins(
@@ -372,11 +362,7 @@ def chat_with_plugins(
     if input is None:
         agent_repl(generate, agent, plugins, system, max_turns, tools=tools)
         return
-    from xtune.infer.chat import read_prompts
-
-    lines = sys.stdin if input == "-" else open(input, encoding="utf-8")
-    with lines:
-        conversations = [with_system(c, system) for c in read_prompts(lines)]
+    conversations = [with_system(c, system) for c in read_input(input)]
 
     def show(index: int, step: AgentStep) -> None:
         print_step(step, sys.stderr, sys.stderr.isatty(), prefix=f"[{index + 1}] " if len(conversations) > 1 else "")

@@ -1,6 +1,7 @@
 """Talk to a model: an interactive streaming REPL, or prompts in and answers out for scripts."""
 
 import json
+import sys
 from dataclasses import replace
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -95,6 +96,18 @@ def read_prompts(lines: Iterable[str], image: str | None = None) -> list[Convers
     return conversations
 
 
+def read_input(input: str, image: str | None = None) -> list[Conversation]:
+    """`--input`: the prompts (as `read_prompts` reads them) of a file, or of stdin for "-". Stdin is left open: it
+    is not ours to close."""
+    if input == "-":
+        return read_prompts(sys.stdin, image)
+    try:
+        with open(input, encoding="utf-8") as lines:
+            return read_prompts(lines, image)
+    except OSError as error:
+        raise XtuneError(f"cannot read the prompts file {input}: {error.strerror or error}.") from None
+
+
 def with_image(conversation: Conversation, image: str | None) -> Conversation:
     """The conversation about `image`: `<image>` put in front of the first user turn unless the text has one."""
     if image is None:
@@ -120,6 +133,35 @@ def answer_all(model, tokenizer, template, conversations: list[Conversation], sy
     return generate_replies(model, tokenizer, template, conversations, options)
 
 
+def chat_loop(
+    title: str,
+    answer: Callable[[tuple[Turn, ...], str], tuple[Turn, ...]],
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+) -> None:
+    """The interactive loop under `repl` and the agent's: `answer(history, text)` replies to the user's `text`
+    and returns the history to keep. RESET clears the history, EXIT (or end of input) quits, Ctrl-C stops the
+    answer being written and keeps the history as it was."""
+    out = out or sys.stdout
+    out.write(f"{title}. {RESET} clears the history, {EXIT} quits.\n")
+    history: tuple[Turn, ...] = ()
+    while True:
+        try:
+            text = read("\n>>> ")
+        except EOFError:
+            return
+        if text.strip() == EXIT:
+            return
+        if text.strip() == RESET:
+            history = ()
+            out.write("(history cleared)\n")
+            continue
+        try:
+            history = answer(history, text)
+        except KeyboardInterrupt:
+            out.write("\n(stopped)\n")
+
+
 def repl(
     model,
     tokenizer,
@@ -133,31 +175,15 @@ def repl(
 ) -> None:
     """Multi-turn chat with streamed answers; RESET clears the history, EXIT (or end of input) quits,
     Ctrl-C stops the answer being written."""
-    import sys
-
     out = out or sys.stdout
-    history: list[Turn] = []
-    out.write(f"Chat with {template.name}. {RESET} clears the history, {EXIT} quits.\n")
-    while True:
-        try:
-            text = read("\n>>> ")
-        except EOFError:
-            return
-        if text.strip() == EXIT:
-            return
-        if text.strip() == RESET:
-            history = []
-            out.write("(history cleared)\n")
-            continue
-        history.append(Turn("user", text))
+
+    def answer(history: tuple[Turn, ...], text: str) -> tuple[Turn, ...]:
+        turns = (*history, Turn("user", text))
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        try:
-            conversation = with_image(with_system(Conversation(tuple(history)), system), image)
-            (reply,) = generate_replies(model, tokenizer, template, [conversation], options, streamer=streamer)
-        except KeyboardInterrupt:
-            out.write("\n(stopped)\n")
-            history.pop()
-            continue
+        conversation = with_image(with_system(Conversation(turns), system), image)
+        (reply,) = generate_replies(model, tokenizer, template, [conversation], options, streamer=streamer)
         if not stream:
             out.write(reply + "\n")
-        history.append(Turn("assistant", reply, trainable=True))
+        return (*turns, Turn("assistant", reply, trainable=True))
+
+    chat_loop(f"Chat with {template.name}", answer, read, out)
