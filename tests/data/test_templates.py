@@ -300,6 +300,22 @@ def test_tool_call_arguments_must_be_json():
         render(bad, get_template("qwen_chat"))
 
 
+def test_each_call_is_written_from_one_parse_of_its_arguments(monkeypatch):
+    from xtune.data import templates
+
+    parsed = []
+    monkeypatch.setattr(templates, "_arguments", lambda call: parsed.append(call.name) or json.loads(call.arguments))
+    qwen = get_template("qwen_chat")
+    template = replace(qwen, tools=replace(qwen.tools, call="{call} | {name} | {arguments}"))
+    calls = (ToolCall("f", '{"city": "Zürich"}'), ToolCall("g", "[1, 2]"))
+    turns = (Turn("user", "Hi"), Turn("assistant", "", True, tool_calls=calls))
+    assert text_of(Conversation(turns), template).endswith(
+        '{"name": "f", "arguments": {"city": "Zürich"}} | f | {"city": "Zürich"}\n'
+        '{"name": "g", "arguments": [1, 2]} | g | [1, 2]<|im_end|>\n'
+    )
+    assert parsed == ["f", "g"]
+
+
 def test_hf_is_the_tokenizers_own_template(tokenizer):
     template = get_template("hf")
     assert isinstance(template, TokenizerTemplate) and template.name == "hf"

@@ -1,8 +1,12 @@
+import os
+from pathlib import Path
+
 import pytest
 
 from xtune.errors import CheckpointError
 
 from xtune.engine.checkpoint import (
+    MANIFEST,
     complete_checkpoints,
     new_run_dir,
     prune_checkpoints,
@@ -43,6 +47,39 @@ def test_a_failed_save_leaves_no_complete_looking_checkpoint(tmp_path):
         save_checkpoint(FakeSaver(fail=True), FakeSaver(), tmp_path, 7, {})
     assert complete_checkpoints(tmp_path) == []
     assert list(tmp_path.iterdir()) == []  # nor a partial folder left taking space
+
+
+def test_each_file_is_read_once_and_on_disk_before_the_manifest_and_the_rename(tmp_path, monkeypatch):
+    events = []
+    open_path, fsync, rename = Path.open, os.fsync, os.replace
+
+    def opening(path, mode="r", *args, **kwargs):
+        if mode == "rb":
+            events.append(("read", path.name))
+        return open_path(path, mode, *args, **kwargs)
+
+    def fsyncing(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def renaming(source, destination):
+        events.append(("rename", Path(destination).name))
+        rename(source, destination)
+
+    def write_state(folder):
+        (folder / "state").mkdir()
+        (folder / "state" / "optimizer.bin").write_bytes(b"o")
+
+    monkeypatch.setattr(Path, "open", opening)
+    monkeypatch.setattr(os, "fsync", fsyncing)
+    monkeypatch.setattr(os, "replace", renaming)
+    final = save_checkpoint(FakeSaver(), FakeSaver(), tmp_path, 4, {}, write_extra=write_state)
+    names = {path.stat().st_ino: path.name for path in (final, *final.rglob("*"))} | {tmp_path.stat().st_ino: "run"}
+    events = [(kind, names.get(what, what)) for kind, what in events]
+    files = ["optimizer.bin", "weights.bin", "xtune_run.json"]  # in the order of their paths
+    read_and_synced = [event for name in files for event in (("read", name), ("fsync", name))]
+    folders = [("fsync", "checkpoint-4"), ("fsync", "state")]  # the partial folder (renamed since) and its subfolder
+    assert events == [*read_and_synced, ("fsync", MANIFEST), *folders, ("rename", "checkpoint-4"), ("fsync", "run")]
 
 
 def test_existing_checkpoint_is_never_overwritten(tmp_path):

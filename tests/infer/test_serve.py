@@ -18,7 +18,7 @@ from xtune.infer import serve as serve_module
 from xtune.infer.chat import answer_all, load_chat_model
 from xtune.infer.generate import GenerationOptions, prompt_ids
 from xtune.errors import XtuneError
-from xtune.infer.serve import build_app, streamable_prefix
+from xtune.infer.serve import ChatCompletionRequest, build_app, request_options, streamable_prefix
 
 MODEL = "xtune-tiny/internlm2-chat"
 MODEL_NAME = "internlm2-chat"
@@ -247,6 +247,20 @@ def test_streamable_prefix_holds_back_what_may_still_change():
     assert streamable_prefix("it is '", [], clean_up_spaces=True) == "it is"  # "it is 's" is cleaned to "it is's"
 
 
+def test_max_completion_tokens_wins_over_max_tokens_and_either_over_the_default():
+    defaults = GenerationOptions(max_new_tokens=16, temperature=0.5, stop_words=("END",))
+
+    def options(**fields) -> GenerationOptions:
+        return request_options(ChatCompletionRequest(messages=[USER], **fields), defaults)
+
+    assert options().max_new_tokens == 16
+    assert options(max_tokens=7).max_new_tokens == 7
+    assert options(max_completion_tokens=9).max_new_tokens == 9
+    assert options(max_tokens=7, max_completion_tokens=9).max_new_tokens == 9
+    both = options(max_tokens=7, max_completion_tokens=9, temperature=0, stop="\n")
+    assert (both.temperature, both.top_p, both.stop_words) == (0, defaults.top_p, ("END", "\n"))
+
+
 @pytest.fixture
 def no_load_no_run(monkeypatch, loaded):
     """`serve` with the loaded tiny model and uvicorn.run capturing the app instead of serving it."""
@@ -344,8 +358,11 @@ def test_a_reply_must_fit_the_context(limited_url, loaded):
     asked = httpx.post(f"{limited_url}/chat/completions", json={"messages": [USER], "max_tokens": room + 1})
     error = openai_error(asked, 400)
     assert error["code"] == "context_length_exceeded" and f"ask for at most {room}," in error["message"]
+    # greedy, the tiny model never writes its stop token or stop word here: the reply runs to the lowered default
     default = httpx.post(f"{limited_url}/chat/completions", json={"messages": [USER], "temperature": 0})
-    assert default.status_code == 200 and default.json()["usage"]["completion_tokens"] <= room  # 16 lowered to fit
+    assert default.status_code == 200, default.text
+    assert default.json()["usage"]["completion_tokens"] == room  # 16 lowered to fit
+    assert default.json()["choices"][0]["finish_reason"] == "length"
     long_message = {"role": "user", "content": "hi " * 40}
     too_long = httpx.post(f"{limited_url}/chat/completions", json={"messages": [long_message]})
     assert "leaves no room for a reply" in openai_error(too_long, 400)["message"]

@@ -466,12 +466,7 @@ def _with_tools(
     turns: tuple[Turn, ...], tools: tuple[str, ...], template: ChatTemplate
 ) -> tuple[tuple[Turn, ...], str]:
     """(turns with the tools written into the system text, the tools' own turn), as the tool format writes them."""
-    if template.tools is None:
-        raise XtuneError(
-            f"template '{template.name}' cannot write the tools offered (the record's 'tools') yet; use "
-            f"internlm2_chat, qwen_chat or hf, or write them in ReAct style: prompt_template = \"{template.name}+react\"."
-        )
-    tool_format = template.tools
+    tool_format = _tool_format(template, "cannot write the tools offered (the record's 'tools') yet")
     schemas = [_tool_schema(tool) for tool in tools]
     listed = TOOL_LISTS[tool_format.tools_json](schemas)
     names = ", ".join(function.get("name", "") for function in _functions(schemas))
@@ -503,15 +498,14 @@ def _assistant_text(turn: Turn, template: ChatTemplate) -> str:
     if not turn.tool_calls:
         return text
     tools = _tool_format(template)
-    calls = [
-        tools.call.format(
-            call=_call_json(call, tools.arguments_key),
-            name=call.name,
-            arguments=json.dumps(_arguments(call), ensure_ascii=False),
-        )
-        for call in turn.tool_calls
-    ]
+    calls = [_call_text(call, tools) for call in turn.tool_calls]
     return tools.call_separator.join([tools.thought.format(content=text), *calls] if text else calls)
+
+
+def _call_text(call: ToolCall, tools: ToolFormat) -> str:
+    arguments = _arguments(call)
+    call_json = json.dumps({"name": call.name, tools.arguments_key: arguments}, ensure_ascii=False)
+    return tools.call.format(call=call_json, name=call.name, arguments=json.dumps(arguments, ensure_ascii=False))
 
 
 def _tool_results(turns: list[Turn], template: ChatTemplate, fill) -> str:
@@ -522,17 +516,14 @@ def _tool_results(turns: list[Turn], template: ChatTemplate, fill) -> str:
     return tools.results.format(results=results)
 
 
-def _tool_format(template: ChatTemplate) -> ToolFormat:
+def _tool_format(template: ChatTemplate, refusal: str = "does not support tool turns or tool calls yet") -> ToolFormat:
+    """The template's tool format; a template without one is refused with `refusal`, saying what it cannot do."""
     if template.tools is None:
         raise XtuneError(
-            f"template '{template.name}' does not support tool turns or tool calls yet; use internlm2_chat, qwen_chat "
-            f"or hf for agent data, or write them in ReAct style: prompt_template = \"{template.name}+react\"."
+            f"template '{template.name}' {refusal}; use internlm2_chat, qwen_chat or hf for agent data, or write "
+            f"them in ReAct style: prompt_template = \"{template.name}+react\"."
         )
     return template.tools
-
-
-def _call_json(call: ToolCall, arguments_key: str) -> str:
-    return json.dumps({"name": call.name, arguments_key: _arguments(call)}, ensure_ascii=False)
 
 
 def _arguments(call: ToolCall):

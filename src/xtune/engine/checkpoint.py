@@ -58,7 +58,8 @@ def save_checkpoint(
         if write_extra is not None:
             write_extra(partial)
         write_manifest(partial)
-        _fsync_tree(partial)
+        for folder in (partial, *(p for p in partial.rglob("*") if p.is_dir())):  # their entries, i.e. the files' names
+            _fsync_folder(folder)
     except (OSError, SafetensorError) as error:  # e.g. the disk is full
         shutil.rmtree(partial, ignore_errors=True)
         previous = complete_checkpoints(run_dir)
@@ -68,7 +69,16 @@ def save_checkpoint(
     if final.exists():
         raise FileExistsError(f"{final} already exists; refusing to overwrite it.")
     os.replace(partial, final)
+    _fsync_folder(run_dir)  # the rename itself
     return final
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 MANIFEST = "manifest.json"
@@ -76,9 +86,14 @@ MANIFEST = "manifest.json"
 
 
 def write_manifest(folder: Path) -> None:
+    """Hash every file of `folder` into its manifest. Each file is on disk (fsynced) before the manifest is
+    written, and the manifest before this returns, so a checkpoint renamed into place afterwards is whole."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    digests = {str(p.relative_to(folder)): file_sha256(p) for p in files}
-    (folder / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1))
+    digests = {str(p.relative_to(folder)): file_sha256(p, fsync=True) for p in files}
+    with (folder / MANIFEST).open("w") as manifest:
+        manifest.write(json.dumps({"sha256": digests}, indent=1))
+        manifest.flush()
+        os.fsync(manifest.fileno())
 
 
 def verify_checkpoint(folder: Path) -> None:
@@ -123,13 +138,6 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
 def read_run_meta(path: Path) -> dict:
     meta = Path(path) / RUN_META
     return json.loads(meta.read_text()) if meta.is_file() else {}
-
-
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
 
 
 TRAINING_STATE = "training_state.safetensors"

@@ -152,12 +152,23 @@ def _content_text(content: str | list[ContentPart] | None, where: str) -> str:
     return "\n".join(texts)
 
 
+def asked_max_tokens(request: ChatCompletionRequest) -> tuple[str, int] | None:
+    """The field that sets the reply's length and its value, if the request sets one: max_completion_tokens
+    wins over max_tokens."""
+    if request.max_completion_tokens is not None:
+        return "max_completion_tokens", request.max_completion_tokens
+    if request.max_tokens is not None:
+        return "max_tokens", request.max_tokens
+    return None
+
+
 def request_options(request: ChatCompletionRequest, defaults: GenerationOptions) -> GenerationOptions:
     """The server's options with the request's max tokens, temperature, top_p and extra stop words."""
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    asked = asked_max_tokens(request)
     return replace(
         defaults,
-        max_new_tokens=request.max_completion_tokens or request.max_tokens or defaults.max_new_tokens,
+        max_new_tokens=defaults.max_new_tokens if asked is None else asked[1],
         temperature=defaults.temperature if request.temperature is None else request.temperature,
         top_p=defaults.top_p if request.top_p is None else request.top_p,
         stop_words=(*defaults.stop_words, *(word for word in stop if word)),
@@ -397,7 +408,7 @@ def build_app(
     async def chat_completions(request: ChatCompletionRequest):
         if request.n not in (None, 1):
             raise ApiError(400, f"n={request.n}: only one choice per request (n=1) is supported.")
-        asked = _asked_max_tokens(request)
+        asked = asked_max_tokens(request)
         if asked is not None and asked[1] > max_tokens_limit:
             raise ApiError(
                 400,
@@ -443,15 +454,6 @@ def build_app(
         return {**completion, "object": "chat.completion", "choices": [choice], "usage": reply.usage()}
 
     return app
-
-
-def _asked_max_tokens(request: ChatCompletionRequest) -> tuple[str, int] | None:
-    """The field that sets the reply's length and its value, if the request sets one."""
-    if request.max_completion_tokens is not None:
-        return "max_completion_tokens", request.max_completion_tokens
-    if request.max_tokens is not None:
-        return "max_tokens", request.max_tokens
-    return None
 
 
 def _fit_context(
