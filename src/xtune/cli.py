@@ -242,6 +242,8 @@ def chat(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, stop_words=tuple(stop_words or ()),
     )  # fmt: skip
+    if input not in (None, "-") and not Path(input).is_file():  # before a model that may take minutes to load
+        raise XtuneError(f"--input {input}: no such file; give a file of prompts, one per line, or - for stdin.")
     if (visual_encoder is None) != (llava is None):
         raise XtuneError("a LLaVA chat needs both --visual-encoder and --llava.")
     if image is not None and llava is None:

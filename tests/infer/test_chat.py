@@ -132,3 +132,19 @@ def test_cli_chat_answers_prompts_from_stdin(tmp_path, monkeypatch):
         {"prompt": "hi", "answer": "S: hi\nbye"},
         {"prompt": "ho", "answer": "S: ho\nbye"},
     ]
+
+
+def test_cli_chat_refuses_a_missing_input_file_before_loading_the_model(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from xtune.cli import app
+    from xtune.errors import XtuneError
+
+    def no_loading(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(chat, "load_chat_model", no_loading)
+    missing = tmp_path / "prompts.txt"
+    result = CliRunner().invoke(app, ["chat", "some/model", "--input", str(missing), "--with-plugins", "calculate"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, XtuneError) and f"--input {missing}: no such file" in str(result.exception)
