@@ -284,10 +284,13 @@ def test_cli_chat_with_plugins_takes_xtuners_names_and_runs_the_agent(tmp_path, 
     monkeypatch.setattr("xtune.models.load.resolve_model_path", lambda model: tmp_path)
     monkeypatch.setattr(agent, "chat_with_plugins", fake_chat_with_plugins)
     runner = CliRunner()
-    args = ["chat", "some/model", "--with-plugins", "calculate", "solve", "--agent-max-turns", "3", "--input", "p.txt"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("2+2?\n")
+    args = ["chat", "some/model", "--with-plugins", "calculate", "solve", "--agent-max-turns", "3", "--input", str(prompts)]
     result = runner.invoke(app, [*args, "--no-list-tools"])
     assert result.exit_code == 0, result.output
-    assert seen == {"plugins": ["calculate", "solve"], "template": "internlm2_chat", "max_turns": 3, "input": "p.txt", "list_tools": False}
+    assert seen == {"plugins": ["calculate", "solve"], "template": "internlm2_chat", "max_turns": 3, "input": str(prompts),
+                    "list_tools": False}  # fmt: skip
     (tmp_path / "notes.md").write_text("# Notes\nxtune trains models.\n")
     result = runner.invoke(app, ["chat", "some/model", "--with-plugins", "calculate,search", "--search-folder", str(tmp_path)])
     assert result.exit_code == 0, result.output
