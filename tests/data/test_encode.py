@@ -295,3 +295,50 @@ def test_encode_batch_equals_encode_one_by_one(tokenizer):
         for last_only in (False, True):
             expected = [encode(c, template, tokenizer, 40, last_only) for c in conversations]
             assert encode_batch(conversations, template, tokenizer, 40, last_only) == expected
+
+
+def _wordless_bpe():
+    """A BPE tokenizer that does not split words first (no pre-tokenizer): merges run across spaces, so a cut
+    can change more than the word it falls in."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from xtune.testing.tiny import CORPUS
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    special = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    alphabet = list("a汉字测试 \n")
+    bpe.train_from_iterator(CORPUS.read_text().splitlines(), trainers.BpeTrainer(vocab_size=600, special_tokens=special,
+                                                                                 initial_alphabet=alphabet))  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+LONG_TEXTS = {
+    "words": "the quick brown fox, jumps over 12 lazy dogs; " * 500,
+    "one run": "a" * 20_000,
+    "cjk": "汉字测试" * 5_000,
+    "mixed": "".join(__import__("random").Random(0).choices("ab cd\n\t汉😀1.", k=20_000)),
+}
+
+
+@pytest.mark.parametrize("text", LONG_TEXTS.values(), ids=LONG_TEXTS.keys())
+@pytest.mark.parametrize("which", ["byte-level", "wordless"])
+def test_a_long_text_is_cut_before_tokenizing_with_the_tokens_of_the_whole(tokenizer, which, text):
+    from xtune.data.encode import encode_batch, text_limit
+
+    tokenizer = tokenizer if which == "byte-level" else _wordless_bpe()
+    conversation = Conversation((Turn("user", "Write."), Turn("assistant", text, True), Turn("user", "more")))
+    templates = ["internlm2_chat", "hf"] if which == "byte-level" else ["internlm2_chat"]
+    limit = text_limit(tokenizer, 32)
+    assert limit < len(text) // 4
+    for name in templates:
+        whole = encode(conversation, get_template(name), tokenizer)  # no max_length: nothing cut
+        assert len(whole.input_ids) > 32
+        cut = encode(conversation, get_template(name), tokenizer, 32)
+        assert (cut.input_ids, cut.labels, cut.truncated) == (whole.input_ids[:32], whole.labels[:32], True)
+        assert encode_batch([conversation], get_template(name), tokenizer, 32) == [cut]
+    seen = []
+    encode_text = tokenizer.encode
+    tokenizer.encode = lambda text, **kwargs: seen.append(len(text)) or encode_text(text, **kwargs)
+    encode(conversation, get_template("internlm2_chat"), tokenizer, 32)
+    assert max(seen) == limit  # the long segment was cut before the tokenizer saw it

@@ -1,5 +1,6 @@
 """Rendered segments -> token ids and labels, -100 wherever no loss is taken."""
 
+import weakref
 from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
@@ -11,6 +12,28 @@ from xtune.errors import DataError
 IGNORE_INDEX = -100
 IMAGE_TOKEN_ID = -200
 """Stands for one image patch in `input_ids` (as in LLaVA); the model puts the projected patch there."""
+
+
+CUT_MARGIN_TOKENS = 64
+"""Tokens' worth of characters kept past what a sample of `max_length` tokens can reach (`text_limit`)."""
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def text_limit(tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> int | None:
+    """The characters of one text worth tokenizing for a sample of at most `max_length` tokens: the rest is
+    cut before tokenizing, so a record of megabytes costs what its first tokens cost.
+
+    No token covers more characters of the text than it is written with in the vocabulary (byte-level and
+    byte-fallback tokens are written at least as long as what they stand for), so the first max_length + 1
+    tokens lie within (max_length + 1) x the longest token's characters. A cut changes the tokens around it
+    only (the word it falls in, for a tokenizer that splits words first; a few merges back for one that does
+    not): CUT_MARGIN_TOKENS more tokens' worth keep it clear of them. The tests compare with whole texts."""
+    if max_length is None:
+        return None
+    longest = _LONGEST_TOKEN.get(tokenizer)
+    if longest is None:
+        longest = _LONGEST_TOKEN[tokenizer] = max(map(len, tokenizer.get_vocab()), default=1)
+    return (max_length + 1 + CUT_MARGIN_TOKENS) * longest
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -51,11 +74,14 @@ def encode(
     segments = render(conversation, template, tokenizer)
     if image_tokens and isinstance(template, TokenizerTemplate) and conversation.images:
         raise DataError("prompt template 'hf' cannot place image patches yet; name the model's template instead.")
+    limit = text_limit(tokenizer, max_length)
     if isinstance(template, TokenizerTemplate):
-        input_ids, labels = _tokenize_whole(segments, tokenizer)
+        input_ids, labels = _tokenize_whole(segments, tokenizer, limit)
     else:
         pieces = _image_pieces(segments, image_tokens)
-        ids = [tokenizer.encode(text, add_special_tokens=False) if text is not None else None for text, _ in pieces]
+        ids = [
+            tokenizer.encode(text[:limit], add_special_tokens=False) if text is not None else None for text, _ in pieces
+        ]
         input_ids, labels = _join(pieces, ids, image_tokens)
     return _fit(input_ids, labels, max_length, conversation.images if image_tokens else (), image_tokens)
 
@@ -76,7 +102,8 @@ def encode_batch(
     if train_on_last_turn_only:
         conversations = [last_turn_trained_only(c) for c in conversations]
     rendered = [_image_pieces(render(c, template, tokenizer), image_tokens) for c in conversations]
-    texts = [text for pieces in rendered for text, _ in pieces if text is not None]
+    limit = text_limit(tokenizer, max_length)
+    texts = [text[:limit] for pieces in rendered for text, _ in pieces if text is not None]
     encodings = iter(backend.encode_batch(texts, add_special_tokens=False))
     results = []
     for conversation, pieces in zip(conversations, rendered):
@@ -135,8 +162,10 @@ def last_turn_trained_only(conversation: Conversation) -> Conversation:
     return replace(conversation, turns=turns)
 
 
-def _tokenize_whole(segments: list[Segment], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    text = "".join(text for text, _ in segments)
+def _tokenize_whole(
+    segments: list[Segment], tokenizer: PreTrainedTokenizerBase, limit: int | None = None
+) -> tuple[list[int], list[int]]:
+    text = "".join(text for text, _ in segments)[:limit]
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids, ends = encoding["input_ids"], [end for _, end in encoding["offset_mapping"]]
     starts = [0, *ends[:-1]]
