@@ -36,7 +36,7 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(str(path))
     message = str(error.value)
-    assert f"{path}:3" in message and "'lora_rank'" in message and "Did you mean 'lora_r'?" in message
+    assert f"{path}:3" in message and "'lora_rank'" in message and "Did you mean 'lora_r'" in message
 
 
 def test_wrong_type_names_key_and_expected_type(tmp_path):
@@ -151,3 +151,16 @@ def test_yaml_number_too_long_to_read_names_its_key(tmp_path):
     path = write(tmp_path, f"llm_name_or_path: m\nlr: 1{'0' * 5000}\n", "c.yaml")
     with pytest.raises(ConfigError, match=f"{path}:2: key 'lr': a value of 5001 characters cannot be read"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    ("key", "ours"), [("learning_rate", "lr"), ("num_train_epochs", "max_epochs"), ("gradient_accumulation_steps", "accumulative_counts")]
+)
+def test_a_key_named_as_other_tools_name_it_suggests_ours(tmp_path, key, ours):
+    path = write(tmp_path, f"llm_name_or_path = 'm'\ndata_path = 'd'\n{key} = 1\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(error.value) == (
+        f"{path}:3: unknown key '{key}'. Did you mean '{ours}' (xtune's name for {key})? "
+        "Every key, with its default and meaning: `xtune show-cfg --fields`."
+    )

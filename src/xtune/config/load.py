@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from xtune.config.schema import ALIASES, FIELD_NAMES, Config
+from xtune.config.schema import ALIASES, FIELD_NAMES, OTHER_TOOLS_NAMES, Config
 from xtune.errors import ConfigError, short_repr
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -72,7 +72,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[
         key = unknown[0]
         raise ConfigError(
             f"{_where(path, lines, key)}: unknown key '{key}'.{_suggest(key, FIELD_NAMES)} "
-            "See the field list in docs/config.md or `xtune show-cfg`."
+            "Every key, with its default and meaning: `xtune show-cfg --fields`."
         )
     if values.get("work_dir") is None:
         values["work_dir"] = str(Path("work_dirs") / path.stem)
@@ -205,5 +205,7 @@ def _where(source, lines: dict[str, int], key: str) -> str:
 
 
 def _suggest(word: str, choices) -> str:
+    if word in OTHER_TOOLS_NAMES and OTHER_TOOLS_NAMES[word] in choices:
+        return f" Did you mean '{OTHER_TOOLS_NAMES[word]}' (xtune's name for {word})?"
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""

@@ -11,6 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path"}
 """Other names users know for a field (XTuner's own alternatives) -> our field name."""
 
+OTHER_TOOLS_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "max_epochs", "epochs": "max_epochs",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "accumulative_counts", "max_grad_norm": "max_norm", "max_seq_length": "max_length",
+    "cutoff_len": "max_length", "model_name_or_path": "llm_name_or_path", "output_dir": "work_dir",
+    "lora_rank": "lora_r", "lora_target": "lora_target_modules", "target_modules": "lora_target_modules",
+    "packing": "pack_to_max_length", "template": "prompt_template", "dataset": "data_path",
+    "optim": "optim_type", "max_steps_per_epoch": "max_steps", "bf16": "dtype", "fp16": "dtype",
+}  # fmt: skip
+"""Names of the same settings in Hugging Face's Trainer, TRL, LLaMA-Factory and torchtune -> ours: suggested in
+the unknown-key error, not accepted (a config reads one way)."""
+
 
 class DatasetSource(BaseModel):
     """One source of a mix of datasets."""
