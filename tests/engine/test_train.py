@@ -166,3 +166,16 @@ def test_training_steps_leave_the_adapter_input_cast_out_under_autocast(tmp_path
     ])  # fmt: skip
     train(config, Console(file=io.StringIO()))
     assert seen == [cast_off, cast_off]
+
+
+def test_resuming_an_older_checkpoint_is_refused_before_it_trains_over_later_ones(tmp_path):
+    from xtune.errors import CheckpointError
+
+    options = [f"work_dir={str(tmp_path)!r}", "max_steps=2", "save_steps=1", "save_total_limit=-1", "evaluation_inputs=[]"]
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", options)
+    run = train(config, Console(file=io.StringIO())).run_dir
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
+    with pytest.raises(CheckpointError, match="checkpoint-2 came after it in the same run"):
+        train(config, Console(file=io.StringIO()), resume=str(run / "checkpoint-1"))
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == before
+    assert train(config, Console(file=io.StringIO()), resume=str(run / "checkpoint-2")).run_dir == run  # the newest: fine

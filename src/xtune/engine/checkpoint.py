@@ -124,6 +124,12 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def step_of(checkpoint: Path) -> int:
+    """N of a `checkpoint-N` folder (-1 for a folder named otherwise)."""
+    match = _CHECKPOINT.match(Path(checkpoint).name)
+    return int(match.group(1)) if match else -1
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     """Delete the oldest complete checkpoints beyond `keep` (-1 keeps all); returns the deleted."""
     checkpoints = complete_checkpoints(run_dir)

@@ -30,12 +30,14 @@ from xtune.engine import zero
 from xtune.engine.checkpoint import (
     TRAINING_STATE,
     TRAINING_STATE_META,
+    complete_checkpoints,
     find_resume_checkpoint,
     new_run_dir,
     partial_checkpoint,
     prune_checkpoints,
     read_training_state,
     save_checkpoint,
+    step_of,
     write_training_state,
 )
 from xtune.engine.device import resolve_device, resolve_dtype
@@ -125,6 +127,12 @@ def check_resumable(config: Config, checkpoint: Path, world: int) -> None:
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
         raise CheckpointError(f"cannot resume {checkpoint}: the config changed ({details}); restore them or start a new run.")
+    later = [path.name for path in complete_checkpoints(checkpoint.parent) if step_of(path) > step_of(checkpoint)]
+    if later:
+        raise CheckpointError(
+            f"cannot resume {checkpoint}: {', '.join(later)} came after it in the same run and would be trained over; "
+            f"resume from the newest (--resume auto), or move the later checkpoints out of {checkpoint.parent} first."
+        )
     state_meta = checkpoint / TRAINING_STATE_META
     saved_world = json.loads(state_meta.read_text())["progress"].get("world", 1) if state_meta.is_file() else world
     if saved_world != world:
