@@ -256,6 +256,7 @@ def chat(
         llm, tokenizer = load_llava(model, visual_encoder, llava, bits, torch_device, resolve_dtype(dtype, torch_device))
     else:
         llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
+        _warn_of_other_base(adapter, model)
     template = pick_template(prompt_template, adapter or llava, resolve_model_path(model), tokenizer)
     if plugins:
         from xtune.infer.agent import chat_with_plugins
@@ -384,7 +385,16 @@ def convert_merge(
     """Merge a LoRA (or QLoRA) adapter into its base and save a standalone model with its chat template."""
     from xtune.convert.merge import merge
 
+    _warn_of_other_base(adapter, base)
     merge(base, adapter, save_dir, max_shard_size, device, fp32, keep_layout, prompt_template, console=err_console)
+
+
+def _warn_of_other_base(adapter, base) -> None:
+    from xtune.models.lora import other_base_warning
+
+    warning = other_base_warning(adapter, base) if adapter is not None else None
+    if warning:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command()

@@ -148,3 +148,21 @@ def test_cli_chat_refuses_a_missing_input_file_before_loading_the_model(tmp_path
     result = CliRunner().invoke(app, ["chat", "some/model", "--input", str(missing), "--with-plugins", "calculate"])
     assert result.exit_code != 0
     assert isinstance(result.exception, XtuneError) and f"--input {missing}: no such file" in str(result.exception)
+
+
+def test_cli_chat_warns_of_an_adapter_trained_on_another_base(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from xtune.cli import app
+
+    adapter = tmp_path / "checkpoint-3"
+    adapter.mkdir()
+    (adapter / "xtune_run.json").write_text(json.dumps({"llm_name_or_path": "xtune-tiny/qwen2"}))
+    monkeypatch.setattr(chat, "load_chat_model", lambda *args: (None, None))
+    monkeypatch.setattr(chat, "pick_template", lambda *args: get_template("internlm2_chat"))
+    monkeypatch.setattr("xtune.models.load.resolve_model_path", lambda model: tmp_path)
+    monkeypatch.setattr(chat, "answer_all", lambda *args: ["ok"])
+    args = ["chat", "xtune-tiny/internlm2-chat", "--adapter", str(adapter), "--input", "-"]
+    result = CliRunner().invoke(app, args, input="hi\n")
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and "was trained on 'xtune-tiny/qwen2'" in " ".join(result.stderr.split())

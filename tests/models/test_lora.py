@@ -111,3 +111,22 @@ def test_lora_adapters_drop_out_with_fast_dropout():
     assert not any(isinstance(m, torch.nn.Dropout) for m in peft_model.modules())
     no_dropout = prepare_trainable(model(), config(lora_dropout=0.0))
     assert not any(isinstance(m, FastDropout) for m in no_dropout.modules())
+
+
+def test_an_adapter_of_another_base_is_warned_of(tmp_path):
+    import json
+
+    from xtune.models.lora import other_base_warning
+
+    adapter = tmp_path / "checkpoint-10"
+    adapter.mkdir()
+    assert other_base_warning(adapter, "xtune-tiny/internlm2-chat") is None  # nothing recorded: nothing to say
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/qwen2"}))
+    assert "'/models/qwen2'" in other_base_warning(adapter, "xtune-tiny/internlm2-chat")
+    (adapter / "xtune_run.json").write_text(json.dumps({"llm_name_or_path": "internlm/internlm2-chat-1_8b"}))
+    assert other_base_warning(adapter, "/data/internlm2-chat-1_8b/") is None  # the same model elsewhere
+    warning = other_base_warning(adapter, "xtune-tiny/qwen2")
+    assert warning == (
+        f"the adapter {adapter} was trained on 'internlm/internlm2-chat-1_8b', and the base given is 'xtune-tiny/qwen2'; "
+        "unless they are the same model, its answers will be wrong."
+    )

@@ -1,5 +1,6 @@
 """Adapters through peft: which weights train."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -8,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from xtune.config.schema import Config
-from xtune.engine.checkpoint import verify_checkpoint
+from xtune.engine.checkpoint import read_run_meta, verify_checkpoint
 from xtune.errors import CheckpointError, ConfigError
 
 
@@ -120,6 +121,22 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def other_base_warning(adapter: str | Path, base: str | Path) -> str | None:
+    """A warning when the adapter's run recorded a base other than `base` (by folder or repository name, so the
+    same model under another path passes): LoRA shapes may fit another model of the same size, and then nothing
+    else would tell."""
+    adapter = Path(adapter)
+    trained_on = read_run_meta(adapter).get("llm_name_or_path")
+    if trained_on is None and (adapter / "adapter_config.json").is_file():
+        trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not trained_on or Path(str(trained_on).rstrip("/")).name == Path(str(base).rstrip("/")).name:
+        return None
+    return (
+        f"the adapter {adapter} was trained on {trained_on!r}, and the base given is {str(base)!r}; unless they are "
+        "the same model, its answers will be wrong."
+    )
 
 
 def attach_adapter(model: PreTrainedModel, adapter: str | Path, base: str | Path) -> PeftModel:
