@@ -24,10 +24,11 @@ def test_list_cfg_with_pattern():
 
 
 def test_copy_cfg_then_show_it(tmp_path):
-    result = runner.invoke(app, ["copy-cfg", "tiny_llama_full_antonyms", str(tmp_path)])
+    deep = tmp_path / ("a_folder_with_a_long_name_" * 4)  # piped output: the path printed on one line for scripts
+    result = runner.invoke(app, ["copy-cfg", "tiny_llama_full_antonyms", str(deep)])
     assert result.exit_code == 0, result.output
-    copied = tmp_path / "tiny_llama_full_antonyms_copy.py"
-    assert copied.is_file()
+    copied = deep / "tiny_llama_full_antonyms_copy.py"
+    assert copied.is_file() and str(copied) in result.output
     shown = runner.invoke(app, ["show-cfg", str(copied)])
     assert '"method": "full"' in shown.output and '"llm_name_or_path": "xtune-tiny/llama"' in shown.output
 

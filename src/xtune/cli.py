@@ -19,8 +19,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # piped output: a long path stays on one line
+err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 
