@@ -20,3 +20,13 @@ def file_sha256(path: Path, fsync: bool = False) -> str:
         if fsync:
             os.fsync(handle.fileno())
     return digest.hexdigest()
+
+
+def share_as_umask_allows(folder: Path) -> None:
+    """Give the files under `folder` the permissions the user's umask gives new files: transformers writes
+    safetensors through a private temporary file (mode 0600), so a model saved for others to read was not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)

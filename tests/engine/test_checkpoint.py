@@ -103,3 +103,22 @@ def test_full_weights_missing_from_a_checkpoint_are_refused(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="lacks 1 of the model's weights, e.g. 'model.norm.weight'"):
         load_trainable_weights(model, tmp_path, whole_model=True)
+
+
+def test_saved_files_are_readable_as_the_umask_allows(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xtune.convert.folder import new_folder
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, vocab_size=64))  # fmt: skip
+    old = os.umask(0o022)
+    try:
+        final = save_checkpoint(model, FakeSaver(), tmp_path, 1, {})
+        with new_folder(tmp_path / "converted") as folder:
+            model.save_pretrained(folder)
+    finally:
+        os.umask(old)
+    for saved in (final, tmp_path / "converted"):  # transformers writes safetensors with mode 0600
+        modes = {path.name: path.stat().st_mode & 0o777 for path in saved.iterdir() if path.is_file()}
+        assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}

@@ -14,6 +14,7 @@ import torch
 from xtune.data.templates import chat_template_jinja
 from xtune.engine.checkpoint import RUN_META, complete_checkpoints, verify_checkpoint
 from xtune.errors import CheckpointError, XtuneError
+from xtune.paths import share_as_umask_allows
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -32,6 +33,7 @@ def new_folder(save_dir: str | Path):
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    share_as_umask_allows(partial)
     if save_dir.exists():
         save_dir.rmdir()
     os.replace(partial, save_dir)

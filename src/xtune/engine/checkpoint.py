@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xtune.errors import CheckpointError
-from xtune.paths import file_sha256
+from xtune.paths import file_sha256, share_as_umask_allows
 
 RUN_META = "xtune_run.json"
 """Written into every checkpoint: what chat and convert need to use it the way it was trained."""
@@ -57,6 +57,7 @@ def save_checkpoint(
         (partial / RUN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
         if write_extra is not None:
             write_extra(partial)
+        share_as_umask_allows(partial)
         write_manifest(partial)
         for folder in (partial, *(p for p in partial.rglob("*") if p.is_dir())):  # their entries, i.e. the files' names
             _fsync_folder(folder)
