@@ -106,7 +106,8 @@ def train_cmd(
         err_console.print(f"config {path}:")
         err_console.print_json(resolved.model_dump_json())
     result = train(resolved, err_console, resume=resume)
-    console.print(f"checkpoint: {result.checkpoint}", highlight=False)
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"checkpoint: {result.checkpoint}", highlight=False)
 
 
 def _cfg_options(args: list[str]) -> list[str]:

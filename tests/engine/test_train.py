@@ -178,4 +178,7 @@ def test_resuming_an_older_checkpoint_is_refused_before_it_trains_over_later_one
     with pytest.raises(CheckpointError, match="checkpoint-2 came after it in the same run"):
         train(config, Console(file=io.StringIO()), resume=str(run / "checkpoint-1"))
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == before
-    assert train(config, Console(file=io.StringIO()), resume=str(run / "checkpoint-2")).run_dir == run  # the newest: fine
+    output = io.StringIO()
+    resumed = train(config, Console(file=output, width=300), resume=str(run / "checkpoint-2"))  # the newest: fine
+    assert resumed.run_dir == run and resumed.checkpoint == run / "checkpoint-2" and resumed.losses == []
+    assert f"{run} has trained all its 2 steps already; its last checkpoint is {run / 'checkpoint-2'}" in output.getvalue()

@@ -307,7 +307,7 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
         done * config.accumulative_counts, steps * config.accumulative_counts,
     )
     batches = collated(items, plan, collate_fn, ranks, config.dataloader_num_workers, pin=device.type == "cuda")
-    result = TrainResult(run_dir=run_dir, checkpoint=run_dir)
+    result = TrainResult(run_dir=run_dir, checkpoint=checkpoint or run_dir)
     model.train()
     start = time.perf_counter() - progress_state["elapsed_s"]
     seen_tokens, trained_tokens = progress_state["tokens"], progress_state["trained_tokens"]
@@ -388,7 +388,10 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
                 if ranks.main:
                     plot_loss(run_dir)
     sinks.close()
-    console.print(f"saved {result.checkpoint}")
+    if done >= steps:  # a finished run resumed: nothing trained, nothing saved
+        console.print(f"{run_dir} has trained all its {steps} steps already; its last checkpoint is {result.checkpoint}")
+    else:
+        console.print(f"saved {result.checkpoint}")
     return result
 
 
