@@ -211,23 +211,26 @@ USER = {"role": "user", "content": "hi"}
 
 
 @pytest.mark.parametrize(
-    ("body", "problem"),
+    ("body", "problem", "param"),
     [
-        ({"model": "x", "messages": []}, "messages is empty"),
-        ({"model": "x"}, "invalid request body: messages: Field required"),
-        ({"messages": [{"role": "tool", "content": "42"}, USER]}, "messages[0]: role 'tool' is not supported"),
-        ({"messages": [USER, {"role": "system", "content": "s"}, USER]}, "messages[1]: a system message may only come"),
-        ({"messages": [USER], "n": 2}, "n=2: only one choice per request"),
-        ({"messages": [USER], "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]: only text"),
+        ({"model": "x", "messages": []}, "messages is empty", "messages"),
+        ({"model": "x"}, "invalid request body: messages: Field required", "messages"),
+        ({"messages": [{"role": "tool", "content": "42"}, USER]}, "messages[0]: role 'tool' is not supported", "messages[0].role"),
+        ({"messages": [USER, {"role": "system", "content": "s"}, USER]}, "messages[1]: a system message may only come",
+         "messages[1].role"),
+        ({"messages": [USER], "n": 2}, "n=2: only one choice per request", "n"),
+        ({"messages": [USER], "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1", "max_tokens"),
+        ({"messages": [USER], "temperature": 5}, "temperature: Input should be less than or equal to 2", "temperature"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]: only text",
+         "messages[0].content[0].type"),
     ],
-)
-def test_bad_requests_get_400_naming_the_problem(base_url, body, problem):
+)  # fmt: skip
+def test_bad_requests_get_400_naming_the_problem(base_url, body, problem, param):
     response = httpx.post(f"{base_url}/chat/completions", json=body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
-    assert problem in error["message"]
+    assert problem in error["message"] and error["param"] == param
 
 
 def test_content_parts_are_joined(client, loaded):

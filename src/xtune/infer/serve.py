@@ -73,12 +73,14 @@ class ApiError(XtuneError):
         error_type: str = "invalid_request_error",
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.error_type, self.code, self.headers = status, error_type, code, headers
+        self.status, self.error_type, self.code, self.headers, self.param = status, error_type, code, headers, param
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.error_type, "param": None, "code": self.code}}
+        """OpenAI's error object; `param` names the request field at fault, where there is one."""
+        return {"error": {"message": str(self), "type": self.error_type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -119,21 +121,24 @@ class ChatCompletionRequest(BaseModel):
 def request_conversation(messages: Sequence[Message]) -> Conversation:
     """The conversation a request's messages hold: an optional system message first, the user's last."""
     if not messages:
-        raise ApiError(400, "messages is empty: send at least one message, the last one from the user.")
+        raise ApiError(400, "messages is empty: send at least one message, the last one from the user.", param="messages")
     turns = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         role = ROLES.get(message.role)
         if role is None:
-            raise ApiError(400, f"{where}: role {message.role!r} is not supported; use system, user or assistant.")
+            raise ApiError(
+                400, f"{where}: role {message.role!r} is not supported; use system, user or assistant.", param=f"{where}.role"
+            )
         if role == "system" and index > 0:
-            raise ApiError(400, f"{where}: a system message may only come first.")
+            raise ApiError(400, f"{where}: a system message may only come first.", param=f"{where}.role")
         turns.append(Turn(role, _content_text(message.content, where), trainable=role == "assistant"))
     if turns[-1].role != "user":
         raise ApiError(
             400,
             f"messages[{len(turns) - 1}]: the last message must be from the user, not the {turns[-1].role}; "
             "the model answers the user's last message.",
+            param=f"messages[{len(turns) - 1}].role",
         )
     return Conversation(tuple(turns))
 
@@ -141,13 +146,16 @@ def request_conversation(messages: Sequence[Message]) -> Conversation:
 def _content_text(content: str | list[ContentPart] | None, where: str) -> str:
     """A message's text; the texts of a list of parts are joined by newlines, as vLLM does."""
     if content is None:
-        raise ApiError(400, f"{where}: content is missing; send the message's text.")
+        raise ApiError(400, f"{where}: content is missing; send the message's text.", param=f"{where}.content")
     if isinstance(content, str):
         return content
     texts = []
     for index, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise ApiError(400, f"{where}.content[{index}]: only text parts are supported, not {part.type!r}.")
+            raise ApiError(
+                400, f"{where}.content[{index}]: only text parts are supported, not {part.type!r}.",
+                param=f"{where}.content[{index}].type",
+            )  # fmt: skip
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -407,13 +415,14 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
         if request.n not in (None, 1):
-            raise ApiError(400, f"n={request.n}: only one choice per request (n=1) is supported.")
+            raise ApiError(400, f"n={request.n}: only one choice per request (n=1) is supported.", param="n")
         asked = asked_max_tokens(request)
         if asked is not None and asked[1] > max_tokens_limit:
             raise ApiError(
                 400,
                 f"{asked[0]}={asked[1]} is above this server's limit of {max_tokens_limit} tokens; "
                 f"ask for at most {max_tokens_limit}.",
+                param=asked[0],
             )
         conversation = with_system(request_conversation(request.messages), system)
         if admitted is not None and not admitted.acquire(blocking=False):
@@ -469,6 +478,7 @@ def _fit_context(
             f"the prompt is {prompt_tokens} tokens, which leaves no room for a reply in the model's context of "
             f"{context} tokens; send a shorter conversation.",
             code="context_length_exceeded",
+            param="messages",
         )
     if asked is not None:
         raise ApiError(
@@ -476,6 +486,7 @@ def _fit_context(
             f"the prompt ({prompt_tokens} tokens) plus {asked[0]}={asked[1]} exceed the model's context of "
             f"{context} tokens; ask for at most {room}, or send a shorter conversation.",
             code="context_length_exceeded",
+            param=asked[0],
         )
     return replace(options, max_new_tokens=room)
 
@@ -556,7 +567,7 @@ class BodyLimit:
 
 
 async def _invalid_request_body(request: Request, error: RequestValidationError) -> JSONResponse:
-    problems = []
+    problems, fields = [], []
     for problem in error.errors():
         if problem["type"] == "json_invalid":
             reason = problem.get("ctx", {}).get("error", problem["msg"])
@@ -569,7 +580,8 @@ async def _invalid_request_body(request: Request, error: RequestValidationError)
                 problems.append(f"expected a JSON object, got {type(problem['input']).__name__}")
         else:
             problems.append(f"{_location(problem['loc'])}: {problem['msg']}")
-    return ApiError(400, f"invalid request body: {'; '.join(problems)}").response()
+            fields.append(_location(problem["loc"]))
+    return ApiError(400, f"invalid request body: {'; '.join(problems)}", param=fields[0] if fields else None).response()
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
