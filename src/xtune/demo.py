@@ -94,8 +94,9 @@ def run_llava_demo(
     from xtune.testing.tasks import shapes_heldout_questions
 
     console = console or Console()
-    pretrain, _ = load_config(LLAVA_PRETRAIN, [f"work_dir={work_dir + '/pretrain'!r}"])
     held_out = shapes_heldout_questions()
+    shown = f"evaluation_images={[str(held_out[0][0])]!r}"  # the end-of-stage answer, about a held-out drawing
+    pretrain, _ = load_config(LLAVA_PRETRAIN, [f"work_dir={work_dir + '/pretrain'!r}", shown])
     questions = [Conversation((Turn("user", f"<image>\n{q}"),), images=(image,)) for image, q, _ in held_out]
     expected = [answer for _, _, answer in held_out]
     template = get_template(pretrain.prompt_template)
@@ -113,7 +114,7 @@ def run_llava_demo(
     before = answers(stage1.checkpoint)
     console.rule(f"stage 2: {LLAVA_FINETUNE} (LoRA on the LLM, projector from stage 1)")
     finetune, _ = load_config(LLAVA_FINETUNE, [f"work_dir={work_dir + '/finetune'!r}",
-                                               f"pretrained_pth={str(stage1.checkpoint)!r}", *finetune_overrides])  # fmt: skip
+                                               f"pretrained_pth={str(stage1.checkpoint)!r}", shown, *finetune_overrides])  # fmt: skip
     stage2 = train(finetune, console)
     after = answers(stage2.checkpoint)
     demo = DemoResult([c.turns[-1].content.split("\n", 1)[1] for c in questions], expected, before, after, stage2)
