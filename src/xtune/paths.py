@@ -25,8 +25,21 @@ def file_sha256(path: Path, fsync: bool = False) -> str:
 def share_as_umask_allows(folder: Path) -> None:
     """Give the files under `folder` the permissions the user's umask gives new files: transformers writes
     safetensors through a private temporary file (mode 0600), so a model saved for others to read was not."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(0o666 & ~umask)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (setting it, even for an instant, would apply to files other
+    threads create meanwhile, e.g. TensorBoard's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # no /proc (not Linux): the one way to read it
+    os.umask(umask)
+    return umask
