@@ -316,20 +316,21 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(), console=console,
     )  # fmt: skip
-    with progress:
+    # peft casts each adapter's input to its fp32 weights, and autocast casts it back for the matmul: two passes over
+    # the activations per adapter that change no number (1.02-1.04x a step, benchmarks/RESULTS.md); its 4-bit layers
+    # skip them under autocast already. Switched off once for the whole loop (not by a walk over every module each
+    # step), so the evaluation below generates under autocast too. DoRA keeps them (its weight norm
+    # is summed in fp32 then).
+    casting = disable_input_dtype_casting(model, active=low_precision and not config.use_dora)
+    with progress, casting:
         task = progress.add_task("train", total=steps, completed=done, status="")
         for step in range(done + 1, steps + 1):
             group = [next(batches) for _ in range(config.accumulative_counts)]
             epoch = group[-1][0]
             lr = scheduler.get_last_lr()[0]
-            # peft casts each adapter's input to its fp32 weights, and autocast casts it back for the matmul: two
-            # passes over the activations per adapter that change no number (1.02-1.04x a step, benchmarks/RESULTS.md); its
-            # 4-bit layers skip them under autocast already. DoRA keeps them (its weight norm is summed in fp32 then).
-            # Back on outside the step: generation runs without autocast.
-            with disable_input_dtype_casting(model, active=low_precision and not config.use_dora):
-                loss_sum, num_trained, tokens = accumulate_gradients(
-                    forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine, fused
-                )
+            loss_sum, num_trained, tokens = accumulate_gradients(
+                forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine, fused
+            )
             loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
             if engine is not None:  # it clipped and stepped on the last micro-batch
                 grad_norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float64, device=device)
@@ -373,7 +374,8 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
 
             evaluate = config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps)
             if evaluate and (ranks.main or sharded):  # sharded weights: every rank takes part in generation
-                answers = evaluate_chat(model, tokenizer, template, config)
+                with autocast:  # the training precision: the adapters' inputs are not cast to fp32 (above)
+                    answers = evaluate_chat(model, tokenizer, template, config)
                 sinks.log({"step": step, "evaluation": answers})
                 for item in answers:
                     progress.console.print(f"[dim]eval step {step}[/] {item['input']!r} -> {item['output']!r}")
