@@ -62,9 +62,18 @@ def show_cfg(
             table.add_row(name, str(info.annotation).replace("typing.", ""), default, info.description or "")
         console.print(table)
         return
-    resolved, path = load_config(config)
+    resolved, path = load_config(config, allow_code=True)  # shown, not run
     console.print(f"# {path}")
     console.print_json(resolved.model_dump_json())
+
+
+AllowCode = Annotated[
+    bool,
+    typer.Option(
+        "--allow-code",
+        help="Let a YAML config run code: trust_remote_code, or a module:function dataset_format. Only for configs you trust.",
+    ),
+]
 
 
 @app.command(
@@ -84,6 +93,14 @@ def train_cmd(
     launcher: Annotated[
         str, typer.Option(help="'torchrun' (NPROC_PER_NODE re-launches through it) or 'slurm' (one process per srun task).")
     ] = "torchrun",
+    allow_code: AllowCode = False,
+    trust_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--trust-checkpoint",
+            help="Resume a DeepSpeed checkpoint this machine did not write: its state is pickles, which can run code.",
+        ),
+    ] = False,
 ):
     """Train with a config. Override keys with `--cfg-options key=value [key=value ...]`."""
     from xtune.config.load import load_config
@@ -101,11 +118,11 @@ def train_cmd(
         overrides.append(f"work_dir={work_dir!r}")
     if deepspeed is not None:
         overrides.append(f"deepspeed={deepspeed!r}")
-    resolved, path = load_config(config, overrides)
+    resolved, path = load_config(config, overrides, allow_code)
     if os.environ.get("RANK", "0") == "0":
         err_console.print(f"config {path}:")
         err_console.print_json(resolved.model_dump_json())
-    result = train(resolved, err_console, resume=resume)
+    result = train(resolved, err_console, resume=resume, trust_checkpoint=trust_checkpoint)
     if os.environ.get("RANK", "0") == "0":
         console.print(f"checkpoint: {result.checkpoint}", highlight=False)
 
@@ -133,22 +150,23 @@ def preprocess_cmd(
     num_proc: Annotated[
         Optional[int], typer.Option(min=1, help="Tokenizing processes; default: the config's num_proc.")
     ] = None,
+    allow_code: AllowCode = False,
 ):
     """Tokenize a config's data into the cache training reads. Override keys with `--cfg-options key=value ...`."""
     from xtune.config.load import load_config
     from xtune.data.inspect import preprocess, render_preprocess
 
-    resolved, _ = load_config(config, _cfg_options(ctx.args))
+    resolved, _ = load_config(config, _cfg_options(ctx.args), allow_code)
     render_preprocess(preprocess(resolved, num_proc=num_proc), console)
 
 
 @app.command("check-dataset", context_settings=_EXTRA_ARGS)
-def check_dataset_cmd(ctx: typer.Context, config: ConfigArgument):
+def check_dataset_cmd(ctx: typer.Context, config: ConfigArgument, allow_code: AllowCode = False):
     """Counts, lengths, truncation, padding or packing, and every malformed record (exit 1 if any)."""
     from xtune.config.load import load_config
     from xtune.data.inspect import check_dataset, render_check
 
-    resolved, _ = load_config(config, _cfg_options(ctx.args))
+    resolved, _ = load_config(config, _cfg_options(ctx.args), allow_code)
     check = check_dataset(resolved)
     render_check(check, console)
     if not check.ok:
@@ -166,12 +184,13 @@ def log_dataset_cmd(
     ctx: typer.Context,
     config: ConfigArgument,
     n: Annotated[int, typer.Option("-n", min=1, help="How many samples to show.")] = 3,
+    allow_code: AllowCode = False,
 ):
     """Show the first samples as training sees them, trained tokens highlighted ([[...]] when piped)."""
     from xtune.config.load import load_config
     from xtune.data.inspect import first_samples, render_samples
 
-    resolved, _ = load_config(config, _cfg_options(ctx.args))
+    resolved, _ = load_config(config, _cfg_options(ctx.args), allow_code)
     render_samples(first_samples(resolved, n), console)
 
 
@@ -364,12 +383,14 @@ def convert_pth_to_hf(
     fp32: Annotated[bool, typer.Option("--fp32", help="Save in fp32 instead of the base model's dtype.")] = False,
     max_shard_size: MaxShardSize = "2GB",
     export: Annotated[Optional[str], typer.Option(help="LLaVA runs: 'hf-llava' also writes a transformers LlavaForConditionalGeneration folder.")] = None,
+    allow_code: AllowCode = False,
 ):
     """A training checkpoint as a Hugging Face folder: a PEFT adapter (LoRA runs), a model (full runs), or a
     LLaVA run's parts."""
     from xtune.convert.pth_to_hf import pth_to_hf
 
-    pth_to_hf(config, checkpoint, save_dir, fp32=fp32, max_shard_size=max_shard_size, console=err_console, export=export)
+    pth_to_hf(config, checkpoint, save_dir, fp32=fp32, max_shard_size=max_shard_size, console=err_console, export=export,
+              allow_code=allow_code)  # fmt: skip
 
 
 @convert_app.command("merge")

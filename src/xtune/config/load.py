@@ -1,7 +1,8 @@
 """Load a config from a .py or .yaml file (or a built-in name) into the typed schema.
 
 Python configs are code: they run with the full rights of the user who trains. YAML configs are the
-safe form for configs from others.
+safe form for configs from others: a key of one that would run code (`CODE_KEYS`) is refused unless the user asks
+for it on the command line (`allow_code`, the CLI's --allow-code).
 """
 
 import ast
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from xtune.config.schema import ALIASES, FIELD_NAMES, OTHER_TOOLS_NAMES, Config
+from xtune.config.schema import ALIASES, FIELD_NAMES, OTHER_TOOLS_NAMES, Config, names_code
 from xtune.errors import ConfigError, short_repr
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -57,11 +58,16 @@ def copy_config(name: str, dest_dir: str | Path) -> Path:
     return dest
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[Config, Path]:
-    """The validated config and the file it came from. `overrides` are `key=value` strings."""
+def load_config(
+    name_or_path: str, overrides: list[str] | None = None, allow_code: bool = False
+) -> tuple[Config, Path]:
+    """The validated config and the file it came from. `overrides` are `key=value` strings (the user's own command
+    line, so they may name code); a YAML config's keys that run code are refused unless `allow_code`."""
     path = find_config(name_or_path)
     values, lines = _read_python(path) if path.suffix == ".py" else _read_yaml(path)
     values = _apply_aliases(values, path, lines)
+    if path.suffix != ".py" and not allow_code:
+        _refuse_code(values, path, lines)
     for override in overrides or []:
         key, value = parse_override(override)
         key = ALIASES.get(key, key)
@@ -158,6 +164,34 @@ def _check_keys(path: Path, text: str, pairs: list[tuple[yaml.Node, yaml.Node]])
             raise ConfigError(
                 f"{path}:{key.start_mark.line + 1}: the key {written} is not a name; config keys are words like lr "
                 f"or data_path (YAML reads this key as {key.tag.rpartition(':')[2]}; quote it to make it a string)."
+            )
+
+
+CODE_KEYS = {
+    "trust_remote_code": "runs the Python files shipped inside the model folder",
+    "dataset_format": "imports and runs a Python function (a module:function map function)",
+    "datasets": "imports and runs a Python function (a source's format is a module:function map function)",
+}
+"""Keys whose values can make xtune run code, and what they run."""
+
+
+def _refuse_code(values: dict[str, Any], path: Path, lines: dict[str, int]) -> None:
+    """A YAML config runs no code unless the user asks on the command line: it is the form configs from others
+    come in, and one line (`dataset_format: builtins:exec`) would otherwise run anything."""
+    sources = values.get("datasets")
+    formats = [source.get("format") for source in sources if isinstance(source, dict)] if isinstance(sources, list) else []
+    found = {
+        "trust_remote_code": values.get("trust_remote_code") is True,
+        "dataset_format": isinstance(values.get("dataset_format"), str) and names_code(values["dataset_format"]),
+        "datasets": any(isinstance(fmt, str) and names_code(fmt) for fmt in formats),
+    }
+    for key, runs_code in found.items():
+        if runs_code:
+            value = values[key] if key != "datasets" else next(f for f in formats if isinstance(f, str) and names_code(f))
+            raise ConfigError(
+                f"{_where(path, lines, key)}: key '{key}' = {short_repr(value)} {CODE_KEYS[key]}, and a YAML config "
+                "runs no code unless you allow it: pass --allow-code on the command line if you trust this config "
+                "and what it names (or write the config in Python, which is code by design)."
             )
 
 

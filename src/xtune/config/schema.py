@@ -254,3 +254,8 @@ class Config(BaseModel):
 
 
 FIELD_NAMES = tuple(Config.model_fields)
+
+
+def names_code(dataset_format: str) -> bool:
+    """Whether a dataset format is the dotted path of a user's map function (code to import), not a format name."""
+    return ":" in dataset_format or "." in dataset_format

@@ -29,6 +29,7 @@ def pth_to_hf(
     max_shard_size: str = "2GB",
     console: Console | None = None,
     export: str | None = None,
+    allow_code: bool = False,
 ) -> Path:
     """Write SAVE_DIR from CHECKPOINT (a checkpoint-<step> folder, or a run folder: its newest complete one): a
     PEFT adapter for LoRA runs, a whole model for full runs, the trained parts of a LLaVA run (and with
@@ -40,7 +41,7 @@ def pth_to_hf(
         raise CheckpointError(
             f"{checkpoint}: xtune checkpoints are checkpoint-<step> folders in the run folder, not .pth files."
         )
-    config, config_file = load_config(config_path)
+    config, config_file = load_config(config_path, allow_code=allow_code)
     folder_in = find_checkpoint(checkpoint)
     meta = read_run_meta(folder_in)
     trained_on = meta.get("llm_name_or_path")

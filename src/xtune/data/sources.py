@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from xtune.data.formats import FORMATS, Conversation, RecordError, check_conversation, detect_format, with_system
+from xtune.config.schema import names_code
 from xtune.errors import DataError
 
 TINY_PREFIX = "xtune-tiny/"
@@ -95,15 +96,13 @@ def map_function(dataset_format: str) -> Callable[[Any], Conversation]:
     """A format name of `FORMATS`, or the dotted path of a user's function from a raw record to a Conversation."""
     if dataset_format in FORMATS:
         return FORMATS[dataset_format]
-    if ":" in dataset_format:
-        module_name, _, attribute = dataset_format.partition(":")
-    elif "." in dataset_format:
-        module_name, _, attribute = dataset_format.rpartition(".")
-    else:
+    if not names_code(dataset_format):
         raise DataError(
             f"unknown dataset_format '{dataset_format}'; use auto, {', '.join(FORMATS)}, or the dotted path "
             "of your own map function, 'package.module:function'."
         )
+    split = dataset_format.partition(":") if ":" in dataset_format else dataset_format.rpartition(".")
+    module_name, _, attribute = split
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

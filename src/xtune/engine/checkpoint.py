@@ -1,9 +1,13 @@
 """Checkpoints that never look complete unless they are: written aside, then renamed into place."""
 
+import functools
+import hashlib
+import hmac
 import json
 import os
 import random
 import re
+import secrets
 import shutil
 from collections.abc import Callable
 from datetime import datetime
@@ -14,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xtune.errors import CheckpointError
-from xtune.paths import file_sha256, share_as_umask_allows
+from xtune.paths import file_sha256, share_as_umask_allows, xtune_home
 
 RUN_META = "xtune_run.json"
 """Written into every checkpoint: what chat and convert need to use it the way it was trained."""
@@ -92,7 +96,7 @@ def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     digests = {str(p.relative_to(folder)): file_sha256(p, fsync=True) for p in files}
     with (folder / MANIFEST).open("w") as manifest:
-        manifest.write(json.dumps({"sha256": digests}, indent=1))
+        manifest.write(json.dumps({"sha256": digests, "hmac": _signature(digests)}, indent=1))
         manifest.flush()
         os.fsync(manifest.fileno())
 
@@ -112,6 +116,49 @@ def verify_checkpoint(folder: Path) -> None:
                 f"{path} differs from what was saved (sha256 mismatch with {MANIFEST}): truncated or edited; use an "
                 "earlier checkpoint."
             )
+
+
+def written_here(folder: Path, under: str = "") -> bool:
+    """Whether xtune on this machine (with this $XTUNE_HOME) wrote the checkpoint: its manifest carries the HMAC of
+    its hashes under this machine's key, and lists every file under `under`. The manifest's hashes alone show
+    integrity, not origin: anyone can write a manifest for files of their own."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        digests, signature = manifest["sha256"], manifest["hmac"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(digests)):
+        return False
+    listed = {str(path.relative_to(folder)) for path in (folder / under).rglob("*") if path.is_file()}
+    return listed <= set(digests)
+
+
+KEY_FILE = "checkpoint.key"
+"""In $XTUNE_HOME: the secret this machine's checkpoints are signed with (mode 0600, made on first use)."""
+
+
+def _signature(digests: dict) -> str:
+    key = _machine_key(xtune_home() / KEY_FILE)
+    return hmac.new(key, json.dumps(digests, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+@functools.cache
+def _machine_key(path: Path) -> bytes:
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{KEY_FILE}.{os.getpid()}")
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(draft, path)  # whole or not at all; another process that made one first wins
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_bytes()
 
 
 def partial_checkpoint(run_dir: Path, step: int) -> Path:

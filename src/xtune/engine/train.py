@@ -170,13 +170,16 @@ def total_steps(config: Config, num_samples: int, world: int = 1) -> int:
     return math.ceil(batches_per_epoch * config.max_epochs / config.accumulative_counts)
 
 
-def train(config: Config, console: Console | None = None, resume: str | None = None) -> TrainResult:
-    """Train as the config says; `resume` = "auto" or a checkpoint folder continues an earlier run."""
+def train(
+    config: Config, console: Console | None = None, resume: str | None = None, trust_checkpoint: bool = False
+) -> TrainResult:
+    """Train as the config says; `resume` = "auto" or a checkpoint folder continues an earlier run.
+    `trust_checkpoint`: load a DeepSpeed checkpoint's pickles even when this machine did not write it."""
     with zero.launcher_variables(config.deepspeed is not None):
-        return _train(config, console, resume)
+        return _train(config, console, resume, trust_checkpoint)
 
 
-def _train(config: Config, console: Console | None, resume: str | None) -> TrainResult:
+def _train(config: Config, console: Console | None, resume: str | None, trust_checkpoint: bool) -> TrainResult:
     device = resolve_device(config.device)
     ranks = setup_distributed(device, group_of_one=config.deepspeed is not None)
     if device.type == "cuda" and ranks.world > 1:
@@ -254,6 +257,8 @@ def _train(config: Config, console: Console | None, resume: str | None) -> Train
             console.print(f"--resume auto: no complete checkpoint under {config.work_dir} yet; starting a new run")
     if checkpoint is not None:
         check_resumable(config, checkpoint, ranks.world)
+        if ds_settings:
+            zero.check_trusted(checkpoint, trust_checkpoint)
         if not ds_settings:  # DeepSpeed restores the weights with its own state
             if llava:
                 model.load_trained(checkpoint)

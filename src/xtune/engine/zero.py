@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from xtune.config.schema import Config
+from xtune.engine.checkpoint import KEY_FILE, MANIFEST, written_here
 from xtune.errors import CheckpointError, ConfigError
+from xtune.paths import xtune_home
 
 SHIPPED = Path(__file__).parent / "deepspeed_configs"
 STATE_FOLDER = "deepspeed"
@@ -129,6 +131,18 @@ def gathered_state_dict(engine) -> dict | None:
 def save_state(engine, folder: Path) -> None:
     """Every rank writes its partition of the optimizer state into `folder`/deepspeed (a collective)."""
     engine.save_checkpoint(str(folder / STATE_FOLDER), tag=_TAG, save_latest=False, exclude_frozen_parameters=True)
+
+
+def check_trusted(checkpoint: Path, trust_checkpoint: bool) -> None:
+    """DeepSpeed's state is torch pickles, which run code when loaded: they are read only from a checkpoint that
+    xtune on this machine wrote (its signed manifest), or when the user says they trust it."""
+    if trust_checkpoint or written_here(checkpoint, under=STATE_FOLDER):
+        return
+    raise CheckpointError(
+        f"{checkpoint}: its DeepSpeed state ({STATE_FOLDER}/) is pickles, which can run code when loaded, and this "
+        f"checkpoint was not written by xtune on this machine (its {MANIFEST} is not signed with the key in "
+        f"{xtune_home() / KEY_FILE}). If you trust where it came from, resume with --trust-checkpoint."
+    )
 
 
 def load_state(engine, checkpoint: Path) -> None:
