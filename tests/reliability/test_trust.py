@@ -148,3 +148,62 @@ def test_resuming_a_deepspeed_checkpoint_whose_pickle_was_replaced_runs_nothing(
     except Exception:
         pass
     assert canary.read_text() == "ran"
+
+
+# 4. The search plugin and image paths stay inside their folders ----------------------------------------------
+
+def test_the_search_plugin_refuses_a_link_out_of_its_folder(tmp_path):
+    from xtune.errors import XtuneError
+    from xtune.infer.plugins import LocalFolderSearch
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("the password is swordfish\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "notes.md").write_text("the meeting is on Monday\n")
+    (corpus / "inner.md").symlink_to(corpus / "notes.md")  # a link that stays inside is fine
+    assert {hit.source for hit in LocalFolderSearch(corpus).search("meeting", top_k=5)} == {"notes.md", "inner.md"}
+    (corpus / "leak.txt").symlink_to(tmp_path / "outside" / "secret.txt")
+    with pytest.raises(XtuneError, match=r"corpus: leak.txt leads outside the folder .*copy the file in, or remove the link"):
+        LocalFolderSearch(corpus)
+    (corpus / "leak.txt").unlink()
+    (corpus / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    try:  # a linked folder: not walked into (Python < 3.13), or refused like a linked file
+        assert LocalFolderSearch(corpus).search("password swordfish", top_k=5) == []
+    except XtuneError as error:
+        assert "linked/secret.txt leads outside the folder" in str(error)
+
+
+def llava_records(*images):
+    return [
+        {"id": f"r{index}", "image": image, "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}
+        for index, image in enumerate(images)
+    ]  # fmt: skip
+
+
+def test_image_paths_out_of_image_folder_are_bad_records(tmp_path):
+    from PIL import Image
+
+    from xtune.data.sources import SourceSpec, load_sources
+    from xtune.errors import DataError
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 4), "red").save(images / "sub" / "ok.png")
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "private.png")
+    (images / "link.png").symlink_to(tmp_path / "private.png")
+    escapes = ["../private.png", str(tmp_path / "private.png"), "link.png", "sub/../../private.png"]
+    data = tmp_path / "data.json"
+    for escape in escapes:
+        data.write_text(json.dumps(llava_records("sub/ok.png", escape)))
+        spec = SourceSpec(str(data), "llava", image_folder=str(images))
+        with pytest.raises(DataError, match=rf"image '{escape}' of record id 'r1' lies outside image_folder .*move the image in"):
+            load_sources([spec])
+        loaded = load_sources([spec], skip_bad_records=True)
+        assert [c.images for c in loaded.conversations] == [(str(images / "sub" / "ok.png"),)] and len(loaded.skipped) == 1
+    inside = [str(images / "sub" / "ok.png"), "sub/./ok.png"]  # absolute or not, inside the folder is fine
+    data.write_text(json.dumps(llava_records(*inside)))
+    assert len(load_sources([SourceSpec(str(data), "llava", image_folder=str(images))]).conversations) == 2
+    data.write_text(json.dumps(llava_records("sub/ok\0.png")))
+    with pytest.raises(DataError, match="holds a NUL character"):
+        load_sources([SourceSpec(str(data), "llava", image_folder=str(images))])

@@ -360,6 +360,18 @@ def _with_image_paths(conversation: Conversation, record: Any, image_folder: str
         path if image_folder is None or os.path.isabs(path) else os.path.join(image_folder, path)
         for path in conversation.images
     )
+    for written in conversation.images:
+        if "\0" in written:
+            raise RecordError(f"image path {written!r}{_record_id(record)} holds a NUL character; fix the path")
+    if image_folder is not None:
+        root = os.path.realpath(image_folder)
+        for written, path in zip(conversation.images, paths):
+            if os.path.commonpath([root, os.path.realpath(path)]) != root:
+                raise RecordError(
+                    f"image '{written}'{_record_id(record)} lies outside image_folder {image_folder} (it leads to "
+                    f"{os.path.realpath(path)}); images are read only from inside image_folder: move the image in, "
+                    "or set image_folder to a folder that holds it"
+                )
     if check:
         for written, path in zip(conversation.images, paths):
             if not os.path.isfile(path):

@@ -582,9 +582,15 @@ class LocalFolderSearch:
         except ImportError:
             raise XtuneError("the search plugin needs rank_bm25: pip install rank-bm25") from None
         self.passages: list[tuple[str, str]] = []
+        root = self.folder.resolve()
         for path in sorted(self.folder.rglob("*")):
             if path.suffix.lower() not in self.extensions or not path.is_file():
                 continue
+            if not path.resolve().is_relative_to(root):  # a link (or a linked folder) to a file elsewhere
+                raise XtuneError(
+                    f"search folder {self.folder}: {path.relative_to(self.folder)} leads outside the folder (to "
+                    f"{path.resolve()}); the search plugin reads only files inside it: copy the file in, or remove the link."
+                )
             if path.stat().st_size <= self.max_file_bytes:
                 source = path.relative_to(self.folder).as_posix()
                 text = path.read_text(encoding="utf-8", errors="replace")
