@@ -15,3 +15,24 @@ def tokenizer():
     from xtune.testing.tiny import build_tokenizer
 
     return build_tokenizer()
+
+
+SHARED_TOKENIZERS = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
+"""Real tokenizers of model families, in their repositories' layouts (see its README); CI has them here too."""
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """`real_tokenizer("qwen2")`: that family's tokenizer from ../shared/tokenizers, loaded once per session."""
+    from xtune.models.load import load_tokenizer
+
+    loaded = {}
+
+    def get(name: str):
+        if not (SHARED_TOKENIZERS / name).is_dir():
+            pytest.skip(f"no real tokenizer at {SHARED_TOKENIZERS / name}")
+        if name not in loaded:
+            loaded[name] = load_tokenizer(SHARED_TOKENIZERS / name)
+        return loaded[name]
+
+    return get

@@ -127,6 +127,9 @@ class Config(BaseModel):
     """Unpacked training: batch samples of similar length together (seeded), to cut padding."""
     num_proc: int = Field(1, gt=0)
     """Processes that tokenize the data (`xtune preprocess` and the first run build a cache)."""
+    split_special_tokens: bool = False
+    """Read a special token's text inside the data's messages (`<|im_end|>` typed in a reply) as plain text, as
+    chat and serve always read what users type; False keeps it the control token, as most trainers do."""
     prompt_template: str = "internlm2_chat"
     """Chat template the samples are rendered with, and chat later uses."""
     SYSTEM: str = ""

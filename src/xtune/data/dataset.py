@@ -75,6 +75,7 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: 
         "seed": config.seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         **({"image_tokens": image_tokens} if image_tokens else {}),
+        **({"split_special_tokens": True} if config.split_special_tokens else {}),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
@@ -141,20 +142,21 @@ _worker: dict = {}
 
 
 def _init_worker(
-    template: ChatTemplate, tokenizer, max_length: int, last_turn_only: bool, image_tokens: int, workers: bool
+    template: ChatTemplate, tokenizer, max_length: int, last_turn_only: bool, image_tokens: int, split: bool,
+    workers: bool,
 ) -> None:
     if workers:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker.update(
         template=template, tokenizer=tokenizer, max_length=max_length, last_turn_only=last_turn_only,
-        image_tokens=image_tokens,
+        image_tokens=image_tokens, split=split,
     )  # fmt: skip
 
 
 def _encode_chunk(conversations: list[Conversation]) -> list[Encoded]:
     return encode_batch(
         conversations, _worker["template"], _worker["tokenizer"], _worker["max_length"], _worker["last_turn_only"],
-        _worker["image_tokens"],
+        _worker["image_tokens"], _worker["split"],
     )  # fmt: skip
 
 
@@ -167,7 +169,8 @@ def encode_parallel(
     image_tokens: int = 0,
 ) -> list[Encoded]:
     """`encode` over every conversation, in `num_proc` processes when more than one."""
-    args = (template, tokenizer, config.max_length, config.train_on_last_turn_only, image_tokens)
+    args = (template, tokenizer, config.max_length, config.train_on_last_turn_only, image_tokens,
+            config.split_special_tokens)  # fmt: skip
     if num_proc <= 1 or len(conversations) < 2 * num_proc:
         _init_worker(*args, workers=False)
         return _encode_chunk(conversations)

@@ -1,11 +1,12 @@
 """Rendered segments -> token ids and labels, -100 wherever no loss is taken."""
 
+import re
 import weakref
 from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation
+from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation, ToolCall
 from xtune.data.templates import Segment, Template, TokenizerTemplate, render
 from xtune.errors import DataError
 
@@ -61,27 +62,30 @@ def encode(
     max_length: int | None = None,
     train_on_last_turn_only: bool = False,
     image_tokens: int = 0,
+    split_special_tokens: bool = False,
 ) -> Encoded:
     """Token ids with labels equal to the ids on trained segments, truncated to `max_length`.
 
     A named template's segments are tokenized one by one, so that no token straddles a trained and an untrained
     segment. "hf" tokenizes the whole text at once, as `apply_chat_template` does, and trains the tokens that lie
     in trained segments. With `image_tokens` (a multimodal model), each `<image>` becomes that many
-    IMAGE_TOKEN_ID, untrained.
+    IMAGE_TOKEN_ID, untrained. `split_special_tokens`: a special token's text inside the conversation's own
+    content (what a user typed) is plain text, never the control token; only the template writes those.
     """
     if train_on_last_turn_only:
         conversation = last_turn_trained_only(conversation)
+    markers = None
+    if split_special_tokens and (controls := _control_texts(tokenizer)):
+        conversation, markers = _mark_control_texts(conversation, controls)
     segments = render(conversation, template, tokenizer)
     if image_tokens and isinstance(template, TokenizerTemplate) and conversation.images:
         raise DataError("prompt template 'hf' cannot place image patches yet; name the model's template instead.")
     limit = text_limit(tokenizer, max_length)
-    if isinstance(template, TokenizerTemplate):
+    if isinstance(template, TokenizerTemplate) and markers is None:
         input_ids, labels = _tokenize_whole(segments, tokenizer, limit)
     else:
         pieces = _image_pieces(segments, image_tokens)
-        ids = [
-            tokenizer.encode(text[:limit], add_special_tokens=False) if text is not None else None for text, _ in pieces
-        ]
+        ids = [_tokenize_piece(text[:limit], tokenizer, markers) if text is not None else None for text, _ in pieces]
         input_ids, labels = _join(pieces, ids, image_tokens)
     return _fit(input_ids, labels, max_length, conversation.images if image_tokens else (), image_tokens)
 
@@ -93,12 +97,17 @@ def encode_batch(
     max_length: int | None = None,
     train_on_last_turn_only: bool = False,
     image_tokens: int = 0,
+    split_special_tokens: bool = False,
 ) -> list[Encoded]:
     """`encode` over many conversations, with every segment tokenized in one call to the Rust
     tokenizer (several times faster than segment by segment); the same ids and labels as `encode`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or isinstance(template, TokenizerTemplate):
-        return [encode(c, template, tokenizer, max_length, train_on_last_turn_only, image_tokens) for c in conversations]
+    controls = _control_texts(tokenizer) if split_special_tokens else ()
+    if backend is None or isinstance(template, TokenizerTemplate) or (
+        controls and any(_mentions(c, _control_pattern(controls)) for c in conversations)
+    ):
+        arguments = (max_length, train_on_last_turn_only, image_tokens, split_special_tokens)
+        return [encode(c, template, tokenizer, *arguments) for c in conversations]
     if train_on_last_turn_only:
         conversations = [last_turn_trained_only(c) for c in conversations]
     rendered = [_image_pieces(render(c, template, tokenizer), image_tokens) for c in conversations]
@@ -112,6 +121,101 @@ def encode_batch(
         images = conversation.images if image_tokens else ()
         results.append(_fit(input_ids, labels, max_length, images, image_tokens))
     return results
+
+
+# Special tokens typed as text ---------------------------------------------------------------------------------
+
+_CONTROLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _control_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens, longest first: what a template writes to mark turns."""
+    if tokenizer not in _CONTROLS:
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        texts = {token.content for token in added.values() if token.special} | set(tokenizer.all_special_tokens)
+        _CONTROLS[tokenizer] = tuple(sorted((text for text in texts if text), key=lambda text: (-len(text), text)))
+    return _CONTROLS[tokenizer]
+
+
+_PATTERNS: dict[tuple[str, ...], re.Pattern] = {}
+
+
+def _control_pattern(controls: tuple[str, ...]) -> re.Pattern:
+    if controls not in _PATTERNS:
+        _PATTERNS[controls] = re.compile("|".join(map(re.escape, controls)))
+    return _PATTERNS[controls]
+
+
+def _texts_of(conversation: Conversation) -> list[str]:
+    """Every text of the conversation that comes from its author rather than from the template."""
+    texts = [*conversation.tools]
+    for turn in conversation.turns:
+        texts += [turn.content, *(call.arguments for call in turn.tool_calls)]
+    return texts
+
+
+def _mentions(conversation: Conversation, pattern: re.Pattern) -> bool:
+    return any(pattern.search(text) for text in _texts_of(conversation))
+
+
+def _mark_control_texts(
+    conversation: Conversation, controls: tuple[str, ...]
+) -> tuple[Conversation, tuple[str, str] | None]:
+    """The conversation with each special token's text in its content put between two marker characters (ones
+    that occur nowhere in it), so that they can be found in the rendered text and tokenized as plain text."""
+    pattern = _control_pattern(controls)
+    if not _mentions(conversation, pattern):
+        return conversation, None
+    used = set("".join(_texts_of(conversation)))
+    start, end = next((chr(c), chr(c + 1)) for c in range(0xE000, 0xF8FF, 2) if not {chr(c), chr(c + 1)} & used)
+
+    def mark(text: str) -> str:
+        return pattern.sub(lambda match: start + match.group(0) + end, text)
+
+    turns = tuple(
+        replace(turn, content=mark(turn.content),
+                tool_calls=tuple(ToolCall(call.name, mark(call.arguments)) for call in turn.tool_calls))
+        for turn in conversation.turns
+    )  # fmt: skip
+    return replace(conversation, turns=turns, tools=tuple(map(mark, conversation.tools))), (start, end)
+
+
+def _tokenize_piece(text: str, tokenizer: PreTrainedTokenizerBase, markers: tuple[str, str] | None) -> list[int]:
+    if markers is None:
+        return tokenizer.encode(text, add_special_tokens=False)
+    start, end = markers
+    ids: list[int] = []
+    for index, part in enumerate(re.split(f"{re.escape(start)}(.*?){re.escape(end)}", text, flags=re.DOTALL)):
+        part = part.replace(start, "").replace(end, "")  # a marker left alone by a template that cut the content
+        if part:
+            ids += plain_text_ids(part, tokenizer) if index % 2 else tokenizer.encode(part, add_special_tokens=False)
+    return ids
+
+
+def plain_text_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """`text` tokenized with no special token in it, even where the text spells one.
+
+    `split_special_tokens` is not always enough: a tokenizer whose model holds the special token as a piece of
+    its own vocabulary (InternLM2's SentencePiece `<|im_start|>`) still produces it. Then the text is cut
+    inside each such token's text, so that no piece holds it whole."""
+    ids = _after_text(text, tokenizer)
+    specials = set(tokenizer.convert_tokens_to_ids(list(_control_texts(tokenizer))))
+    if len(text) < 2 or not specials.intersection(ids):
+        return ids
+    match = _control_pattern(_control_texts(tokenizer)).search(text)
+    cut = match.start() + 1 if match else len(text) // 2
+    return plain_text_ids(text[:cut], tokenizer) + plain_text_ids(text[cut:], tokenizer)
+
+
+def _after_text(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """`text` tokenized as plain text as it reads after other text: tokenized alone, a SentencePiece tokenizer
+    would start it with a word-start `▁` (a space that is not there). So it is tokenized after a newline, whose
+    tokens are then dropped, unless the two merge."""
+    def split(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    head, anchored = split("\n"), split("\n" + text)
+    return anchored[len(head) :] if anchored[: len(head)] == head else split(text)
 
 
 def _image_pieces(segments: list[Segment], image_tokens: int) -> list[tuple[str | None, bool]]:

@@ -346,7 +346,10 @@ def first_samples(config: Config, n: int = 3, tokenizer=None) -> list[LoggedSamp
     for location, conversation in loaded.samples:
         if len(logged) == n:
             break
-        encoded = encode(conversation, template, tokenizer, config.max_length, config.train_on_last_turn_only)
+        encoded = encode(
+            conversation, template, tokenizer, config.max_length, config.train_on_last_turn_only,
+            split_special_tokens=config.split_special_tokens,
+        )  # fmt: skip
         kept, _ = apply_length_policy([encoded], config)
         if kept:
             logged.append(LoggedSample(location, kept[0], text_runs(kept[0], tokenizer)))

@@ -27,8 +27,9 @@ class GenerationOptions:
 
 def prompt_ids(conversation: Conversation, template: ChatTemplate, tokenizer, image_tokens: int = 0) -> list[int]:
     """Token ids of the conversation (ending with a user turn) plus the assistant's header; each `<image>` as
-    `image_tokens` patch positions for a multimodal model."""
-    return encode(conversation, template, tokenizer, image_tokens=image_tokens).input_ids
+    `image_tokens` patch positions for a multimodal model. What the messages say is text: a special token typed
+    into one (`<|im_start|>system ...`) is plain text, not the control token."""
+    return encode(conversation, template, tokenizer, image_tokens=image_tokens, split_special_tokens=True).input_ids
 
 
 def generation_kwargs(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions) -> dict:
