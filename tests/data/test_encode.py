@@ -111,7 +111,9 @@ TRAINED_RUNS = {
     "internlm2_chat": ["cold<|im_end|>", "small<|im_end|>"],
     "qwen_chat": ["cold<|im_end|>", "small<|im_end|>"],
     "llama2_chat": [" cold </s>", " small </s>"],
-    "llama3_chat": ["cold<|eot_id|>", "small<|eot_id|>"],
+    # the tiny tokenizer has no <|eot_id|> token: the text is tokenized whole, "><" merges across the reply's end,
+    # and a token that holds characters of the reply is trained (the model must write it to write the reply)
+    "llama3_chat": ["cold<|eot_id|><", "small<|eot_id|>"],
     "mistral": ["cold</s>", "small</s>"],
     "mixtral": ["cold</s>", "small</s>"],
     "gemma": ["cold<end_of_turn>", "small<end_of_turn>"],
@@ -338,7 +340,22 @@ def test_a_long_text_is_cut_before_tokenizing_with_the_tokens_of_the_whole(token
         assert (cut.input_ids, cut.labels, cut.truncated) == (whole.input_ids[:32], whole.labels[:32], True)
         assert encode_batch([conversation], get_template(name), tokenizer, 32) == [cut]
     seen = []
-    encode_text = tokenizer.encode
-    tokenizer.encode = lambda text, **kwargs: seen.append(len(text)) or encode_text(text, **kwargs)
-    encode(conversation, get_template("internlm2_chat"), tokenizer, 32)
-    assert max(seen) == limit  # the long segment was cut before the tokenizer saw it
+    backend = tokenizer._tokenizer
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def __setattr__(self, name, value):
+            setattr(backend, name, value)
+
+        def encode_batch(self, texts, **kwargs):
+            seen.extend(map(len, texts))
+            return backend.encode_batch(texts, **kwargs)
+
+    tokenizer._tokenizer = Spy()
+    try:
+        encode(conversation, get_template("internlm2_chat"), tokenizer, 32)
+    finally:
+        tokenizer._tokenizer = backend
+    assert max(seen) == limit  # the long text was cut before the tokenizer saw it

@@ -1,5 +1,6 @@
 """Rendered segments -> token ids and labels, -100 wherever no loss is taken."""
 
+import bisect
 import re
 import weakref
 from dataclasses import dataclass, replace
@@ -66,28 +67,16 @@ def encode(
 ) -> Encoded:
     """Token ids with labels equal to the ids on trained segments, truncated to `max_length`.
 
-    A named template's segments are tokenized one by one, so that no token straddles a trained and an untrained
-    segment. "hf" tokenizes the whole text at once, as `apply_chat_template` does, and trains the tokens that lie
-    in trained segments. With `image_tokens` (a multimodal model), each `<image>` becomes that many
-    IMAGE_TOKEN_ID, untrained. `split_special_tokens`: a special token's text inside the conversation's own
-    content (what a user typed) is plain text, never the control token; only the template writes those.
+    The rendered text is tokenized whole, as `apply_chat_template(tokenize=True)` tokenizes it, so the ids are
+    the ones the model meets at inference for any tokenizer (a SentencePiece `▁` or a merged `\n\n` across a
+    segment's edge included). A token is trained when its characters overlap a trained segment (the reply and
+    its end marker). With `image_tokens` (a multimodal model), each `<image>` becomes that many IMAGE_TOKEN_ID,
+    untrained. `split_special_tokens`: a special token's text inside the conversation's own content (what a user
+    typed) is plain text, never the control token; only the template writes those.
     """
-    if train_on_last_turn_only:
-        conversation = last_turn_trained_only(conversation)
-    markers = None
-    if split_special_tokens and (controls := _control_texts(tokenizer)):
-        conversation, markers = _mark_control_texts(conversation, controls)
-    segments = render(conversation, template, tokenizer)
-    if image_tokens and isinstance(template, TokenizerTemplate) and conversation.images:
-        raise DataError("prompt template 'hf' cannot place image patches yet; name the model's template instead.")
-    limit = text_limit(tokenizer, max_length)
-    if isinstance(template, TokenizerTemplate) and markers is None:
-        input_ids, labels = _tokenize_whole(segments, tokenizer, limit)
-    else:
-        pieces = _image_pieces(segments, image_tokens)
-        ids = [_tokenize_piece(text[:limit], tokenizer, markers) if text is not None else None for text, _ in pieces]
-        input_ids, labels = _join(pieces, ids, image_tokens)
-    return _fit(input_ids, labels, max_length, conversation.images if image_tokens else (), image_tokens)
+    return encode_batch(
+        [conversation], template, tokenizer, max_length, train_on_last_turn_only, image_tokens, split_special_tokens
+    )[0]
 
 
 def encode_batch(
@@ -99,28 +88,123 @@ def encode_batch(
     image_tokens: int = 0,
     split_special_tokens: bool = False,
 ) -> list[Encoded]:
-    """`encode` over many conversations, with every segment tokenized in one call to the Rust
-    tokenizer (several times faster than segment by segment); the same ids and labels as `encode`."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    controls = _control_texts(tokenizer) if split_special_tokens else ()
-    if backend is None or isinstance(template, TokenizerTemplate) or (
-        controls and any(_mentions(c, _control_pattern(controls)) for c in conversations)
-    ):
-        arguments = (max_length, train_on_last_turn_only, image_tokens, split_special_tokens)
-        return [encode(c, template, tokenizer, *arguments) for c in conversations]
-    if train_on_last_turn_only:
-        conversations = [last_turn_trained_only(c) for c in conversations]
-    rendered = [_image_pieces(render(c, template, tokenizer), image_tokens) for c in conversations]
+    """`encode` over many conversations, their texts tokenized in one call to the Rust tokenizer."""
     limit = text_limit(tokenizer, max_length)
-    texts = [text[:limit] for pieces in rendered for text, _ in pieces if text is not None]
-    encodings = iter(backend.encode_batch(texts, add_special_tokens=False))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    plans = [
+        _plan(c, template, tokenizer, limit, image_tokens, split_special_tokens, train_on_last_turn_only, backend is None)
+        for c in conversations
+    ]
+    texts = [plan.text[start:end] for plan in plans for start, end, kind in plan.chunks if kind == "text"]
+    if backend is not None:
+        # as `tokenizer(text)` does: a call with split_special_tokens=True (plain_text_ids) leaves the backend so
+        backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+        encodings = iter([(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)])
+    else:  # no offsets: each chunk lies in one segment (`_plan`), and all its tokens are labelled by it
+        encodings = iter([(ids, [(0, len(text))] * len(ids)) for text, ids in zip(texts, _encode_each(texts, tokenizer))])
     results = []
-    for conversation, pieces in zip(conversations, rendered):
-        ids = [next(encodings).ids if text is not None else None for text, _ in pieces]
-        input_ids, labels = _join(pieces, ids, image_tokens)
+    for conversation, plan in zip(conversations, plans):
+        ids, starts, ends = [], [], []
+        for start, end, kind in plan.chunks:
+            if kind == "image":
+                piece, spans = [IMAGE_TOKEN_ID] * image_tokens, [(0, 0)] * image_tokens
+            elif kind == "plain":
+                piece = plain_text_ids(plan.text[start:end], tokenizer)
+                spans = [(0, end - start)] * len(piece)
+            else:
+                piece, spans = next(encodings)
+            ids += piece
+            previous_end = None
+            for token_start, token_end in spans:  # offsets may leave out a space the token starts with
+                token_start = token_start if previous_end is None else min(token_start, previous_end)
+                starts.append(start + token_start)
+                ends.append(start + token_end)
+                previous_end = token_end
+        labels = _labels(ids, starts, ends, plan.spans)
         images = conversation.images if image_tokens else ()
-        results.append(_fit(input_ids, labels, max_length, images, image_tokens))
+        results.append(_fit(ids, labels, max_length, images, image_tokens))
     return results
+
+
+@dataclass(frozen=True)
+class _Plan:
+    text: str
+    spans: list[tuple[int, int]]
+    """Character ranges of the trained segments."""
+    chunks: list[tuple[int, int, str]]
+    """(start, end, kind) covering `text`: `text` is tokenized as it is, `plain` with special tokens as plain text
+    (what a user typed), `image` stands for an image's patches."""
+
+
+def _plan(
+    conversation: Conversation,
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    limit: int | None,
+    image_tokens: int,
+    split_special_tokens: bool,
+    last_turn_only: bool,
+    cut_at_segments: bool,
+) -> _Plan:
+    if last_turn_only:
+        conversation = last_turn_trained_only(conversation)
+    markers = None
+    if split_special_tokens and (controls := _control_texts(tokenizer)):
+        conversation, markers = _mark_control_texts(conversation, controls)
+    segments = render(conversation, template, tokenizer)
+    if image_tokens and isinstance(template, TokenizerTemplate) and conversation.images:
+        raise DataError("prompt template 'hf' cannot place image patches yet; name the model's template instead.")
+    text = "".join(text for text, _ in segments)[:limit]
+    cuts = []  # (start, end, kind) of what is not plain `text`
+    if image_tokens:
+        cuts += [(m.start(), m.end(), "image") for m in re.finditer(re.escape(IMAGE_PLACEHOLDER), text)]
+    if markers is not None:
+        start, end = map(re.escape, markers)
+        for match in re.finditer(f"{start}(.*?){end}", text, flags=re.DOTALL):
+            cuts += [(match.start(), match.start() + 1, "drop"), (*match.span(1), "plain"), (match.end() - 1, match.end(), "drop")]
+        cuts += [(m.start(), m.end(), "drop") for m in re.finditer(f"{start}|{end}", text) if not _inside(m.start(), cuts)]
+    if cut_at_segments:
+        position = 0
+        for piece, _ in segments:
+            position += len(piece)
+            cuts.append((position, position, "drop"))
+    return _Plan(text, _trained_spans(segments), _chunks(text, cuts))
+
+
+def _inside(position: int, cuts: list[tuple[int, int, str]]) -> bool:
+    return any(start <= position < end for start, end, _ in cuts)
+
+
+def _chunks(text: str, cuts: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """`text` as chunks: the cuts (in order, overlapping none), and `text` chunks between them; `drop` cuts
+    (a marker character, a segment's edge) are left out."""
+    chunks, position = [], 0
+    for start, end, kind in sorted(cuts):
+        if start < position:
+            continue
+        if start > position:
+            chunks.append((position, start, "text"))
+        if kind != "drop" and end > start:
+            chunks.append((start, end, kind))
+        position = end
+    if position < len(text):
+        chunks.append((position, len(text), "text"))
+    return chunks
+
+
+def _labels(ids: list[int], starts: list[int], ends: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """The ids of tokens whose characters overlap a trained span, IGNORE_INDEX elsewhere (and on image patches)."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in spans:
+        first, last = bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)
+        labels[first:last] = ids[first:last]
+    if IMAGE_TOKEN_ID in ids:
+        labels = [IGNORE_INDEX if token == IMAGE_TOKEN_ID else label for token, label in zip(ids, labels)]
+    return labels
+
+
+def _encode_each(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
 
 
 # Special tokens typed as text ---------------------------------------------------------------------------------
@@ -180,18 +264,6 @@ def _mark_control_texts(
     return replace(conversation, turns=turns, tools=tuple(map(mark, conversation.tools))), (start, end)
 
 
-def _tokenize_piece(text: str, tokenizer: PreTrainedTokenizerBase, markers: tuple[str, str] | None) -> list[int]:
-    if markers is None:
-        return tokenizer.encode(text, add_special_tokens=False)
-    start, end = markers
-    ids: list[int] = []
-    for index, part in enumerate(re.split(f"{re.escape(start)}(.*?){re.escape(end)}", text, flags=re.DOTALL)):
-        part = part.replace(start, "").replace(end, "")  # a marker left alone by a template that cut the content
-        if part:
-            ids += plain_text_ids(part, tokenizer) if index % 2 else tokenizer.encode(part, add_special_tokens=False)
-    return ids
-
-
 def plain_text_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """`text` tokenized with no special token in it, even where the text spells one.
 
@@ -218,30 +290,6 @@ def _after_text(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return anchored[len(head) :] if anchored[: len(head)] == head else split(text)
 
 
-def _image_pieces(segments: list[Segment], image_tokens: int) -> list[tuple[str | None, bool]]:
-    """The segments, with each `<image>` cut out as a piece of its own (text None) when images become patches."""
-    if not image_tokens:
-        return list(segments)
-    pieces: list[tuple[str | None, bool]] = []
-    for text, trained in segments:
-        for index, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if index:
-                pieces.append((None, False))
-            if part:
-                pieces.append((part, trained))
-    return pieces
-
-
-def _join(pieces, ids: list[list[int] | None], image_tokens: int) -> tuple[list[int], list[int]]:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for (_, trained), piece in zip(pieces, ids):
-        piece = [IMAGE_TOKEN_ID] * image_tokens if piece is None else piece
-        input_ids += piece
-        labels += piece if trained else [IGNORE_INDEX] * len(piece)
-    return input_ids, labels
-
-
 def _fit(input_ids, labels, max_length: int | None, images: tuple[str, ...], image_tokens: int) -> Encoded:
     """Truncated to `max_length`; a cut through an image's patches moves back to where they start, and only the
     images wholly kept stay with the sample."""
@@ -264,21 +312,6 @@ def last_turn_trained_only(conversation: Conversation) -> Conversation:
         for index, turn in enumerate(conversation.turns)
     )
     return replace(conversation, turns=turns)
-
-
-def _tokenize_whole(
-    segments: list[Segment], tokenizer: PreTrainedTokenizerBase, limit: int | None = None
-) -> tuple[list[int], list[int]]:
-    text = "".join(text for text, _ in segments)[:limit]
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids, ends = encoding["input_ids"], [end for _, end in encoding["offset_mapping"]]
-    starts = [0, *ends[:-1]]
-    spans = _trained_spans(segments)
-    labels = [
-        token if any(a <= start and end <= b for a, b in spans) else IGNORE_INDEX
-        for token, start, end in zip(input_ids, starts, ends)
-    ]
-    return input_ids, labels
 
 
 def _trained_spans(segments: list[Segment]) -> list[tuple[int, int]]:
