@@ -194,6 +194,42 @@ def log_dataset_cmd(
     render_samples(first_samples(resolved, n), console)
 
 
+@app.command("check-template")
+def check_template_cmd(
+    model: Annotated[str, typer.Argument(help="Model (or tokenizer) folder or id whose chat_template is the reference.")],
+    prompt_template: Annotated[
+        Optional[str], typer.Option(help="The named template to check; default: the one recorded with the model.")
+    ] = None,
+):
+    """Render probe conversations with a named template and with the tokenizer's own chat_template: 'identical', or
+    the first differing token of each; and whether each generation prompt is a prefix of the training ids."""
+    from xtune.data.check_template import check_template
+    from xtune.infer.chat import pick_template
+    from xtune.models.load import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(model)
+    tokenizer = load_tokenizer(path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise XtuneError(f"{path}: the tokenizer has no chat_template to compare with.")
+    template = pick_template(prompt_template, None, path, None)
+    if template.name == "hf":
+        raise XtuneError("nothing to compare: 'hf' is the tokenizer's own template; name one with --prompt-template.")
+    results = check_template(tokenizer, template)
+    for result in results:
+        if result.refused is not None:
+            verdict = f"skipped: the tokenizer's chat_template refuses it ({result.refused})"
+        elif result.identical:
+            verdict = "identical"
+        else:
+            verdict = (f"differs at token {result.position}: {template.name} writes {result.ours}, the tokenizer's "
+                       f"chat_template writes {result.theirs}")  # fmt: skip
+        if result.prefix_holds is not None:
+            verdict += "; generation prompts are prefixes" if result.prefix_holds else "; a generation prompt is NOT a prefix"
+        console.print(f"{result.probe}: {verdict}", highlight=False, markup=False)
+    if any(not result.identical and result.refused is None for result in results):
+        raise typer.Exit(1)
+
+
 @app.command(context_settings={"allow_extra_args": True})
 def chat(
     ctx: typer.Context,

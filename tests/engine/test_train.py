@@ -17,6 +17,17 @@ def test_short_run_loss_falls_packed_or_not(tmp_path, packed):
     assert len(result.losses) == 30
     assert sum(result.losses[-5:]) / 5 < 0.7 * sum(result.losses[:5]) / 5
     assert ("packed into" in output.getvalue()) == packed
+    assert "warning" not in output.getvalue()  # the template writes what the tokenizer's own chat_template writes
+
+
+def test_a_template_that_writes_other_ids_than_the_tokenizers_is_one_warning_line(tmp_path):
+    overrides = [f"work_dir={str(tmp_path)!r}", "max_steps=1", "prompt_template='qwen_chat'", "evaluation_inputs=[]"]
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", overrides)
+    output = io.StringIO()
+    train(config, Console(file=output, width=100))
+    warnings = [line for line in output.getvalue().splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "prompt_template 'qwen_chat' and the tokenizer's own chat_template" in warnings[0]
+    assert "xtune check-template xtune-tiny/internlm2-chat --prompt-template qwen_chat" in warnings[0]
 
 
 @pytest.mark.parametrize("packed", [False, True])

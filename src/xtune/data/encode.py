@@ -120,7 +120,7 @@ def encode_batch(
                 starts.append(start + token_start)
                 ends.append(start + token_end)
                 previous_end = token_end
-        labels = _labels(ids, starts, ends, plan.spans)
+        labels = _labels(ids, starts, ends, plan.spans, _control_ids(tokenizer))
         images = conversation.images if image_tokens else ()
         results.append(_fit(ids, labels, max_length, images, image_tokens))
     return results
@@ -192,11 +192,19 @@ def _chunks(text: str, cuts: list[tuple[int, int, str]]) -> list[tuple[int, int,
     return chunks
 
 
-def _labels(ids: list[int], starts: list[int], ends: list[int], spans: list[tuple[int, int]]) -> list[int]:
-    """The ids of tokens whose characters overlap a trained span, IGNORE_INDEX elsewhere (and on image patches)."""
+def _labels(
+    ids: list[int], starts: list[int], ends: list[int], spans: list[tuple[int, int]], controls: frozenset[int]
+) -> list[int]:
+    """The ids of tokens whose characters overlap a trained span, IGNORE_INDEX elsewhere (and on image patches).
+
+    A token that starts before a span and reaches into it is trained (InternLM2's header `\n` and a reply's
+    leading `\n` are one token, which the model writes to begin the reply), unless it is a special token of the
+    markup that only swallowed the reply's leading spaces (Phi-3's `<|assistant|>` strips what follows it)."""
     labels = [IGNORE_INDEX] * len(ids)
     for a, b in spans:
         first, last = bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)
+        if first < last and starts[first] < a and ids[first] in controls:
+            first += 1
         labels[first:last] = ids[first:last]
     if IMAGE_TOKEN_ID in ids:
         labels = [IGNORE_INDEX if token == IMAGE_TOKEN_ID else label for token, label in zip(ids, labels)]
@@ -219,6 +227,15 @@ def _control_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
         texts = {token.content for token in added.values() if token.special} | set(tokenizer.all_special_tokens)
         _CONTROLS[tokenizer] = tuple(sorted((text for text in texts if text), key=lambda text: (-len(text), text)))
     return _CONTROLS[tokenizer]
+
+
+_CONTROL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _control_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    if tokenizer not in _CONTROL_IDS:
+        _CONTROL_IDS[tokenizer] = frozenset(tokenizer.convert_tokens_to_ids(list(_control_texts(tokenizer))))
+    return _CONTROL_IDS[tokenizer]
 
 
 _PATTERNS: dict[tuple[str, ...], re.Pattern] = {}
@@ -271,8 +288,7 @@ def plain_text_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     its own vocabulary (InternLM2's SentencePiece `<|im_start|>`) still produces it. Then the text is cut
     inside each such token's text, so that no piece holds it whole."""
     ids = _after_text(text, tokenizer)
-    specials = set(tokenizer.convert_tokens_to_ids(list(_control_texts(tokenizer))))
-    if len(text) < 2 or not specials.intersection(ids):
+    if len(text) < 2 or not _control_ids(tokenizer).intersection(ids):
         return ids
     match = _control_pattern(_control_texts(tokenizer)).search(text)
     cut = match.start() + 1 if match else len(text) // 2

@@ -81,6 +81,9 @@ class ChatTemplate:
     strip_content: bool = False
     """Strip each turn's text as the official template does (`| trim`, `.strip()`); a system text written into the
     user turn is kept as it is, as those templates keep it."""
+    strip_with_system: bool = False
+    """With strip_content and system_in_user: strip the system text and the user's text joined, as Llama 2's jinja
+    trims the two together (so a user text's leading spaces after a system prompt stay)."""
     stop_words: tuple[str, ...] = ()
     """Generation stops at any of these, and always at the tokenizer's EOS."""
     tools: ToolFormat | None = None
@@ -228,6 +231,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_prefix=" ",
         assistant_suffix=" {eos}",
         strip_content=True,
+        strip_with_system=True,
     ),
     "llama3_chat": ChatTemplate(
         name="llama3_chat",
@@ -441,7 +445,9 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
             elif turn.role == "system":
                 segments.append((fill(template.system, system=_text(turn, template)), False))
             elif turn.role == "user":
-                segments.append((fill(template.user, input=pending_system + _text(turn, template)), False))
+                joined = template.strip_with_system and template.strip_content
+                text = (pending_system + turn.content).strip() if joined else pending_system + _text(turn, template)
+                segments.append((fill(template.user, input=text), False))
                 pending_system = ""
             else:
                 text = _assistant_text(turn, template)
@@ -659,6 +665,8 @@ def jinja_of(template: ChatTemplate) -> str:
         return " + ".join(parts) or "''"
 
     content = "(message['content'] | trim)" if template.strip_content else "message['content']"
+    joined = template.strip_with_system and template.strip_content
+    user = "((ns.pending + message['content']) | trim)" if joined else "ns.pending + " + content
     system = text(template.system, system="message['content']" if template.system_in_user else content)
     default = text(template.system, system=json.dumps(template.default_system, ensure_ascii=False))
     keep = "{%- set ns.pending = ns.pending + " if template.system_in_user else "{{- "
@@ -678,7 +686,7 @@ def jinja_of(template: ChatTemplate) -> str:
         "{%- if message['role'] == 'system' -%}",
         keep + system + close,
         "{%- elif message['role'] == 'user' -%}",
-        "{{- " + text(template.user, input="ns.pending + " + content) + " -}}",
+        "{{- " + text(template.user, input=user) + " -}}",
         "{%- set ns.pending = '' -%}",
         "{%- elif message['role'] == 'assistant' -%}",
         "{{- " + text(template.assistant_prefix + "{content}" + template.assistant_suffix, content=content) + " -}}",

@@ -17,6 +17,7 @@ from peft import set_peft_model_state_dict
 from peft.helpers import disable_input_dtype_casting
 from safetensors.torch import load_file
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from xtune.config.schema import Config
@@ -25,7 +26,8 @@ from xtune.data.dataset import prepare_samples
 from xtune.data.images import ImagePreprocessor
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, packing_efficiency
-from xtune.data.templates import get_template
+from xtune.data.check_template import first_disagreement
+from xtune.data.templates import TokenizerTemplate, get_template
 from xtune.engine import zero
 from xtune.engine.checkpoint import (
     TRAINING_STATE,
@@ -192,6 +194,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     model_path = resolve_model_path(config.llm_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     template = get_template(config.prompt_template)
+    _warn_of_another_format(tokenizer, template, config, console)
     llava = config.visual_encoder_name_or_path is not None
     missing = [image for image in config.evaluation_images if not Path(image).is_file()]
     if missing:
@@ -400,6 +403,20 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     else:
         console.print(f"saved {result.checkpoint}")
     return result
+
+
+def _warn_of_another_format(tokenizer, template, config: Config, console: Console) -> None:
+    """One line when the named template and the tokenizer's own chat_template write a probe conversation apart."""
+    if isinstance(template, TokenizerTemplate):
+        return
+    differing = first_disagreement(tokenizer, template)
+    if differing is not None:
+        message = (
+            f"prompt_template '{template.name}' and the tokenizer's own chat_template write the probe "
+            f"'{differing.probe}' differently from token {differing.position} ({differing.ours} vs {differing.theirs}); "
+            f"`xtune check-template {config.llm_name_or_path} --prompt-template {template.name}` shows every probe."
+        )
+        console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def save_step(model, tokenizer, run_dir, meta, position, config, ranks, optimizer, scheduler, scaler, engine) -> Path:

@@ -4,6 +4,7 @@ xtune never downloads: a name resolves to a folder already on disk (a path, a ti
 or the Hugging Face and ModelScope caches).
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -137,7 +138,16 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
+        if (path / "tokenizer.model").is_file() and not sentencepiece_available():
+            raise CheckpointError(
+                f"cannot load the tokenizer in {path}: its tokenizer.model is a SentencePiece model, and reading it "
+                "needs the sentencepiece package: pip install sentencepiece (xtune's own install brings it)."
+            ) from error
         raise CheckpointError(f"cannot load the tokenizer in {path}: {_first_line(error)}") from error
+
+
+def sentencepiece_available() -> bool:
+    return importlib.util.find_spec("sentencepiece") is not None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")

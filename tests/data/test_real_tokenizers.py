@@ -1,0 +1,233 @@
+"""Training data with real tokenizers (../shared/tokenizers): the ids equal the family's official chat template's,
+a server's generation prompt is a prefix of them, and the labels cover the replies and their end markers.
+
+Each named template is paired with the tokenizer of its family; Phi-3's is Llama 2's with Phi-3's added tokens."""
+
+import copy
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+from transformers import AddedToken
+
+from conftest import SHARED_TOKENIZERS
+from xtune.data.check_template import PROBES, check_template, first_disagreement
+from xtune.data.encode import IGNORE_INDEX, encode
+from xtune.data.formats import Turn
+from xtune.data.templates import get_template, official_chat_template
+from xtune.errors import CheckpointError
+from xtune.models.load import load_tokenizer
+
+PAIRS = {
+    "internlm2_chat": "internlm2", "qwen_chat": "qwen2", "llama3_chat": "llama3", "llama2_chat": "llama2",
+    "mistral": "mistral", "mixtral": "mistral", "zephyr": "mistral", "phi3_chat": "phi3",
+}  # fmt: skip
+"""Named template -> the family's tokenizer (Zephyr and Mixtral use Mistral's)."""
+
+NOT_A_PREFIX = {("internlm2_chat", "reply starts with a newline"), ("qwen_chat", "reply starts with a newline")}
+"""Where the official template itself breaks train = serve: the header's "\\n" and a reply's leading "\\n" are one
+token ("\\n\\n") in the conversation, while the generation prompt ends with "\\n" alone (docs/data.md)."""
+
+QWEN_DEFAULT_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]  # fmt: skip
+"""Phi-3-mini's added tokens, ids 32000-32010 after Llama 2's vocabulary; all but <|endoftext|> strip what follows."""
+
+
+@pytest.fixture(scope="module")
+def family(real_tokenizer):
+    """`family("qwen_chat")`: the family's tokenizer, with the template's official jinja as its chat_template."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            if PAIRS[name] == "phi3":
+                tokenizer = copy.deepcopy(real_tokenizer("llama2"))
+                added = [AddedToken(t, rstrip=t != "<|endoftext|>", special=True, normalized=False) for t in PHI3_ADDED]
+                tokenizer.add_tokens(added, special_tokens=True)
+                assert tokenizer.convert_tokens_to_ids("<|user|>") == 32010
+            else:
+                tokenizer = copy.deepcopy(real_tokenizer(PAIRS[name]))
+            tokenizer.chat_template = official_chat_template(name)
+            made[name] = tokenizer
+        return made[name]
+
+    return get
+
+
+def messages(conversation):
+    return [{"role": turn.role, "content": turn.content} for turn in conversation.turns]
+
+
+def official_ids(tokenizer, conversation, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(
+        messages(conversation), tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
+
+
+def refuses(tokenizer, conversation) -> bool:
+    try:
+        official_ids(tokenizer, conversation)
+    except Exception:  # mistral's and mixtral's jinja have no system role
+        return True
+    return False
+
+
+CASES = [(name, probe) for name in PAIRS for probe in PROBES]
+
+
+@pytest.mark.parametrize("name, probe", CASES)
+def test_training_ids_equal_the_official_templates(family, name, probe):
+    tokenizer, conversation = family(name), PROBES[probe]
+    if refuses(tokenizer, conversation):
+        pytest.skip(f"the official {name} template has no system role")
+    expected = official_ids(tokenizer, conversation)
+    if name == "qwen_chat" and conversation.system is None:  # xtune's choice: no default system prompt (docs/data.md)
+        default = tokenizer(QWEN_DEFAULT_SYSTEM, add_special_tokens=False)["input_ids"]
+        assert expected[: len(default)] == default
+        expected = expected[len(default) :]
+    assert encode(conversation, get_template(name), tokenizer).input_ids == expected
+
+
+@pytest.mark.parametrize("name, probe", CASES)
+def test_each_generation_prompt_is_a_prefix_of_the_training_ids(family, name, probe):
+    tokenizer, conversation = family(name), PROBES[probe]
+    if name == "qwen_chat" and conversation.system is None:
+        conversation = replace(conversation, turns=(Turn("system", "You are Qwen."), *conversation.turns))
+    if refuses(tokenizer, conversation):
+        pytest.skip(f"the official {name} template has no system role")
+    ids = encode(conversation, get_template(name), tokenizer).input_ids
+    assistant_turns = [index for index, turn in enumerate(conversation.turns) if turn.role == "assistant"]
+    prefixes = [ids[: len(p)] == p for p in (
+        official_ids(tokenizer, replace(conversation, turns=conversation.turns[:index]), True) for index in assistant_turns
+    )]  # fmt: skip
+    assert all(prefixes) == ((name, probe) not in NOT_A_PREFIX), prefixes
+
+
+def trained_runs(tokenizer, encoded):
+    runs, run = [], []
+    for token, label in zip(encoded.input_ids, encoded.labels):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    return [tokenizer.decode(r) for r in [*runs, *([run] if run else [])]]
+
+
+END_MARKERS = {
+    "internlm2_chat": "<|im_end|>", "qwen_chat": "<|im_end|>", "llama3_chat": "<|eot_id|>", "llama2_chat": " </s>",
+    "mistral": "</s>", "mixtral": "</s>", "zephyr": "</s>", "phi3_chat": "<|end|>",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_labels_cover_each_reply_and_its_end_marker(family, name):
+    tokenizer = family(name)
+    conversation = PROBES["three rounds"]
+    encoded = encode(conversation, get_template(name), tokenizer)
+    replies = [turn.content for turn in conversation.turns if turn.role == "assistant"]
+    expected = [reply + END_MARKERS[name] for reply in replies]
+    if name == "phi3_chat":  # Phi-3's official format ends a conversation with EOS after the last <|end|>
+        expected[-1] += "</s>"  # the "\n" after <|end|> is stripped into it
+    assert [run.strip() for run in trained_runs(tokenizer, encoded)] == [text.strip() for text in expected]
+    bos = tokenizer.bos_token_id
+    assert bos is None or encoded.input_ids[:2].count(bos) <= 1  # no double BOS
+    last_only = encode(conversation, get_template(name), tokenizer, train_on_last_turn_only=True)
+    assert last_only.input_ids == encoded.input_ids
+    assert trained_runs(tokenizer, last_only) == trained_runs(tokenizer, encoded)[-1:]
+    cut = encode(conversation, get_template(name), tokenizer, max_length=len(encoded.input_ids) - 3)
+    assert (cut.input_ids, cut.labels) == (encoded.input_ids[:-3], encoded.labels[:-3])
+
+
+def test_a_reply_starting_with_a_newline_is_trained_from_the_merged_token(family):
+    tokenizer = family("internlm2_chat")
+    encoded = encode(PROBES["reply starts with a newline"], get_template("internlm2_chat"), tokenizer)
+    (run,) = trained_runs(tokenizer, encoded)
+    assert run == "\n\nRoses are red\nViolets are blue<|im_end|>"  # "\n\n" is one token; the model writes it
+
+
+def test_phi3s_stripping_markers_are_not_trained(family):
+    tokenizer = family("phi3_chat")
+    encoded = encode(PROBES["spaces and newlines"], get_template("phi3_chat"), tokenizer)
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    position = encoded.input_ids.index(assistant)
+    assert encoded.labels[position] == IGNORE_INDEX and encoded.labels[position + 1] != IGNORE_INDEX
+
+
+# check-template and the warning at train start ------------------------------------------------------------------
+
+def test_check_template_finds_the_first_difference_and_the_prefix(family, real_tokenizer):
+    results = {r.probe: r for r in check_template(family("internlm2_chat"), get_template("internlm2_chat"))}
+    assert all(r.identical for r in results.values())
+    assert [p for p, r in results.items() if not r.prefix_holds] == ["reply starts with a newline"]
+    qwen = real_tokenizer("qwen2")
+    one = {r.probe: r for r in check_template(qwen, get_template("qwen_chat"))}["one turn"]
+    assert (one.identical, one.position, one.ours, one.theirs) == (False, 1, "'user' '\\n' 'What'", "'system' '\\n' 'You'")
+    assert first_disagreement(family("mistral"), get_template("mistral")) is None  # refused probes are skipped
+    assert first_disagreement(real_tokenizer("llama2"), get_template("vicuna")).position == 1
+
+
+def test_check_template_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from xtune.cli import app
+
+    runner = CliRunner()
+    same = runner.invoke(app, ["check-template", str(SHARED_TOKENIZERS / "llama3"), "--prompt-template", "llama3_chat"])
+    assert same.exit_code == 0, same.output
+    assert "one turn: identical; generation prompts are prefixes" in same.output
+    other = runner.invoke(app, ["check-template", str(SHARED_TOKENIZERS / "llama3"), "--prompt-template", "qwen_chat"])
+    assert other.exit_code == 1 and "one turn: differs at token 0: qwen_chat writes '<' '|' 'im'" in other.output
+
+
+# Loading real folders -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["internlm2", "llama2", "llama3", "qwen2", "mistral"])
+def test_each_family_folder_loads_without_remote_code(name):
+    tokenizer = load_tokenizer(SHARED_TOKENIZERS / name)
+    assert tokenizer.is_fast and tokenizer.chat_template
+    assert tokenizer.decode(tokenizer("Hello world", add_special_tokens=False)["input_ids"]) == "Hello world"
+
+
+def test_internlm2_chat_folder_as_shipped_loads_without_remote_code(tmp_path):
+    """tokenizer.model only, tokenizer_class InternLM2Tokenizer and auto_map to remote code, as the hub ships it."""
+    folder = tmp_path / "internlm2-chat-1_8b"
+    shutil.copytree(SHARED_TOKENIZERS / "internlm2", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "InternLM2Tokenizer" and "auto_map" in config
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": 92544,
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+    }))  # fmt: skip
+    tokenizer = load_tokenizer(folder)
+    assert not (folder / "tokenizer.json").exists()
+    ids = tokenizer("<|im_start|>user\n你好<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == 92543 and ids[-1] == 92542 and tokenizer.decode(ids) == "<|im_start|>user\n你好<|im_end|>"
+
+
+def test_a_sentencepiece_model_alone_tokenizes_as_its_tokenizer_json(tmp_path):
+    folder = tmp_path / "mistral-model-only"
+    shutil.copytree(SHARED_TOKENIZERS / "mistral", folder)
+    (folder / "tokenizer.json").unlink()
+    alone, both = load_tokenizer(folder), load_tokenizer(SHARED_TOKENIZERS / "mistral")
+    # neither runs of spaces (tokenizers/README.md) nor text right after a special token: after </s>, tokenizer.json
+    # (Mistral's legacy SentencePiece behaviour) and the model file as transformers converts it tokenize apart
+    text = "[INST] What is 2+2? [/INST] 4 你好 😀 def f(x):\n return x"
+    assert alone(text)["input_ids"] == both(text)["input_ids"]
+
+
+def test_a_tokenizer_that_needs_sentencepiece_says_how_to_install_it(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    def fails(*args, **kwargs):
+        raise ValueError("`tiktoken` is required to read a `tiktoken` file. Install it with `pip install tiktoken`.")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fails)
+    monkeypatch.setattr("xtune.models.load.sentencepiece_available", lambda: False)
+    shutil.copytree(SHARED_TOKENIZERS / "internlm2", tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"tokenizer.model is a SentencePiece model, .*pip install sentencepiece"):
+        load_tokenizer(tmp_path / "m")
