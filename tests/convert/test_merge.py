@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from xtune.convert.merge import merge
 from xtune.data.formats import Conversation, Turn
@@ -16,6 +16,7 @@ from xtune.engine.checkpoint import RUN_META
 from xtune.errors import CheckpointError, XtuneError
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
 from xtune.models.lora import attach_adapter
+from xtune.models.publish import stop_token_ids
 from xtune.testing.tiny import TinySpec, build_model
 
 INPUT = torch.tensor([[1, 300, 301, 302, 400, 500, 7, 8]])
@@ -90,6 +91,10 @@ def test_the_saved_chat_template_writes_the_training_prompts(tmp_path, name):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert text == generation_prompt(conversation, template, tokenizer)
     assert json.loads((merged / RUN_META).read_text())["prompt_template"] == name
+    eos = GenerationConfig.from_pretrained(merged).eos_token_id
+    assert set(stop_token_ids(tokenizer, name)) <= set(eos) and tokenizer.eos_token_id in eos
+    if name in ("internlm2_chat", "qwen_chat"):  # plain generate stops at the template's end of a reply
+        assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos
 
 
 def test_a_qlora_adapter_is_merged_into_its_dequantized_base(tmp_path):

@@ -44,6 +44,10 @@ def test_a_lora_checkpoint_becomes_a_peft_adapter_without_training_state(tmp_pat
     with torch.no_grad():
         PeftModel.from_pretrained(base, out).eval()(INPUT)  # plain peft loads it
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
 
 
 def test_the_base_models_dtype_is_the_default(tmp_path, lora_run):

@@ -16,12 +16,15 @@ from xtune.engine.checkpoint import (
 
 
 class FakeSaver:
+    chat_template = None
+
     def __init__(self, fail=False):
         self.fail = fail
 
     def save_pretrained(self, folder, **kwargs):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "weights.bin").write_bytes(b"w")
+        (folder / "tokenizer_config.json").write_text("{}")
         if self.fail:
             raise OSError("disk full")
 
@@ -50,6 +53,10 @@ def test_a_failed_save_leaves_no_complete_looking_checkpoint(tmp_path):
 
 
 def test_each_file_is_read_once_and_on_disk_before_the_manifest_and_the_rename(tmp_path, monkeypatch):
+    from xtune.engine.checkpoint import write_manifest
+
+    (tmp_path / "warm").mkdir()
+    write_manifest(tmp_path / "warm")  # this machine's signing key exists before the spying starts
     events = []
     open_path, fsync, rename = Path.open, os.fsync, os.replace
 
@@ -76,7 +83,7 @@ def test_each_file_is_read_once_and_on_disk_before_the_manifest_and_the_rename(t
     final = save_checkpoint(FakeSaver(), FakeSaver(), tmp_path, 4, {}, write_extra=write_state)
     names = {path.stat().st_ino: path.name for path in (final, *final.rglob("*"))} | {tmp_path.stat().st_ino: "run"}
     events = [(kind, names.get(what, what)) for kind, what in events]
-    files = ["optimizer.bin", "weights.bin", "xtune_run.json"]  # in the order of their paths
+    files = ["optimizer.bin", "tokenizer_config.json", "weights.bin", "xtune_run.json"]  # in the order of their paths
     read_and_synced = [event for name in files for event in (("read", name), ("fsync", name))]
     folders = [("fsync", "checkpoint-4"), ("fsync", "state")]  # the partial folder (renamed since) and its subfolder
     assert events == [*read_and_synced, ("fsync", MANIFEST), *folders, ("rename", "checkpoint-4"), ("fsync", "run")]

@@ -24,10 +24,19 @@ def test_a_template_that_writes_other_ids_than_the_tokenizers_is_one_warning_lin
     overrides = [f"work_dir={str(tmp_path)!r}", "max_steps=1", "prompt_template='qwen_chat'", "evaluation_inputs=[]"]
     config, _ = load_config("tiny_internlm2_chat_lora_antonyms", overrides)
     output = io.StringIO()
-    train(config, Console(file=output, width=100))
+    checkpoint = train(config, Console(file=output, width=100)).checkpoint
     warnings = [line for line in output.getvalue().splitlines() if "warning" in line]
     assert len(warnings) == 1 and "prompt_template 'qwen_chat' and the tokenizer's own chat_template" in warnings[0]
     assert "xtune check-template xtune-tiny/internlm2-chat --prompt-template qwen_chat" in warnings[0]
+    # what leaves training carries the template it was trained with, and stops where its replies end
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from xtune.data.templates import chat_template_jinja
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert tokenizer.chat_template == chat_template_jinja("qwen_chat") != chat_template_jinja("internlm2_chat")
+    eos = GenerationConfig.from_pretrained(checkpoint).eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos and tokenizer.eos_token_id in eos
 
 
 @pytest.mark.parametrize("packed", [False, True])

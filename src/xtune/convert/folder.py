@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from xtune.data.templates import chat_template_jinja
 from xtune.engine.checkpoint import RUN_META, complete_checkpoints, verify_checkpoint
 from xtune.errors import CheckpointError, XtuneError
 from xtune.paths import share_as_umask_allows
@@ -37,21 +36,6 @@ def new_folder(save_dir: str | Path):
     if save_dir.exists():
         save_dir.rmdir()
     os.replace(partial, save_dir)
-
-
-def save_tokenizer(tokenizer, folder: Path, prompt_template: str | None) -> None:
-    """The tokenizer, with `chat_template` set to the training template in tokenizer_config.json (and in
-    chat_template.jinja, which transformers 5 reads first), so other tools prompt the model the same way."""
-    jinja = chat_template_jinja(prompt_template) if prompt_template and prompt_template != "hf" else None
-    if jinja is not None:
-        tokenizer.chat_template = jinja
-    tokenizer.save_pretrained(folder)
-    if jinja is not None:
-        config_file = folder / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        config["chat_template"] = jinja
-        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (folder / "chat_template.jinja").write_text(jinja, encoding="utf-8")
 
 
 def write_meta(folder: Path, meta: dict) -> None:

@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from xtune.convert.folder import save_tokenizer
+from xtune.models.publish import save_tokenizer
 from xtune.data.templates import chat_template_jinja
 from xtune.errors import XtuneError
 from xtune.models.llava import ENCODER_ADAPTER, ENCODER_FULL, LLM_ADAPTER, LLM_FULL, PROJECTOR, load_llava

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from xtune.convert.folder import new_folder, save_dtype, save_tokenizer, write_meta
+from xtune.convert.folder import new_folder, save_dtype, write_meta
+from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 from xtune.engine.checkpoint import read_run_meta
 from xtune.engine.device import resolve_device
 from xtune.models.internlm2 import is_internlm2, save_internlm2
@@ -57,6 +58,7 @@ def merge(
         else:
             merged.save_pretrained(folder, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, folder, template)
+        write_generation_config(folder, generation_config_of(merged), tokenizer, template)
         write_meta(folder, {**meta, "method": "merged", "quantization": None, "merged_from": {"base": str(base), "adapter": str(adapter)}, "prompt_template": template})  # fmt: skip
     console.print(f"merged model written to {save_dir}")
     return Path(save_dir)

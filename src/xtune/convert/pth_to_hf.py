@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from xtune.config.load import load_config
 from xtune.convert.llava import copy_llava_parts, export_hf_llava
-from xtune.convert.folder import find_checkpoint, new_folder, save_dtype, save_tokenizer, write_meta
+from xtune.convert.folder import find_checkpoint, new_folder, save_dtype, write_meta
+from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 from xtune.engine.checkpoint import read_run_meta
 from xtune.errors import CheckpointError
 from xtune.models.load import load_tokenizer, read_config, resolve_model_path
@@ -50,7 +51,8 @@ def pth_to_hf(
             f"{folder_in} was trained from {trained_on!r} but {config_file} names {config.llm_name_or_path!r}; "
             f"pass the run's own config (a copy is {folder_in.parent / 'config.json'})."
         )
-    base_config = read_config(resolve_model_path(config.llm_name_or_path))
+    base_path = resolve_model_path(config.llm_name_or_path)
+    base_config = read_config(base_path)
     dtype = save_dtype(base_config.get("dtype") or base_config.get("torch_dtype"), fp32)
     tokenizer = load_tokenizer(folder_in)
     template = meta.get("prompt_template") or config.prompt_template
@@ -68,10 +70,12 @@ def pth_to_hf(
             adapter_config = json.loads((folder_in / "adapter_config.json").read_text())
             (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
             kind = "PEFT adapter"
+            write_generation_config(folder, generation_config_of(base_path), tokenizer, template)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder_in, dtype=dtype)
             model.save_pretrained(folder, max_shard_size=max_shard_size)
             kind = "model"
+            write_generation_config(folder, generation_config_of(model), tokenizer, template)
         save_tokenizer(tokenizer, folder, template)
         write_meta(folder, {**meta, "converted_from": str(folder_in)})
     console.print(f"{kind} from {folder_in} written to {save_dir} ({dtype})")

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xtune.errors import CheckpointError
+from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 from xtune.paths import file_sha256, share_as_umask_allows, xtune_home
 
 RUN_META = "xtune_run.json"
@@ -57,7 +58,9 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
     try:
         model.save_pretrained(partial, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-        tokenizer.save_pretrained(partial)
+        save_tokenizer(tokenizer, partial, meta.get("prompt_template"))
+        if (generation := generation_config_of(model)) is not None:
+            write_generation_config(partial, generation, tokenizer, meta.get("prompt_template"))
         (partial / RUN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
         if write_extra is not None:
             write_extra(partial)
