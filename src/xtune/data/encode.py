@@ -1,9 +1,9 @@
 """Rendered segments -> token ids and labels, -100 wherever no loss is taken."""
 
-import bisect
 import re
 import weakref
 from dataclasses import dataclass, replace
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -99,31 +99,72 @@ def encode_batch(
     if backend is not None:
         # as `tokenizer(text)` does: a call with split_special_tokens=True (plain_text_ids) leaves the backend so
         backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-        encodings = iter([(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)])
+        encodings = iter([(e.ids, e) for e in backend.encode_batch(texts, add_special_tokens=False)])
     else:  # no offsets: each chunk lies in one segment (`_plan`), and all its tokens are labelled by it
-        encodings = iter([(ids, [(0, len(text))] * len(ids)) for text, ids in zip(texts, _encode_each(texts, tokenizer))])
+        encodings = iter([(ids, None) for ids in _encode_each(texts, tokenizer)])
+    controls = _control_ids(tokenizer)
     results = []
     for conversation, plan in zip(conversations, plans):
-        ids, starts, ends = [], [], []
+        ids, pieces = [], []
         for start, end, kind in plan.chunks:
             if kind == "image":
-                piece, spans = [IMAGE_TOKEN_ID] * image_tokens, [(0, 0)] * image_tokens
+                piece, encoding = [IMAGE_TOKEN_ID] * image_tokens, None
             elif kind == "plain":
-                piece = plain_text_ids(plan.text[start:end], tokenizer)
-                spans = [(0, end - start)] * len(piece)
+                piece, encoding = plain_text_ids(plan.text[start:end], tokenizer), None
             else:
-                piece, spans = next(encodings)
+                piece, encoding = next(encodings)
+            pieces.append(_Piece(start, end, len(ids), piece, encoding, kind == "image"))
             ids += piece
-            previous_end = None
-            for token_start, token_end in spans:  # offsets may leave out a space the token starts with
-                token_start = token_start if previous_end is None else min(token_start, previous_end)
-                starts.append(start + token_start)
-                ends.append(start + token_end)
-                previous_end = token_end
-        labels = _labels(ids, starts, ends, plan.spans, _control_ids(tokenizer))
+        labels = _labels(len(ids), pieces, plan.spans, controls)
         images = conversation.images if image_tokens else ()
         results.append(_fit(ids, labels, max_length, images, image_tokens))
     return results
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """The tokens of one chunk of a conversation's text."""
+
+    start: int
+    end: int
+    """The chunk's characters in the text."""
+    offset: int
+    """Where its tokens start in the sample."""
+    ids: list[int]
+    encoding: Any | None
+    """The tokenizers Encoding, which maps characters to tokens; None: each token stands for the whole chunk."""
+    image: bool
+
+
+def _labels(length: int, pieces: list[_Piece], spans: list[tuple[int, int]], controls: frozenset[int]) -> list[int]:
+    """The ids of tokens whose characters overlap a trained span, IGNORE_INDEX elsewhere (and on image patches).
+
+    A token that starts before a span and reaches into it is trained (InternLM2's header `\n` and a reply's
+    leading `\n` are one token, which the model writes to begin the reply), unless it is a special token of the
+    markup that only swallowed the reply's leading spaces (Phi-3's `<|assistant|>` strips what follows it)."""
+    labels = [IGNORE_INDEX] * length
+    for a, b in spans:
+        for piece in pieces:
+            if piece.image or piece.end <= a or piece.start >= b:
+                continue
+            low, high = max(a, piece.start) - piece.start, min(b, piece.end) - piece.start
+            first, last = (0, len(piece.ids)) if piece.encoding is None else _overlapping(piece, low, high, controls)
+            labels[piece.offset + first : piece.offset + last] = piece.ids[first:last]
+    return labels
+
+
+def _overlapping(piece: _Piece, low: int, high: int, controls: frozenset[int]) -> tuple[int, int]:
+    """The tokens of `piece` that hold characters low..high of its chunk (every byte piece of a character)."""
+    encoding = piece.encoding
+    first = next((t for c in range(low, high) if (t := encoding.char_to_token(c)) is not None), None)
+    if first is None:
+        return 0, 0
+    last = next(t for c in range(high - 1, low - 1, -1) if (t := encoding.char_to_token(c)) is not None) + 1
+    while last < len(piece.ids) and encoding.token_to_chars(last)[0] < high:
+        last += 1
+    if encoding.token_to_chars(first)[0] < low and piece.ids[first] in controls:
+        first += 1
+    return first, last
 
 
 @dataclass(frozen=True)
@@ -190,25 +231,6 @@ def _chunks(text: str, cuts: list[tuple[int, int, str]]) -> list[tuple[int, int,
     if position < len(text):
         chunks.append((position, len(text), "text"))
     return chunks
-
-
-def _labels(
-    ids: list[int], starts: list[int], ends: list[int], spans: list[tuple[int, int]], controls: frozenset[int]
-) -> list[int]:
-    """The ids of tokens whose characters overlap a trained span, IGNORE_INDEX elsewhere (and on image patches).
-
-    A token that starts before a span and reaches into it is trained (InternLM2's header `\n` and a reply's
-    leading `\n` are one token, which the model writes to begin the reply), unless it is a special token of the
-    markup that only swallowed the reply's leading spaces (Phi-3's `<|assistant|>` strips what follows it)."""
-    labels = [IGNORE_INDEX] * len(ids)
-    for a, b in spans:
-        first, last = bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)
-        if first < last and starts[first] < a and ids[first] in controls:
-            first += 1
-        labels[first:last] = ids[first:last]
-    if IMAGE_TOKEN_ID in ids:
-        labels = [IGNORE_INDEX if token == IMAGE_TOKEN_ID else label for token, label in zip(ids, labels)]
-    return labels
 
 
 def _encode_each(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
