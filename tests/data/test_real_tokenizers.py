@@ -227,7 +227,7 @@ def test_a_tokenizer_that_needs_sentencepiece_says_how_to_install_it(tmp_path, m
         raise ValueError("`tiktoken` is required to read a `tiktoken` file. Install it with `pip install tiktoken`.")
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", fails)
-    monkeypatch.setattr("xtune.models.load.sentencepiece_available", lambda: False)
+    monkeypatch.setattr("xtune.models.load._importable", lambda module: module != "sentencepiece")
     shutil.copytree(SHARED_TOKENIZERS / "internlm2", tmp_path / "m")
     with pytest.raises(CheckpointError, match=r"tokenizer.model is a SentencePiece model, .*pip install sentencepiece"):
         load_tokenizer(tmp_path / "m")

@@ -138,16 +138,25 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        if (path / "tokenizer.model").is_file() and not sentencepiece_available():
+        if (path / "tokenizer.model").is_file() and (missing := missing_for_sentencepiece()):
             raise CheckpointError(
                 f"cannot load the tokenizer in {path}: its tokenizer.model is a SentencePiece model, and reading it "
-                "needs the sentencepiece package: pip install sentencepiece (xtune's own install brings it)."
+                f"needs {' and '.join(missing)}: pip install {' '.join(missing)} (xtune's own install brings them)."
             ) from error
         raise CheckpointError(f"cannot load the tokenizer in {path}: {_first_line(error)}") from error
 
 
-def sentencepiece_available() -> bool:
-    return importlib.util.find_spec("sentencepiece") is not None
+def missing_for_sentencepiece() -> list[str]:
+    """The packages transformers needs to read a SentencePiece tokenizer.model that are not installed."""
+    modules = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}
+    return [package for package, module in modules.items() if not _importable(module)]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or blocked in sys.modules
+        return False
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
