@@ -231,3 +231,21 @@ def test_a_tokenizer_that_needs_sentencepiece_says_how_to_install_it(tmp_path, m
     shutil.copytree(SHARED_TOKENIZERS / "internlm2", tmp_path / "m")
     with pytest.raises(CheckpointError, match=r"tokenizer.model is a SentencePiece model, .*pip install sentencepiece"):
         load_tokenizer(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["vicuna", "default", "gemma", "chatglm3", "deepseek_v2", *PAIRS])
+def test_xtunes_own_prompts_are_prefixes_of_its_training_ids(tokenizer, family, name):
+    """What chat and serve feed (no official template to compare with for Vicuna and XTuner's default): Vicuna
+    with its Llama 2 tokenizer, the others with the tiny one and, where there is one, the family's."""
+    from xtune.infer.generate import prompt_ids
+
+    tokenizers = [tokenizer, family(name) if name in PAIRS else None]
+    if name == "vicuna":
+        tokenizers.append(family("llama2_chat"))
+    for each in filter(None, tokenizers):
+        for probe, conversation in PROBES.items():
+            ids = encode(conversation, get_template(name), each).input_ids
+            turns = [index for index, turn in enumerate(conversation.turns) if turn.role == "assistant"]
+            prompts = [prompt_ids(replace(conversation, turns=conversation.turns[:i]), get_template(name), each) for i in turns]
+            holds = all(ids[: len(p)] == p for p in prompts)
+            assert holds or (name, probe) in NOT_A_PREFIX, (name, probe)
