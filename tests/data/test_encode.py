@@ -359,3 +359,24 @@ def test_a_long_text_is_cut_before_tokenizing_with_the_tokens_of_the_whole(token
     finally:
         tokenizer._tokenizer = backend
     assert max(seen) == limit  # the long text was cut before the tokenizer saw it
+
+
+def test_a_tokenizer_without_character_offsets_is_tokenized_segment_by_segment(tokenizer):
+    """A Python tokenizer (no Rust backend, e.g. remote code) gives no character offsets: each rendered segment is
+    then tokenized apart and labelled as a whole, as before token-exact encoding."""
+
+    class NoOffsets:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            if name == "backend_tokenizer":
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    template = get_template("internlm2_chat")
+    encoded = encode(TWO_TURNS, template, NoOffsets(tokenizer))
+    segments = render(TWO_TURNS, template, tokenizer)
+    pieces = [(tokenizer.encode(text, add_special_tokens=False), trained) for text, trained in segments]
+    assert encoded.input_ids == [token for ids, _ in pieces for token in ids]
+    assert encoded.labels == [token if trained else IGNORE_INDEX for ids, trained in pieces for token in ids]
