@@ -30,12 +30,27 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="Show full stack
 
 
 @app.command("list-cfg")
-def list_cfg(pattern: Annotated[Optional[str], typer.Option("-p", "--pattern", help="Substring to match.")] = None):
-    """List the built-in configs."""
-    from xtune.config.load import list_configs
+def list_cfg(
+    pattern: Annotated[
+        Optional[str], typer.Option("-p", "--pattern", help="Match as you type: qwen2.5, internlm2_1_8b, llama3, qlora.")
+    ] = None,
+    family: Annotated[bool, typer.Option("--family", help="Group the configs by model family.")] = False,
+):
+    """List the built-in configs (`copy-cfg NAME DIR` writes one out to edit)."""
+    from itertools import groupby
 
-    for name in list_configs(pattern):
-        console.print(name, highlight=False)
+    from xtune.config.load import config_family, list_configs
+
+    names = list_configs(pattern)
+    if not family:
+        for name in names:
+            console.print(name, highlight=False)
+        return
+    by_family = sorted(names, key=lambda name: ((config_family(name) or "other").lower(), name))
+    for group, members in groupby(by_family, key=lambda name: config_family(name) or "other"):
+        console.print(f"{group}:", highlight=False, markup=False)
+        for name in members:
+            console.print(f"  {name}", highlight=False)
 
 
 @app.command("copy-cfg")

@@ -7,6 +7,7 @@ for it on the command line (`allow_code`, the CLI's --allow-code).
 
 import ast
 import difflib
+import os
 import runpy
 import shutil
 import types
@@ -17,22 +18,37 @@ import yaml
 from pydantic import ValidationError
 
 from xtune.config.schema import ALIASES, FIELD_NAMES, OTHER_TOOLS_NAMES, Config, names_code
+from xtune.config.presets import MODELS, PRESETS, family_of, matches, preset_source
 from xtune.errors import ConfigError, short_repr
+from xtune.paths import xtune_home
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 CONFIG_SUFFIXES = (".py", ".yaml", ".yml")
 
 
 def list_configs(pattern: str | None = None) -> list[str]:
-    """Names of the built-in configs, those containing `pattern` (case-insensitive) if given."""
-    names = sorted(p.stem for p in BUILTIN_DIR.iterdir() if p.suffix in CONFIG_SUFFIXES)
-    if pattern:
-        names = [n for n in names if pattern.lower() in n.lower()]
-    return names
+    """Names of the built-in configs (files and presets), those matching `pattern` as a user types it, if given
+    (`presets.matches`: `qwen2.5`, `internlm2_1_8b`, `llama3`; or any substring)."""
+    files = {p.stem for p in BUILTIN_DIR.iterdir() if p.suffix in CONFIG_SUFFIXES}
+    names = sorted(files | set(PRESETS))
+    return [n for n in names if matches(n, pattern) or pattern.lower() in n.lower()] if pattern else names
+
+
+def config_family(name: str) -> str | None:
+    """The model family of a built-in config: its preset's, or the family of the model its file names."""
+    if name in PRESETS:
+        return family_of(name)
+    if name.startswith("tiny_"):
+        return "tiny (built by xtune)"
+    if name.startswith("llava_"):
+        return "LLaVA"
+    stems = sorted((model for model in MODELS if name.startswith(model.key + "_")), key=lambda m: -len(m.key))
+    return stems[0].family if stems else None
 
 
 def find_config(name_or_path: str) -> Path:
-    """A config file path, or the built-in config of that name."""
+    """A config file path, or the built-in config of that name (a preset is written out as a Python file under
+    $XTUNE_HOME/presets/ first, so that errors name its lines and `copy-cfg` copies the same text)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -40,11 +56,23 @@ def find_config(name_or_path: str) -> Path:
         builtin = BUILTIN_DIR / f"{name_or_path}{suffix}"
         if builtin.is_file():
             return builtin
+    if name_or_path in PRESETS:
+        return _written_preset(name_or_path)
     hint = _suggest(name_or_path, list_configs())
     raise ConfigError(
         f"no config file '{name_or_path}' and no built-in config of that name.{hint} "
         "See `xtune list-cfg` for the built-in ones."
     )
+
+
+def _written_preset(name: str) -> Path:
+    path, text = xtune_home() / "presets" / f"{name}.py", preset_source(name)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        draft.write_text(text)
+        os.replace(draft, path)
+    return path
 
 
 def copy_config(name: str, dest_dir: str | Path) -> Path:

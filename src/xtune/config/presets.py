@@ -1,0 +1,164 @@
+"""Built-in configs as data: one table of models (family, hub id, chat template, defaults) times one table of
+recipes (method x data). `list-cfg` lists their names, `show-cfg` and `train` read them, and `copy-cfg` writes a
+complete Python file to edit. Names follow XTuner's (`llama2_7b_qlora_alpaca_e3`, `qwen1_5_7b_chat_qlora_alpaca_e3`)."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model of a family, with what its configs need to know about it."""
+
+    key: str
+    """The name stem, spelt as XTuner spells it: `internlm2_chat_7b`, `llama2_7b`, `qwen1_5_7b_chat`."""
+    family: str
+    model_id: str
+    """Its Hugging Face id (found in the local Hugging Face or ModelScope cache, or edited to a folder)."""
+    template: str
+    """The prompt template: a named one where it writes the family's official format, `hf` (the model's own
+    chat_template) where xtune has no template of that format yet, `default` for base models."""
+    lr: float = 2e-4
+    """LoRA/QLoRA learning rate; full fine-tuning uses a tenth of it."""
+    max_length: int = 2048
+    lora_r: int = 64
+    lora_alpha: int = 16
+    note: str = ""
+    """Written at the top of the config file."""
+
+
+MODELS: tuple[Model, ...] = (
+    Model("internlm2_chat_1_8b", "InternLM2", "internlm/internlm2-chat-1_8b", "internlm2_chat"),
+    Model("internlm2_chat_7b", "InternLM2", "internlm/internlm2-chat-7b", "internlm2_chat"),
+    Model("internlm2_5_chat_7b", "InternLM2.5", "internlm/internlm2_5-7b-chat", "internlm2_chat"),
+    Model("internlm3_8b_instruct", "InternLM3", "internlm/internlm3-8b-instruct", "hf"),
+    Model("llama2_7b", "Llama 2", "meta-llama/Llama-2-7b-hf", "default", note="A base model: XTuner's default template."),
+    Model("llama2_7b_chat", "Llama 2", "meta-llama/Llama-2-7b-chat-hf", "llama2_chat"),
+    Model("llama3_8b_instruct", "Llama 3", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat", lr=1e-4),
+    Model("llama3_1_8b_instruct", "Llama 3.1", "meta-llama/Llama-3.1-8B-Instruct", "hf", lr=1e-4,
+          note="Llama 3.1's template writes a dated system header that llama3_chat does not: its own (hf)."),
+    Model("llama3_2_3b_instruct", "Llama 3.2", "meta-llama/Llama-3.2-3B-Instruct", "hf", lr=1e-4),
+    Model("llama3_3_70b_instruct", "Llama 3.3", "meta-llama/Llama-3.3-70B-Instruct", "hf", lr=1e-4, lora_r=16),
+    Model("qwen1_5_7b_chat", "Qwen 1.5", "Qwen/Qwen1.5-7B-Chat", "qwen_chat"),
+    Model("qwen2_7b_instruct", "Qwen 2", "Qwen/Qwen2-7B-Instruct", "qwen_chat"),
+    Model("qwen2_5_7b_instruct", "Qwen 2.5", "Qwen/Qwen2.5-7B-Instruct", "qwen_chat"),
+    Model("qwen3_8b", "Qwen 3", "Qwen/Qwen3-8B", "hf", lr=1e-4,
+          note="Qwen3's template (thinking blocks) through its own chat_template (hf)."),
+    Model("qwen3_30b_a3b", "Qwen 3 MoE", "Qwen/Qwen3-30B-A3B", "hf", lr=1e-4, lora_r=16),
+    Model("mistral_7b", "Mistral", "mistralai/Mistral-7B-v0.1", "default", note="A base model: XTuner's default template."),
+    Model("mistral_7b_instruct_v0_1", "Mistral", "mistralai/Mistral-7B-Instruct-v0.1", "mistral", lr=1e-4),
+    Model("mistral_7b_instruct_v0_3", "Mistral", "mistralai/Mistral-7B-Instruct-v0.3", "hf", lr=1e-4),
+    Model("mixtral_8x7b_instruct", "Mixtral", "mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral", lr=1e-4, lora_r=16),
+    Model("gemma_7b_it", "Gemma", "google/gemma-7b-it", "gemma", lr=1e-4),
+    Model("gemma2_9b_it", "Gemma 2", "google/gemma-2-9b-it", "gemma", lr=1e-4),
+    Model("gemma3_1b_it", "Gemma 3", "google/gemma-3-1b-it", "gemma", lr=1e-4),
+    Model("phi3_mini_4k_instruct", "Phi-3", "microsoft/Phi-3-mini-4k-instruct", "phi3_chat"),
+    Model("phi3_5_mini_instruct", "Phi-3.5", "microsoft/Phi-3.5-mini-instruct", "phi3_chat"),
+    Model("phi4", "Phi-4", "microsoft/phi-4", "hf", lr=1e-4),
+    Model("deepseek_v2_lite_chat", "DeepSeek-V2", "deepseek-ai/DeepSeek-V2-Lite-Chat", "deepseek_v2", lora_r=16),
+    Model("deepseek_coder_6_7b_instruct", "DeepSeek-Coder", "deepseek-ai/deepseek-coder-6.7b-instruct", "hf"),
+    Model("deepseek_r1_distill_qwen_7b", "DeepSeek-R1-Distill", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "hf", lr=1e-4),
+    Model("yi_6b_chat", "Yi", "01-ai/Yi-6B-Chat", "hf"),
+    Model("glm4_9b_chat", "GLM-4", "THUDM/glm-4-9b-chat-hf", "hf", lr=1e-4),
+    Model("command_r7b", "Cohere Command-R", "CohereForAI/c4ai-command-r7b-12-2024", "hf", lr=1e-4),
+)  # fmt: skip
+"""One sensible size per family (several where the family changed its format between versions)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method and a dataset, as a config's name ends: `qlora_alpaca_e3`."""
+
+    key: str
+    method: str
+    quantization: str | None
+    data: str
+    """`alpaca`, `custom_sft` (OpenAI messages JSONL) or `custom_pretrain` (plain text)."""
+    epochs: int
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("qlora_alpaca_e3", "lora", "4bit", "alpaca", 3),
+    Recipe("lora_alpaca_e3", "lora", None, "alpaca", 3),
+    Recipe("full_alpaca_e3", "full", None, "alpaca", 3),
+    Recipe("qlora_custom_sft_e1", "lora", "4bit", "custom_sft", 1),
+    Recipe("full_custom_pretrain_e1", "full", None, "custom_pretrain", 1),
+)
+
+_DATA = {
+    "alpaca": ('data_path = data_root + "alpaca_data.json"  # tatsu-lab/alpaca as JSON', "alpaca"),
+    "custom_sft": ('data_path = data_root + "my_conversations.jsonl"  # {"messages": [{"role": ..., "content": ...}]}', "openai"),
+    "custom_pretrain": ('data_path = data_root + "my_corpus.txt"  # one document per line', "text"),
+}  # fmt: skip
+
+PRESETS: dict[str, tuple[Model, Recipe]] = {f"{m.key}_{r.key}": (m, r) for m in MODELS for r in RECIPES}
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether `pattern`, as a user types it (`qwen2.5`, `Llama-3.2`, `internlm2_1_8b`, `llama3`), names `name`:
+    its words in order, each the start of a word of the name, or its letters and digits in a row."""
+    words, wanted = _words(name), _words(pattern)
+    if "".join(wanted) in "".join(words):
+        return True
+    position = 0
+    for word in wanted:
+        position = next((i + 1 for i in range(position, len(words)) if words[i].startswith(word)), -1)
+        if position < 0:
+            return False
+    return True
+
+
+def _words(text: str) -> list[str]:
+    return [word for word in text.lower().replace(".", "_").replace("-", "_").split("_") if word]
+
+
+def family_of(name: str) -> str | None:
+    return PRESETS[name][0].family if name in PRESETS else None
+
+
+def preset_source(name: str) -> str:
+    """A complete, editable Python config for the preset `name`."""
+    model, recipe = PRESETS[name]
+    data_line, data_format = _DATA[recipe.data]
+    full = recipe.method == "full"
+    lr = model.lr / 10 if full else model.lr
+    pretrain = recipe.data == "custom_pretrain"
+    lines = [
+        f"# {recipe.method.upper() if not recipe.quantization else 'QLoRA'} on {model.model_id} ({model.family}), "
+        f"{recipe.data.replace('_', ' ')} data, {recipe.epochs} epoch{'s' if recipe.epochs > 1 else ''}.",
+        *([f"# {model.note}"] if model.note else []),
+        "# Edit the model and data paths; `xtune show-cfg --fields` lists every key.",
+        "",
+        "# Model",
+        f'pretrained_model_name_or_path = "{model.model_id}"',
+        f'method = "{recipe.method}"',
+        f"quantization = {recipe.quantization!r}".replace("'", '"'),
+    ]
+    if not full:
+        lines += [f"lora_r = {model.lora_r}", f"lora_alpha = {model.lora_alpha}", "lora_dropout = 0.1"]
+    lines += [
+        "",
+        "# Data",
+        'data_root = "./data/"',
+        data_line,
+        f'dataset_format = "{data_format}"',
+        f'prompt_template = "{model.template}"',
+        f"max_length = {model.max_length}",
+        "pack_to_max_length = True",
+        "",
+        "# Optimisation",
+        "batch_size = 1  # per device",
+        "accumulative_counts = 16",
+        f"max_epochs = {recipe.epochs}",
+        f"lr = {lr:g}",
+        "weight_decay = 0.0",
+        "max_norm = 1.0",
+        "warmup_ratio = 0.03",
+        "",
+        "# Saving, logging, evaluation",
+        "save_steps = 500",
+        "save_total_limit = 2",
+        "evaluation_freq = 500",
+    ]
+    if not pretrain:
+        lines += ['evaluation_inputs = ["Please tell me five scenic spots in Shanghai", "请给我介绍五个上海的景点"]']
+    return "\n".join(lines) + "\n"
