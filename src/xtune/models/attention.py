@@ -40,12 +40,26 @@ def varlen_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query: (1, heads, tokens, head_dim), key/value: (1, kv_heads, tokens, head_dim) ->
-    (1, tokens, heads, head_dim), as transformers' attention functions return."""
+    (1, tokens, heads, head_dim), as transformers' attention functions return.
+
+    A family's `softcap` (Gemma 2's tanh cap on the scores) and `sliding_window` (Gemma 2's, Mistral's local
+    layers) are honoured: SDPA knows neither, so those blocks are computed as the math says (`_capped_attention`)."""
+    softcap, window = kwargs.pop("softcap", None), kwargs.pop("sliding_window", None)
     if cu_seq_lens_q is None:
+        if softcap is not None:  # the mask (padding, causal, window) was built by SDPA's mask function
+            return _capped_attention(query, key, value, attention_mask, scaling, softcap, None, dropout, module), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one row of concatenated samples (batch size 1)")
     enable_gqa = query.shape[1] != key.shape[1]
+    bounds = cu_seq_lens_q.tolist()
+    if softcap is not None or (window is not None and max(b - a for a, b in zip(bounds[:-1], bounds[1:])) > window):
+        blocks = [
+            _capped_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, scaling, softcap, window,
+                              dropout, module)  # fmt: skip
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        return torch.cat(blocks, dim=1).contiguous(), None
     if query.is_cuda and varlen_attn is not None and dropout == 0.0:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
         cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
@@ -58,7 +72,6 @@ def varlen_attention_forward(
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         out = varlen_attn(q, k, v, cu, cu, max_length_q, max_length_q, **options)
         return out.unsqueeze(0), None
-    bounds = cu_seq_lens_q.tolist()
     blocks = [
         F.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
@@ -67,6 +80,30 @@ def varlen_attention_forward(
         for start, end in zip(bounds[:-1], bounds[1:])
     ]
     return torch.cat(blocks, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _capped_attention(query, key, value, mask, scaling, softcap, window, dropout, module) -> torch.Tensor:
+    """Causal attention with scores capped at `softcap` (softcap * tanh(scores / softcap)) and, with `window`, each
+    token seeing itself and the window - 1 before it; `mask`, when given, is the model's own (bool or additive).
+    (batch, heads, tokens, head_dim) in, (batch, tokens, heads, head_dim) out."""
+    if key.shape[1] != query.shape[1]:
+        repeats = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        position = torch.arange(query.shape[2], device=query.device)
+        distance = position[:, None] - position[None, :]
+        mask = (distance >= 0) & (distance < window if window is not None else True)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask[..., : key.shape[2]].float()
+    probabilities = torch.softmax(scores, dim=-1).to(query.dtype)
+    probabilities = F.dropout(probabilities, p=dropout, training=module.training)
+    return torch.matmul(probabilities, value).transpose(1, 2)
 
 
 def register_varlen_attention() -> str:
