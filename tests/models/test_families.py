@@ -49,6 +49,8 @@ def test_lora_reaches_every_linear_layer_and_trains(family):
     model = get_peft_model(build_family_model(family), LoraConfig(r=4, target_modules="all-linear"))
     adapted = {name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name}
     assert adapted >= {"q_proj" if family != "phi3" else "qkv_proj", "o_proj"}
+    if family in ("mixtral", "qwen3_moe"):  # the fused experts (peft targets their parameters) and the router
+        assert {"experts", "gate"} <= adapted
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.tensor([[1, *range(10, 40)]])
     model.train()
