@@ -202,3 +202,11 @@ def test_resuming_an_older_checkpoint_is_refused_before_it_trains_over_later_one
     resumed = train(config, Console(file=output, width=300), resume=str(run / "checkpoint-2"))  # the newest: fine
     assert resumed.run_dir == run and resumed.checkpoint == run / "checkpoint-2" and resumed.losses == []
     assert f"{run} has trained all its 2 steps already; its last checkpoint is {run / 'checkpoint-2'}" in output.getvalue()
+
+
+def test_no_sample_left_after_the_length_rules_is_an_error_before_the_loop(tmp_path):
+    from xtune.errors import DataError
+
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path)!r}", "max_length=2"])
+    with pytest.raises(DataError, match=r"no sample to train on: \d+ were over max_length=2 .*Raise max_length"):
+        train(config, Console(file=io.StringIO()))

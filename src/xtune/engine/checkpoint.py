@@ -252,16 +252,27 @@ def read_training_state(folder: Path, scheduler, scaler) -> tuple[dict, dict | N
 _TENSOR = "__tensor__:"
 
 
-def _tensors_aside(value, path: str, tensors: dict[str, torch.Tensor]):
+def _tensors_aside(value, path: str, tensors: dict[str, torch.Tensor], seen: dict | None = None):
     """`value` with every tensor moved into `tensors` (keyed by its path) and left as a reference, so the
-    rest is JSON: this holds torch's and bitsandbytes' nested optimizer states alike."""
+    rest is JSON: this holds torch's and bitsandbytes' nested optimizer states alike. A tensor met twice (8-bit
+    AdamW's quantization maps are one tensor for every parameter) is saved once and referenced from each place;
+    one that only shares memory with another is copied (safetensors refuses shared memory)."""
+    seen = {} if seen is None else seen
     if torch.is_tensor(value):
-        tensors[path] = value.detach().cpu().contiguous()
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        view = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if view in seen:
+            return _TENSOR + seen[view]
+        if any(key[0] == storage for key in seen):
+            tensor = tensor.clone()
+        seen[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)] = path
+        tensors[path] = tensor
         return _TENSOR + path
     if isinstance(value, dict):
-        return {str(key): _tensors_aside(item, f"{path}.{key}", tensors) for key, item in value.items()}
+        return {str(key): _tensors_aside(item, f"{path}.{key}", tensors, seen) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_tensors_aside(item, f"{path}.{index}", tensors) for index, item in enumerate(value)]
+        return [_tensors_aside(item, f"{path}.{index}", tensors, seen) for index, item in enumerate(value)]
     return value
 
 

@@ -50,7 +50,7 @@ from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
 from xtune.engine.loss import FusedHead, next_token_loss_sum
 from xtune.engine.optim import build_optimizer, build_scheduler
-from xtune.errors import CheckpointError, ConfigError, TrainingError
+from xtune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from xtune.models.attention import use_varlen_attention
 from xtune.models.compile import compile_decoder_layers
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
@@ -206,6 +206,13 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         f"{report.truncated} over max_length={config.max_length} ({report.dropped_too_long} dropped), "
         f"{report.dropped_untrained} without trained tokens dropped, {len(report.skipped)} bad records skipped"
     )
+    if not samples:
+        raise DataError(
+            f"no sample to train on: {report.truncated} were over max_length={config.max_length} "
+            f"({report.dropped_too_long} dropped), {report.dropped_untrained} had no trained token left, "
+            f"{len(report.skipped)} bad records were skipped. Raise max_length (or set truncation = 'truncate'), or "
+            "check the data with `xtune check-dataset`."
+        )
     pad_id = pad_token_id(tokenizer)
     if config.pack_to_max_length:
         shuffle_seed = config.seed if config.shuffle_before_pack else None
