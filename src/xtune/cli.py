@@ -315,6 +315,8 @@ def chat(
     )  # fmt: skip
     if input not in (None, "-") and not Path(input).is_file():  # before a model that may take minutes to load
         raise XtuneError(f"--input {input}: no such file; give a file of prompts, one per line, or - for stdin.")
+    if output is not None and output.exists():
+        raise XtuneError(f"--output {output} already exists; it is never overwritten: choose another file or move it.")
     if (visual_encoder is None) != (llava is None):
         raise XtuneError("a LLaVA chat needs both --visual-encoder and --llava.")
     if image is not None and llava is None:
@@ -344,7 +346,7 @@ def chat(
     for reply in replies:
         print(reply.replace("\n", "\\n"), flush=True)
     if output is not None:
-        with output.open("w", encoding="utf-8") as out:
+        with output.open("x", encoding="utf-8") as out:
             for conversation, reply in zip(conversations, replies):
                 out.write(json.dumps({"prompt": conversation.turns[-1].content, "answer": reply}) + "\n")
 

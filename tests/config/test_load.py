@@ -164,3 +164,15 @@ def test_a_key_named_as_other_tools_name_it_suggests_ours(tmp_path, key, ours):
         f"{path}:3: unknown key '{key}'. Did you mean '{ours}' (xtune's name for {key})? "
         "Every key, with its default and meaning: `xtune show-cfg --fields`."
     )
+
+
+def test_a_yaml_key_set_twice_is_refused_at_its_second_line(tmp_path):
+    path = write(tmp_path, "llm_name_or_path: m\ndata_path: d.json\nlr: 0.1\nlr: 0.2\n", name="c.yaml")
+    with pytest.raises(ConfigError, match=rf"{path}:4: key 'lr' is set twice \(first at line 3\); keep one"):
+        load_config(str(path))
+
+
+def test_both_names_of_a_key_are_named(tmp_path):
+    path = write(tmp_path, "llm_name_or_path = 'a'\npretrained_model_name_or_path = 'b'\ndata_path = 'd.json'\n")
+    with pytest.raises(ConfigError, match="'llm_name_or_path' and 'pretrained_model_name_or_path' both set; keep one"):
+        load_config(str(path))

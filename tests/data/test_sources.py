@@ -406,3 +406,12 @@ def test_fuzz_file_readers(suffix, text, raw, as_bytes):
         path.write_bytes(raw if as_bytes else text.encode())
         for item in read_conversations(path):
             assert isinstance(item, BadRecord) or isinstance(item[1], Conversation)
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    from xtune.data.sources import SourceSpec, load_sources
+
+    data = tmp_path / "d.csv"
+    data.write_text("instruction,output,output\nhi,a,b\n")
+    with pytest.raises(DataError, match=r"d.csv:1: the header names 'output' more than once"):
+        load_sources([SourceSpec(str(data), "alpaca")])

@@ -166,3 +166,17 @@ def test_cli_chat_warns_of_an_adapter_trained_on_another_base(tmp_path, monkeypa
     result = CliRunner().invoke(app, args, input="hi\n")
     assert result.exit_code == 0, result.output
     assert "warning:" in result.stderr and "was trained on 'xtune-tiny/qwen2'" in " ".join(result.stderr.split())
+
+
+def test_chat_output_never_overwrites_a_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from xtune.cli import app
+    from xtune.errors import XtuneError
+
+    prompts, answers = tmp_path / "prompts.txt", tmp_path / "answers.jsonl"
+    prompts.write_text("Hi\n")
+    answers.write_text("earlier answers\n")
+    result = CliRunner().invoke(app, ["chat", "xtune-tiny/internlm2-chat", "--input", str(prompts), "--output", str(answers)])
+    assert isinstance(result.exception, XtuneError) and "already exists; it is never overwritten" in str(result.exception)
+    assert answers.read_text() == "earlier answers\n"

@@ -130,3 +130,19 @@ def test_an_adapter_of_another_base_is_warned_of(tmp_path):
         f"the adapter {adapter} was trained on 'internlm/internlm2-chat-1_8b', and the base given is 'xtune-tiny/qwen2'; "
         "unless they are the same model, its answers will be wrong."
     )
+
+
+@pytest.mark.parametrize("key, value", [("modules_to_save", ["embed_token"]), ("lora_target_modules", ["q_projj"])])
+def test_a_module_name_the_model_lacks_is_named_before_training(key, value):
+    from xtune.config.schema import Config
+    from xtune.errors import ConfigError
+    from xtune.models.load import load_model, resolve_model_path
+    from xtune.models.lora import prepare_trainable
+
+    model = load_model(resolve_model_path("xtune-tiny/llama"))
+    config = Config(llm_name_or_path="xtune-tiny/llama", data_path="d.json", **{key: value})
+    with pytest.raises(ConfigError, match=rf"{key}: the model has no module named '{value[0]}'; its linear layers are .*q_proj"):
+        prepare_trainable(model, config)
+    fine = Config(llm_name_or_path="xtune-tiny/llama", data_path="d.json", lora_target_modules=["self_attn.q_proj"],
+                  modules_to_save=["embed_tokens"])  # fmt: skip
+    prepare_trainable(load_model(resolve_model_path("xtune-tiny/llama")), fine)

@@ -185,7 +185,18 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
 
 
 def _check_keys(path: Path, text: str, pairs: list[tuple[yaml.Node, yaml.Node]]) -> None:
-    """Every top-level key must be a string: YAML reads `true`, `null`, `on` or `1` as other types."""
+    """Every top-level key must be a string (YAML reads `true`, `null`, `on` or `1` as other types), and set once
+    (YAML keeps the last of two silently)."""
+    first_line: dict[str, int] = {}
+    for key, _ in pairs:
+        if not isinstance(key, yaml.ScalarNode) or key.tag != "tag:yaml.org,2002:str":
+            continue
+        if key.value in first_line:
+            raise ConfigError(
+                f"{path}:{key.start_mark.line + 1}: key '{key.value}' is set twice (first at line "
+                f"{first_line[key.value]}); keep one."
+            )
+        first_line[key.value] = key.start_mark.line + 1
     for key, _ in pairs:
         if key.tag not in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"):
             written = short_repr(text[key.start_mark.index : key.end_mark.index])
@@ -228,7 +239,8 @@ def _apply_aliases(values: dict[str, Any], source, lines: dict[str, int]) -> dic
     for key, value in values.items():
         name = ALIASES.get(key, key)
         if name in renamed:
-            raise ConfigError(f"{_where(source, lines, key)}: '{key}' and '{name}' both set; keep one.")
+            other = next(k for k in values if ALIASES.get(k, k) == name and k != key)
+            raise ConfigError(f"{_where(source, lines, key)}: '{other}' and '{key}' both set; keep one.")
         renamed[name] = value
         if name != key and key in lines:
             lines[name] = lines[key]

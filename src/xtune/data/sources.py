@@ -221,6 +221,12 @@ def _read_csv(path: Path) -> Iterator[RawItem]:
             if header is None:
                 return
             end = rows.line_num
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise DataError(
+                f"{path}:{end}: the header names {', '.join(map(repr, repeated))} more than once, so one column would "
+                "hide the other; rename the columns."
+            )
         for row in rows:
             start, end = end + 1, rows.line_num
             if not row:

@@ -372,7 +372,7 @@ def chat_with_plugins(
         answer = episode.answer if episode.answer is not None else f"({episode.note})"
         print(answer.replace("\n", "\\n"), flush=True)
     if output is not None:
-        with open(output, "w", encoding="utf-8") as out:
+        with open(output, "x", encoding="utf-8") as out:
             for conversation, episode in zip(conversations, episodes):
                 record = episode_record(conversation.turns[-1].content, episode)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -48,6 +48,16 @@ def prepare_trainable(model: PreTrainedModel, config: Config, others_train: bool
     if config.method == "full":
         model.requires_grad_(True)
         return model
+    names = [name for name, _ in model.named_modules()]
+    targets = [] if config.lora_target_modules == "all-linear" else config.lora_target_modules
+    for key, wanted in (("modules_to_save", config.modules_to_save), ("lora_target_modules", targets)):
+        missing = sorted(w for w in wanted if not any(n == w or n.endswith("." + w) for n in names))  # peft's matching
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(
+                f"{key}: the model has no module named {missing[0]!r}; its linear layers are {', '.join(linear)} "
+                "(and embed_tokens, lm_head for modules_to_save)."
+            )
     return lora_model(model, lora_config(config))
 
 
