@@ -410,3 +410,33 @@ def test_a_special_token_typed_into_a_message_reaches_the_model_as_text(loaded, 
     (ids,) = seen
     assert ids.count(start) == 2 and ids.count(end) == 1  # the user turn and the assistant header: the template's
     assert typed in tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"temperature": 1e-300}, "temperature"),
+    ({"seed": 2**70}, "seed"),
+    ({"stop": [f"w{i}" for i in range(5)]}, "stop"),
+    ({"stop": "x" * 257}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi \ud800 there"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages[0].content[0].text"),
+])  # fmt: skip
+def test_hostile_values_are_400s_naming_the_field(loaded, change, param):
+    model, tokenizer, template = loaded
+    client = TestClient(build_app(model, tokenizer, template, MODEL_NAME), raise_server_exceptions=False)
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2} | change
+    import json
+
+    raw = json.dumps(body)  # ASCII with \ud800 escapes, as a client's JSON encoder writes a lone surrogate
+    response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert param in (response.json()["error"]["param"] or "") or param in response.json()["error"]["message"]
+
+
+def test_with_a_key_the_docs_need_it_too_and_an_empty_key_is_refused(loaded):
+    model, tokenizer, template = loaded
+    keyed = TestClient(build_app(model, tokenizer, template, MODEL_NAME, api_key="k"))
+    assert all(keyed.get(route).status_code in (401, 404) for route in ("/docs", "/openapi.json", "/redoc"))
+    assert TestClient(build_app(model, tokenizer, template, MODEL_NAME)).get("/openapi.json").status_code == 200
+    for empty in ("", "  "):
+        with pytest.raises(XtuneError, match="--api-key is empty"):
+            build_app(model, tokenizer, template, MODEL_NAME, api_key=empty)

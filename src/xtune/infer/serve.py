@@ -111,9 +111,11 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     """OpenAI's newer name for max_tokens; wins when both are given."""
     temperature: float | None = Field(None, ge=0, le=2)
+    """0 is greedy; a positive value below MIN_TEMPERATURE is refused (its scaled scores overflow)."""
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    """OpenAI's seed is a 64-bit integer."""
     n: int | None = None
     stream_options: StreamOptions | None = None
 
@@ -143,12 +145,18 @@ def request_conversation(messages: Sequence[Message]) -> Conversation:
     return Conversation(tuple(turns))
 
 
+MIN_TEMPERATURE = 1e-3
+MAX_STOP_WORDS, MAX_STOP_CHARS = 4, 256
+"""OpenAI's limit on stop sequences; each one is also matched against the tokenizer's whole vocabulary, so 1,000
+of them held the model lock for minutes and their matching tables stayed in memory."""
+
+
 def _content_text(content: str | list[ContentPart] | None, where: str) -> str:
     """A message's text; the texts of a list of parts are joined by newlines, as vLLM does."""
     if content is None:
         raise ApiError(400, f"{where}: content is missing; send the message's text.", param=f"{where}.content")
     if isinstance(content, str):
-        return content
+        return _unicode(content, f"{where}.content")
     texts = []
     for index, part in enumerate(content):
         if part.type != "text" or part.text is None:
@@ -156,8 +164,20 @@ def _content_text(content: str | list[ContentPart] | None, where: str) -> str:
                 400, f"{where}.content[{index}]: only text parts are supported, not {part.type!r}.",
                 param=f"{where}.content[{index}].type",
             )  # fmt: skip
-        texts.append(part.text)
+        texts.append(_unicode(part.text, f"{where}.content[{index}].text"))
     return "\n".join(texts)
+
+
+def _unicode(text: str, param: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which are no Unicode text and no tokenizer reads."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ApiError(
+            400, f"{param}: character {error.start} is a lone surrogate ({text[error.start]!r}), not Unicode text; "
+            "send valid UTF-8.", param=param,
+        ) from None  # fmt: skip
+    return text
 
 
 def asked_max_tokens(request: ChatCompletionRequest) -> tuple[str, int] | None:
@@ -385,6 +405,8 @@ def build_app(
         raise XtuneError(f"max_tokens_limit and max_body_bytes must be >= 1, got {max_tokens_limit}, {max_body_bytes}.")
     if max_queued_requests is not None and max_queued_requests < 0:
         raise XtuneError(f"max_queued_requests must be >= 0 (or None: no limit), got {max_queued_requests}.")
+    if api_key is not None and not api_key.strip():
+        raise XtuneError("--api-key is empty, which any client could send; give a key, or none to serve without one.")
     if max_context_tokens is None:
         max_context_tokens = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     lock = threading.Lock()
@@ -400,7 +422,8 @@ def build_app(
             message = "Incorrect or missing API key: send the server's key as 'Authorization: Bearer <key>'."
             raise ApiError(401, message, code="invalid_api_key")
 
-    app = FastAPI(title=f"xtune: {model_name}", dependencies=[Depends(check_api_key)])
+    documented = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title=f"xtune: {model_name}", dependencies=[Depends(check_api_key)], **documented)
     app.add_exception_handler(ApiError, lambda request, error: error.response())
     app.add_exception_handler(RequestValidationError, _invalid_request_body)
     app.add_exception_handler(HTTPException, _http_error)
@@ -416,6 +439,14 @@ def build_app(
     async def chat_completions(request: ChatCompletionRequest):
         if request.n not in (None, 1):
             raise ApiError(400, f"n={request.n}: only one choice per request (n=1) is supported.", param="n")
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        if len(stop) > MAX_STOP_WORDS or any(len(word) > MAX_STOP_CHARS for word in stop):
+            message = (f"stop: at most {MAX_STOP_WORDS} stop sequences of at most {MAX_STOP_CHARS} characters each, "
+                       f"got {len(stop)} (longest {max(map(len, stop))} characters).")  # fmt: skip
+            raise ApiError(400, message, param="stop")
+        if request.temperature is not None and 0 < request.temperature < MIN_TEMPERATURE:
+            message = f"temperature={request.temperature}: use 0 (greedy) or a value from {MIN_TEMPERATURE} to 2."
+            raise ApiError(400, message, param="temperature")
         asked = asked_max_tokens(request)
         if asked is not None and asked[1] > max_tokens_limit:
             raise ApiError(
