@@ -210,3 +210,22 @@ def test_no_sample_left_after_the_length_rules_is_an_error_before_the_loop(tmp_p
     config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path)!r}", "max_length=2"])
     with pytest.raises(DataError, match=r"no sample to train on: \d+ were over max_length=2 .*Raise max_length"):
         train(config, Console(file=io.StringIO()))
+
+
+def test_a_run_folder_being_trained_is_refused_to_a_second_process(tmp_path):
+    from xtune.engine.checkpoint import lock_run
+    from xtune.errors import CheckpointError
+
+    options = [f"work_dir={str(tmp_path)!r}", "max_steps=2", "save_steps=1", "save_total_limit=-1", "evaluation_inputs=[]"]
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", options)
+    run = train(config, Console(file=io.StringIO())).run_dir
+    held = lock_run(run)  # as the first `--resume auto` would hold it while it trains
+    try:
+        more, _ = load_config("tiny_internlm2_chat_lora_antonyms", [*options[:1], "max_steps=3", *options[2:]])
+        before = sorted(p.name for p in run.iterdir())
+        with pytest.raises(CheckpointError, match=rf"{run} is being trained by pid \d+ on .* right now"):
+            train(more, Console(file=io.StringIO()), resume="auto")
+        assert sorted(p.name for p in run.iterdir()) == before
+    finally:
+        held.close()
+    assert train(more, Console(file=io.StringIO()), resume="auto").checkpoint.name == "checkpoint-3"  # free again

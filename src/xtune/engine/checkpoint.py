@@ -164,6 +164,32 @@ def _machine_key(path: Path) -> bytes:
     return path.read_bytes()
 
 
+LOCK_FILE = ".xtune.lock"
+"""In a run folder: locked (flock) by the process training in it; the lock goes with the process, even at kill -9."""
+
+
+def lock_run(run_dir: Path):
+    """Lock `run_dir` for the process that trains in it, for as long as the returned file stays open; a second
+    process (two `--resume auto` at once) is refused by name instead of training over the first."""
+    import fcntl
+
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(
+            f"{run_dir} is being trained by {holder} right now; wait for it to end (or stop it) before resuming it."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    handle.flush()
+    return handle
+
+
 def partial_checkpoint(run_dir: Path, step: int) -> Path:
     """Where checkpoint-<step> is written before it is renamed into place."""
     return run_dir / f".checkpoint-{step}.partial"

@@ -34,6 +34,7 @@ from xtune.engine.checkpoint import (
     TRAINING_STATE_META,
     complete_checkpoints,
     find_resume_checkpoint,
+    lock_run,
     new_run_dir,
     partial_checkpoint,
     prune_checkpoints,
@@ -260,12 +261,13 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     if ranks.world > 1 or ds_settings:
         console.print(f"data parallel over {ranks.world} processes ({engine_name})")
 
-    checkpoint = None
+    checkpoint, run_lock = None, None
     if resume is not None:
         checkpoint = find_resume_checkpoint(config.work_dir, resume)
         if checkpoint is None:
             console.print(f"--resume auto: no complete checkpoint under {config.work_dir} yet; starting a new run")
     if checkpoint is not None:
+        run_lock = lock_run(checkpoint.parent) if ranks.main else None
         check_resumable(config, checkpoint, ranks.world)
         if ds_settings:
             zero.check_trusted(checkpoint, trust_checkpoint)
@@ -304,6 +306,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     else:
         run_dir = share(new_run_dir(config.work_dir) if ranks.main else None, ranks)
         if ranks.main:
+            run_lock = lock_run(run_dir)
             (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
     meta = {
         "llm_name_or_path": config.llm_name_or_path,
@@ -405,6 +408,8 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
                 if ranks.main:
                     plot_loss(run_dir)
     sinks.close()
+    if run_lock is not None:
+        run_lock.close()
     if done >= steps:  # a finished run resumed: nothing trained, nothing saved
         console.print(f"{run_dir} has trained all its {steps} steps already; its last checkpoint is {result.checkpoint}")
     else:
