@@ -77,3 +77,19 @@ def test_mixed_sources_are_counted_per_source(tmp_path, tokenizer):
     )  # fmt: skip
     _, report = prepare_samples(config, tokenizer, use_cache=False)
     assert report.sources == [(str(first), 3), (str(second), 3)] and report.samples == 6
+
+
+def test_the_cache_key_follows_the_code_of_a_users_map_function(tmp_path, tokenizer, monkeypatch):
+    import sys
+
+    module = tmp_path / "my_map.py"
+    code = "from xtune.data.formats import alpaca_to_standard\n\ndef to_conversation(record):\n    return alpaca_to_standard(record)\n"
+    module.write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        config = config_for(write_data(tmp_path), dataset_format="my_map:to_conversation")
+        key = cache_key(config, source_specs(config), tokenizer)
+        module.write_text(code.replace("(record)\n", "({**record, 'output': record['output'].upper()})\n"))
+        assert cache_key(config, source_specs(config), tokenizer) != key  # was a 'cache hit' on the old samples
+    finally:
+        sys.modules.pop("my_map", None)

@@ -7,9 +7,11 @@ A cache entry is written aside and renamed into place, so a half-written one is 
 """
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -18,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from xtune.config.schema import Config
+from xtune.config.schema import Config, names_code
 from xtune.data.encode import Encoded, encode_batch
 from xtune.data.formats import Conversation
-from xtune.data.sources import SourceSpec, data_files, load_sources, resolve_data_path
+from xtune.data.sources import SourceSpec, data_files, load_sources, map_function, resolve_data_path
 from xtune.data.templates import ChatTemplate, get_template
 from xtune.paths import file_sha256, xtune_home
 
@@ -61,6 +63,8 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: 
     digest = hashlib.sha256()
     for spec in specs:
         digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
+        if names_code(spec.format):  # a user's map function: its code decides the samples too
+            digest.update(_code_fingerprint(spec.format).encode())
         for file in data_files(resolve_data_path(spec.path)):
             digest.update(str(file.name).encode())
             digest.update(file_sha256(file).encode())
@@ -79,6 +83,19 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: 
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
+
+
+def _code_fingerprint(dataset_format: str) -> str:
+    """The sha256 of the module a `module:function` format names and of the file defining the function (the
+    helpers they call count too; a change in another module they import does not)."""
+    function = map_function(dataset_format)
+    module_name = dataset_format.partition(":")[0] if ":" in dataset_format else dataset_format.rpartition(".")[0]
+    files = {getattr(sys.modules.get(module_name), "__file__", None)}
+    try:
+        files.add(inspect.getsourcefile(function))
+    except TypeError:  # a builtin
+        pass
+    return ",".join(file_sha256(Path(f)) for f in sorted(f for f in files if f and Path(f).is_file()))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
