@@ -129,3 +129,39 @@ def test_saved_files_are_readable_as_the_umask_allows(tmp_path):
     for saved in (final, tmp_path / "converted"):  # transformers writes safetensors with mode 0600
         modes = {path.name: path.stat().st_mode & 0o777 for path in saved.iterdir() if path.is_file()}
         assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}
+
+
+def test_a_prune_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    for step in (1, 2, 3):
+        save_checkpoint(FakeSaver(), FakeSaver(), tmp_path, step, {})
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the process dies after deleting one file of the folder
+        next(Path(path).rglob("*.bin")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(tmp_path, keep=2)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]  # none half deleted
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # the leftover is gone
+
+
+def test_resume_keeps_the_metrics_up_to_its_step_and_drops_a_half_written_line(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from xtune.engine.train import _keep_metrics_up_to
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    _keep_metrics_up_to(metrics, 2)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))  # killed before the rename
+    with pytest.raises(KeyboardInterrupt):
+        _keep_metrics_up_to(metrics, 1)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]  # nothing lost

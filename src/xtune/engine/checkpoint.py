@@ -209,12 +209,16 @@ def step_of(checkpoint: Path) -> int:
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     """Delete the oldest complete checkpoints beyond `keep` (-1 keeps all); returns the deleted."""
+    for leftover in run_dir.glob(".checkpoint-*.deleting"):  # from a prune that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     checkpoints = complete_checkpoints(run_dir)
     if keep < 0 or len(checkpoints) <= keep:
         return []
     doomed = checkpoints[: len(checkpoints) - keep]
-    for path in doomed:
-        shutil.rmtree(path)
+    for path in doomed:  # renamed first: a kill mid-delete leaves a hidden folder, never a half checkpoint-N
+        aside = path.with_name(f".{path.name}.deleting")
+        os.replace(path, aside)
+        shutil.rmtree(aside)
     return doomed
 
 

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -160,10 +161,24 @@ def load_trainable_weights(model, checkpoint: Path, whole_model: bool) -> None:
 
 
 def _keep_metrics_up_to(path: Path, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint: drop what the interrupted run logged past it."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+    """A resumed run rewrites the steps after its checkpoint: drop what the interrupted run logged past it (and a
+    last line it was killed while writing). Written aside and renamed, so a kill meanwhile loses nothing."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    draft = path.with_name(f".{path.name}.partial")
+    with draft.open("w") as handle:
+        handle.write("".join(line + "\n" for line in kept))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(draft, path)
 
 
 def total_steps(config: Config, num_samples: int, world: int = 1) -> int:
