@@ -229,3 +229,30 @@ def test_a_run_folder_being_trained_is_refused_to_a_second_process(tmp_path):
     finally:
         held.close()
     assert train(more, Console(file=io.StringIO()), resume="auto").checkpoint.name == "checkpoint-3"  # free again
+
+
+@pytest.mark.parametrize("change", ["use_rslora=True", "train_on_last_turn_only=True", "lora_dropout=0.2", "dtype='bf16'",
+                                    "use_dora=True", "optim_type='adamw_8bit'", "lr=0.5", "data"])  # fmt: skip
+def test_resuming_with_what_is_trained_or_how_changed_is_refused(tmp_path, change):
+    import json
+
+    from xtune.errors import CheckpointError
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(8)))
+    options = [f"work_dir={str(tmp_path / 'runs')!r}", f"data_path={str(data)!r}", "max_steps=2", "save_steps=1",
+               "evaluation_inputs=[]", "dtype='fp32'"]  # fmt: skip
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", options)
+    train(config, Console(file=io.StringIO()))
+    if change == "data":
+        data.write_text(data.read_text().replace("a7", "b7"))
+        changed, _ = load_config("tiny_internlm2_chat_lora_antonyms", [*options, "max_steps=3"])
+        match = "the training data changed since the run started"
+    else:
+        changed, _ = load_config("tiny_internlm2_chat_lora_antonyms", [*options, "max_steps=3", change])
+        match = rf"the config changed \({change.split('=')[0]}: "
+    with pytest.raises(CheckpointError, match=match):
+        train(changed, Console(file=io.StringIO()), resume="auto")
+    if change == "lr=0.5":  # what may change does: more steps, other saving and logging
+        allowed, _ = load_config("tiny_internlm2_chat_lora_antonyms", [*options, "max_steps=3", "save_steps=5", "logging_steps=2"])
+        assert train(allowed, Console(file=io.StringIO()), resume="auto").checkpoint.name == "checkpoint-3"

@@ -115,22 +115,31 @@ def batch_plan(num_items: int, batch_size: int, seed: int, lengths: list[int] | 
         epoch += 1
 
 
-RESUME_MUST_MATCH = (
-    "llm_name_or_path", "method", "quantization", "lora_r", "lora_alpha", "lora_target_modules", "data_path",
-    "datasets", "dataset_format", "prompt_template", "SYSTEM", "max_length", "pack_to_max_length",
-    "shuffle_before_pack", "group_by_length", "batch_size", "accumulative_counts", "seed", "strategy", "deepspeed",
-    "freeze_llm", "modules_to_save",
+RESUME_MAY_CHANGE = (
+    "work_dir", "max_steps", "max_epochs", "save_steps", "save_total_limit", "logging_steps", "evaluation_freq",
+    "evaluation_inputs", "evaluation_max_new_tokens", "evaluation_images", "report_to", "num_proc",
+    "dataloader_num_workers", "device", "gradient_checkpointing", "torch_compile", "nan_policy", "trust_remote_code",
 )  # fmt: skip
-"""Keys that decide the model, the data or its order: a run can only resume with the same values."""
+"""Keys that change neither what is trained nor how: a resumed run may set them anew (to train longer, save or log
+otherwise, evaluate other prompts, recompute activations). Every other key must be what the run started with."""
+
+DATA_FINGERPRINT = "data.json"
+"""In a run folder: the key of the encoded data it trained on (data files' bytes, template, tokenizer, lengths)."""
 
 
-def check_resumable(config: Config, checkpoint: Path, world: int) -> None:
+def check_resumable(config: Config, checkpoint: Path, world: int, data_key: str | None = None) -> None:
     saved = json.loads((checkpoint.parent / "config.json").read_text())
     current = json.loads(config.model_dump_json())
-    changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != current.get(key)]
+    changed = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key, current[key]) != current[key]]
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
         raise CheckpointError(f"cannot resume {checkpoint}: the config changed ({details}); restore them or start a new run.")
+    fingerprint = checkpoint.parent / DATA_FINGERPRINT
+    if data_key and fingerprint.is_file() and json.loads(fingerprint.read_text()).get("data") != data_key:
+        raise CheckpointError(
+            f"cannot resume {checkpoint}: the training data changed since the run started (a data file's contents, "
+            "or how it is encoded); restore it, or start a new run."
+        )
     later = [path.name for path in complete_checkpoints(checkpoint.parent) if step_of(path) > step_of(checkpoint)]
     if later:
         raise CheckpointError(
@@ -229,6 +238,16 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
             f"{len(report.skipped)} bad records were skipped. Raise max_length (or set truncation = 'truncate'), or "
             "check the data with `xtune check-dataset`."
         )
+    checkpoint, run_lock = None, None  # checked before the model loads: a refusal costs nothing
+    if resume is not None:
+        checkpoint = find_resume_checkpoint(config.work_dir, resume)
+        if checkpoint is None:
+            console.print(f"--resume auto: no complete checkpoint under {config.work_dir} yet; starting a new run")
+    if checkpoint is not None:
+        check_resumable(config, checkpoint, ranks.world, Path(report.cache).name if report.cache else None)
+        if ds_settings:
+            zero.check_trusted(checkpoint, trust_checkpoint)
+        run_lock = lock_run(checkpoint.parent) if ranks.main else None
     pad_id = pad_token_id(tokenizer)
     if config.pack_to_max_length:
         shuffle_seed = config.seed if config.shuffle_before_pack else None
@@ -276,16 +295,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     if ranks.world > 1 or ds_settings:
         console.print(f"data parallel over {ranks.world} processes ({engine_name})")
 
-    checkpoint, run_lock = None, None
-    if resume is not None:
-        checkpoint = find_resume_checkpoint(config.work_dir, resume)
-        if checkpoint is None:
-            console.print(f"--resume auto: no complete checkpoint under {config.work_dir} yet; starting a new run")
     if checkpoint is not None:
-        run_lock = lock_run(checkpoint.parent) if ranks.main else None
-        check_resumable(config, checkpoint, ranks.world)
-        if ds_settings:
-            zero.check_trusted(checkpoint, trust_checkpoint)
         if not ds_settings:  # DeepSpeed restores the weights with its own state
             if llava:
                 model.load_trained(checkpoint)
@@ -323,6 +333,8 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         if ranks.main:
             run_lock = lock_run(run_dir)
             (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+            if report.cache:
+                (run_dir / DATA_FINGERPRINT).write_text(json.dumps({"data": Path(report.cache).name}) + "\n")
     meta = {
         "llm_name_or_path": config.llm_name_or_path,
         "method": "full" if saves_whole_model(config) else config.method,
