@@ -214,3 +214,50 @@ def test_a_record_whose_image_is_not_an_image_is_a_bad_record(tmp_path):
         load_sources([spec])
     loaded = load_sources([spec], skip_bad_records=True)
     assert len(loaded.conversations) == 1 and len(loaded.skipped) == 1
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_a_truncated_image_with_a_valid_header_is_a_bad_record_skipped_and_counted(tmp_path, kind):
+    import io
+    import json
+    import random
+
+    from PIL import Image
+
+    from xtune.data.sources import SourceSpec, load_sources
+    from xtune.errors import DataError
+
+    noise = Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format=kind.upper())
+    (tmp_path / f"ok.{kind}").write_bytes(buffer.getvalue())
+    (tmp_path / f"cut.{kind}").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with Image.open(tmp_path / f"cut.{kind}") as header_only:
+        assert header_only.size == (64, 64)  # the header alone looks fine
+    records = [
+        {"id": name, "image": f"{name}.{kind}", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}]}
+        for name in ("ok", "cut")
+    ]  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    spec = SourceSpec(str(tmp_path / "data.json"), "llava", image_folder=str(tmp_path))
+    with pytest.raises(DataError, match=rf"cut.{kind}' of record id 'cut' cannot be read as an image"):
+        load_sources([spec])
+    loaded = load_sources([spec], skip_bad_records=True)
+    assert len(loaded.conversations) == 1 and len(loaded.skipped) == 1
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_bad_record_not_a_traceback(tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    from xtune.data.sources import SourceSpec, load_sources
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels is then a bomb, as 178 Mpx is by default
+    record = {"id": "b", "image": "big.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}]}
+    fine = {**record, "id": "f", "image": "small.png"}
+    Image.new("RGB", (5, 5)).save(tmp_path / "small.png")
+    (tmp_path / "data.json").write_text(json.dumps([record, fine]))
+    loaded = load_sources([SourceSpec(str(tmp_path / "data.json"), "llava", image_folder=str(tmp_path))], skip_bad_records=True)
+    assert len(loaded.conversations) == 1 and "too large to decode" in loaded.skipped[0].message
