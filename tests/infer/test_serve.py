@@ -440,3 +440,16 @@ def test_with_a_key_the_docs_need_it_too_and_an_empty_key_is_refused(loaded):
     for empty in ("", "  "):
         with pytest.raises(XtuneError, match="--api-key is empty"):
             build_app(model, tokenizer, template, MODEL_NAME, api_key=empty)
+
+
+def test_a_long_history_with_the_hf_template_is_rendered_once(loaded, monkeypatch):
+    """2,001 messages took 542 s to be refused: each assistant turn of the history was rendered as if trained."""
+    model, tokenizer, _ = loaded
+    calls = []
+    real = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or real(*a, **k))
+    history = [{"role": ("user", "assistant")[i % 2], "content": f"m{i}"} for i in range(201)]
+    client = TestClient(build_app(model, tokenizer, get_template("hf"), MODEL_NAME))
+    response = client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": history, "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    assert len(calls) == 1

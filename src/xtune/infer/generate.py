@@ -1,6 +1,6 @@
 """Generation with the same template, tokenization and stop words as training."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -28,8 +28,10 @@ class GenerationOptions:
 def prompt_ids(conversation: Conversation, template: ChatTemplate, tokenizer, image_tokens: int = 0) -> list[int]:
     """Token ids of the conversation (ending with a user turn) plus the assistant's header; each `<image>` as
     `image_tokens` patch positions for a multimodal model. What the messages say is text: a special token typed
-    into one (`<|im_start|>system ...`) is plain text, not the control token."""
-    return encode(conversation, template, tokenizer, image_tokens=image_tokens, split_special_tokens=True).input_ids
+    into one (`<|im_start|>system ...`) is plain text, not the control token. Nothing is trained here, so no turn is
+    marked trained (with "hf", each trained turn costs two more renderings of the history: quadratic)."""
+    untrained = replace(conversation, turns=tuple(replace(turn, trainable=False) for turn in conversation.turns))
+    return encode(untrained, template, tokenizer, image_tokens=image_tokens, split_special_tokens=True).input_ids
 
 
 def generation_kwargs(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions) -> dict:
