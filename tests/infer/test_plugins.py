@@ -152,11 +152,25 @@ def test_solve_timeout_stops_a_slow_problem():
 
 
 def test_solve_timeout_kills_a_hanging_solver(monkeypatch):
-    monkeypatch.setattr(plugins, "_solver_command", lambda: [sys.executable, "-c", "import time; time.sleep(60)"])
+    hang = "import time; print('ready', flush=True); time.sleep(60)"
+    monkeypatch.setattr(plugins, "_solver_command", lambda: [sys.executable, "-c", hang])
     start = time.perf_counter()
     answer = call_plugin([plugins.solve_plugin(timeout=0.5)], "solve", {"equations": "x = 1"})
     assert time.perf_counter() - start < 2
     assert "no answer within 0.5 s" in answer
+
+
+def test_the_solvers_start_is_not_its_time_to_solve(monkeypatch):
+    """Starting Python and importing sympy took 8.2 s under load, over the whole budget: the clock starts at READY,
+    and a solver process is started ahead of each call."""
+    slow_start = ("import json, sys, time; time.sleep(1.0); print('ready', flush=True); sys.stdin.read(); "
+                  "print(json.dumps({'answer': 'x = 1'}))")  # fmt: skip
+    monkeypatch.setattr(plugins, "_solver_command", lambda: [sys.executable, "-c", slow_start])
+    assert plugins.solve("x = 1", timeout=0.5) == "x = 1"  # 1 s to start, more than the 0.5 s to solve
+    warm = plugins._SOLVERS._next[1]  # started ahead of the next call
+    assert warm.poll() is None
+    assert plugins.solve("x = 1", timeout=0.5) == "x = 1"
+    assert warm.poll() == 0 and plugins._SOLVERS._next[1] is not warm  # that call was answered by the warm one
 
 
 @pytest.fixture

@@ -18,10 +18,12 @@ Safety, since the arguments are written by a model:
 import ast
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,16 +409,65 @@ def _solver_command() -> list[str]:
     return [sys.executable, "-c", code]
 
 
+SOLVER_START_TIMEOUT_S = 120
+"""How long the solver process may take to start Python and import sympy, apart from its time to solve (starting
+took 8.2 s under load, more than the whole 5 s budget)."""
+READY = "ready"
+
+
+class _WarmSolver:
+    """One solver process started ahead of the call that will use it, so that a call waits for sympy's answer and
+    not for Python and sympy to start; each call takes the warm process and starts the next one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._next: tuple[tuple[str, ...], subprocess.Popen] | None = None
+
+    def warm(self) -> None:
+        with self._lock:
+            if self._next is None:
+                command = tuple(_solver_command())
+                self._next = (command, _start(command))
+
+    def take(self) -> subprocess.Popen:
+        command = tuple(_solver_command())
+        with self._lock:
+            warm, self._next = self._next, None
+            if warm is not None and warm[0] != command:  # the command changed (tests): that process is no use
+                warm[1].kill()
+                warm = None
+            process = warm[1] if warm is not None else _start(command)
+            self._next = (command, _start(command))
+        return process
+
+
+def _start(command: tuple[str, ...]) -> subprocess.Popen:
+    return subprocess.Popen(
+        list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+_SOLVERS = _WarmSolver()
+
+
 def _run_solver(request: dict, timeout: float) -> str:
     try:
-        # subprocess.run kills the solver when the time is up, so the work stops, not only the wait
-        done = subprocess.run(
-            _solver_command(), input=json.dumps(request), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        raise PluginError(f"no answer within {timeout:g} s; try a simpler equation or fewer variables") from None
+        process = _SOLVERS.take()
     except OSError as error:
         raise PluginError(f"could not start the solver: {error}") from None
+    try:
+        if _first_line(process, SOLVER_START_TIMEOUT_S) != READY:
+            process.kill()
+            _, stderr = process.communicate()
+            lines = stderr.strip().splitlines() or [f"exit status {process.returncode}"]
+            raise PluginError(f"the solver did not start: {lines[-1]}")
+        # the clock starts once sympy is imported; the process is killed when the time is up, so the work stops
+        stdout, stderr = process.communicate(json.dumps(request), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise PluginError(f"no answer within {timeout:g} s; try a simpler equation or fewer variables") from None
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     try:
         reply = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
@@ -427,14 +478,33 @@ def _run_solver(request: dict, timeout: float) -> str:
     return reply["answer"]
 
 
+def _first_line(process: subprocess.Popen, timeout: float) -> str:
+    """The process's first line of output, read straight from the pipe within `timeout` seconds ('' if none)."""
+    import selectors
+
+    data, deadline = b"", time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while b"\n" not in data and selector.select(max(0.0, deadline - time.monotonic())):
+            chunk = os.read(process.stdout.fileno(), 1)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode(errors="replace").strip()
+
+
 def solver_main() -> None:
-    """The solver process: one JSON request on stdin, one JSON line on stdout."""
+    """The solver process: says READY once sympy is imported, then one JSON request on stdin, one JSON line on
+    stdout."""
     try:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (SOLVE_MEMORY_BYTES, SOLVE_MEMORY_BYTES))
     except (ImportError, ValueError, OSError):
         pass  # no address-space limit on this platform; the timeout still holds
+    import sympy  # noqa: F401  before READY: importing it is not the solver's time
+
+    print(READY, flush=True)
     try:
         request = json.loads(sys.stdin.read())
         reply = {"answer": _solve_with_sympy(request["equations"], request["variables"])}
@@ -506,6 +576,8 @@ def _format_solutions(solutions: list[dict], symbols: list) -> str:
 
 
 def solve_plugin(timeout: float = SOLVE_TIMEOUT_S) -> Plugin:
+    """The solve tool; its first solver process starts now, so the first call does not wait for sympy to load."""
+    _SOLVERS.warm()
     strings = {"type": ["string", "array"], "items": {"type": "string"}}
     return Plugin(
         name="solve",
