@@ -14,12 +14,12 @@ def xtune(*args):
 
 
 def test_list_cfg_with_pattern():
-    result = runner.invoke(app, ["list-cfg", "-p", "qlora"])
+    result = runner.invoke(app, ["list-cfg", "-p", "internlm2_chat_1_8b_qlora"])
     assert result.exit_code == 0
     assert result.output.split() == [
         "internlm2_chat_1_8b_qlora_alpaca_e3",
+        "internlm2_chat_1_8b_qlora_custom_sft_e1",
         "llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune",
-        "tiny_internlm2_chat_qlora_antonyms",
     ]
 
 

@@ -176,3 +176,21 @@ def test_both_names_of_a_key_are_named(tmp_path):
     path = write(tmp_path, "llm_name_or_path = 'a'\npretrained_model_name_or_path = 'b'\ndata_path = 'd.json'\n")
     with pytest.raises(ConfigError, match="'llm_name_or_path' and 'pretrained_model_name_or_path' both set; keep one"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("override, key", [("betas=(2.0, -1.0)", "betas"), ("seed=2**70", "seed"), (f"seed={2**70}", "seed")])
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"--cfg-options: key '{key}'"):
+        load_config("tiny_internlm2_chat_lora_antonyms", [override])
+
+
+@pytest.mark.parametrize("device, message", [("banana", "is not a device"), ("cuda", "this machine has no CUDA device")])
+def test_a_device_that_is_not_there_is_a_config_error(device, message):
+    import torch
+
+    from xtune.engine.device import resolve_device
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(device)

@@ -160,7 +160,7 @@ class Config(BaseModel):
     """AdamW (fused where available), or bitsandbytes' 8-bit AdamW, optionally paged (state pages to
     host memory under GPU memory pressure): a quarter of AdamW's optimizer memory."""
     betas: tuple[float, float] = Field((0.9, 0.999), strict=False)
-    """AdamW betas."""
+    """AdamW betas, each in [0, 1)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
     max_norm: float | None = Field(1.0, gt=0)
@@ -195,7 +195,7 @@ class Config(BaseModel):
     their gradient). Applies where the head is a plain linear layer whose output the model uses as it is
     (Llama/InternLM2, Mistral, Mixtral, Qwen2/3, Phi-3) and the model is not sharded (not with FSDP or ZeRO-3);
     elsewhere logits are made for the trained positions only. False: always that way."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     """Seed for weights of new layers, data order and dropout."""
 
     # Saving, logging, evaluation
@@ -247,6 +247,13 @@ class Config(BaseModel):
                 "evaluation_inputs; give one per input, or one for all"
             )
         return self
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(f"each beta must be in [0, 1), got {value}")
+        return value
 
     @field_validator("save_total_limit")
     @classmethod

@@ -5,13 +5,26 @@ from pathlib import Path
 
 import torch
 
+from xtune.errors import ConfigError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` (cuda if there is one, else cpu), `cpu`, `cuda` or `cuda:N`; anything else, or a GPU that is not
+    there, is a ConfigError naming the key."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device = {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else "no CUDA device"
+        raise ConfigError(f"device = {name!r}, but this machine has {found}; use device = 'auto' or 'cpu'.")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device = {name!r}: xtune trains on cpu or cuda; use auto, cpu, cuda or cuda:N.")
+    return device
 
 
 @cache
