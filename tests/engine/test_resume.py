@@ -66,39 +66,33 @@ def test_resume_auto_starts_fresh_in_an_empty_work_dir_and_refuses_a_changed_con
         train(changed, Console(file=io.StringIO()), resume="auto")
 
 
-def test_full_fine_tuning_resumes_bit_identical(tmp_path):
+def assert_resumed_from_the_middle_ends_bit_identical(tmp_path, name: str, options: list[str], weights: str) -> None:
+    """A 4-step run, and a copy of it resumed from checkpoint-2: the same losses and the same final weights."""
     import shutil
 
-    options = ["max_steps=4", "save_steps=2", "save_total_limit=-1", "evaluation_inputs=[]"]
-    config, _ = load_config("tiny_llama_full_antonyms", [f"work_dir={str(tmp_path / 'a')!r}", *options])
+    config, _ = load_config(name, [f"work_dir={str(tmp_path / 'a')!r}", *options])
     reference = train(config, Console(file=io.StringIO()))
     resumed_dir = tmp_path / "b" / reference.run_dir.name
     shutil.copytree(reference.run_dir, resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoint-4")
-    config_b, _ = load_config("tiny_llama_full_antonyms", [f"work_dir={str(tmp_path / 'b')!r}", *options])
+    config_b, _ = load_config(name, [f"work_dir={str(tmp_path / 'b')!r}", *options])
     resumed = train(config_b, Console(file=io.StringIO()), resume="auto")
     assert resumed.losses == reference.losses[2:]
-    final = load_file(resumed_dir / "checkpoint-4" / "model.safetensors")
-    expected = load_file(reference.run_dir / "checkpoint-4" / "model.safetensors")
-    assert all(torch.equal(final[name], expected[name]) for name in expected)
+    final = load_file(resumed_dir / "checkpoint-4" / weights)
+    expected = load_file(reference.run_dir / "checkpoint-4" / weights)
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
+
+
+def test_full_fine_tuning_resumes_bit_identical(tmp_path):
+    options = ["max_steps=4", "save_steps=2", "save_total_limit=-1", "evaluation_inputs=[]"]
+    assert_resumed_from_the_middle_ends_bit_identical(tmp_path, "tiny_llama_full_antonyms", options, "model.safetensors")
 
 
 @pytest.mark.parametrize("optim_type", ["adamw_8bit", "paged_adamw_8bit"])
 def test_8bit_adamw_saves_and_resumes_exactly(tmp_path, optim_type):
     """bitsandbytes' state holds one quantization map for every parameter: it crashed the first save."""
     pytest.importorskip("bitsandbytes")
-    import shutil
-
     options = ["max_steps=4", "save_steps=2", "save_total_limit=-1", "evaluation_inputs=[]", f"optim_type={optim_type!r}",
                "batch_size=4", "accumulative_counts=1", "lora_dropout=0.0"]  # fmt: skip
-    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path / 'a')!r}", *options])
-    reference = train(config, Console(file=io.StringIO()))
-    resumed_dir = tmp_path / "b" / reference.run_dir.name
-    shutil.copytree(reference.run_dir, resumed_dir)
-    shutil.rmtree(resumed_dir / "checkpoint-4")
-    config_b, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path / 'b')!r}", *options])
-    resumed = train(config_b, Console(file=io.StringIO()), resume="auto")
-    assert resumed.losses == reference.losses[2:]
-    final = load_file(resumed_dir / "checkpoint-4" / "adapter_model.safetensors")
-    expected = load_file(reference.run_dir / "checkpoint-4" / "adapter_model.safetensors")
-    assert all(torch.equal(final[name], expected[name]) for name in expected)
+    name = "tiny_internlm2_chat_lora_antonyms"
+    assert_resumed_from_the_middle_ends_bit_identical(tmp_path, name, options, "adapter_model.safetensors")
