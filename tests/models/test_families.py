@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xtune.data.encode import IGNORE_INDEX, Encoded
+from xtune.data.encode import Encoded
 from xtune.data.packing import collate_packed, pack
 from xtune.models.attention import use_varlen_attention
 from xtune.testing.families import FAMILIES, build_family_model
