@@ -256,3 +256,22 @@ def test_resuming_with_what_is_trained_or_how_changed_is_refused(tmp_path, chang
     if change == "lr=0.5":  # what may change does: more steps, other saving and logging
         allowed, _ = load_config("tiny_internlm2_chat_lora_antonyms", [*options, "max_steps=3", "save_steps=5", "logging_steps=2"])
         assert train(allowed, Console(file=io.StringIO()), resume="auto").checkpoint.name == "checkpoint-3"
+
+
+def test_a_work_dir_that_cannot_hold_runs_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    import os
+
+    from xtune.engine import train as train_module
+    from xtune.errors import ConfigError
+
+    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    (tmp_path / "a_file").write_text("not a folder")
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path / 'a_file' / 'runs')!r}"])
+    with pytest.raises(ConfigError, match=r"a_file is a file, not a folder"):
+        train(config, Console(file=io.StringIO()))
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(locked / 'runs')!r}"])
+        with pytest.raises(ConfigError, match="is not writable by this user"):
+            train(config, Console(file=io.StringIO()))

@@ -190,6 +190,16 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
     os.replace(draft, path)
 
 
+def check_work_dir(work_dir: Path) -> None:
+    """A work_dir runs can be written into, checked before anything loads (a file there, or a folder without write
+    permission, failed only after the model had loaded)."""
+    existing = next(path for path in (work_dir, *work_dir.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"work_dir = {str(work_dir)!r}: {existing} is a file, not a folder; choose another work_dir.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"work_dir = {str(work_dir)!r}: {existing} is not writable by this user; choose another work_dir.")
+
+
 def total_steps(config: Config, num_samples: int, world: int = 1) -> int:
     if config.max_steps is not None:
         return config.max_steps
@@ -208,6 +218,7 @@ def train(
 
 def _train(config: Config, console: Console | None, resume: str | None, trust_checkpoint: bool) -> TrainResult:
     device = resolve_device(config.device)
+    check_work_dir(Path(config.work_dir))
     ranks = setup_distributed(device, group_of_one=config.deepspeed is not None)
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
