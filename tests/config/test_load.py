@@ -194,3 +194,20 @@ def test_a_device_that_is_not_there_is_a_config_error(device, message):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ConfigError, match=message):
         resolve_device(device)
+
+
+def test_a_yaml_billion_laughs_and_deep_nesting_are_refused_before_they_are_built(tmp_path):
+    laughs = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(8)
+    )
+    path = write(tmp_path, laughs, name="laughs.yaml")
+    with pytest.raises(ConfigError, match=r"laughs.yaml:\d+: the config holds more than 100,000 values"):
+        load_config(str(path))
+    deep = write(tmp_path, "llm_name_or_path: m\nx: " + "[" * 100 + "]" * 100 + "\n", name="deep.yaml")
+    with pytest.raises(ConfigError, match=r"deep.yaml:2: the config holds .*nested over 64 deep"):
+        load_config(str(deep))
+    deeper = write(tmp_path, "llm_name_or_path: m\nx: " + "[" * 3000 + "]" * 3000 + "\n", name="deeper.yaml")
+    with pytest.raises(ConfigError, match=r"deeper.yaml: the config is nested thousands of levels deep"):
+        load_config(str(deeper))

@@ -162,11 +162,16 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     loader, pairs = yaml.SafeLoader(text), []
     try:  # compose once: the nodes give each key's line and tag, and the data is built from them
         root = loader.get_single_node()
+        _check_size(path, root)
         pairs = list(root.value) if isinstance(root, yaml.MappingNode) else []
         _check_keys(path, text, pairs)
         values = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except RecursionError:  # the YAML parser itself recurses per level of nesting
+        raise ConfigError(
+            f"{path}: the config is nested thousands of levels deep; a config is a mapping of a few keys to values."
+        ) from None
     except ValueError as error:  # e.g. an integer of more digits than Python converts
         for key, value in pairs:
             if isinstance(value, yaml.ScalarNode) and len(value.value) > 1000:
@@ -182,6 +187,29 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values.")
     return values, {key.value: key.start_mark.line + 1 for key, _ in pairs}
+
+
+MAX_YAML_VALUES, MAX_YAML_DEPTH = 100_000, 64
+"""A config is a few hundred values at most: more, counting each use of an alias anew, is a 'billion laughs'
+(603 bytes that build billions of values), and deeper nesting ends in a RecursionError."""
+
+
+def _check_size(path: Path, root: yaml.Node | None) -> None:
+    """Counts the values the document would build, aliases expanded, and stops at the limits before building."""
+    stack, count = [(root, 1)] if root is not None else [], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES or depth > MAX_YAML_DEPTH:
+            what = f"more than {MAX_YAML_VALUES:,} values" if count > MAX_YAML_VALUES else f"nested over {MAX_YAML_DEPTH} deep"
+            raise ConfigError(
+                f"{path}:{node.start_mark.line + 1}: the config holds {what} (with its aliases expanded); a config is "
+                "a mapping of a few keys to values: remove the anchors and aliases or the nesting."
+            )
+        if isinstance(node, yaml.MappingNode):
+            stack += [(child, depth + 1) for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(child, depth + 1) for child in node.value]
 
 
 def _check_keys(path: Path, text: str, pairs: list[tuple[yaml.Node, yaml.Node]]) -> None:
