@@ -453,3 +453,26 @@ def test_a_long_history_with_the_hf_template_is_rendered_once(loaded, monkeypatc
     response = client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": history, "max_tokens": 1})
     assert response.status_code == 200, response.text
     assert len(calls) == 1
+
+
+def test_a_client_that_goes_away_mid_request_frees_the_model(loaded, monkeypatch):
+    """Non-streamed: the generation is cancelled when the client disconnects, instead of running to max_tokens."""
+    model, tokenizer, template = loaded
+    lengths = []
+    real_generate = model.generate
+
+    def recording(**kwargs):
+        output = real_generate(**kwargs)
+        lengths.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+    monkeypatch.setattr(model, "generate", recording)
+    app = build_app(model, tokenizer, template, MODEL_NAME, max_tokens_limit=100_000, max_context_tokens=100_000)
+    with running(app) as url:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Count forever."}], "max_tokens": 20_000,
+                "stop": []}  # fmt: skip
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/chat/completions", json=body, timeout=1.0)  # the client gives up and hangs up
+        second = httpx.post(f"{url}/chat/completions", json={**body, "max_tokens": 1}, timeout=120)
+        assert second.status_code == 200
+    assert len(lengths) == 2 and lengths[0] < 20_000  # the first stopped early, cancelled

@@ -436,7 +436,7 @@ def build_app(
         return {"object": "list", "data": [entry]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
         if request.n not in (None, 1):
             raise ApiError(400, f"n={request.n}: only one choice per request (n=1) is supported.", param="n")
         stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
@@ -483,7 +483,7 @@ def build_app(
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return StreamingResponse(_events(generation, completion, include_usage), media_type="text/event-stream")
         try:
-            reply = await generation.result()
+            reply = await _result_while_connected(generation, http)
         except Exception as error:
             logger.exception("generation failed")
             raise ApiError(500, f"generation failed: {error}", error_type="server_error") from error
@@ -494,6 +494,21 @@ def build_app(
         return {**completion, "object": "chat.completion", "choices": [choice], "usage": reply.usage()}
 
     return app
+
+
+DISCONNECT_POLL_S = 0.25
+
+
+async def _result_while_connected(generation: "Generation", http: Request) -> "Reply":
+    """The generation's reply; a client that goes away meanwhile cancels it, so the model is free for the next
+    request (a disconnected client kept it busy to the end: the next request waited 110 s)."""
+    result = asyncio.ensure_future(generation.result())
+    while not result.done():
+        await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
+        if not result.done() and await http.is_disconnected():
+            generation.cancel()
+            logger.info("the client went away; its generation is cancelled")
+    return result.result()
 
 
 def _fit_context(
