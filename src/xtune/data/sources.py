@@ -223,10 +223,11 @@ def _read_csv(path: Path) -> Iterator[RawItem]:
             end = rows.line_num
         repeated = sorted({name for name in header if header.count(name) > 1})
         if repeated:
-            raise DataError(
-                f"{path}:{end}: the header names {', '.join(map(repr, repeated))} more than once, so one column would "
-                "hide the other; rename the columns."
-            )
+            yield BadRecord(
+                f"{path}:{end}", f"the header names {', '.join(map(repr, repeated))} more than once, so one column "
+                "would hide the other; rename the columns (the file is not read)",
+            )  # fmt: skip
+            return
         for row in rows:
             start, end = end + 1, rows.line_num
             if not row:
