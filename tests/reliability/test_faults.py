@@ -141,3 +141,20 @@ def test_a_pickled_adapter_is_refused_without_being_unpickled(tmp_path):
     with pytest.raises(CheckpointError, match="adapter_model.bin, a pickle"):
         load_chat_model("xtune-tiny/llama", adapter=str(folder), dtype="fp32")
     assert not marker.exists()
+
+
+def test_a_damaged_manifest_or_run_config_is_named_not_a_traceback(tmp_path):
+    from xtune.engine.checkpoint import MANIFEST, find_resume_checkpoint
+
+    run = train(config_in(tmp_path, "max_steps=1"), Console(file=io.StringIO())).run_dir
+    checkpoint = run / "checkpoint-1"
+    (checkpoint / MANIFEST).write_text('{"sha256": ')  # cut short
+    with pytest.raises(CheckpointError, match=r"manifest.json is not a manifest xtune wrote"):
+        find_resume_checkpoint(tmp_path, str(checkpoint))
+    (checkpoint / MANIFEST).unlink()
+    (run / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"its run's config.json is missing or damaged"):
+        train(config_in(tmp_path, "max_steps=2"), resume=str(checkpoint))
+    (run / "config.json").unlink()  # a checkpoint copied out of its run folder has none
+    with pytest.raises(CheckpointError, match=r"resumes inside the run folder that wrote it"):
+        train(config_in(tmp_path, "max_steps=2"), resume=str(checkpoint))

@@ -110,7 +110,15 @@ def verify_checkpoint(folder: Path) -> None:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return
-    for name, digest in json.loads(manifest.read_text())["sha256"].items():
+    try:
+        digests = json.loads(manifest.read_text())["sha256"]
+        entries = list(digests.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(
+            f"{manifest} is not a manifest xtune wrote (unreadable JSON, or no 'sha256' table): the checkpoint is "
+            "damaged; use an earlier checkpoint."
+        ) from None
+    for name, digest in entries:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint (it is in {MANIFEST}); the checkpoint is damaged.")

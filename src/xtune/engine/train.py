@@ -128,7 +128,16 @@ DATA_FINGERPRINT = "data.json"
 
 
 def check_resumable(config: Config, checkpoint: Path, world: int, data_key: str | None = None) -> None:
-    saved = json.loads((checkpoint.parent / "config.json").read_text())
+    run_config = checkpoint.parent / "config.json"
+    try:
+        saved = json.loads(run_config.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot resume {checkpoint}: its run's {run_config.name} is missing or damaged ({error}); a checkpoint "
+            "resumes inside the run folder that wrote it, with that folder's config.json."
+        ) from None
     current = json.loads(config.model_dump_json())
     changed = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key, current[key]) != current[key]]
     if changed:
