@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 
@@ -17,7 +19,7 @@ def tokenizer():
     return build_tokenizer()
 
 
-SHARED_TOKENIZERS = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
+SHARED_TOKENIZERS = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
 """Real tokenizers of model families, in their repositories' layouts (see its README); CI has them here too."""
 
 

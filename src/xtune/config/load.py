@@ -245,16 +245,12 @@ CODE_KEYS = {
 def _refuse_code(values: dict[str, Any], path: Path, lines: dict[str, int]) -> None:
     """A YAML config runs no code unless the user asks on the command line: it is the form configs from others
     come in, and one line (`dataset_format: builtins:exec`) would otherwise run anything."""
-    sources = values.get("datasets")
-    formats = [source.get("format") for source in sources if isinstance(source, dict)] if isinstance(sources, list) else []
-    found = {
-        "trust_remote_code": values.get("trust_remote_code") is True,
-        "dataset_format": isinstance(values.get("dataset_format"), str) and names_code(values["dataset_format"]),
-        "datasets": any(isinstance(fmt, str) and names_code(fmt) for fmt in formats),
-    }
-    for key, runs_code in found.items():
+    sources = values.get("datasets") if isinstance(values.get("datasets"), list) else []
+    named = [("trust_remote_code", values.get("trust_remote_code")), ("dataset_format", values.get("dataset_format"))]
+    named += [("datasets", source.get("format")) for source in sources if isinstance(source, dict)]
+    for key, value in named:
+        runs_code = value is True if key == "trust_remote_code" else isinstance(value, str) and names_code(value)
         if runs_code:
-            value = values[key] if key != "datasets" else next(f for f in formats if isinstance(f, str) and names_code(f))
             raise ConfigError(
                 f"{_where(path, lines, key)}: key '{key}' = {short_repr(value)} {CODE_KEYS[key]}, and a YAML config "
                 "runs no code unless you allow it: pass --allow-code on the command line if you trust this config "

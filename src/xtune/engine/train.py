@@ -239,7 +239,8 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     model_path = resolve_model_path(config.llm_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     template = get_template(config.prompt_template)
-    _warn_of_another_format(tokenizer, template, config, console)
+    if ranks.main:
+        _warn_of_another_format(tokenizer, template, config, console)
     llava = config.visual_encoder_name_or_path is not None
     missing = [image for image in config.evaluation_images if not Path(image).is_file()]
     if missing:

@@ -190,9 +190,14 @@ def asked_max_tokens(request: ChatCompletionRequest) -> tuple[str, int] | None:
     return None
 
 
+def requested_stops(request: ChatCompletionRequest) -> list[str]:
+    """The request's `stop`, one string or a list of them, as a list."""
+    return [request.stop] if isinstance(request.stop, str) else request.stop or []
+
+
 def request_options(request: ChatCompletionRequest, defaults: GenerationOptions) -> GenerationOptions:
     """The server's options with the request's max tokens, temperature, top_p and extra stop words."""
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    stop = requested_stops(request)
     asked = asked_max_tokens(request)
     return replace(
         defaults,
@@ -439,7 +444,7 @@ def build_app(
     async def chat_completions(request: ChatCompletionRequest, http: Request):
         if request.n not in (None, 1):
             raise ApiError(400, f"n={request.n}: only one choice per request (n=1) is supported.", param="n")
-        stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        stop = requested_stops(request)
         if len(stop) > MAX_STOP_WORDS or any(len(word) > MAX_STOP_CHARS for word in stop):
             message = (f"stop: at most {MAX_STOP_WORDS} stop sequences of at most {MAX_STOP_CHARS} characters each, "
                        f"got {len(stop)} (longest {max(map(len, stop))} characters).")  # fmt: skip

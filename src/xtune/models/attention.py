@@ -52,8 +52,9 @@ def varlen_attention_forward(
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one row of concatenated samples (batch size 1)")
     enable_gqa = query.shape[1] != key.shape[1]
-    bounds = cu_seq_lens_q.tolist()
-    if softcap is not None or (window is not None and max(b - a for a, b in zip(bounds[:-1], bounds[1:])) > window):
+    longest = max_length_q if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    if softcap is not None or (window is not None and longest > window):
+        bounds = cu_seq_lens_q.tolist()
         blocks = [
             _capped_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, scaling, softcap, window,
                               dropout, module)  # fmt: skip
@@ -72,6 +73,7 @@ def varlen_attention_forward(
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         out = varlen_attn(q, k, v, cu, cu, max_length_q, max_length_q, **options)
         return out.unsqueeze(0), None
+    bounds = cu_seq_lens_q.tolist()
     blocks = [
         F.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
