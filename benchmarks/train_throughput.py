@@ -25,8 +25,13 @@ What is the same for every run:
   the same ChatML text (xtune's `internlm2_chat`; for TRL the tokenizer's `chat_template`, which writes the same
   text with `{% generation %}` marks) and train on the assistant's words and its `<|im_end|>` only;
 - LoRA r=16, alpha 32, dropout 0.1 on every linear layer but the head; AdamW (fused), lr 2e-4, 3% warmup then
-  cosine, clip 1.0; bf16 weights for the frozen base, bf16 autocast; no gradient checkpointing (peer
-  `trl_packed_gc`: TRL packed with its own default, `gradient_checkpointing=True`);
+  cosine, clip 1.0; no gradient checkpointing (peer `trl_packed_gc`: TRL packed with its own default,
+  `gradient_checkpointing=True`);
+- the compute dtype (frozen base weights and autocast): the one xtune's `dtype = "auto"` picks on the machine
+  (`--dtype` names another), so bf16 on a CPU with AVX512-BF16 or AMX and on a GPU that has it, fp32 on other CPUs
+  (an AVX2-only CPU emulates bf16 matmuls, at 0.8 GFLOP/s against 71 in fp32). The matmul peak MFU is reported
+  against is that dtype's, and bf16's is measured only where bf16 is the compute dtype; the report names the CPU
+  and its flags (avx2, avx512f, avx512_bf16, amx);
 - the global batch: packed runs take 1 row of 2,048 tokens a step; unpacked runs take as many samples a step
   as make the same number of steps per epoch (length-grouped batches in both tools); one epoch each.
 
@@ -68,6 +73,10 @@ MODELS = {
                  num_key_value_heads=8, vocab_size=92544),  # InternLM2-1.8B's shape, for a GPU (--device cuda)
 }  # fmt: skip
 MAX_LENGTH = 2048
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""The compute dtypes by xtune's names (`Config.dtype`), as torch names them: every worker's venv has torch."""
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+"""The flags the report records: what decides whether bf16 matmuls are fast on a CPU."""
 ROWS_PER_STEP = 1
 LORA = dict(r=16, alpha=32, dropout=0.1)
 LR, WARMUP_RATIO, MAX_NORM = 2e-4, 0.03, 1.0
@@ -167,13 +176,31 @@ def ensure_xtuner_venv() -> None:
     subprocess.run([*pip, "uninstall", "-y", "-q", "torchvision", "torchaudio"], check=False)  # they break imports here
 
 
-def matmul_peak(threads: int, size: int = 2048, repeats: int = 12) -> dict:
-    """Best-of-`repeats` GFLOP/s of size x size matmuls, bf16 and fp32, on `threads` threads."""
+def compute_dtype(device: str, dtype: str = "auto") -> str:
+    """The dtype every peer computes in, by xtune's name: `dtype = "auto"` resolved as xtune resolves it on this
+    machine (`xtune.engine.device.resolve_dtype`), or the one named."""
+    import torch
+
+    from xtune.engine.device import DTYPES, resolve_dtype
+
+    resolved = resolve_dtype(dtype, torch.device(device))
+    return next(name for name, value in DTYPES.items() if value == resolved)
+
+
+def peak_dtypes(compute: str) -> tuple[str, ...]:
+    """The dtypes whose matmul peak is measured: the compute dtype's (MFU's denominator), and fp32's for reference.
+    bf16's is left out unless bf16 computes: emulated, 13 matmuls of 2048^2 take minutes."""
+    return tuple(dict.fromkeys((compute, "fp32")))
+
+
+def matmul_peak(threads: int, dtypes: tuple[str, ...] = ("fp32",), size: int = 2048, repeats: int = 12) -> dict:
+    """Best-of-`repeats` GFLOP/s of size x size matmuls in each of `dtypes` (bf16, fp16, fp32) on `threads` threads."""
     import torch
 
     torch.set_num_threads(threads)
     result = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for name in dtypes:
+        dtype = getattr(torch, TORCH_DTYPES[name])
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b
         best = min(_timed(lambda: a @ b) for _ in range(repeats))
@@ -181,12 +208,13 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 12) -> dict:
     return result
 
 
-def cuda_matmul_peak(size: int = 8192, repeats: int = 10) -> dict:
-    """Best-of-`repeats` GFLOP/s of size x size matmuls on the GPU, bf16 and fp32 (TF32 off)."""
+def cuda_matmul_peak(dtypes: tuple[str, ...] = ("fp32",), size: int = 8192, repeats: int = 10) -> dict:
+    """Best-of-`repeats` GFLOP/s of size x size matmuls on the GPU in each of `dtypes` (TF32 off)."""
     import torch
 
     result = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for name in dtypes:
+        dtype = getattr(torch, TORCH_DTYPES[name])
         a, b = (torch.randn(size, size, dtype=dtype, device="cuda") for _ in range(2))
         a @ b
         times = []
@@ -197,13 +225,14 @@ def cuda_matmul_peak(size: int = 8192, repeats: int = 10) -> dict:
     return result
 
 
-def peak_both(threads: int, device: str = "cpu") -> dict:
+def peak_both(threads: int, device: str = "cpu", compute: str = "fp32") -> dict:
     """The peak on the threads the runs use (MFU's denominator), and on 2 threads for reference; a GPU's own."""
+    dtypes = peak_dtypes(compute)
     if device == "cuda":
-        return cuda_matmul_peak()
-    found = matmul_peak(threads)
+        return cuda_matmul_peak(dtypes)
+    found = matmul_peak(threads, dtypes)
     if threads != 2:
-        found |= {f"{key}_2_threads": value for key, value in matmul_peak(2).items()}
+        found |= {f"{key}_2_threads": value for key, value in matmul_peak(2, dtypes).items()}
     return found
 
 
@@ -305,6 +334,7 @@ def trl_worker(spec: dict) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
+    dtype = getattr(torch, TORCH_DTYPES[spec["dtype"]])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     steps = spec["steps_per_epoch"] if spec.get("max_steps") is None else spec["max_steps"]
@@ -312,10 +342,11 @@ def trl_worker(spec: dict) -> dict:
         output_dir=spec["work_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         num_train_epochs=1, max_steps=spec.get("max_steps") or -1, learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=round(WARMUP_RATIO * steps), weight_decay=0.0, max_grad_norm=MAX_NORM, optim="adamw_torch_fused",
-        bf16=True, gradient_checkpointing=spec.get("gradient_checkpointing", False), logging_steps=1, save_strategy="no", report_to=[],
+        bf16=spec["dtype"] == "bf16", fp16=spec["dtype"] == "fp16",
+        gradient_checkpointing=spec.get("gradient_checkpointing", False), logging_steps=1, save_strategy="no", report_to=[],
         max_length=MAX_LENGTH, packing=spec["packed"], assistant_only_loss=True,
         train_sampling_strategy="random" if spec["packed"] else "group_by_length",
-        seed=0, use_cpu=spec.get("device", "cpu") == "cpu", model_init_kwargs={"dtype": torch.bfloat16}, dataloader_num_workers=0,
+        seed=0, use_cpu=spec.get("device", "cpu") == "cpu", model_init_kwargs={"dtype": dtype}, dataloader_num_workers=0,
         disable_tqdm=True,
     )  # fmt: skip
     peft_config = LoraConfig(
@@ -345,7 +376,7 @@ def trl_worker(spec: dict) -> dict:
     wall = time.perf_counter() - started
     return {
         "steps": [{"loss": loss, "end_s": end, **_sum(batches[k : k + 1])} for k, (loss, end) in enumerate(zip(losses, step_ends))],
-        "train_call_s": wall, "dtype": "bfloat16 (bf16=True: autocast; weights loaded in bf16)",
+        "train_call_s": wall, "dtype": f"{dtype} (weights loaded in it; bf16/fp16=True: autocast)",
         "model_dtype": str(next(trainer.model.parameters()).dtype),
     }
 
@@ -354,8 +385,8 @@ def xtuner_worker(spec: dict) -> dict:
     """XTuner 0.1.11 as its configs run it (mmengine Runner, `SupervisedFinetune`, `process_hf_dataset`, its
     packing), on transformers 4.36 (its era: its patched attention needs `num_heads`). Its LoRA path casts the
     frozen base to fp32 (peft's `prepare_model_for_kbit_training`), and its packed rows attend across samples
-    (0.1.11 has no varlen attention). bf16 autocast through an mmengine `OptimWrapper` (its `AmpOptimWrapper`
-    asserts a GPU)."""
+    (0.1.11 has no varlen attention). Autocast to the compute dtype through an mmengine `OptimWrapper` (its
+    `AmpOptimWrapper` asserts a GPU; none in fp32)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -401,18 +432,25 @@ def xtuner_worker(spec: dict) -> dict:
             step_ends.append(time.perf_counter() - self.start)
             losses.append(float(outputs["loss"]))
 
-    class Bf16OptimWrapper(OptimWrapper):
+    dtype = getattr(torch, TORCH_DTYPES[spec["dtype"]])
+
+    class CpuAutocastOptimWrapper(OptimWrapper):
         @contextmanager
         def optim_context(self, model):
-            with super().optim_context(model), torch.autocast("cpu", dtype=torch.bfloat16):
+            with super().optim_context(model), torch.autocast("cpu", dtype=dtype):
                 yield
 
-    wrapper = dict(type=AmpOptimWrapper, dtype="bfloat16") if spec.get("device") == "cuda" else dict(type=Bf16OptimWrapper)
+    if spec["dtype"] == "fp32":
+        wrapper = dict(type=OptimWrapper)
+    elif spec.get("device") == "cuda":
+        wrapper = dict(type=AmpOptimWrapper, dtype=TORCH_DTYPES[spec["dtype"]])
+    else:
+        wrapper = dict(type=CpuAutocastOptimWrapper)
     runner = Runner(
         model=dict(
             type=SupervisedFinetune, use_activation_checkpointing=spec.get("gradient_checkpointing", False),
             llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(model_dir),
-                     torch_dtype=torch.bfloat16),
+                     torch_dtype=dtype),
             lora=dict(type=LoraConfig, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
                       task_type="CAUSAL_LM"),
         ),
@@ -446,15 +484,15 @@ def xtuner_worker(spec: dict) -> dict:
     wall = time.perf_counter() - started
     return {
         "steps": [{"loss": loss, "end_s": end, **_sum(batches[k : k + 1])} for k, (loss, end) in enumerate(zip(losses, step_ends))],
-        "train_call_s": wall, "dtype": "bfloat16 autocast; base cast to fp32 by XTuner's LoRA path",
+        "train_call_s": wall, "dtype": f"{dtype} autocast; base cast to fp32 by XTuner's LoRA path",
     }
 
 
 def ceiling_worker(spec: dict) -> dict:
     """The arithmetic a LoRA step of this job cannot skip, and nothing else: a bound on what any tool can reach.
 
-    xtune's packed rows (same data, max_length, packing), and for each row in bf16: every frozen linear layer's
-    matmul forward and its activation-gradient matmul backward, every LoRA A/B forward and backward, per-sample
+    xtune's packed rows (same data, max_length, packing), and for each row in the compute dtype: every frozen linear
+    layer's matmul forward and its activation-gradient matmul backward, every LoRA A/B forward and backward, per-sample
     causal attention through the same kernel xtune uses (`varlen_attention_forward`: SDPA's CPU flash kernel, or
     the varlen kernel on CUDA), the head on trained positions and cross-entropy. The glue is the least that keeps
     the graph a transformer (residual adds, gate x up); no norms, rotary, SiLU, dropout, casts, optimizer step or
@@ -470,7 +508,7 @@ def ceiling_worker(spec: dict) -> dict:
     from xtune.models.attention import varlen_attention_forward
     from xtune.models.load import load_tokenizer
 
-    device = torch.device(spec.get("device", "cpu"))
+    device, dtype = torch.device(spec.get("device", "cpu")), getattr(torch, TORCH_DTYPES[spec["dtype"]])
     config = Config(llm_name_or_path=spec["model_dir"], data_path=spec["data"], dataset_format="openai",
                     max_length=MAX_LENGTH)  # fmt: skip
     samples, _ = prepare_samples(config, load_tokenizer(Path(spec["model_dir"])))
@@ -482,7 +520,7 @@ def ceiling_worker(spec: dict) -> dict:
     generator = torch.Generator().manual_seed(0)
 
     def weight(rows_, columns, trained=False):
-        return (torch.randn(rows_, columns, generator=generator) * 0.02).to(device, torch.bfloat16).requires_grad_(trained)
+        return (torch.randn(rows_, columns, generator=generator) * 0.02).to(device, dtype).requires_grad_(trained)
 
     def linear(a, b):
         return {"weight": weight(b, a), "lora_A": weight(LORA["r"], a, True), "lora_B": weight(b, LORA["r"], True)}
@@ -501,7 +539,7 @@ def ceiling_worker(spec: dict) -> dict:
     def step(row):
         tokens = len(row.input_ids)
         cu_seq_lens = torch.tensor([0, *itertools.accumulate(row.seq_lens)], device=device)  # padding: a segment, as in xtune
-        x = (torch.randn(tokens, h, generator=generator) * 0.02).to(device, torch.bfloat16)
+        x = (torch.randn(tokens, h, generator=generator) * 0.02).to(device, dtype)
         for layer in layers:
             q, k, v = (apply(layer[name], x).view(1, tokens, -1, head_dim).transpose(1, 2) for name in ("q", "k", "v"))
             if spec["attention"]:
@@ -528,7 +566,7 @@ def ceiling_worker(spec: dict) -> dict:
              "documents": r.seq_lens[:-1] if r.padding else list(r.seq_lens)}
             for loss, end, r in zip(losses, step_ends, rows)
         ],
-        "train_call_s": step_ends[-1], "dtype": "bfloat16 weights and activations (no autocast needed)",
+        "train_call_s": step_ends[-1], "dtype": f"{dtype} weights and activations (no autocast needed)",
     }  # fmt: skip
 
 
@@ -601,13 +639,13 @@ PEERS = {
 }
 
 
-def run_one(name: str, repeat: int, assets: dict, plan: dict, args, out_dir: Path) -> dict:
+def run_one(name: str, repeat: int, assets: dict, plan: dict, args, out_dir: Path, compute: str) -> dict:
     tool, packed = PEERS[name]
     work_dir = out_dir / f"{name}_{repeat}"
     work_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         **assets, "packed": packed, "threads": args.threads, "work_dir": str(work_dir), "device": args.device,
-        "batch_size": ROWS_PER_STEP if packed else plan["unpacked_batch_size"], "max_steps": args.max_steps,
+        "dtype": compute, "batch_size": ROWS_PER_STEP if packed else plan["unpacked_batch_size"], "max_steps": args.max_steps,
         "steps_per_epoch": plan["steps_per_epoch"], "result": str(work_dir / "result.json"),
         "gradient_checkpointing": name.endswith("_gc"), "model": args.model, "attention": name != "ceiling_matmuls",
     }  # fmt: skip
@@ -731,14 +769,19 @@ def aggregate(runs: list[dict], peak: float) -> dict:
 
 
 def markdown(report: dict) -> str:
-    args, plan, peak = report["args"], report["plan"], report["peak"]
+    args, plan, peak, dtype = report["args"], report["plan"], report["peak"], report["dtype"]
+    measured = peak_dtypes(dtype)
+    chosen = " (what dtype = 'auto' picks here)" if args.get("dtype", "auto") == "auto" else ""
+    also = f", fp32 {peak['fp32_gflops']:.0f}" if dtype != "fp32" else ""
+    on_2 = " / ".join(f"{peak[key]:.0f}" for key in (f"{name}_gflops_2_threads" for name in measured) if key in peak)
     lines = [
-        f"## {report['date']}: training throughput, xtune vs TRL ({args['model']} model, {args.get('device', 'cpu').upper()})",
+        f"## {report['date']}: training throughput, xtune vs TRL ({args['model']} model, "
+        f"{args.get('device', 'cpu').upper()}, {dtype})",
         "",
-        f"`{report['command']}` ({report['machine']}; torch threads {args['threads']}; "
-        f"bf16 matmul peak on {args['threads']} thread(s) {peak['bf16_gflops']:.0f} GFLOP/s, best of the measurements before and "
-        f"after the runs, fp32 {peak['fp32_gflops']:.0f}"
-        + (f"; on 2 threads {peak['bf16_gflops_2_threads']:.0f} / {peak['fp32_gflops_2_threads']:.0f}" if "bf16_gflops_2_threads" in peak else "")
+        f"`{report['command']}` ({report['machine']}; {cpu_flags_text(report['cpu']['flags'])}; torch threads "
+        f"{args['threads']}; compute dtype {dtype}{chosen}; {dtype} matmul peak on {args['threads']} thread(s) "
+        f"{peak[f'{dtype}_gflops']:.0f} GFLOP/s, best of the measurements before and after the runs{also}"
+        + (f"; on 2 threads {on_2}" if on_2 else "")
         + f"; load average {report['load_before']:.1f} before, {report['load_after']:.1f} after)",
         "",
         f"Data: {plan['samples']} samples, {plan['tokens']:,} tokens ({plan['trained_tokens']:,} trained), lengths "
@@ -781,6 +824,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: every tool trains on the GPU; memory is the peak allocated there (see --model 1.8b)")
+    parser.add_argument("--dtype", choices=["auto", *TORCH_DTYPES], default="auto",
+                        help="compute dtype of every peer; auto: what xtune's dtype = 'auto' picks here")
     parser.add_argument("--work-dir", default=str(BENCH / "runs"))
     parser.add_argument("--out", default=None, help="JSON report (default: <work-dir>/train_throughput_<model>.json)")
     parser.add_argument("--append-results", action="store_true", help="append the markdown tables to benchmarks/RESULTS.md")
@@ -805,21 +850,27 @@ def main():
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     load_before = os.getloadavg()[0]
     out_dir = work / f"{args.model}_{stamp}"
-    peaks = [peak_both(args.threads, args.device)]
+    from xtune.engine.device import cpu_flags
+
+    compute = compute_dtype(args.device, args.dtype)
+    cpu = {"model": cpu_name(), "flags": sorted(cpu_flags() & set(CPU_FLAGS), key=CPU_FLAGS.index)}
+    print(json.dumps({"dtype": compute, "cpu": cpu}), flush=True)
+    peaks = [peak_both(args.threads, args.device, compute)]
     runs = []
     for repeat in range(args.repeats):
         for name in peers:
-            summary = run_one(name, repeat, assets, plan, args, out_dir)
+            summary = run_one(name, repeat, assets, plan, args, out_dir, compute)
             runs.append(summary)
             print(json.dumps({k: v for k, v in summary.items() if k != "tail_losses"}), flush=True)
-    peaks.append(peak_both(args.threads, args.device))
+    peaks.append(peak_both(args.threads, args.device, compute))
     peak = {key: max(p[key] for p in peaks) for key in peaks[0]}  # the best the machine did: a conservative MFU
     report = {
         "date": datetime.date.today().isoformat(), "load_before": load_before, "load_after": os.getloadavg()[0],
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {cpu_name()}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {cpu_name()}", "cpu": cpu,
+        "dtype": compute,
         "args": {**vars(args), "peers": peers}, "plan": plan, "peak": peak, "peaks": peaks, "runs": runs,
-        "summary": aggregate(runs, peak["bf16_gflops"]), "loss_check": loss_check(runs), "versions": versions(),
+        "summary": aggregate(runs, peak[f"{compute}_gflops"]), "loss_check": loss_check(runs), "versions": versions(),
     }  # fmt: skip
     out = Path(args.out) if args.out else work / f"train_throughput_{args.model}.json"
     out.write_text(json.dumps(report, indent=1))
@@ -834,6 +885,12 @@ def main():
             f"LOSS CHECK FAILED: xtune packed ends at {check['packed_tail_loss']:.4f}, unpacked at "
             f"{check['unpacked_tail_loss']:.4f} (difference {check['difference']:+.4f} > tolerance {check['tolerance']:.4f})"
         )
+
+
+def cpu_flags_text(flags: list[str]) -> str:
+    """Which of `CPU_FLAGS` the CPU has: `CPU flags avx2, avx512f (no avx512_bf16, amx_bf16, amx_tile, amx_int8)`."""
+    missing = [flag for flag in CPU_FLAGS if flag not in flags]
+    return f"CPU flags {', '.join(flags) or 'none'}" + (f" (no {', '.join(missing)})" if missing else "")
 
 
 def cpu_name() -> str:

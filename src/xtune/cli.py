@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -283,6 +284,9 @@ def chat(
     list_tools: Annotated[
         bool, typer.Option(help="With plugins: list them in the prompt; --no-list-tools for a model trained without the list.")
     ] = True,
+    thinking: Annotated[
+        bool, typer.Option(help="--no-thinking: Qwen3-style templates answer without reasoning (an empty think block ends the prompt).")
+    ] = True,
 ):
     """Chat with a model (and adapter), or a LLaVA model about an image: interactive, or --input for scripts.
     With --with-plugins the model may call tools; their calls and results are shown (on stderr with --input)."""
@@ -330,7 +334,8 @@ def chat(
     else:
         llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
         _warn_of_other_base(adapter, model)
-    template = pick_template(prompt_template, adapter or llava, resolve_model_path(model), tokenizer)
+    template = replace(pick_template(prompt_template, adapter or llava, resolve_model_path(model), tokenizer),
+                       enable_thinking=thinking)  # fmt: skip
     if plugins:
         from xtune.infer.agent import chat_with_plugins
 

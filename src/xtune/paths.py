@@ -1,7 +1,9 @@
 """Where xtune keeps what it builds on its own (tiny models and datasets, caches)."""
 
+import errno
 import hashlib
 import os
+import re
 from pathlib import Path
 
 
@@ -20,6 +22,19 @@ def file_sha256(path: Path, fsync: bool = False) -> str:
         if fsync:
             os.fsync(handle.fileno())
     return digest.hexdigest()
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_failure(error: Exception) -> str:
+    """Why a write failed, for a message: "the disk is full (No space left on device)" for ENOSPC and EDQUOT whether
+    they came as an OSError or inside a SafetensorError (which keeps only the OS's text: "... (os error 28)")."""
+    code = getattr(error, "errno", None)
+    if code is None and (match := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(match.group(1))
+    text = getattr(error, "strerror", None) or (os.strerror(code) if code else str(error))
+    return f"the disk is full ({text})" if code in FULL_DISK else text
 
 
 def share_as_umask_allows(folder: Path) -> None:

@@ -110,6 +110,7 @@ def tokenizer_with(tokenizer, *special_tokens, bos=None, eos=None, chat_template
 TRAINED_RUNS = {
     "internlm2_chat": ["cold<|im_end|>", "small<|im_end|>"],
     "qwen_chat": ["cold<|im_end|>", "small<|im_end|>"],
+    "qwen3": ["<think>\n\n</think>\n\nsmall<|im_end|>"],  # the model would have thought before "cold"
     "llama2_chat": [" cold </s>", " small </s>"],
     # the tiny tokenizer has no <|eot_id|> token: the text is tokenized whole, "><" merges across the reply's end,
     # and a token that holds characters of the reply is trained (the model must write it to write the reply)
@@ -123,6 +124,20 @@ TRAINED_RUNS = {
     "vicuna": [" cold</s>", " small</s>"],
     "zephyr": ["cold</s>", "small</s>"],
     "default": ["cold</s>", "small</s>"],
+    "llama3_1": ["cold<|eot_id|><", "small<|eot_id|>"],
+    "phi4": ["cold<|im_end|>", "small<|im_end|>"],
+    "deepseek_r1": ["\n</think>\n\nsmall</s>"],  # "<think>\n" is the generation prompt's; "cold" is context
+    "internlm_chat": ["cold<eoa>", "small<eoa>"],
+    "baichuan_chat": ["cold", "small</s>"],
+    "baichuan2_chat": ["cold", "small</s>"],
+    "chatglm2": ["cold\n\n", "small\n\n</s>"],
+    "moss_sft": [" cold<eom>", " small<eom>"],
+    "code_llama_chat": ["cold</s>", "small</s>"],
+    "deepseek_coder": ["cold\n<|EOT|>", "small\n<|EOT|>"],
+    "cohere_chat": ["cold<|END_OF_TURN_TOKEN|><", "small<|END_OF_TURN_TOKEN|>"],
+    "minicpm": ["cold", "small</s>"],
+    "minicpm3": ["cold<|im_end|>", "small<|im_end|>"],
+    "deepseek_moe": [" cold</s>", " small</s>"],
 }
 
 

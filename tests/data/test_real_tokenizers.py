@@ -21,9 +21,10 @@ from xtune.models.load import load_tokenizer
 
 PAIRS = {
     "internlm2_chat": "internlm2", "qwen_chat": "qwen2", "llama3_chat": "llama3", "llama2_chat": "llama2",
-    "mistral": "mistral", "mixtral": "mistral", "zephyr": "mistral", "phi3_chat": "phi3",
+    "mistral": "mistral", "mixtral": "mistral", "zephyr": "mistral", "phi3_chat": "phi3", "qwen3": "qwen3",
 }  # fmt: skip
-"""Named template -> the family's tokenizer (Zephyr and Mixtral use Mistral's)."""
+"""Named template -> the family's tokenizer (Zephyr and Mixtral use Mistral's; Qwen3's is Qwen2.5's with its added
+tokens)."""
 
 NOT_A_PREFIX = {("internlm2_chat", "reply starts with a newline"), ("qwen_chat", "reply starts with a newline")}
 """Where the official template itself breaks train = serve: the header's "\\n" and a reply's leading "\\n" are one
@@ -34,6 +35,8 @@ QWEN_DEFAULT_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Clou
 PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]  # fmt: skip
 """Phi-3-mini's added tokens, ids 32000-32010 after Llama 2's vocabulary; all but <|endoftext|> strip what follows."""
+QWEN3_ADDED = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
+"""Qwen3's added tokens after Qwen2.5's, ids 151665-151668 (not special)."""
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,9 @@ def family(real_tokenizer):
                 added = [AddedToken(t, rstrip=t != "<|endoftext|>", special=True, normalized=False) for t in PHI3_ADDED]
                 tokenizer.add_tokens(added, special_tokens=True)
                 assert tokenizer.convert_tokens_to_ids("<|user|>") == 32010
+            elif PAIRS[name] == "qwen3":
+                tokenizer = copy.deepcopy(real_tokenizer("qwen2"))
+                tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED])
             else:
                 tokenizer = copy.deepcopy(real_tokenizer(PAIRS[name]))
             tokenizer.chat_template = official_chat_template(name)
@@ -123,7 +129,7 @@ END_MARKERS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("name", [name for name in PAIRS if name != "qwen3"])  # qwen3: tests/data/test_thinking.py
 def test_labels_cover_each_reply_and_its_end_marker(family, name):
     tokenizer = family(name)
     conversation = PROBES["three rounds"]

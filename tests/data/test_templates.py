@@ -38,6 +38,11 @@ RENDERED = {
         "<|im_start|>user\nWhat is the opposite of hot?<|im_end|>\n<|im_start|>assistant\ncold<|im_end|>\n"
         "<|im_start|>user\nAnd of big?<|im_end|>\n<|im_start|>assistant\nsmall<|im_end|>\n"
     ),
+    "qwen3": (  # the first answer is written without a block, the last with an empty one
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the opposite of hot?<|im_end|>\n<|im_start|>assistant\ncold<|im_end|>\n"
+        "<|im_start|>user\nAnd of big?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nsmall<|im_end|>\n"
+    ),
     "llama2_chat": (
         "<s>[INST] <<SYS>>\nYou are helpful.\n<</SYS>>\n\nWhat is the opposite of hot? [/INST] cold </s>"
         "<s>[INST] And of big? [/INST] small </s>"
@@ -85,11 +90,74 @@ RENDERED = {
         "<s><|System|>:You are helpful.\n<|User|>:What is the opposite of hot?\n<|Bot|>:cold</s>\n"
         "<|User|>:And of big?\n<|Bot|>:small</s>\n"
     ),
+    "llama3_1": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+        "Today Date: 26 Jul 2024\n\nYou are helpful.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        "What is the opposite of hot?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\ncold<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd of big?<|eot_id|><|start_header_id|>"
+        "assistant<|end_header_id|>\n\nsmall<|eot_id|>"
+    ),
+    "phi4": (
+        "<|im_start|>system<|im_sep|>You are helpful.<|im_end|><|im_start|>user<|im_sep|>"
+        "What is the opposite of hot?<|im_end|><|im_start|>assistant<|im_sep|>cold<|im_end|><|im_start|>"
+        "user<|im_sep|>And of big?<|im_end|><|im_start|>assistant<|im_sep|>small<|im_end|>"
+    ),
+    "deepseek_r1": (
+        "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>What is the opposite of hot?<｜Assistant｜>"
+        "cold<｜end▁of▁sentence｜><｜User｜>And of big?<｜Assistant｜><think>\n\n</think>\n\nsmall<｜end▁of▁sentence｜>"
+    ),
+    "internlm_chat": (
+        "<s><|System|>:You are helpful.\n<|User|>:What is the opposite of hot?<eoh>\n<|Bot|>:cold<eoa>\n<|User|>"
+        ":And of big?<eoh>\n<|Bot|>:small<eoa>\n"
+    ),
+    "baichuan_chat": (
+        "You are helpful.<reserved_102>What is the opposite of hot?<reserved_103>cold<reserved_102>"
+        "And of big?<reserved_103>small</s>"
+    ),
+    "baichuan2_chat": (
+        "You are helpful.<reserved_106>What is the opposite of hot?<reserved_107>cold<reserved_106>"
+        "And of big?<reserved_107>small</s>"
+    ),
+    "chatglm2": (
+        "[gMASK]sopYou are helpful.\n[Round 1]\n\n问：What is the opposite of hot?\n\n答：cold\n\n[Round 2]\n\n"
+        "问：And of big?\n\n答：small\n\n</s>"
+    ),
+    "moss_sft": (
+        "You are helpful.\n<|Human|>: What is the opposite of hot?<eoh>\n<|MOSS|>: cold<eom>\n<|Human|>"
+        ": And of big?<eoh>\n<|MOSS|>: small<eom>\n"
+    ),
+    "code_llama_chat": (
+        "<s>You are helpful.\n[INST] What is the opposite of hot? [/INST]cold</s>"
+        "[INST] And of big? [/INST]small</s>"
+    ),
+    "deepseek_coder": (
+        "<｜begin▁of▁sentence｜>You are helpful.### Instruction:\nWhat is the opposite of hot?\n### Response:\n"
+        "cold\n<|EOT|>\n### Instruction:\nAnd of big?\n### Response:\nsmall\n<|EOT|>\n"
+    ),
+    "cohere_chat": (
+        "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are helpful.<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>What is the opposite of hot?<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>cold<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
+        "<|USER_TOKEN|>And of big?<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+        "small<|END_OF_TURN_TOKEN|>"
+    ),
+    "minicpm": (
+        "You are helpful.<用户>What is the opposite of hot?<AI>cold<用户>And of big?<AI>small</s>"
+    ),
+    "minicpm3": (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n"
+        "What is the opposite of hot?<|im_end|>\n<|im_start|>assistant\ncold<|im_end|>\n<|im_start|>user\n"
+        "And of big?<|im_end|>\n<|im_start|>assistant\nsmall<|im_end|>\n"
+    ),
+    "deepseek_moe": (
+        "<｜begin▁of▁sentence｜>You are helpful.\n\nUser: What is the opposite of hot?\n\n"
+        "Assistant: cold<｜end▁of▁sentence｜>User: And of big?\n\nAssistant: small<｜end▁of▁sentence｜>"
+    ),
 }
 
 OFFICIAL = [
     "internlm2_chat", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "mixtral", "gemma", "phi3_chat", "zephyr",
-    "deepseek_v2", "chatglm3",
+    "deepseek_v2", "chatglm3", "qwen3", "llama3_1", "phi4", "deepseek_coder", "minicpm", "minicpm3",
 ]  # fmt: skip
 WITHOUT_SYSTEM_ROLE = {"mistral", "mixtral"}
 """Their official jinja rejects a system turn."""
@@ -122,7 +190,7 @@ def official_as_xtune(tokenizer, name, conversation):
     fine-tuning code writes one, its jinja does not), and qwen_chat writes no default system prompt."""
     prompting = conversation.turns[-1].role != "assistant"
     text = official(tokenizer, name, conversation, add_generation_prompt=prompting)
-    if name == "chatglm3" and not prompting:
+    if name in ("chatglm3", "minicpm") and not prompting:  # MiniCPM's jinja writes no EOS either
         text += tokenizer.eos_token
     if name == "qwen_chat" and conversation.system is None:
         text = text.removeprefix(QWEN_DEFAULT_SYSTEM)
@@ -221,7 +289,10 @@ def test_generation_prompt_ends_with_the_assistant_header():
 
 
 def test_bos_flag_says_whether_samples_start_with_bos():
-    assert [name for name, template in TEMPLATES.items() if not template.bos] == ["qwen_chat", "chatglm3", "zephyr"]
+    assert [name for name, template in TEMPLATES.items() if not template.bos] == [
+        "qwen_chat", "qwen3", "chatglm3", "phi4", "baichuan2_chat", "chatglm2", "moss_sft", "minicpm", "minicpm3",
+        "zephyr", "baichuan_chat",
+    ]  # fmt: skip
 
 
 AGENT = Conversation(
@@ -285,7 +356,7 @@ def openai_message(turn):
     return message
 
 
-@pytest.mark.parametrize("name", [name for name in TEMPLATES if name not in ("internlm2_chat", "qwen_chat")])
+@pytest.mark.parametrize("name", [name for name, template in TEMPLATES.items() if template.tools is None])
 def test_other_templates_refuse_tool_turns_by_name(name):
     with pytest.raises(XtuneError, match=f"template '{name}' does not support tool turns or tool calls yet"):
         render(AGENT, get_template(name))
@@ -337,7 +408,7 @@ def test_hf_stop_words_are_the_eos_of_tokenizer_and_generation_config(tokenizer)
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(XtuneError, match=r"unknown prompt template 'nope'; known: internlm2_chat, .*, default, hf\."):
+    with pytest.raises(XtuneError, match=r"unknown prompt template 'nope'; known: internlm2_chat, .*, default, .*hf\."):
         get_template("nope")
     with pytest.raises(XtuneError, match="no official chat template is carried for 'vicuna'"):
         official_chat_template("vicuna")

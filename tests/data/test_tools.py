@@ -101,3 +101,37 @@ def test_writes_into_new_folders_and_leaves_nothing_behind(tmp_path):
     source = write_json(tmp_path / "in.json", RECORDS)
     assert repeat_dataset(source, tmp_path / "made" / "out.json", 200) == 400
     assert [path.name for path in (tmp_path / "made").iterdir()] == ["out.json"]
+
+
+@pytest.mark.parametrize("name", ["in.json", "in.jsonl"])
+def test_json_nested_too_deep_names_the_file_and_line(tmp_path, name):
+    """Issue 23, item 16: `data repeat` on JSON nested 100,000 deep was a RecursionError traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    text = f'[\n{json.dumps(RECORDS[0])},\n{deep}\n]' if name == "in.json" else f"{json.dumps(RECORDS[0])}\n{deep}\n"
+    (tmp_path / name).write_text(text)
+    line = 3 if name == "in.json" else 2
+    with pytest.raises(DataError, match=rf"{name}:{line}: JSON nested 100,00[01] levels deep, deeper than Python's JSON parser reads"):
+        repeat_dataset(tmp_path / name, tmp_path / "out.jsonl", 2)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_number_python_will_not_read_names_the_line(tmp_path):
+    (tmp_path / "in.jsonl").write_text(f'{json.dumps(RECORDS[0])}\n{{"n": {"9" * 5000}}}\n')
+    with pytest.raises(DataError, match=r"in\.jsonl:2: not valid JSON \(Exceeds the limit"):
+        repeat_dataset(tmp_path / "in.jsonl", tmp_path / "out.jsonl", 2)
+
+
+def test_a_full_disk_names_the_output_and_leaves_the_input_and_no_partial_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    source = write_json(tmp_path / "in.json", RECORDS)
+    before = source.read_bytes()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(DataError, match=r"could not write .*out\.json: the disk is full \(No space left on device\); .*in\.json is as it was"):
+        repeat_dataset(source, tmp_path / "out.json", 2)
+    assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.json"]

@@ -476,3 +476,30 @@ def test_a_client_that_goes_away_mid_request_frees_the_model(loaded, monkeypatch
         second = httpx.post(f"{url}/chat/completions", json={**body, "max_tokens": 1}, timeout=120)
         assert second.status_code == 200
     assert len(lengths) == 2 and lengths[0] < 20_000  # the first stopped early, cancelled
+
+
+def test_chat_template_kwargs_switch_thinking_off_and_history_reasoning_is_written(loaded, monkeypatch):
+    """vLLM's `chat_template_kwargs: {"enable_thinking": false}`: a Qwen3-style template's prompt ends with the empty
+    block; an earlier answer's `reasoning_content` is written as the template writes reasoning."""
+    from dataclasses import replace
+
+    model, tokenizer, _ = loaded
+    seen = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["input_ids"][0].tolist()) or real_generate(**kw))
+    client = TestClient(build_app(model, tokenizer, replace(get_template("qwen3"), stop_words=()), MODEL_NAME))
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": "greet"},
+               {"role": "user", "content": "Bye"}]  # fmt: skip
+    for kwargs in (None, {"enable_thinking": False}):
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "chat_template_kwargs": kwargs}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    on, off = (tokenizer.decode(ids) for ids in seen)
+    assert on.endswith("<|im_start|>assistant\n") and off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    body = {"messages": history, "max_tokens": 1}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert "greet" not in tokenizer.decode(seen[-1])  # Qwen3 writes no reasoning of answers before the last question
+    other = TestClient(build_app(model, tokenizer, get_template("internlm2_chat"), MODEL_NAME))
+    assert other.post("/v1/chat/completions", json=body).status_code == 200
+    assert "<|im_start|>assistant\n<think>\ngreet\n</think>\n\nHello<|im_end|>" in tokenizer.decode(seen[-1])
+    bad = client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"tools_mode": True}})
+    assert bad.status_code == 400 and "tools_mode not supported" in bad.json()["error"]["message"]

@@ -249,3 +249,23 @@ def test_folder_without_weights(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
         load_model(tmp_path)
+
+
+def test_a_full_disk_while_writing_the_llama_layout_copy_names_it_and_leaves_nothing(tmp_path, monkeypatch):
+    """Issue 23, item 16: a full XTUNE_HOME was a raw SafetensorError (the copy quantized loading reads lives there)."""
+    from safetensors import SafetensorError
+
+    from xtune.errors import XtuneError
+    from xtune.models.internlm2 import llama_layout_copy
+
+    save_internlm2(tiny_llama(), tmp_path / "model")
+
+    def full_disk(self, folder, **kwargs):
+        folder.mkdir(parents=True, exist_ok=True)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", full_disk)
+    message = r"could not write .*, the Llama-layout copy of .*model that quantized loading reads: the disk is full \(No space left on device\)\. Nothing earlier is lost"
+    with pytest.raises(XtuneError, match=message):
+        llama_layout_copy(tmp_path / "model", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -469,6 +469,73 @@ def test_map_functions_give_a_conversation_or_a_record_error(name, cases):
     report(f"map function {name}", outcomes, cases)
 
 
+# Nesting: JSON of any depth through the readers and `data repeat` -----------------------------------------
+
+GOOD_LINE = '{"instruction": "q", "output": "a"}'
+HOSTS = [  # where the nested value goes: a field a map function reads, one it ignores, tool-call arguments, a line
+    '{"instruction": "q", "output": NESTED}',
+    '{"instruction": "q", "output": "a", "meta": NESTED}',
+    '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": '
+    '[{"type": "function", "function": {"name": "f", "arguments": NESTED}}]}]}',
+    "NESTED",
+]
+
+
+@st.composite
+def nested_json(draw) -> str:
+    """Arrays and objects nested 1 to 100,000 deep in a repeating pattern: a few levels, around Python's recursion
+    limit (1,000), or far past it."""
+    depth = draw(st.one_of(st.integers(1, 50), st.integers(900, 1100), st.sampled_from([2000, 5000, 100_000])))
+    pattern = draw(st.lists(st.sampled_from(["[", '{"k": ']), min_size=1, max_size=3))
+    opening = [pattern[level % len(pattern)] for level in range(depth)]
+    closing = "".join("]" if opener == "[" else "}" for opener in reversed(opening))
+    return "".join(opening) + draw(st.sampled_from(['"x"', "1", "null", "[]"])) + closing
+
+
+@pytest.mark.parametrize("cases", SIZES)
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_nested_at_any_depth_is_read_or_named_at_its_line(suffix, cases, tmp_path):
+    """A record holding JSON nested to any depth, among good ones, in a .jsonl or .json file: `read_conversations`,
+    `load_sources` and `repeat_dataset` (`xtune data repeat`) read it, or name the file and the line of the nesting
+    they cannot read (a RecursionError was a traceback in `data repeat`)."""
+    from xtune.data.tools import repeat_dataset
+
+    outcomes: Counter = Counter()
+    path, output = tmp_path / f"d{suffix}", tmp_path / "out.jsonl"
+
+    @fuzz(cases)
+    @given(value=nested_json(), host=st.sampled_from(HOSTS), before=st.integers(0, 2), after=st.integers(0, 1))
+    def check(value, host, before, after):
+        lines = [GOOD_LINE] * before + [host.replace("NESTED", value)] + [GOOD_LINE] * after
+        if suffix == ".json":
+            path.write_text("[\n" + ",\n".join(lines) + "\n]\n")
+        else:
+            path.write_text("\n".join(lines) + "\n")
+        location = f"{path}:{before + (2 if suffix == '.json' else 1)}"
+        items = list(read_conversations(path, "auto", check_images=False))
+        assert all(isinstance(item, BadRecord) or isinstance(item[1], Conversation) for item in items)
+        deep = [item.location for item in items if isinstance(item, BadRecord) and "levels deep" in item.message]
+        assert deep in ([], [location]), (deep, location)
+        outcomes["cases"] += 1
+        outcomes["read: too deep, its line named" if deep else "read: records (good or bad by their format)"] += 1
+        try:
+            load_sources([SourceSpec(str(path), "auto")], check_images=False)
+        except DataError as error:
+            assert str(error).startswith(str(path)), str(error)
+        output.unlink(missing_ok=True)
+        try:
+            assert repeat_dataset(path, output, 2) == 2 * len(lines)
+            outcomes["repeat: written"] += 1
+        except DataError as error:
+            assert str(error).startswith(f"{location}: JSON nested "), str(error)
+            outcomes["repeat: too deep, its line named"] += 1
+
+    check()
+    print(f"\nnested JSON, {suffix}: {outcomes['cases']} cases: {dict(sorted(outcomes.items()))}")
+    assert outcomes["cases"] >= cases
+    assert outcomes["read: too deep, its line named"] >= cases // 10 and outcomes["repeat: written"] >= cases // 10
+
+
 # Fixed bugs, pinned ---------------------------------------------------------------------------------------
 
 

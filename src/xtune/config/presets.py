@@ -24,26 +24,31 @@ class Model:
     lora_alpha: int = 16
     note: str = ""
     """Written at the top of the config file."""
+    remote_code: bool = False
+    """The model's modelling code lives in its repository: the config sets `trust_remote_code = True` (a Python
+    config needs no --allow-code; read the code first)."""
 
 
 MODELS: tuple[Model, ...] = (
     Model("internlm2_chat_1_8b", "InternLM2", "internlm/internlm2-chat-1_8b", "internlm2_chat"),
     Model("internlm2_chat_7b", "InternLM2", "internlm/internlm2-chat-7b", "internlm2_chat"),
     Model("internlm2_5_chat_7b", "InternLM2.5", "internlm/internlm2_5-7b-chat", "internlm2_chat"),
-    Model("internlm3_8b_instruct", "InternLM3", "internlm/internlm3-8b-instruct", "hf"),
+    Model("internlm3_8b_instruct", "InternLM3", "internlm/internlm3-8b-instruct", "internlm2_chat", remote_code=True,
+          note="InternLM3's jinja is InternLM2's; its modelling is remote code (trust_remote_code)."),
     Model("llama2_7b", "Llama 2", "meta-llama/Llama-2-7b-hf", "default", note="A base model: XTuner's default template."),
     Model("llama2_7b_chat", "Llama 2", "meta-llama/Llama-2-7b-chat-hf", "llama2_chat"),
     Model("llama3_8b_instruct", "Llama 3", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat", lr=1e-4),
-    Model("llama3_1_8b_instruct", "Llama 3.1", "meta-llama/Llama-3.1-8B-Instruct", "hf", lr=1e-4,
-          note="Llama 3.1's template writes a dated system header that llama3_chat does not: its own (hf)."),
-    Model("llama3_2_3b_instruct", "Llama 3.2", "meta-llama/Llama-3.2-3B-Instruct", "hf", lr=1e-4),
-    Model("llama3_3_70b_instruct", "Llama 3.3", "meta-llama/Llama-3.3-70B-Instruct", "hf", lr=1e-4, lora_r=16),
+    Model("llama3_1_8b_instruct", "Llama 3.1", "meta-llama/Llama-3.1-8B-Instruct", "llama3_1", lr=1e-4,
+          note="Llama 3.1's template writes a dated system header (llama3_1); tools: prompt_template = 'hf'."),
+    Model("llama3_2_3b_instruct", "Llama 3.2", "meta-llama/Llama-3.2-3B-Instruct", "hf", lr=1e-4,
+          note="Llama 3.2's template writes today's date into the system header: its own (hf)."),
+    Model("llama3_3_70b_instruct", "Llama 3.3", "meta-llama/Llama-3.3-70B-Instruct", "llama3_1", lr=1e-4, lora_r=16),
     Model("qwen1_5_7b_chat", "Qwen 1.5", "Qwen/Qwen1.5-7B-Chat", "qwen_chat"),
     Model("qwen2_7b_instruct", "Qwen 2", "Qwen/Qwen2-7B-Instruct", "qwen_chat"),
     Model("qwen2_5_7b_instruct", "Qwen 2.5", "Qwen/Qwen2.5-7B-Instruct", "qwen_chat"),
-    Model("qwen3_8b", "Qwen 3", "Qwen/Qwen3-8B", "hf", lr=1e-4,
-          note="Qwen3's template (thinking blocks) through its own chat_template (hf)."),
-    Model("qwen3_30b_a3b", "Qwen 3 MoE", "Qwen/Qwen3-30B-A3B", "hf", lr=1e-4, lora_r=16),
+    Model("qwen3_8b", "Qwen 3", "Qwen/Qwen3-8B", "qwen3", lr=1e-4,
+          note="Reasoning in the data (reasoning_content or <think>) is written as Qwen3's template writes it."),
+    Model("qwen3_30b_a3b", "Qwen 3 MoE", "Qwen/Qwen3-30B-A3B", "qwen3", lr=1e-4, lora_r=16),
     Model("mistral_7b", "Mistral", "mistralai/Mistral-7B-v0.1", "default", note="A base model: XTuner's default template."),
     Model("mistral_7b_instruct_v0_1", "Mistral", "mistralai/Mistral-7B-Instruct-v0.1", "mistral", lr=1e-4),
     Model("mistral_7b_instruct_v0_3", "Mistral", "mistralai/Mistral-7B-Instruct-v0.3", "hf", lr=1e-4),
@@ -53,13 +58,20 @@ MODELS: tuple[Model, ...] = (
     Model("gemma3_1b_it", "Gemma 3", "google/gemma-3-1b-it", "gemma", lr=1e-4),
     Model("phi3_mini_4k_instruct", "Phi-3", "microsoft/Phi-3-mini-4k-instruct", "phi3_chat"),
     Model("phi3_5_mini_instruct", "Phi-3.5", "microsoft/Phi-3.5-mini-instruct", "phi3_chat"),
-    Model("phi4", "Phi-4", "microsoft/phi-4", "hf", lr=1e-4),
+    Model("phi4", "Phi-4", "microsoft/phi-4", "phi4", lr=1e-4),
     Model("deepseek_v2_lite_chat", "DeepSeek-V2", "deepseek-ai/DeepSeek-V2-Lite-Chat", "deepseek_v2", lora_r=16),
-    Model("deepseek_coder_6_7b_instruct", "DeepSeek-Coder", "deepseek-ai/deepseek-coder-6.7b-instruct", "hf"),
-    Model("deepseek_r1_distill_qwen_7b", "DeepSeek-R1-Distill", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "hf", lr=1e-4),
+    Model("deepseek_coder_6_7b_instruct", "DeepSeek-Coder", "deepseek-ai/deepseek-coder-6.7b-instruct", "deepseek_coder"),
+    Model("deepseek_r1_distill_qwen_7b", "DeepSeek-R1-Distill", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek_r1",
+          lr=1e-4, note="Answers are trained after the '<think>' the prompt opens: give reasoning in the data."),
+    Model("deepseek_moe_16b_chat", "DeepSeek-MoE", "deepseek-ai/deepseek-moe-16b-chat", "deepseek_moe", lora_r=16,
+          remote_code=True),
     Model("yi_6b_chat", "Yi", "01-ai/Yi-6B-Chat", "hf"),
     Model("glm4_9b_chat", "GLM-4", "THUDM/glm-4-9b-chat-hf", "hf", lr=1e-4),
     Model("command_r7b", "Cohere Command-R", "CohereForAI/c4ai-command-r7b-12-2024", "hf", lr=1e-4),
+    Model("baichuan2_7b_chat", "Baichuan 2", "baichuan-inc/Baichuan2-7B-Chat", "baichuan2_chat", remote_code=True),
+    Model("chatglm3_6b", "ChatGLM3", "THUDM/chatglm3-6b", "chatglm3", remote_code=True),
+    Model("minicpm_2b_sft", "MiniCPM", "openbmb/MiniCPM-2B-sft-bf16", "minicpm", remote_code=True),
+    Model("minicpm3_4b", "MiniCPM3", "openbmb/MiniCPM3-4B", "minicpm3", remote_code=True),
 )  # fmt: skip
 """One sensible size per family (several where the family changed its format between versions)."""
 
@@ -132,6 +144,8 @@ def preset_source(name: str) -> str:
         f'pretrained_model_name_or_path = "{model.model_id}"',
         f'method = "{recipe.method}"',
         f"quantization = {recipe.quantization!r}".replace("'", '"'),
+        *(["trust_remote_code = True  # the model's own modelling code: read it before you run it"]
+          if model.remote_code else []),
     ]
     if not full:
         lines += [f"lora_r = {model.lora_r}", f"lora_alpha = {model.lora_alpha}", "lora_dropout = 0.1"]

@@ -19,6 +19,7 @@ OTHER_TOOLS_NAMES = {
     "lora_rank": "lora_r", "lora_target": "lora_target_modules", "target_modules": "lora_target_modules",
     "packing": "pack_to_max_length", "template": "prompt_template", "dataset": "data_path",
     "optim": "optim_type", "max_steps_per_epoch": "max_steps", "bf16": "dtype", "fp16": "dtype",
+    "moe_aux_loss_coef": "router_aux_loss_coef",
 }  # fmt: skip
 """Names of the same settings in Hugging Face's Trainer, TRL, LLaMA-Factory and torchtune -> ours: suggested in
 the unknown-key error, not accepted (a config reads one way)."""
@@ -132,6 +133,13 @@ class Config(BaseModel):
     chat and serve always read what users type; False keeps it the control token, as most trainers do."""
     prompt_template: str = "internlm2_chat"
     """Chat template the samples are rendered with, and chat later uses."""
+    enable_thinking: bool = True
+    """False: no reasoning block is trained, and templates with the switch (qwen3; `hf` passes it to the jinja)
+    write the empty block into the prompt, as their non-thinking generation prompt does. A record's own
+    `enable_thinking` decides for it."""
+    train_on_thinking: bool = True
+    """False: reasoning blocks (`reasoning_content`, `<think>...</think>`) are written but not trained; the answer
+    after each is."""
     SYSTEM: str = ""
     """System prompt put in front of every training sample that has none, and used by evaluation."""
     max_length: int = Field(2048, gt=1, le=16_777_216)
@@ -195,6 +203,11 @@ class Config(BaseModel):
     their gradient). Applies where the head is a plain linear layer whose output the model uses as it is
     (Llama/InternLM2, Mistral, Mixtral, Qwen2/3, Phi-3) and the model is not sharded (not with FSDP or ZeRO-3);
     elsewhere logits are made for the trained positions only. False: always that way."""
+    router_aux_loss_coef: float | None = Field(None, ge=0)
+    """MoE models (Mixtral, Qwen2/3-MoE, OLMoE, ...): weight of the router's load-balancing loss, added to the training
+    (and logged) loss as transformers adds it; None takes the model's own (its config.json's router_aux_loss_coef),
+    whether or not that sets output_router_logits, 0 leaves it out. Models that compute none (dense ones, DeepSeek-V2
+    in transformers) refuse a value > 0."""
     seed: int = Field(0, ge=0, lt=2**63)
     """Seed for weights of new layers, data order and dropout."""
 

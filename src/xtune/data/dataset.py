@@ -13,19 +13,21 @@ import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xtune.config.schema import Config, names_code
 from xtune.data.encode import Encoded, encode_batch
 from xtune.data.formats import Conversation
 from xtune.data.sources import SourceSpec, data_files, load_sources, map_function, resolve_data_path
-from xtune.data.templates import ChatTemplate, get_template
-from xtune.paths import file_sha256, xtune_home
+from xtune.data.templates import ChatTemplate, Template, get_template
+from xtune.errors import XtuneError
+from xtune.paths import file_sha256, write_failure, xtune_home
 
 CACHE_VERSION = 2
 """Bump when encoding changes, so that entries written before are not read."""
@@ -59,6 +61,12 @@ def source_specs(config: Config) -> list[SourceSpec]:
     return specs
 
 
+def config_template(config: Config) -> Template:
+    """The config's prompt template, with its thinking settings."""
+    template = get_template(config.prompt_template)
+    return replace(template, enable_thinking=config.enable_thinking, train_on_thinking=config.train_on_thinking)
+
+
 def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: int = 0) -> str:
     digest = hashlib.sha256()
     for spec in specs:
@@ -80,6 +88,8 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: 
         "tokenizer": tokenizer_fingerprint(tokenizer),
         **({"image_tokens": image_tokens} if image_tokens else {}),
         **({"split_special_tokens": True} if config.split_special_tokens else {}),
+        **({"enable_thinking": False} if not config.enable_thinking else {}),
+        **({"train_on_thinking": False} if not config.train_on_thinking else {}),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
@@ -124,7 +134,7 @@ def prepare_samples(
     if use_cache and is_cached(cache_dir):
         return _read_cache(cache_dir)
     loaded = load_sources(specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed)
-    template = get_template(config.prompt_template)
+    template = config_template(config)
     encoded = encode_parallel(loaded.conversations, template, tokenizer, config, config.num_proc, image_tokens)
     samples, report = apply_length_policy(encoded, config)
     report.sources = [(spec.path, count) for spec, count in zip(specs, loaded.counts)]
@@ -201,7 +211,6 @@ def encode_parallel(
 def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) -> None:
     partial = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     lengths = torch.tensor([len(s.input_ids) for s in samples], dtype=torch.int64)
     tensors = {
         "input_ids": torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.int32),
@@ -209,10 +218,19 @@ def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) ->
         "lengths": lengths,
         "truncated": torch.tensor([s.truncated for s in samples], dtype=torch.bool),
     }
-    (partial / "report.json").write_text(json.dumps(asdict(report)))
-    if any(s.images for s in samples):
-        (partial / "images.json").write_text(json.dumps([list(s.images) for s in samples]))
-    save_file(tensors, partial / "samples.safetensors")
+    try:
+        partial.mkdir(parents=True)
+        (partial / "report.json").write_text(json.dumps(asdict(report)))
+        if any(s.images for s in samples):
+            (partial / "images.json").write_text(json.dumps([list(s.images) for s in samples]))
+        save_file(tensors, partial / "samples.safetensors")
+    except (OSError, SafetensorError) as error:  # e.g. a full $XTUNE_HOME
+        shutil.rmtree(partial, ignore_errors=True)
+        raise XtuneError(
+            f"could not write the data cache entry {cache_dir}: {write_failure(error)}. Nothing earlier is lost (the "
+            "cache's other entries and the data files are as they were); free space there, or set XTUNE_HOME to a "
+            "folder on a disk with room."
+        ) from error
     if cache_dir.exists() and not is_cached(cache_dir):
         shutil.rmtree(cache_dir)  # not written by us: entries are renamed into place whole
     try:

@@ -14,7 +14,7 @@ import ast
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from xtune.errors import short_repr
@@ -41,6 +41,9 @@ class Turn:
     """Tools the assistant calls in this turn; `tool` turns that follow hold their results."""
     name: str | None = None
     """For `tool` turns: the tool that produced the content."""
+    reasoning: str | None = None
+    """For assistant turns: the thinking before the answer, given apart from the content (OpenAI-style
+    `reasoning_content`). None: not given apart; templates that think read a `<think>...</think>` in the content."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Conversation:
     raw: bool = False
     """Plain text for pretraining: one trained assistant turn, encoded without a chat template as
     BOS + text + EOS, every token trained."""
+    enable_thinking: bool | None = None
+    """The record's own `enable_thinking`; None: the template's (the config's `enable_thinking`)."""
 
     @property
     def system(self) -> str | None:
@@ -92,6 +97,26 @@ def _trainable(message: dict, where: str) -> bool:
             raise RecordError(f"field '{where}{key}' must be 0 or 1 (or false or true), got {short_repr(value)}")
         trainable = trainable and bool(value)
     return trainable
+
+
+REASONING_KEYS = ("reasoning_content", "reasoning")
+"""Where an assistant message gives its thinking apart from its content: DeepSeek's and vLLM's
+`reasoning_content`, OpenRouter's and newer vLLM's `reasoning`."""
+
+
+def _reasoning(message: dict, where: str) -> str | None:
+    given = [key for key in REASONING_KEYS if message.get(key) is not None]
+    if len(given) > 1:
+        owner = f"'{where.rstrip('.')}'" if where else "the record"
+        raise RecordError(f"{owner} has both {' and '.join(repr(k) for k in given)}; keep one")
+    return _text(message, given[0], where) if given else None
+
+
+def _enable_thinking(record: dict) -> bool | None:
+    value = record.get("enable_thinking")
+    if value is not None and not isinstance(value, bool):
+        raise RecordError(f"field 'enable_thinking' must be true or false, got {short_repr(value)}")
+    return value
 
 
 def _parse_json(text: str, where: str) -> Any:
@@ -245,12 +270,15 @@ def _check_types(conversation: Conversation, wheres: list[str]) -> None:
         calls = turn.tool_calls
         if calls and (turn.role != "assistant" or not all(isinstance(call, ToolCall) for call in calls)):
             raise RecordError(f"'{where}': only assistant turns have tool calls, each a ToolCall")
+        if turn.reasoning is not None and (turn.role != "assistant" or not isinstance(turn.reasoning, str)):
+            raise RecordError(f"'{where}': only assistant turns have reasoning, a string")
     if not all(isinstance(tool, str) for tool in conversation.tools):
         raise RecordError("a conversation's tools must be JSON texts")
     if not all(isinstance(image, str) for image in conversation.images):
         raise RecordError("a conversation's images must be paths")
     for turn, where in zip(conversation.turns, wheres):
-        texts = [turn.content, turn.name or "", *(f"{call.name}{call.arguments}" for call in turn.tool_calls or ())]
+        texts = [turn.content, turn.name or "", turn.reasoning or "",
+                 *(f"{call.name}{call.arguments}" for call in turn.tool_calls or ())]  # fmt: skip
         _check_unicode(texts, f"'{where}'")
     _check_unicode(list(conversation.tools), "the tools")
 
@@ -280,9 +308,10 @@ def conversation_to_standard(record: Any) -> Conversation:
             turns.append(Turn("system", system))
             wheres.append(f"{where}system")
         turns.append(Turn("user", _text(round_, "input", where)))
-        turns.append(Turn("assistant", _text(round_, "output", where), trainable=_trainable(round_, where)))
+        output = _text(round_, "output", where)
+        turns.append(Turn("assistant", output, _trainable(round_, where), reasoning=_reasoning(round_, where)))
         wheres += [f"{where}input", f"{where}output"]
-    return check_conversation(Conversation(tuple(turns)), wheres)
+    return check_conversation(Conversation(tuple(turns), enable_thinking=_enable_thinking(record)), wheres)
 
 
 def alpaca_to_standard(record: Any) -> Conversation:
@@ -308,8 +337,8 @@ def alpaca_to_standard(record: Any) -> Conversation:
     instruction = _text(record, "instruction")
     extra = _text(record, "input", required=False)
     turns.append(Turn("user", f"{instruction}\n{extra}" if extra else instruction))
-    turns.append(Turn("assistant", _text(record, "output"), trainable=True))
-    return check_conversation(Conversation(tuple(turns)))
+    turns.append(Turn("assistant", _text(record, "output"), trainable=True, reasoning=_reasoning(record, "")))
+    return check_conversation(Conversation(tuple(turns), enable_thinking=_enable_thinking(record)))
 
 
 def _content(message: dict, where: str, required: bool = True) -> str:
@@ -366,7 +395,8 @@ def openai_to_standard(record: Any) -> Conversation:
         if role == "assistant":
             last_calls = _openai_tool_calls(message, where, calls_by_id)
             content = _content(message, f"{where}.", required=not last_calls)
-            turns.append(Turn("assistant", content, _trainable(message, f"{where}."), last_calls))
+            reasoning = _reasoning(message, f"{where}.")
+            turns.append(Turn("assistant", content, _trainable(message, f"{where}."), last_calls, reasoning=reasoning))
         elif role == "tool":
             position = len(turns) - len(_without_trailing_tools(turns))
             name = _tool_name(message, where, calls_by_id, last_calls, position)
@@ -377,7 +407,7 @@ def openai_to_standard(record: Any) -> Conversation:
     if record.get("tools") is not None and record.get("functions") is not None:
         raise RecordError("the record has both 'tools' and 'functions' (OpenAI's legacy name for them); keep one")
     tools = _tools(record) or _tools(record, "functions")
-    conversation = Conversation(tuple(turns), tools=tools, images=_images(record))
+    conversation = Conversation(tuple(turns), tools, _images(record), enable_thinking=_enable_thinking(record))
     return check_conversation(conversation, wheres)
 
 
@@ -479,11 +509,12 @@ def sharegpt_to_standard(record: Any) -> Conversation:
             turns.append(Turn("tool", value, name=last_calls[0].name if len(last_calls) == 1 else None))
         elif SHAREGPT_ROLES[sender] == "assistant":
             last_calls = ()
-            turns.append(Turn("assistant", value, _trainable(message, f"{where}.")))
+            reasoning = _reasoning(message, f"{where}.")
+            turns.append(Turn("assistant", value, _trainable(message, f"{where}."), reasoning=reasoning))
         else:
             turns.append(Turn(SHAREGPT_ROLES[sender], value))
         wheres.append(where)
-    conversation = Conversation(tuple(turns), tools=_tools(record), images=_images(record))
+    conversation = Conversation(tuple(turns), _tools(record), _images(record), enable_thinking=_enable_thinking(record))
     return check_conversation(conversation, wheres)
 
 
@@ -686,4 +717,4 @@ def with_system(conversation: Conversation, system: str) -> Conversation:
     """Put `system` in front when the conversation has no system turn of its own (raw text has none)."""
     if not system or conversation.raw or conversation.system is not None:
         return conversation
-    return Conversation((Turn("system", system), *conversation.turns), conversation.tools, conversation.images)
+    return replace(conversation, turns=(Turn("system", system), *conversation.turns))

@@ -17,12 +17,13 @@ from rich.table import Table
 from rich.text import Text
 
 from xtune.config.schema import Config
-from xtune.data.dataset import DataReport, apply_length_policy, cache_entry, is_cached, prepare_samples, source_specs
+from xtune.data.dataset import (
+    DataReport, apply_length_policy, cache_entry, config_template, is_cached, prepare_samples, source_specs,
+)  # fmt: skip
 from xtune.data.encode import IGNORE_INDEX, Encoded, encode, pad_token_id
 from xtune.data.loader import length_grouped_batches, shuffled_batches
 from xtune.data.packing import pack, packing_efficiency
 from xtune.data.sources import BadRecord, SourceSpec, load_sources, read_conversations
-from xtune.data.templates import get_template
 
 TRAINED_STYLE = "bold green"
 """How trained tokens are shown on a terminal; elsewhere they are put between `[[` and `]]`."""
@@ -341,7 +342,7 @@ def first_samples(config: Config, n: int = 3, tokenizer=None) -> list[LoggedSamp
     loaded = load_sources(
         source_specs(config), system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed
     )
-    template = get_template(config.prompt_template)
+    template = config_template(config)
     logged: list[LoggedSample] = []
     for location, conversation in loaded.samples:
         if len(logged) == n:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -140,12 +141,38 @@ def _lines(path: Path) -> Iterator[tuple[int, str] | BadRecord]:
                 yield number, text
 
 
+_JSON_NESTING = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}\n]')
+"""Strings (whose brackets do not nest), brackets and line ends: all `too_deep` needs of JSON text."""
+
+
+def too_deep(text: str) -> tuple[int, str]:
+    """(line, message) for JSON text whose parse ran out of stack (a RecursionError): the line where its nesting
+    first reaches its deepest, and how deep that is."""
+    depth = deepest = 0
+    line = deepest_line = 1
+    for match in _JSON_NESTING.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > deepest:
+                deepest, deepest_line = depth, line
+        elif token in ("]", "}"):
+            depth -= 1
+        else:
+            line += token.count("\n")
+    return deepest_line, (
+        f"JSON nested {deepest:,} levels deep, deeper than Python's JSON parser reads (records are a few levels deep)"
+    )
+
+
 def _parse_line(location: str, text: str) -> RawItem:
     try:
         return location, json.loads(text)
     except json.JSONDecodeError as error:
         return BadRecord(location, f"not valid JSON ({error.msg} at column {error.colno})")
-    except (ValueError, RecursionError) as error:
+    except RecursionError:
+        return BadRecord(location, too_deep(text)[1])
+    except ValueError as error:
         return BadRecord(location, f"not valid JSON ({type(error).__name__}: {error})")
 
 
@@ -188,7 +215,11 @@ def _read_json(path: Path) -> Iterator[RawItem]:
                 "the whole file is unreadable",
             )
         return
-    except (ValueError, RecursionError) as error:
+    except RecursionError:
+        line, message = too_deep(text)
+        yield BadRecord(f"{path}:{line}", f"{message}; the whole file is unreadable")
+        return
+    except ValueError as error:
         yield BadRecord(str(path), f"not valid JSON ({type(error).__name__}: {error}); the whole file is unreadable")
         return
     if not isinstance(records, list):

@@ -56,12 +56,37 @@ class ToolFormat:
 
 
 @dataclass(frozen=True)
+class Thinking:
+    """How a family writes an assistant's reasoning ahead of its answer, and when."""
+
+    block: str = "<think>\n{reasoning}\n</think>\n\n"
+    """The reasoning (stripped of newlines at its ends) before the answer (stripped of newlines at its start)."""
+    history: bool = True
+    """Whether turns before the last user turn keep their reasoning. False (Qwen3, DeepSeek-R1): only the turns
+    answering the last user turn are written with it; earlier answers are written without."""
+    always_last: bool = False
+    """The conversation's last turn, an answer, is written with a block, empty when it has no reasoning (Qwen3)."""
+    switch: bool = False
+    """The family's template takes `enable_thinking`; off, an empty block ends the generation prompt."""
+    opening: str = ""
+    """What of the block the generation prompt writes (DeepSeek-R1's `<think>\n`): written untrained in training."""
+    strip_history: bool = True
+    """An answer written without its reasoning loses the newlines after `</think>` (Qwen3's jinja); False keeps
+    them (DeepSeek-R1's)."""
+
+
+THINK_TAGS = ("<think>", "</think>")
+"""What the reasoning is written between in an answer's content, where a record does not give it apart."""
+
+
+@dataclass(frozen=True)
 class ChatTemplate:
     """A family's chat format as pieces of text, rendered turn by turn."""
 
     name: str
     user: str
-    """A user turn, with `{input}`, ending with the assistant's header (the generation prompt)."""
+    """A user turn, with `{input}` (and `{round}`, its number from 1), ending with the assistant's header (the
+    generation prompt)."""
     assistant_suffix: str
     """Closes an assistant turn; trained with it, so the model learns to stop."""
     system: str
@@ -70,6 +95,8 @@ class ChatTemplate:
     """The family has no system role: the formatted system text opens the next user turn's text."""
     default_system: str = ""
     """Written as the system turn when the conversation has none."""
+    system_always: bool = False
+    """The system turn is written, empty, when the conversation has none (Llama 3.1's dated header)."""
     assistant_prefix: str = ""
     """Opens every assistant turn's text, trained with it (e.g. Llama 2's space after [/INST])."""
     separator: str = ""
@@ -88,6 +115,15 @@ class ChatTemplate:
     """Generation stops at any of these, and always at the tokenizer's EOS."""
     tools: ToolFormat | None = None
     """How tool calls and results are written; None: the template cannot write them yet."""
+    thinking: Thinking | None = None
+    """How the family writes reasoning; None: a turn's reasoning is written as `Thinking().block` before its
+    answer, and a `<think>` in its content stays text."""
+    enable_thinking: bool = True
+    """Off: no reasoning block is trained (each is written as on, as the family's jinja writes it), and a template
+    with the switch ends its generation prompt with its empty block. A record's own `enable_thinking` decides for
+    it."""
+    train_on_thinking: bool = True
+    """Off: the reasoning block of each trained answer is written but not trained; the answer after it is."""
     bos_token: str = "<s>"
     eos_token: str = "</s>"
     """The family's BOS/EOS texts, written for `{bos}`/`{eos}` when rendering without a tokenizer."""
@@ -108,6 +144,10 @@ class TokenizerTemplate:
 
     name: str = "hf"
     stop_words: tuple[str, ...] = ()
+    enable_thinking: bool = True
+    """Passed to the chat_template as `enable_thinking` (Qwen3's switch); a record's own decides for it."""
+    train_on_thinking: bool = True
+    """Off: a `<think>...</think>` block opening a trained answer is not trained."""
 
 
 Template = ChatTemplate | TokenizerTemplate
@@ -221,6 +261,22 @@ TEMPLATES: dict[str, ChatTemplate] = {
     ),
     # XTuner always writes Llama 2's long default safety prompt in a [INST] block of its own and a "\n" between
     # rounds; the official jinja puts the system text (if any) in the first [INST] and nothing between rounds.
+    # Qwen3's jinja: Qwen2.5's ChatML and tools without a default system prompt, and thinking. Only the answers to
+    # the last user turn keep their reasoning; the last answer is always written with a block, empty when it has no
+    # reasoning (so a sample without reasoning trains "<think>\n\n</think>\n\n" before its answer). With
+    # enable_thinking off, that empty block ends the generation prompt, and is written untrained in training.
+    "qwen3": ChatTemplate(
+        name="qwen3",
+        system=CHATML_SYSTEM,
+        user=CHATML_USER,
+        assistant_suffix="<|im_end|>",
+        separator="\n",
+        stop_words=("<|im_end|>", "<|endoftext|>"),
+        tools=QWEN_TOOLS,
+        thinking=Thinking(history=False, always_last=True, switch=True),
+        bos_token="",
+        eos_token="<|im_end|>",
+    ),
     # The official jinja strips the first user text after the <<SYS>> block is put in front of it, so leading
     # whitespace of that text survives there; here every text is stripped.
     "llama2_chat": ChatTemplate(
@@ -333,6 +389,156 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_prefix=" ",
         assistant_suffix="{eos}",
     ),
+    # Llama 3.1 / 3.2 / 3.3's jinja always writes the system turn, opened by a knowledge cut-off and a date (its
+    # default "26 Jul 2024"). Tools (in the first user turn, calls as {"name", "parameters"}) are not written yet:
+    # name it "llama3_1+react" for agent data.
+    "llama3_1": ChatTemplate(
+        name="llama3_1",
+        prefix="{bos}",
+        system=(
+            "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+            "Today Date: 26 Jul 2024\n\n{system}<|eot_id|>"
+        ),
+        system_always=True,
+        user=(
+            "<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        assistant_suffix="<|eot_id|>",
+        strip_content=True,
+        stop_words=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+    ),
+    # Phi-4 (14B): ChatML with <|im_sep|> after the role and nothing between turns.
+    "phi4": ChatTemplate(
+        name="phi4",
+        system="<|im_start|>system<|im_sep|>{system}<|im_end|>",
+        user="<|im_start|>user<|im_sep|>{input}<|im_end|><|im_start|>assistant<|im_sep|>",
+        assistant_suffix="<|im_end|>",
+        stop_words=("<|im_end|>",),
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+    ),
+    # DeepSeek-R1 and its distills (Qwen, Llama): the generation prompt opens the think block, so an answer is
+    # trained as the model writes it after that prompt: its reasoning, "</think>", the answer. The official jinja
+    # drops the reasoning of every answer, the last too; xtune keeps the last's (answers before the last question
+    # are written as the jinja writes them, untrained). The system text follows BOS bare.
+    "deepseek_r1": ChatTemplate(
+        name="deepseek_r1",
+        prefix="{bos}",
+        system="{system}",
+        user="<｜User｜>{input}<｜Assistant｜>",
+        assistant_suffix="{eos}",
+        thinking=Thinking(history=False, always_last=True, opening="<think>\n", strip_history=False),
+        bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>",
+    ),
+    # InternLM (v1) chat, as XTuner and the model's first remote code write it (no jinja): <eoh> ends a question,
+    # <eoa> an answer (the model's own EOS for chat). Its later remote code dropped <eoh>.
+    "internlm_chat": ChatTemplate(
+        name="internlm_chat",
+        prefix="{bos}",
+        system="<|System|>:{system}\n",
+        user="<|User|>:{input}<eoh>\n<|Bot|>:",
+        assistant_suffix="<eoa>",
+        separator="\n",
+        stop_words=("<eoa>",),
+    ),
+    # Baichuan and Baichuan 2 ship no chat_template: their generation code writes the system text, then a user token
+    # (<reserved_102> / <reserved_106>, id 195 in Baichuan 2) before each question and an assistant token (id 196)
+    # after it, nothing between rounds. An EOS closes the conversation, trained, as their fine-tuning code writes
+    # it. XTuner writes "\n" after the system text and an EOS and "\n" after every answer.
+    "baichuan2_chat": ChatTemplate(
+        name="baichuan2_chat",
+        system="{system}",
+        user="<reserved_106>{input}<reserved_107>",
+        assistant_suffix="",
+        end_of_conversation="{eos}",
+    ),
+    # ChatGLM2's build_prompt: numbered rounds of 问/答 with "\n\n" after each answer; no jinja. An EOS closes the
+    # conversation, trained (XTuner writes one after every answer). The system text (XTuner's) opens the first round.
+    "chatglm2": ChatTemplate(
+        name="chatglm2",
+        prefix="[gMASK]sop",
+        system="{system}\n",
+        user="[Round {round}]\n\n问：{input}\n\n答：",
+        assistant_suffix="\n\n",  # trained: the last answer ends "\n\n" + EOS, which the model must write
+        end_of_conversation="{eos}",
+    ),
+    # MOSS-003's format (its README; no jinja): "<|MOSS|>:" opens the answer and <eom> ends it. XTuner's moss_sft
+    # leaves "<|MOSS|>:" to the data; here the generation prompt writes it, so plain answers chat as MOSS does.
+    "moss_sft": ChatTemplate(
+        name="moss_sft",
+        system="{system}\n",
+        user="<|Human|>: {input}<eoh>\n<|MOSS|>:",
+        assistant_prefix=" ",
+        assistant_suffix="<eom>",
+        separator="\n",
+        stop_words=("<eoc>", "<eom>"),
+    ),
+    # Code Llama - Instruct, as XTuner writes it: [INST] blocks, the system text on a line before the first, EOS
+    # after each answer.
+    "code_llama_chat": ChatTemplate(
+        name="code_llama_chat",
+        prefix="{bos}",
+        system="{system}\n",
+        user="[INST] {input} [/INST]",
+        assistant_suffix="{eos}",
+    ),
+    # DeepSeek-Coder-Instruct's jinja: its default system prompt when there is none, "### Instruction:" and
+    # "### Response:" blocks, <|EOT|> after each answer.
+    "deepseek_coder": ChatTemplate(
+        name="deepseek_coder",
+        prefix="{bos}",
+        system="{system}",
+        default_system=(
+            "You are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek Company, "
+            "and you only answer questions related to computer science. For politically sensitive questions, "
+            "security and privacy issues, and other non-computer science questions, you will refuse to answer\n"
+        ),
+        user="### Instruction:\n{input}\n### Response:\n",
+        assistant_suffix="\n<|EOT|>",
+        separator="\n",
+        stop_words=("<|EOT|>",),
+        bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<|EOT|>",
+    ),
+    # Command-R (v01, 08-2024), as XTuner writes it; Command-R7B's jinja (a long default preamble) is `hf`.
+    "cohere_chat": ChatTemplate(
+        name="cohere_chat",
+        prefix="{bos}",
+        system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{system}<|END_OF_TURN_TOKEN|>",
+        user=(
+            "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{input}<|END_OF_TURN_TOKEN|>"
+            "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+        ),
+        assistant_suffix="<|END_OF_TURN_TOKEN|>",
+        stop_words=("<|END_OF_TURN_TOKEN|>",),
+        bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>",
+    ),
+    # MiniCPM (2B)'s jinja: <用户> and <AI> with each text stripped, nothing between turns, the system text bare.
+    # The jinja writes no EOS; an EOS closes the conversation, trained (XTuner writes "\n" between rounds).
+    "minicpm": ChatTemplate(
+        name="minicpm",
+        system="{system}",
+        user="<用户>{input}<AI>",
+        assistant_suffix="",
+        end_of_conversation="{eos}",
+        strip_content=True,
+    ),
+    # MiniCPM3: ChatML, as XTuner and its jinja (for conversations without tools) write it.
+    "minicpm3": ChatTemplate(
+        name="minicpm3",
+        system=CHATML_SYSTEM,
+        user=CHATML_USER,
+        assistant_suffix="<|im_end|>",
+        separator="\n",
+        stop_words=("<|im_end|>", "<|endoftext|>"),
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+    ),
     # XTuner writes no EOS after the system and user texts, unlike the official jinja.
     "zephyr": ChatTemplate(
         name="zephyr",
@@ -396,7 +602,7 @@ def render(
     if conversation.raw:
         return _drop_empty([(bos, False), ("".join(turn.content for turn in conversation.turns) + eos, True)])
     if isinstance(template, TokenizerTemplate):
-        return _render_with_chat_template(conversation, tokenizer)
+        return _render_with_chat_template(conversation, template, tokenizer)
     return _render_turns(conversation, template, bos, eos)
 
 
@@ -430,13 +636,15 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
     tools_turn = ""
     if conversation.tools:
         turns, tools_turn = _with_tools(turns, conversation.tools, template)
+    thinking = _thinking_on(conversation, template)
+    last_user = max((index for index, turn in enumerate(turns) if turn.role == "user"), default=-1)
     segments: list[Segment] = [(fill(template.prefix), False)]
-    pending_system = ""
-    for is_tool, run in groupby(turns, key=lambda turn: turn.role == "tool"):
+    pending_system, rounds = "", 0
+    for is_tool, run in groupby(enumerate(turns), key=lambda item: item[1].role == "tool"):
         if is_tool:
-            segments.append((_tool_results(list(run), template, fill), False))
+            segments.append((_tool_results([turn for _, turn in run], template, fill), False))
             continue
-        for turn in run:
+        for index, turn in run:
             if turn.role != "system" and tools_turn:
                 segments.append((tools_turn, False))
                 tools_turn = ""
@@ -447,23 +655,57 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
             elif turn.role == "user":
                 joined = template.strip_with_system and template.strip_content
                 text = (pending_system + turn.content).strip() if joined else pending_system + _text(turn, template)
-                segments.append((fill(template.user, input=text), False))
+                rounds += 1
+                segments.append((fill(template.user, input=text, round=str(rounds)), False))
                 pending_system = ""
             else:
-                text = _assistant_text(turn, template)
-                text = fill(template.assistant_prefix) + text + fill(template.assistant_suffix)
-                segments += [(text, turn.trainable), (fill(template.separator), False)]
+                block, answer = _block_and_answer(turn, template, index > last_user, index == len(turns) - 1)
+                if block != _block_and_answer(turn, template, True, True)[0]:
+                    answer = replace(answer, trainable=False)  # the model would have written its reasoning here
+                block_trained = answer.trainable and thinking and template.train_on_thinking
+                turn = answer
+                opening = template.thinking.opening if template.thinking and block else ""
+                segments += [
+                    (fill(template.assistant_prefix), turn.trainable),
+                    (opening, False),  # the generation prompt's
+                    (block.removeprefix(opening), block_trained),
+                    (_assistant_text(turn, template) + fill(template.assistant_suffix), turn.trainable),
+                    (fill(template.separator), False),
+                ]  # fmt: skip
     if pending_system:
         raise XtuneError(
             f"template '{template.name}' writes the system prompt into the next user turn, but no user turn follows it."
         )
     if turns and turns[-1].role == "assistant":
         segments.append((fill(template.end_of_conversation), turns[-1].trainable))
+    elif turns and not thinking and template.thinking and template.thinking.switch:
+        segments.append((template.thinking.block.format(reasoning=""), False))  # the prompt's empty block
+    elif turns and template.thinking:
+        segments.append((template.thinking.opening, False))
     return _drop_empty(segments)
 
 
+def _thinking_on(conversation: Conversation, template: Template) -> bool:
+    return template.enable_thinking if conversation.enable_thinking is None else conversation.enable_thinking
+
+
+def _block_and_answer(turn: Turn, template: ChatTemplate, answers_last_query: bool, last: bool):
+    """(the reasoning block written before the answer, the turn with the answer as its content), as the family's
+    template writes them; the block is "" where it writes none."""
+    thinking = template.thinking or Thinking()
+    reasoning, answer = turn.reasoning, turn.content
+    if reasoning is None and template.thinking and THINK_TAGS[1] in answer:  # as Qwen3's jinja reads the content
+        reasoning = answer.split(THINK_TAGS[1])[0].rstrip("\n").split(THINK_TAGS[0])[-1].lstrip("\n")
+        answer = answer.split(THINK_TAGS[1])[-1]
+        answer = answer.lstrip("\n") if thinking.strip_history else answer
+    written = thinking.history or answers_last_query
+    if not (written and (reasoning or (last and thinking.always_last))):
+        return "", replace(turn, content=answer)
+    return thinking.block.format(reasoning=(reasoning or "").strip("\n")), replace(turn, content=answer.lstrip("\n"))
+
+
 def _with_default_system(turns: tuple[Turn, ...], template: ChatTemplate) -> tuple[Turn, ...]:
-    if not template.default_system or any(turn.role == "system" for turn in turns):
+    if not (template.default_system or template.system_always) or any(turn.role == "system" for turn in turns):
         return turns
     return (Turn("system", template.default_system), *turns)
 
@@ -547,14 +789,19 @@ def _drop_empty(segments: list[Segment]) -> list[Segment]:
 PROBE = {"role": "user", "content": "?"}
 
 
-def _render_with_chat_template(conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
+def _render_with_chat_template(
+    conversation: Conversation, template: TokenizerTemplate, tokenizer: PreTrainedTokenizerBase
+) -> list[Segment]:
     """The tokenizer's rendering, cut where each trained assistant turn starts and ends.
 
     Turn i starts after the tokens that turns[:i] render to with the generation prompt (the assistant's header),
     and ends after the tokens that the whole, turns[:i+1], and turns[:i+1] followed by a probe user turn all
-    share. Comparing tokens of these renderings rather than text copes with templates that write something after
-    the last turn only (e.g. an EOS) or that have no generation prompt. Whitespace tokens at the end of a turn
-    (the separator before the next one) are not trained.
+    share (the whole and turns[:i+1] where the probe changes the turn itself). Comparing tokens of these renderings
+    rather than text copes with templates that write something after the last turn only (e.g. an EOS) or that have
+    no generation prompt. Whitespace tokens at the end of a turn
+    (the separator before the next one) are not trained; nor, with train_on_thinking off, a `<think>...</think>`
+    block opening an answer. Reasoning given apart goes to the jinja as `reasoning_content`, and enable_thinking as
+    `enable_thinking`.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise XtuneError("prompt template 'hf': the tokenizer has no chat_template; pick a named prompt template.")
@@ -564,26 +811,52 @@ def _render_with_chat_template(conversation: Conversation, tokenizer: PreTrained
         return []
     messages = [_message(turn) for turn in conversation.turns]
     tools = [json.loads(schema) for schema in conversation.tools] or None
-    text = _apply(tokenizer, messages, tools, add_generation_prompt=messages[-1]["role"] != "assistant")
+    thinking = _thinking_on(conversation, template)
+
+    def _apply(messages: list[dict], add_generation_prompt: bool) -> str:
+        return _apply_chat_template(tokenizer, messages, tools, add_generation_prompt, thinking)
+
+    text = _apply(messages, add_generation_prompt=messages[-1]["role"] != "assistant")
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, ends = encoding["input_ids"], [end for _, end in encoding["offset_mapping"]]
     spans = []
     for index, turn in enumerate(conversation.turns):
         if turn.role != "assistant" or not turn.trainable:
             continue
-        prefix = _ids(tokenizer, _apply(tokenizer, messages[:index], tools, True)) if index else []
-        alone = _ids(tokenizer, _apply(tokenizer, messages[: index + 1], tools, False))
-        followed = _ids(tokenizer, _apply(tokenizer, [*messages[: index + 1], PROBE], tools, False))
+        prefix = _ids(tokenizer, _apply(messages[:index], True)) if index else []
+        alone = _ids(tokenizer, _apply(messages[: index + 1], False))
+        followed = _ids(tokenizer, _apply([*messages[: index + 1], PROBE], False))
         first, last = _shared_length(ids, prefix), _shared_length(ids, alone, followed)
+        if last <= first:  # the probe changed the turn itself (Qwen3 drops the thinking of answers before a question)
+            last = _shared_length(ids, alone)
         while last > first and text[_token_start(ends, last - 1) : ends[last - 1]].isspace():
             last -= 1
+        if not (template.train_on_thinking and thinking):
+            first = _after_think_block(text, ends, first, last)
         if last > first:
             spans.append((_token_start(ends, first), ends[last - 1]))
     return _cut(text, spans)
 
 
+def _after_think_block(text: str, ends: list[int], first: int, last: int) -> int:
+    """The first token after the `<think>...</think>` block (and the whitespace after it) that tokens first..last
+    open with or start inside (a generation prompt may open it), or `first` where they have none."""
+    start, end = _token_start(ends, first), ends[last - 1]
+    close = text.find(THINK_TAGS[1], start, end)
+    opening = text.rfind(THINK_TAGS[0], 0, close) if close >= 0 else -1
+    if opening < 0 or (text[start:opening].strip() if opening >= start else THINK_TAGS[1] in text[opening:start]):
+        return first
+    closed = close + len(THINK_TAGS[1])
+    closed += len(text[closed:end]) - len(text[closed:end].lstrip())
+    while first < last and ends[first] <= closed:
+        first += 1
+    return first
+
+
 def _message(turn: Turn) -> dict:
     message = {"role": turn.role, "content": turn.content}
+    if turn.reasoning is not None:
+        message["reasoning_content"] = turn.reasoning
     if turn.tool_calls:
         message["tool_calls"] = [
             {"type": "function", "function": {"name": call.name, "arguments": _arguments(call)}}
@@ -594,11 +867,12 @@ def _message(turn: Turn) -> dict:
     return message
 
 
-def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+def _apply_chat_template(tokenizer, messages: list[dict], tools, add_generation_prompt: bool, thinking: bool) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            enable_thinking=thinking,
+        )  # fmt: skip
     except TemplateError as error:
         message = f"prompt template 'hf': the tokenizer's chat_template rejects this conversation: {error}"
         raise XtuneError(message) from None
@@ -631,6 +905,13 @@ def _cut(text: str, spans: list[tuple[int, int]]) -> list[Segment]:
     segments.append((text[position:], False))
     return _drop_empty(segments)
 
+
+TEMPLATES["baichuan_chat"] = replace(
+    TEMPLATES["baichuan2_chat"], name="baichuan_chat", user="<reserved_102>{input}<reserved_103>"
+)
+TEMPLATES["deepseek_moe"] = replace(TEMPLATES["deepseek_v2"], name="deepseek_moe")
+"""DeepSeek-MoE-16B-Chat's model card writes DeepSeek-LLM's "User: ...\n\nAssistant:" format, DeepSeek-V2's; XTuner's
+deepseek_moe writes [INST] blocks instead."""
 
 SAVED_AS_OFFICIAL = set(TEMPLATES) - {"qwen_chat", "mistral", "mixtral"}
 """Templates whose prompts equal their family's official jinja for every conversation xtune writes (the tests
@@ -672,7 +953,7 @@ def jinja_of(template: ChatTemplate) -> str:
     keep = "{%- set ns.pending = ns.pending + " if template.system_in_user else "{{- "
     close = " -%}" if template.system_in_user else " -}}"
     lines = [
-        "{%- set ns = namespace(pending='') -%}",
+        "{%- set ns = namespace(pending='', round=0) -%}",
         "{{- " + text(template.prefix) + " -}}",
     ]
     if template.default_system:
@@ -686,7 +967,8 @@ def jinja_of(template: ChatTemplate) -> str:
         "{%- if message['role'] == 'system' -%}",
         keep + system + close,
         "{%- elif message['role'] == 'user' -%}",
-        "{{- " + text(template.user, input=user) + " -}}",
+        "{%- set ns.round = ns.round + 1 -%}",
+        "{{- " + text(template.user, input=user, round="(ns.round | string)") + " -}}",
         "{%- set ns.pending = '' -%}",
         "{%- elif message['role'] == 'assistant' -%}",
         "{{- " + text(template.assistant_prefix + "{content}" + template.assistant_suffix, content=content) + " -}}",

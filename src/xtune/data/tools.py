@@ -4,7 +4,9 @@ import json
 import os
 from pathlib import Path
 
+from xtune.data.sources import too_deep
 from xtune.errors import DataError
+from xtune.paths import write_failure
 
 OUTPUT_SUFFIXES = (".json", ".jsonl")
 
@@ -27,15 +29,23 @@ def repeat_dataset(input_path: str | os.PathLike, output_path: str | os.PathLike
     if not records:
         raise DataError(f"{input_path} holds no records; there is nothing to repeat.")
     repeated = records * n
-    if output_path.suffix.lower() == ".jsonl":
-        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in repeated)
-    else:
-        text = json.dumps(repeated, ensure_ascii=False, indent=2) + "\n"
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if output_path.suffix.lower() == ".jsonl":
+            text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in repeated)
+        else:
+            text = json.dumps(repeated, ensure_ascii=False, indent=2) + "\n"
+    except RecursionError:  # read at the parser's limit, one level more to write
+        raise DataError(f"{input_path}: a record is nested too deep to be written again as JSON.") from None
     partial = output_path.with_name(f".{output_path.name}.{os.getpid()}.partial")
     try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(text, encoding="utf-8")
         os.replace(partial, output_path)
+    except OSError as error:
+        raise DataError(
+            f"could not write {output_path}: {write_failure(error)}; {input_path} is as it was, and no partial "
+            "output is left."
+        ) from error
     finally:
         partial.unlink(missing_ok=True)
     return len(repeated)
@@ -58,6 +68,11 @@ def read_json_records(path: Path) -> list:
             if error.msg != "Extra data":
                 message = f"not valid JSON ({error.msg} at column {error.colno})"
                 raise DataError(f"{path}:{error.lineno}: {message}.") from error
+        except RecursionError:
+            line, message = too_deep(text)
+            raise DataError(f"{path}:{line}: {message}.") from None
+        except ValueError as error:  # e.g. an integer of over 4,300 digits
+            raise DataError(f"{path}: not valid JSON ({error}).") from None
         else:
             if not isinstance(records, list):
                 raise DataError(
@@ -73,4 +88,8 @@ def read_json_records(path: Path) -> list:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}).") from error
+        except RecursionError:
+            raise DataError(f"{path}:{number}: {too_deep(line)[1]}.") from None
+        except ValueError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error}).") from None
     return records

@@ -14,12 +14,12 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from xtune.errors import CheckpointError
 from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
-from xtune.paths import file_sha256, share_as_umask_allows, xtune_home
+from xtune.paths import file_sha256, share_as_umask_allows, write_failure, xtune_home
 
 RUN_META = "xtune_run.json"
 """Written into every checkpoint: what chat and convert need to use it the way it was trained."""
@@ -70,10 +70,10 @@ def save_checkpoint(
             _fsync_folder(folder)
     except (OSError, SafetensorError) as error:  # e.g. the disk is full
         shutil.rmtree(partial, ignore_errors=True)
-        previous = complete_checkpoints(run_dir)
-        kept = f"; {previous[-1].name} is intact and --resume auto continues from it" if previous else ""
-        reason = getattr(error, "strerror", None) or str(error)
-        raise CheckpointError(f"could not write {final.name} in {run_dir}: {reason}{kept}.") from error
+        kept = ""
+        if previous := complete_checkpoints(run_dir):
+            kept = f"; nothing earlier is lost: {previous[-1].name} is intact and --resume auto continues from it"
+        raise CheckpointError(f"could not write {final.name} in {run_dir}: {write_failure(error)}{kept}.") from error
     if final.exists():
         raise FileExistsError(f"{final} already exists; refusing to overwrite it.")
     os.replace(partial, final)
@@ -105,10 +105,11 @@ def write_manifest(folder: Path) -> None:
 
 
 def verify_checkpoint(folder: Path) -> None:
-    """Every file the manifest lists is there with its size and hash unchanged (a checkpoint without a
-    manifest, from before manifests, is accepted as it is)."""
+    """Every file the manifest lists is there with its size and hash unchanged. A checkpoint without a manifest
+    (from before manifests, or whose manifest was deleted) is accepted when its safetensors and JSON files read."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
+        _check_readable(folder)
         return
     try:
         digests = json.loads(manifest.read_text())["sha256"]
@@ -127,6 +128,24 @@ def verify_checkpoint(folder: Path) -> None:
                 f"{path} differs from what was saved (sha256 mismatch with {MANIFEST}): truncated or edited; use an "
                 "earlier checkpoint."
             )
+
+
+def _check_readable(folder: Path) -> None:
+    """What can be checked without a manifest: a safetensors file cut short fails to open (its header no longer
+    covers the file), and a JSON file cut short fails to parse."""
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_bytes())
+            else:
+                with safe_open(path, framework="pt"):
+                    pass
+        except (SafetensorError, ValueError, RecursionError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(
+                f"{path} cannot be read ({reason}): it is cut short or damaged, and the checkpoint has no {MANIFEST} "
+                "to check its other files against; use an earlier checkpoint."
+            ) from None
 
 
 def written_here(folder: Path, under: str = "") -> bool:

@@ -6,9 +6,22 @@ a boolean mask in transformers 5): prompts, system turns and padding get no logi
 and `linear_cross_entropy` computes logits, loss and both gradients chunk by chunk in the forward pass, so
 the [tokens, vocab] logits never exist whole (InternLM2's vocab is 92,544: 2,048 tokens of fp32 logits are
 0.76 GB, their gradient as much again) and nothing is recomputed.
+
+MoE models add their router's load-balancing loss (`router_aux_coefficient`): Switch Transformer's
+`num_experts * sum_e f_e * P_e` over every layer, a mean over a forward's tokens, as the family computes it
+(`output_router_logits`). A micro-batch's sum holds `coef * aux_loss * its trained positions`, so the step's loss is
+the mean cross-entropy plus `coef` times the micro-batches' aux losses weighted by their trained positions: for one
+micro-batch exactly the model's own `model(..., labels=labels, output_router_logits=True).loss`, which a Hugging Face
+Trainer reports (xtune logs it too), and independent of the number of micro-batches and processes (HF's Trainer adds
+`coef * aux_loss` once per micro-batch, so its weight grows with both). The tokens counted: an unpacked batch's
+`attention_mask` leaves its padding out, as the model does. A packed row has no padding mask, and its padding
+segment (one id at consecutive positions, routed alike) would count: at 2% / 5% padding it moved the router's
+gradient from aux_loss by 16% / 39% (tiny Mixtral; 8% / 20% Qwen3-MoE). So a packed row's aux_loss is recomputed
+over its samples' tokens (`router_aux_loss`): what the unpacked batch of the same samples gives.
 """
 
 import inspect
+import sys
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 
@@ -16,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from xtune.data.encode import IGNORE_INDEX
+from xtune.errors import ConfigError, TrainingError
 
 LOGITS_PER_CHUNK = 1 << 25
 """Logit elements per chunk of `linear_cross_entropy` (128 MiB in fp32): 362 tokens of a 92,544 vocab,
@@ -119,26 +133,95 @@ def _pass_through(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def next_token_loss_sum(model, batch: dict, labels: torch.Tensor, autocast=nullcontext(), fused: FusedHead | None = None):
-    """Forward `batch` through `model` and return the summed next-token cross-entropy of its trained positions.
+def router_aux_coefficient(model, configured: float | None) -> float:
+    """The weight of the router's load-balancing loss in the training loss: `configured` (the config's
+    `router_aux_loss_coef`), or where that is None the model's own `router_aux_loss_coef` (an MoE family's config:
+    Mixtral, Qwen2/3-MoE, OLMoE, ...), whether or not its config sets `output_router_logits`; 0 for a model whose
+    family computes none (dense models; DeepSeek-V2 and V3 as transformers writes them)."""
+    config = getattr(_language_model(model), "config", None)
+    own = getattr(config, "router_aux_loss_coef", None)
+    if configured is None:
+        return float(own or 0.0)
+    if configured and own is None:
+        model_type = getattr(config, "model_type", "this model")
+        raise ConfigError(
+            f"router_aux_loss_coef = {configured}: {model_type} computes no router load-balancing loss in transformers "
+            "(only MoE families whose config has router_aux_loss_coef do); leave router_aux_loss_coef unset or 0."
+        )
+    return float(configured)
+
+
+def next_token_loss_sum(
+    model, batch: dict, labels: torch.Tensor, autocast=nullcontext(), fused: FusedHead | None = None,
+    router_aux_loss_coef: float = 0.0,
+):  # fmt: skip
+    """Forward `batch` through `model` and return the summed next-token cross-entropy of its trained positions, plus
+    `router_aux_loss_coef * aux_loss * trained positions` with a coefficient (MoE models: see the module's note).
     `labels` may stay on the CPU: the kept positions are then found there, and no host sync waits on the device
     (the positions go over as indices; only an unpacked batch, with the fused loss off, masks on the device)."""
     keep, targets = next_token_targets(labels)
     device = batch["input_ids"].device
     flat = keep.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # kept positions of [batch x tokens]
+    num_trained = targets.numel()
     targets = targets.to(device, non_blocking=True)
+    router = {"output_router_logits": True} if router_aux_loss_coef else {}
     if fused is not None:
         with autocast:  # the head's matmul in the autocast dtype, as the head itself would run it
             with fused.hidden_states():  # the hidden states are small: no need to cut them inside the model
-                hidden = model(**batch, use_cache=False).logits
-            return fused.loss_sum(_at(hidden, flat), targets)
-    options = {}
-    if takes_logits_to_keep(model):  # one row (packed): its positions; several: a mask
-        options["logits_to_keep"] = flat if keep.shape[0] == 1 else keep.to(device, non_blocking=True)
-    with autocast:
-        logits = model(**batch, use_cache=False, **options).logits
-    logits = _at(logits, flat) if not options else logits[0] if keep.shape[0] == 1 else logits
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+                output = model(**batch, use_cache=False, **router)
+            loss = fused.loss_sum(_at(output.logits, flat), targets)
+    else:
+        options = {}
+        if takes_logits_to_keep(model):  # one row (packed): its positions; several: a mask
+            options["logits_to_keep"] = flat if keep.shape[0] == 1 else keep.to(device, non_blocking=True)
+        with autocast:
+            output = model(**batch, use_cache=False, **options, **router)
+        logits = output.logits
+        logits = _at(logits, flat) if not options else logits[0] if keep.shape[0] == 1 else logits
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if not router or not num_trained:  # a rank's stand-in part weighs nothing (and a packed one's statistics are 0/0)
+        return loss
+    with autocast:  # the router's softmax in the precision the model's own aux_loss has
+        aux_loss = router_aux_loss(model, output, batch, flat)
+    return loss + router_aux_loss_coef * num_trained * aux_loss.float()
+
+
+def router_aux_loss(model, output, batch: dict, flat: torch.Tensor) -> torch.Tensor:
+    """The forward's router load-balancing loss: the model's own `aux_loss`, or for a packed row the family's own
+    `load_balancing_loss_func` over the tokens of its samples (its segments with a trained position, `flat`), so
+    that its padding segment stays out as an unpacked batch's padding does. A family whose function takes other
+    arguments counts the padding segment too."""
+    if getattr(output, "aux_loss", None) is None:
+        raise TrainingError(
+            "router_aux_loss_coef is set, but the model returned no aux_loss with output_router_logits=True; "
+            "set router_aux_loss_coef = 0 for this model."
+        )
+    language_model = _language_model(model)
+    function = _load_balancing_loss_func(type(language_model))
+    experts, top_k = getattr(language_model, "num_experts", None), getattr(language_model, "num_experts_per_tok", None)
+    if "cu_seq_lens_q" not in batch or function is None or experts is None or top_k is None:
+        return output.aux_loss
+    bounds = batch["cu_seq_lens_q"]
+    positions = torch.arange(batch["input_ids"].shape[1], device=bounds.device, dtype=bounds.dtype)
+    segment = torch.searchsorted(bounds[1:].contiguous(), positions, right=True)  # each token's sample
+    trained = torch.zeros(bounds.numel() - 1, device=bounds.device).index_add_(
+        0, segment[flat.to(bounds.device)], torch.ones(flat.numel(), device=bounds.device)
+    )
+    return function(output.router_logits, experts, top_k, (trained[segment] > 0)[None])
+
+
+LOAD_BALANCING_ARGUMENTS = ["gate_logits", "num_experts", "top_k", "attention_mask"]
+
+
+@lru_cache
+def _load_balancing_loss_func(model_class: type):
+    """The `load_balancing_loss_func` of the model class's family (its transformers module, or an ancestor's for
+    FSDP's subclass), where it takes LOAD_BALANCING_ARGUMENTS; else None."""
+    for cls in model_class.__mro__:
+        function = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if function is not None:
+            return function if list(inspect.signature(function).parameters) == LOAD_BALANCING_ARGUMENTS else None
+    return None
 
 
 def _at(output: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -146,14 +229,17 @@ def _at(output: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return output.flatten(0, 1).index_select(0, flat)
 
 
+def _language_model(model):
+    """The language model inside DDP and DeepSpeed wrappers, LLaVA and peft."""
+    for attribute in ("module", "llm"):
+        model = getattr(model, attribute, model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def takes_logits_to_keep(model) -> bool:
     """Whether the language model's forward takes `logits_to_keep` (transformers' own models do; a model's
     remote code may not)."""
-    for attribute in ("module", "llm"):  # DDP and DeepSpeed wrappers, LLaVA
-        model = getattr(model, attribute, model)
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
-    return _forward_takes_logits_to_keep(type(model))
+    return _forward_takes_logits_to_keep(type(_language_model(model)))
 
 
 @lru_cache

@@ -23,12 +23,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, pad_token_id
-from xtune.data.dataset import prepare_samples
+from xtune.data.dataset import config_template, prepare_samples
 from xtune.data.images import ImagePreprocessor
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, packing_efficiency
 from xtune.data.check_template import first_disagreement
-from xtune.data.templates import TokenizerTemplate, get_template
+from xtune.data.templates import TokenizerTemplate
 from xtune.engine import zero
 from xtune.engine.checkpoint import (
     TRAINING_STATE,
@@ -50,7 +50,7 @@ from xtune.engine.distributed import gradient_sync, load_optimizer_state, optimi
 from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
-from xtune.engine.loss import FusedHead, next_token_loss_sum
+from xtune.engine.loss import FusedHead, next_token_loss_sum, router_aux_coefficient
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from xtune.models.attention import use_varlen_attention
@@ -65,7 +65,7 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     losses: list[float] = field(default_factory=list)
-    """Mean loss over the trained tokens of each optimizer step."""
+    """Mean loss over the trained tokens of each optimizer step (with an MoE's router loss: `xtune.engine.loss`)."""
 
 
 def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -73,14 +73,16 @@ def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def accumulate_gradients(
-    model, batches: list[dict], device, autocast=nullcontext(), scaler=None, ranks=Ranks(), engine=None, fused=None
-):
+    model, batches: list[dict], device, autocast=nullcontext(), scaler=None, ranks=Ranks(), engine=None, fused=None,
+    router_aux_loss_coef=0.0,
+):  # fmt: skip
     """Backward over the micro-batches of one optimizer step, so that the gradient is that of the mean
     loss over every trained token of the step on every rank (not a mean of per-micro-batch means).
     Returns this rank's (summed loss, input tokens) and the global trained-token count, as tensors:
     no host sync per micro-batch. With a DeepSpeed `engine`, it also steps: DeepSpeed counts the
     micro-batches and updates the weights on the last one. `fused`: the loss from the head's weight
-    without whole logits (`xtune.engine.loss.FusedHead`)."""
+    without whole logits (`xtune.engine.loss.FusedHead`). `router_aux_loss_coef`: an MoE router's load-balancing
+    loss in the loss, each micro-batch's weighted by its trained tokens (`xtune.engine.loss.router_aux_coefficient`)."""
     num_trained = all_sum(sum(count_trained(batch) for batch in batches).to(device), ranks)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -89,7 +91,7 @@ def accumulate_gradients(
         labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained positions there, without a sync
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with gradient_sync(model, last=index == len(batches) - 1) if engine is None else nullcontext():
-            step_loss = next_token_loss_sum(model, batch, labels, autocast, fused)
+            step_loss = next_token_loss_sum(model, batch, labels, autocast, fused, router_aux_loss_coef)
             scaled = step_loss * ranks.world / num_trained  # DDP and DeepSpeed average gradients over the ranks
             if engine is not None:
                 engine.backward(scaled, scale_wrt_gas=False)
@@ -238,7 +240,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
 
     model_path = resolve_model_path(config.llm_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
-    template = get_template(config.prompt_template)
+    template = config_template(config)
     if ranks.main:
         _warn_of_another_format(tokenizer, template, config, console)
     llava = config.visual_encoder_name_or_path is not None
@@ -298,6 +300,9 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     )
     if config.pack_to_max_length:
         use_varlen_attention(model)
+    router_aux_loss_coef = router_aux_coefficient(model, config.router_aux_loss_coef)
+    if router_aux_loss_coef:
+        console.print(f"MoE router load-balancing loss in the training loss, coefficient {router_aux_loss_coef:g}")
     torch.manual_seed(config.seed)  # new weights (LoRA) and dropout do not depend on what ran before
     if fit_embeddings(model, tokenizer):
         console.print(f"embeddings grown to {model.get_input_embeddings().num_embeddings} rows for the tokenizer's new tokens")
@@ -395,8 +400,9 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
             epoch = group[-1][0]
             lr = scheduler.get_last_lr()[0]
             loss_sum, num_trained, tokens = accumulate_gradients(
-                forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine, fused
-            )
+                forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine, fused,
+                router_aux_loss_coef,
+            )  # fmt: skip
             loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
             if engine is not None:  # it clipped and stepped on the last micro-batch
                 grad_norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float64, device=device)

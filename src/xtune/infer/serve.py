@@ -94,6 +94,8 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
+    reasoning_content: str | None = None
+    """An earlier answer's reasoning (DeepSeek's and vLLM's name), written as the template writes reasoning."""
 
 
 class StreamOptions(BaseModel):
@@ -118,6 +120,8 @@ class ChatCompletionRequest(BaseModel):
     """OpenAI's seed is a 64-bit integer."""
     n: int | None = None
     stream_options: StreamOptions | None = None
+    chat_template_kwargs: dict[str, bool] | None = None
+    """vLLM's extension: {"enable_thinking": false} makes a Qwen3-style template answer without reasoning."""
 
 
 def request_conversation(messages: Sequence[Message]) -> Conversation:
@@ -134,7 +138,8 @@ def request_conversation(messages: Sequence[Message]) -> Conversation:
             )
         if role == "system" and index > 0:
             raise ApiError(400, f"{where}: a system message may only come first.", param=f"{where}.role")
-        turns.append(Turn(role, _content_text(message.content, where), trainable=role == "assistant"))
+        reasoning = message.reasoning_content if role == "assistant" else None
+        turns.append(Turn(role, _content_text(message.content, where), role == "assistant", reasoning=reasoning))
     if turns[-1].role != "user":
         raise ApiError(
             400,
@@ -461,6 +466,12 @@ def build_app(
                 param=asked[0],
             )
         conversation = with_system(request_conversation(request.messages), system)
+        kwargs = request.chat_template_kwargs or {}
+        if set(kwargs) - {"enable_thinking"}:
+            unknown = ", ".join(sorted(set(kwargs) - {"enable_thinking"}))
+            raise ApiError(400, f"chat_template_kwargs: {unknown} not supported; only enable_thinking is.",
+                           param="chat_template_kwargs")  # fmt: skip
+        conversation = replace(conversation, enable_thinking=kwargs.get("enable_thinking"))
         if admitted is not None and not admitted.acquire(blocking=False):
             raise ApiError(
                 503,

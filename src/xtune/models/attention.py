@@ -15,6 +15,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from xtune.errors import ConfigError
+
 VARLEN = "xtune_varlen"
 
 try:
@@ -116,5 +118,14 @@ def register_varlen_attention() -> str:
 
 
 def use_varlen_attention(model) -> None:
-    """Switch a transformers model to the packed-aware attention."""
-    model.set_attn_implementation(register_varlen_attention())
+    """Switch a transformers model to the packed-aware attention. A model whose attention does not go through
+    transformers' attention interface (Bloom, Falcon, GPT-Neo, remote code) keeps its own, and transformers only
+    logs that: its attention would cross a packed row's sample boundaries, so it is refused."""
+    name = register_varlen_attention()
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise ConfigError(
+            f"pack_to_max_length = True: {type(model).__name__} computes attention in its own code, not through "
+            "transformers' attention interface, so the samples packed into a row would attend to each other; set "
+            "pack_to_max_length = False (padded batches) for this model."
+        )

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from xtune.errors import CheckpointError, XtuneError
+from xtune.paths import write_failure
 
 AUTO_MAP = {
     "AutoConfig": "configuration_internlm2.InternLM2Config",
@@ -275,10 +276,22 @@ def llama_layout_copy(path: Path, cache: Path) -> Path:
     dtype = getattr(torch, str(_read_json(path / "config.json").get("torch_dtype", "float32")), torch.float32)
     partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    load_internlm2_as_llama(path, dtype).save_pretrained(partial, max_shard_size="2GB")
-    for file in files:
-        if file.suffix not in (".safetensors", ".bin", ".py") and file.name not in ("config.json", SAFETENSORS_INDEX_FILE):
+    model = load_internlm2_as_llama(path, dtype)
+    others = [  # the tokenizer's files and the like
+        file for file in files
+        if file.suffix not in (".safetensors", ".bin", ".py") and file.name not in ("config.json", SAFETENSORS_INDEX_FILE)
+    ]  # fmt: skip
+    try:
+        model.save_pretrained(partial, max_shard_size="2GB")
+        for file in others:
             shutil.copy2(file, partial / file.name)
+    except (OSError, SafetensorError) as error:  # e.g. a full $XTUNE_HOME
+        shutil.rmtree(partial, ignore_errors=True)
+        raise XtuneError(
+            f"could not write {dest}, the Llama-layout copy of {path} that quantized loading reads: "
+            f"{write_failure(error)}. Nothing earlier is lost ({path} and the other copies there are as they were); "
+            "free space there, or set XTUNE_HOME to a folder on a disk with room."
+        ) from error
     try:
         os.replace(partial, dest)
     except OSError:  # another process finished the same copy first

@@ -93,13 +93,15 @@ def _vision_classes(path: Path):
 def load_visual_encoder(path: Path, dtype: torch.dtype = torch.float32, quantization: str | None = None, device=None):
     """A CLIP or SigLIP vision tower from a local folder (a whole CLIP/SigLIP checkpoint works too), in 4 or
     8 bits through bitsandbytes when `quantization` says so."""
-    from xtune.models.load import quantization_config
+    from xtune.models.load import pickles_of_tensors_only, quantization_config
 
-    if quantization is None:
-        return _vision_classes(path)[0].from_pretrained(path, dtype=dtype)
-    return _vision_classes(path)[0].from_pretrained(
-        path, dtype=dtype, quantization_config=quantization_config(quantization, dtype), device_map={"": device or "cpu"}
-    )
+    with pickles_of_tensors_only(path):
+        if quantization is None:
+            return _vision_classes(path)[0].from_pretrained(path, dtype=dtype, weights_only=True)
+        return _vision_classes(path)[0].from_pretrained(
+            path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
+            device_map={"": device or "cpu"}, weights_only=True,
+        )  # fmt: skip
 
 
 def vision_config(name_or_path: str):

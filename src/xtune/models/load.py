@@ -7,7 +7,9 @@ or the Hugging Face and ModelScope caches).
 import importlib.util
 import json
 import os
+import pickle
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -200,13 +202,34 @@ def load_model(
         config = read_config(path)
     check_model_code(path, config, trust_remote_code)
     check_weights(path)
-    return AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        quantization_config=quantization_config(quantization, dtype),
-        device_map={"": device},
-        trust_remote_code=trust_remote_code,
-    )
+    with pickles_of_tensors_only(path):
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=quantization_config(quantization, dtype),
+            device_map={"": device},
+            trust_remote_code=trust_remote_code,
+            weights_only=True,
+        )
+
+
+@contextmanager
+def pickles_of_tensors_only(path: Path):
+    """Around a transformers load of `path`: its `.bin` weights (pickles) are read with torch.load(weights_only=True),
+    which rebuilds tensors and plain containers and refuses anything else, so no code in them runs; a refused
+    pickle is named here instead of torch's advice to load it with weights_only=False."""
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        pickles = ", ".join(sorted(file.name for file in Path(path).glob("*.bin"))) or "its .bin weights"
+        advice = ("Weights only load failed", "Please file an issue", "Check the documentation")  # torch's, not ours
+        parts = (part.strip().rstrip(".") for part in str(error).split("\n\n"))
+        reason = next((part for part in parts if part and not part.startswith(advice)), "refused")
+        raise CheckpointError(
+            f"{path}: {pickles} is a pickle that torch's weights-only loader refuses ({reason}): loading it whole "
+            "could run code in it, so xtune does not. Use the model's safetensors weights (model.safetensors), or "
+            "convert the .bin to safetensors where you trust where it came from."
+        ) from error
 
 
 def check_model_code(path: Path, config: dict, trust_remote_code: bool) -> None:

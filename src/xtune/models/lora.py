@@ -1,11 +1,13 @@
 """Adapters through peft: which weights train."""
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
 from transformers import PreTrainedModel
 
 from xtune.config.schema import Config
@@ -62,8 +64,23 @@ def prepare_trainable(model: PreTrainedModel, config: Config, others_train: bool
 
 
 def lora_model(model, lora: LoraConfig) -> PeftModel:
-    """peft's LoRA model around `model`, its adapters' dropout sampled by `FastDropout`."""
-    return use_fast_dropout(get_peft_model(model, lora))
+    """peft's LoRA model around `model`, its adapters' dropout sampled by `FastDropout`.
+
+    peft's adapters on a parameter rather than a layer (`ParamWrapper`: in transformers 5 an MoE's fused experts and
+    its router, which `all-linear` reaches) refuse any dropout, and its LoRA config has one dropout for all. So the
+    adapters are built without, and each layer's adapter gets `lora_dropout` afterwards; the parameters' adapters
+    train without. The adapter_config.json of such a model then says lora_dropout 0, which peft can load again."""
+    dropout, lora = lora.lora_dropout, copy.deepcopy(lora)
+    lora.lora_dropout = 0.0
+    peft_model = get_peft_model(model, lora)
+    if not any(isinstance(module, ParamWrapper) for module in peft_model.modules()):
+        lora.lora_dropout = dropout  # what was trained, in adapter_config.json
+    for module in peft_model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if dropout and isinstance(dropouts, torch.nn.ModuleDict) and not isinstance(module, ParamWrapper):
+            for name in dropouts:
+                dropouts[name] = FastDropout(dropout)
+    return peft_model
 
 
 class FastDropout(torch.nn.Module):
@@ -96,17 +113,6 @@ class FastDropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-def use_fast_dropout(model):
-    """Swap every LoRA adapter's input dropout (peft's `nn.Dropout`) for `FastDropout`; returns `model`."""
-    for module in list(model.modules()):
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for name, dropout in dropouts.items():
-                if isinstance(dropout, torch.nn.Dropout):
-                    dropouts[name] = FastDropout(dropout.p)
-    return model
 
 
 def _named_in(name: str, short_names: list[str]) -> bool:
