@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 
 import pytest
 from hypothesis import event, given, settings
@@ -528,3 +529,41 @@ def test_fuzz_detected_format(record):
     except RecordError:
         return
     _fuzz(FORMATS[name], record)
+
+
+# oasst1 (openassistant-guanaco's text) ----------------------------------------------------------------------------
+
+GUANACO = (
+    "### Human: Can you explain ### markdown?### Assistant: Sure!\n### Usage\nUse it.### Human: Thanks"
+    "### Assistant: Welcome."
+)
+
+
+def test_oasst1_text_reads_as_rounds_and_a_heading_in_a_reply_stays_text():
+    conversation = FORMATS["oasst1"]({"text": GUANACO})
+    assert [(t.role, t.content, t.trainable) for t in conversation.turns] == [
+        ("user", "Can you explain ### markdown?", False), ("assistant", "Sure!\n### Usage\nUse it.", True),
+        ("user", "Thanks", False), ("assistant", "Welcome.", True),
+    ]  # fmt: skip
+    assert detect_format({"text": GUANACO}) == "oasst1" and detect_format({"text": "plain prose"}) == "text"
+    unanswered = FORMATS["oasst1"]({"text": GUANACO + "### Human: And?"})
+    assert unanswered.turns == conversation.turns  # a last question without a reply is left out, as XTuner does
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("Hello ### Human: a### Assistant: b", "must start with '### Human:'"),
+    ("### Human: a### Human: b### Assistant: c", "turn 2 is '### Human:' where '### Assistant:' belongs"),
+    ("### Human: only a question", "holds no '### Human:' turn answered"),
+])  # fmt: skip
+def test_malformed_oasst1_text_names_the_problem(text, problem):
+    with pytest.raises(RecordError, match=re.escape(problem)):
+        FORMATS["oasst1"]({"text": text})
+
+
+def test_a_txt_file_is_pretraining_text_even_if_it_starts_like_guanaco(tmp_path):
+    from xtune.data.sources import read_conversations
+
+    (tmp_path / "corpus.txt").write_text("### Human: not a chat here\nsecond line\n")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"text": GUANACO}) + "\n")
+    assert [c.raw for _, c in read_conversations(tmp_path / "corpus.txt")] == [True, True]
+    assert [c.raw for _, c in read_conversations(tmp_path / "chat.jsonl")] == [False]

@@ -84,7 +84,8 @@ class Recipe:
     method: str
     quantization: str | None
     data: str
-    """`alpaca`, `custom_sft` (OpenAI messages JSONL) or `custom_pretrain` (plain text)."""
+    """`alpaca`, `oasst1` (openassistant-guanaco's "### Human: ... ### Assistant: ..." text), `custom_sft` (OpenAI
+    messages JSONL) or `custom_pretrain` (plain text)."""
     epochs: int
 
 
@@ -92,12 +93,15 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("qlora_alpaca_e3", "lora", "4bit", "alpaca", 3),
     Recipe("lora_alpaca_e3", "lora", None, "alpaca", 3),
     Recipe("full_alpaca_e3", "full", None, "alpaca", 3),
+    Recipe("qlora_oasst1_e3", "lora", "4bit", "oasst1", 3),
     Recipe("qlora_custom_sft_e1", "lora", "4bit", "custom_sft", 1),
     Recipe("full_custom_pretrain_e1", "full", None, "custom_pretrain", 1),
 )
 
 _DATA = {
     "alpaca": ('data_path = data_root + "alpaca_data.json"  # tatsu-lab/alpaca as JSON', "alpaca"),
+    "oasst1": ('data_path = data_root + "openassistant_best_replies_train.jsonl"  # timdettmers/openassistant-guanaco',
+               "oasst1"),
     "custom_sft": ('data_path = data_root + "my_conversations.jsonl"  # {"messages": [{"role": ..., "content": ...}]}', "openai"),
     "custom_pretrain": ('data_path = data_root + "my_corpus.txt"  # one document per line', "text"),
 }  # fmt: skip

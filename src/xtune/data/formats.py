@@ -665,6 +665,31 @@ def text_to_standard(record: Any) -> Conversation:
     return check_conversation(Conversation((Turn("assistant", text, trainable=True),), raw=True), ["text"])
 
 
+_GUANACO_TURN = re.compile(r"### (Human|Assistant):")
+
+
+def oasst1_to_standard(record: Any) -> Conversation:
+    """OpenAssistant (oasst1) as timdettmers/openassistant-guanaco ships it, and XTuner's `oasst1_map_fn` reads it:
+    {"text": "### Human: ...### Assistant: ...### Human: ..."}. The text is cut at each `### Human:` /
+    `### Assistant:` (a `###` inside a reply, a markdown heading, stays text; XTuner cuts at every `###`), each
+    reply trained; a last question without a reply is left out, as XTuner leaves it."""
+    text = _text(_object(record), "text")
+    pieces = _GUANACO_TURN.split(text)
+    if pieces[0].strip():
+        raise RecordError(f"field 'text' must start with '### Human:', got {short_repr(pieces[0][:40])}")
+    turns: list[Turn] = []
+    for index, (speaker, content) in enumerate(zip(pieces[1::2], pieces[2::2])):
+        expected = "Human" if index % 2 == 0 else "Assistant"
+        if speaker != expected:
+            raise RecordError(f"field 'text': turn {index + 1} is '### {speaker}:' where '### {expected}:' belongs")
+        turns.append(Turn("user", content.strip()) if speaker == "Human" else Turn("assistant", content.strip(), True))
+    if turns and turns[-1].role == "user":
+        turns.pop()
+    if not turns:
+        raise RecordError("field 'text' holds no '### Human:' turn answered by '### Assistant:'")
+    return check_conversation(Conversation(tuple(turns)), [f"text turn {i + 1}" for i in range(len(turns))])
+
+
 FORMATS: dict[str, Callable[[Any], Conversation]] = {
     "conversation": conversation_to_standard,
     "alpaca": alpaca_to_standard,
@@ -673,6 +698,7 @@ FORMATS: dict[str, Callable[[Any], Conversation]] = {
     "llava": sharegpt_to_standard,
     "text": text_to_standard,
     "msagent_react": msagent_react_to_standard,
+    "oasst1": oasst1_to_standard,
 }
 """Format names (the values of `dataset_format`) -> map functions. `llava` is ShareGPT with images."""
 
@@ -694,8 +720,9 @@ def detect_format(record: Any) -> str:
             return "msagent_react" if _has_msagent_markers(record["conversations"]) else "sharegpt"
         if "instruction" in keys:
             return "alpaca"
-        if "text" in keys:
-            return "text"
+        if "text" in keys:  # a guanaco conversation reads as one, not as text to pretrain on
+            text = record["text"]
+            return "oasst1" if isinstance(text, str) and text.lstrip().startswith("### Human:") else "text"
         found = ", ".join(sorted(map(str, record))) or "none"
     else:
         found = f"not an object but {type(record).__name__}"

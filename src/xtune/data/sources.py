@@ -474,8 +474,8 @@ def read_conversations(
                 continue
             location, record = item
             try:
-                if map_fn is None:
-                    name = detect_format(record)
+                if map_fn is None:  # a .txt file is text to pretrain on, whatever its first line says
+                    name = "text" if file.suffix == ".txt" else detect_format(record)
                     map_fn = FORMATS[name]
                 conversation = _with_image_paths(_convert(map_fn, name, record), record, image_folder, check_images)
             except RecordError as error:
