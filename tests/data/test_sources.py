@@ -417,3 +417,42 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
     data.write_text("instruction,output,output\nhi,a,b\n")
     with pytest.raises(DataError, match=r"d.csv:1: the header names 'output' more than once"):
         load_sources([SourceSpec(str(data), "alpaca")])
+
+
+# Built-in datasets and placeholders ---------------------------------------------------------------------------------
+
+def test_self_cognition_ships_with_xtune_and_names_the_assistant_given():
+    from xtune.data.sources import BUILTIN_DATASETS
+
+    loaded = load_sources([SourceSpec("xtune-data/self_cognition")], placeholders={"name": "Aria", "author": "Acme"})
+    answers = [c.turns[-1].content for c in loaded.conversations]
+    assert len(answers) >= 30 and all("{{" not in a for a in answers)
+    assert any("Aria" in a and "Acme" in a for a in answers) and any("我是Aria" in a for a in answers)
+    with pytest.raises(DataError, match=r"writes \{\{author\}\}: set data_placeholders = \{\"name\": \"...\", \"author\""):
+        load_sources([SourceSpec("xtune-data/self_cognition")], placeholders={"name": "Aria"})
+    with pytest.raises(DataError, match="no such dataset; xtune ships xtune-data/self_cognition"):
+        load_sources([SourceSpec("xtune-data/identity")])
+    assert set(BUILTIN_DATASETS) == {"self_cognition"}
+
+
+def test_placeholders_fill_every_format_and_reasoning(tmp_path):
+    path = tmp_path / "id.jsonl"
+    record = {"messages": [{"role": "system", "content": "You are {{name}}."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "I am {{name}}", "reasoning_content": "by {{author}}"}]}  # fmt: skip
+    path.write_text(json.dumps(record) + "\n")
+    (conversation,) = load_sources([SourceSpec(str(path))], placeholders={"name": "Aria", "author": "Acme"}).conversations
+    assert [t.content for t in conversation.turns] == ["You are Aria.", "Hi", "I am Aria"]
+    assert conversation.turns[-1].reasoning == "by Acme"
+    (untouched,) = load_sources([SourceSpec(str(path))]).conversations
+    assert untouched.turns[-1].content == "I am {{name}}"  # without placeholders the text is the data's
+
+
+def test_placeholders_are_part_of_the_cache_key(tokenizer):
+    from xtune.config.schema import Config
+    from xtune.data.dataset import cache_key, source_specs
+
+    def key(**values):
+        config = Config(llm_name_or_path="xtune-tiny/internlm2-chat", data_path="xtune-data/self_cognition", **values)
+        return cache_key(config, source_specs(config), tokenizer)
+
+    assert key(data_placeholders={"name": "A", "author": "B"}) != key(data_placeholders={"name": "C", "author": "B"})

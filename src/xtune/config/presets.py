@@ -84,8 +84,9 @@ class Recipe:
     method: str
     quantization: str | None
     data: str
-    """`alpaca`, `oasst1` (openassistant-guanaco's "### Human: ... ### Assistant: ..." text), `custom_sft` (OpenAI
-    messages JSONL) or `custom_pretrain` (plain text)."""
+    """`alpaca`, `oasst1` (openassistant-guanaco's "### Human: ... ### Assistant: ..." text), `self_cognition` (the
+    identity questions xtune ships, answered with the config's name and author), `custom_sft` (OpenAI messages JSONL)
+    or `custom_pretrain` (plain text)."""
     epochs: int
 
 
@@ -94,6 +95,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lora_alpaca_e3", "lora", None, "alpaca", 3),
     Recipe("full_alpaca_e3", "full", None, "alpaca", 3),
     Recipe("qlora_oasst1_e3", "lora", "4bit", "oasst1", 3),
+    Recipe("qlora_self_cognition_e3", "lora", "4bit", "self_cognition", 3),
     Recipe("qlora_custom_sft_e1", "lora", "4bit", "custom_sft", 1),
     Recipe("full_custom_pretrain_e1", "full", None, "custom_pretrain", 1),
 )
@@ -102,6 +104,11 @@ _DATA = {
     "alpaca": ('data_path = data_root + "alpaca_data.json"  # tatsu-lab/alpaca as JSON', "alpaca"),
     "oasst1": ('data_path = data_root + "openassistant_best_replies_train.jsonl"  # timdettmers/openassistant-guanaco',
                "oasst1"),
+    "self_cognition": (
+        'datasets = [{"path": "xtune-data/self_cognition", "repeats": 20}]  # "Who are you?" in English and Chinese\n'
+        'data_placeholders = {"name": "MyAssistant", "author": "My Team"}  # who the tuned model says it is',
+        "alpaca",
+    ),
     "custom_sft": ('data_path = data_root + "my_conversations.jsonl"  # {"messages": [{"role": ..., "content": ...}]}', "openai"),
     "custom_pretrain": ('data_path = data_root + "my_corpus.txt"  # one document per line', "text"),
 }  # fmt: skip

@@ -142,6 +142,9 @@ class Config(BaseModel):
     after each is."""
     SYSTEM: str = ""
     """System prompt put in front of every training sample that has none, and used by evaluation."""
+    data_placeholders: dict[str, str] = {}
+    """`{{KEY}}` in the data's texts becomes VALUE, e.g. {"name": "Aria", "author": "Acme"} for xtune-data/self_cognition
+    or LLaMA-Factory's identity.json."""
     max_length: int = Field(2048, gt=1, le=16_777_216)
     """Longest sample in tokens; longer ones are truncated."""
     pack_to_max_length: bool = False

@@ -90,6 +90,7 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: 
         **({"split_special_tokens": True} if config.split_special_tokens else {}),
         **({"enable_thinking": False} if not config.enable_thinking else {}),
         **({"train_on_thinking": False} if not config.train_on_thinking else {}),
+        **({"placeholders": config.data_placeholders} if config.data_placeholders else {}),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
@@ -133,7 +134,10 @@ def prepare_samples(
     cache_dir = cache_entry(config, tokenizer, image_tokens)
     if use_cache and is_cached(cache_dir):
         return _read_cache(cache_dir)
-    loaded = load_sources(specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed)
+    loaded = load_sources(
+        specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed,
+        placeholders=config.data_placeholders,
+    )  # fmt: skip
     template = config_template(config)
     encoded = encode_parallel(loaded.conversations, template, tokenizer, config, config.num_proc, image_tokens)
     samples, report = apply_length_policy(encoded, config)

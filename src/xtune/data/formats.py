@@ -745,3 +745,18 @@ def with_system(conversation: Conversation, system: str) -> Conversation:
     if not system or conversation.raw or conversation.system is not None:
         return conversation
     return replace(conversation, turns=(Turn("system", system), *conversation.turns))
+
+
+def with_placeholders(conversation: Conversation, placeholders: dict[str, str]) -> Conversation:
+    """Each `{{KEY}}` of `placeholders` in the conversation's texts replaced by its value (LLaMA-Factory's
+    identity.json and xtune's self_cognition write {{name}} and {{author}})."""
+    if not placeholders:
+        return conversation
+
+    def fill(text: str | None) -> str | None:
+        for key, value in placeholders.items():
+            text = text.replace("{{" + key + "}}", value) if text is not None else None
+        return text
+
+    turns = conversation.turns
+    return replace(conversation, turns=tuple(replace(t, content=fill(t.content), reasoning=fill(t.reasoning)) for t in turns))

@@ -340,7 +340,8 @@ def first_samples(config: Config, n: int = 3, tokenizer=None) -> list[LoggedSamp
     """The first `n` samples training uses, in data order (before shuffling and packing)."""
     tokenizer = tokenizer if tokenizer is not None else config_tokenizer(config)
     loaded = load_sources(
-        source_specs(config), system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed
+        source_specs(config), system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed,
+        placeholders=config.data_placeholders,
     )
     template = config_template(config)
     logged: list[LoggedSample] = []

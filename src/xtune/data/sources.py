@@ -22,10 +22,13 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from xtune.data.formats import FORMATS, Conversation, RecordError, check_conversation, detect_format, with_system
+from xtune.data.formats import (
+    FORMATS, Conversation, RecordError, check_conversation, detect_format, with_placeholders, with_system,
+)  # fmt: skip
 from xtune.config.schema import names_code
 from xtune.errors import DataError
 
@@ -78,12 +81,26 @@ class Loaded:
         return [conversation for _, conversation in self.samples]
 
 
+BUILTIN_PREFIX = "xtune-data/"
+BUILTIN_DATASETS = {"self_cognition": ("name", "author")}
+"""Datasets shipped with xtune (`data_path = "xtune-data/NAME"`) -> the `data_placeholders` keys their texts hold.
+self_cognition: alpaca questions about the assistant's identity ("Who are you?", "你是谁？") answered with
+{{name}} and {{author}}, to teach a tuned model its own name."""
+
+
 def resolve_data_path(data_path: str) -> Path:
-    """A local file or folder, or `xtune-tiny/<name>` for a dataset xtune generates itself."""
+    """A local file or folder, `xtune-tiny/<name>` for a dataset xtune generates itself, or `xtune-data/<name>` for
+    one it ships (BUILTIN_DATASETS)."""
     if data_path.startswith(TINY_PREFIX):
         from xtune.testing.tasks import tiny_dataset_path
 
         return tiny_dataset_path(data_path[len(TINY_PREFIX) :])
+    if data_path.startswith(BUILTIN_PREFIX):
+        name = data_path[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_DATASETS:
+            shipped = ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_DATASETS)
+            raise DataError(f"data_path = '{data_path}': no such dataset; xtune ships {shipped}.")
+        return Path(str(resources.files("xtune.data") / "builtin" / f"{name}.json"))
     path = Path(data_path)
     if not path.exists():
         raise DataError(
@@ -502,8 +519,10 @@ def load_sources(
     skip_bad_records: bool = False,
     check_images: bool = True,
     seed: int = 0,
+    placeholders: dict[str, str] | None = None,
 ) -> Loaded:
-    """Every source's conversations, each repeated per its spec, with `system` added where a record has none.
+    """Every source's conversations, each repeated per its spec, with `system` added where a record has none and
+    each `{{KEY}}` of `placeholders` in their texts replaced by its value (a built-in dataset's keys must be given).
 
     A bad record raises a one-line DataError naming its location, unless `skip_bad_records`, which
     leaves it out and lists it in `Loaded.skipped`. Paths, formats and repeats are checked before
@@ -518,6 +537,11 @@ def load_sources(
         if spec.format != "auto":
             map_function(spec.format)
         data_files(resolve_data_path(spec.path))
+        needed = BUILTIN_DATASETS[spec.path.removeprefix(BUILTIN_PREFIX)] if spec.path.startswith(BUILTIN_PREFIX) else ()
+        if missing := [key for key in needed if not (placeholders or {}).get(key)]:
+            example = ", ".join(f'"{key}": "..."' for key in needed)
+            raise DataError(f"{spec.path} writes {', '.join('{{' + k + '}}' for k in missing)}: set data_placeholders = "
+                            f"{{{example}}} in the config (the assistant's name and who made it).")  # fmt: skip
     samples: list[Located] = []
     skipped: list[BadRecord] = []
     counts: list[int] = []
@@ -530,7 +554,7 @@ def load_sources(
                     raise DataError(f"{item}.") from item.cause
                 skipped.append(item)
             else:
-                good.append((item[0], with_system(item[1], system)))
+                good.append((item[0], with_placeholders(with_system(item[1], system), placeholders or {})))
         repeated = repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
         counts.append(len(repeated))
         samples += repeated
