@@ -250,8 +250,9 @@ def test_the_configs_switches_reach_the_samples_and_log_dataset_shows_the_block(
     untrained, runs = trained(train_on_thinking=False)
     assert runs == [["4<|im_end|>"], ["Hello<|im_end|>"]]
     assert config_template(off).enable_thinking is False and config_template(untrained).train_on_thinking is False
-    keys = {cache_key(c, source_specs(c), tokenizer) for c in (default, off, untrained)}
-    assert len(keys) == 3  # each setting has its own cached samples
+    split, runs = trained(split_rounds=True)
+    keys = {cache_key(c, source_specs(c), tokenizer) for c in (default, off, untrained, split)}
+    assert len(keys) == 4  # each setting has its own cached samples
 
 
 # DeepSeek-R1: the generation prompt opens the block ------------------------------------------------------------
@@ -287,3 +288,20 @@ def test_gemma_writes_gemma_2s_official_format_where_it_has_no_system_turn(token
         chat_template=official_chat_template("gemma2"), tokenize=False, add_generation_prompt=True,
     )  # fmt: skip
     assert text_of(conversation, get_template("gemma"), tokenizer) == official_text
+
+
+def test_split_rounds_trains_every_answer_as_the_last_one(qwen3, tmp_path):
+    from xtune.data.sources import SourceSpec, load_sources
+
+    record = {"messages": [{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4", "reasoning_content": "Two and two."},
+                           {"role": "user", "content": "3+3?"},
+                           {"role": "assistant", "content": "6", "reasoning_content": "Three and three."}]}  # fmt: skip
+    (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n")
+    whole = load_sources([SourceSpec(str(tmp_path / "r.jsonl"))])
+    split = load_sources([SourceSpec(str(tmp_path / "r.jsonl"))], split_rounds=True)
+    assert [location.rsplit("/", 1)[1] for location, _ in split.samples] == ["r.jsonl:1 round 1", "r.jsonl:1 round 2"]
+    runs = [trained_text(qwen3, encode(c, QWEN3, qwen3)) for c in split.conversations]
+    assert runs == [["<think>\nTwo and two.\n</think>\n\n4<|im_end|>"], ["<think>\nThree and three.\n</think>\n\n6<|im_end|>"]]
+    (only,) = [trained_text(qwen3, encode(c, QWEN3, qwen3)) for c in whole.conversations]
+    assert only == runs[1]  # unsplit, the first answer is context: Qwen3 writes it without its reasoning

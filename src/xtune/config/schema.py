@@ -124,6 +124,9 @@ class Config(BaseModel):
     """What to do with samples longer than max_length: cut them, or leave them out. Both are counted."""
     train_on_last_turn_only: bool = False
     """Take the loss on the last assistant turn only, instead of on every assistant turn."""
+    split_rounds: bool = False
+    """Each trained answer of a multi-round record becomes a sample of its own, the turns before it as context (for
+    qwen3 / deepseek_r1, whose history drops earlier reasoning, so only an answer to the last question is trained)."""
     group_by_length: bool = True
     """Unpacked training: batch samples of similar length together (seeded), to cut padding."""
     num_proc: int = Field(1, gt=0)
@@ -143,8 +146,8 @@ class Config(BaseModel):
     SYSTEM: str = ""
     """System prompt put in front of every training sample that has none, and used by evaluation."""
     data_placeholders: dict[str, str] = {}
-    """`{{KEY}}` in the data's texts becomes VALUE, e.g. {"name": "Aria", "author": "Acme"} for xtune-data/self_cognition
-    or LLaMA-Factory's identity.json."""
+    """`{{KEY}}` in the data's texts becomes VALUE, e.g. {"name": "Aria", "author": "Acme"} for
+    xtune-data/self_cognition or LLaMA-Factory's identity.json."""
     max_length: int = Field(2048, gt=1, le=16_777_216)
     """Longest sample in tokens; longer ones are truncated."""
     pack_to_max_length: bool = False

@@ -91,6 +91,7 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: 
         **({"enable_thinking": False} if not config.enable_thinking else {}),
         **({"train_on_thinking": False} if not config.train_on_thinking else {}),
         **({"placeholders": config.data_placeholders} if config.data_placeholders else {}),
+        **({"split_rounds": True} if config.split_rounds else {}),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
@@ -136,7 +137,7 @@ def prepare_samples(
         return _read_cache(cache_dir)
     loaded = load_sources(
         specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed,
-        placeholders=config.data_placeholders,
+        placeholders=config.data_placeholders, split_rounds=config.split_rounds,
     )  # fmt: skip
     template = config_template(config)
     encoded = encode_parallel(loaded.conversations, template, tokenizer, config, config.num_proc, image_tokens)

@@ -758,5 +758,18 @@ def with_placeholders(conversation: Conversation, placeholders: dict[str, str]) 
             text = text.replace("{{" + key + "}}", value) if text is not None else None
         return text
 
-    turns = conversation.turns
-    return replace(conversation, turns=tuple(replace(t, content=fill(t.content), reasoning=fill(t.reasoning)) for t in turns))
+    turns = tuple(replace(t, content=fill(t.content), reasoning=fill(t.reasoning)) for t in conversation.turns)
+    return replace(conversation, turns=turns)
+
+
+def rounds_of(conversation: Conversation) -> list[Conversation]:
+    """One conversation per trained assistant turn: the turns up to it, it alone trained, so that each answer is
+    trained as the last one (templates that drop earlier answers' reasoning, Qwen3's and R1's, train only that)."""
+    if conversation.raw:
+        return [conversation]
+    rounds = []
+    for index, turn in enumerate(conversation.turns):
+        if turn.role == "assistant" and turn.trainable:
+            history = [replace(t, trainable=False) if t.role == "assistant" else t for t in conversation.turns[:index]]
+            rounds.append(replace(conversation, turns=(*history, turn)))
+    return rounds

@@ -341,7 +341,7 @@ def first_samples(config: Config, n: int = 3, tokenizer=None) -> list[LoggedSamp
     tokenizer = tokenizer if tokenizer is not None else config_tokenizer(config)
     loaded = load_sources(
         source_specs(config), system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed,
-        placeholders=config.data_placeholders,
+        placeholders=config.data_placeholders, split_rounds=config.split_rounds,
     )
     template = config_template(config)
     logged: list[LoggedSample] = []

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xtune.data.formats import (
-    FORMATS, Conversation, RecordError, check_conversation, detect_format, with_placeholders, with_system,
+    FORMATS, Conversation, RecordError, check_conversation, detect_format, rounds_of, with_placeholders, with_system,
 )  # fmt: skip
 from xtune.config.schema import names_code
 from xtune.errors import DataError
@@ -520,9 +520,11 @@ def load_sources(
     check_images: bool = True,
     seed: int = 0,
     placeholders: dict[str, str] | None = None,
+    split_rounds: bool = False,
 ) -> Loaded:
     """Every source's conversations, each repeated per its spec, with `system` added where a record has none and
-    each `{{KEY}}` of `placeholders` in their texts replaced by its value (a built-in dataset's keys must be given).
+    each `{{KEY}}` of `placeholders` in their texts replaced by its value (a built-in dataset's keys must be given);
+    with `split_rounds`, each trained answer a sample of its own (`rounds_of`), located as `LOCATION round N`.
 
     A bad record raises a one-line DataError naming its location, unless `skip_bad_records`, which
     leaves it out and lists it in `Loaded.skipped`. Paths, formats and repeats are checked before
@@ -537,11 +539,13 @@ def load_sources(
         if spec.format != "auto":
             map_function(spec.format)
         data_files(resolve_data_path(spec.path))
-        needed = BUILTIN_DATASETS[spec.path.removeprefix(BUILTIN_PREFIX)] if spec.path.startswith(BUILTIN_PREFIX) else ()
+        builtin = spec.path.startswith(BUILTIN_PREFIX)
+        needed = BUILTIN_DATASETS[spec.path.removeprefix(BUILTIN_PREFIX)] if builtin else ()
         if missing := [key for key in needed if not (placeholders or {}).get(key)]:
             example = ", ".join(f'"{key}": "..."' for key in needed)
-            raise DataError(f"{spec.path} writes {', '.join('{{' + k + '}}' for k in missing)}: set data_placeholders = "
-                            f"{{{example}}} in the config (the assistant's name and who made it).")  # fmt: skip
+            written = ", ".join("{{" + key + "}}" for key in missing)
+            raise DataError(f"{spec.path} writes {written}: set data_placeholders = {{{example}}} in the config (the "
+                            "assistant's name and who made it).")  # fmt: skip
     samples: list[Located] = []
     skipped: list[BadRecord] = []
     counts: list[int] = []
@@ -554,7 +558,12 @@ def load_sources(
                     raise DataError(f"{item}.") from item.cause
                 skipped.append(item)
             else:
-                good.append((item[0], with_placeholders(with_system(item[1], system), placeholders or {})))
+                conversation = with_placeholders(with_system(item[1], system), placeholders or {})
+                if not split_rounds:
+                    good.append((item[0], conversation))
+                    continue
+                rounds = rounds_of(conversation)
+                good += [(f"{item[0]} round {n}" if len(rounds) > 1 else item[0], c) for n, c in enumerate(rounds, 1)]
         repeated = repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
         counts.append(len(repeated))
         samples += repeated
