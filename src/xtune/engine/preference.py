@@ -1,0 +1,153 @@
+"""Preference losses, from the log-probabilities of answers: DPO and its loss types, SimPO, ORPO, KTO, and a reward
+model's Bradley-Terry loss. Each function takes per-pair (or per-answer) tensors and returns per-pair losses, so a
+caller sums them with the weights it needs; the formulas follow the papers and TRL's trainers, whose metric names
+(`rewards/chosen`, `rewards/margins`, ...) `preference_metrics` writes.
+
+Notation: `policy_chosen` is log pi(y_w | x), summed over the answer's tokens; `reference_*` the same under the
+reference model (the adapter disabled, or a frozen copy); h = (policy_chosen - policy_rejected) - (reference_chosen
+- reference_rejected), the difference of the two implicit rewards over beta.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "kto_pair", "bco_pair", "sppo_hard", "nca_pair")
+
+
+@dataclass
+class RunningMean:
+    """bco_pair's delta: the mean of the batches' mean rewards so far (as TRL keeps it), a sum and a count so that
+    it resumes exactly."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def update(self, values: torch.Tensor) -> float:
+        self.total += float(values.detach().float().sum())
+        self.count += values.numel()
+        return self.total / self.count
+
+
+def dpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    delta: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair DPO losses of `loss_type` (Rafailov et al. 2023 and its variants):
+
+    - sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h) (eps = label_smoothing: cDPO)
+    - robust: (-(1 - eps) log s(beta h) + eps log s(-beta h)) / (1 - 2 eps) (Chowdhury et al. 2024)
+    - hinge: max(0, 1 - beta h) (SLiC)
+    - ipo: (h - 1 / (2 beta))^2 (Azar et al. 2023), on log-probabilities averaged per token (pass those)
+    - kto_pair: 1 - s(beta (c - r_kl)) and 1 - s(beta (c_kl - r)) averaged, with c, r the chosen and rejected
+      log-ratios and c_kl, r_kl their batch means clamped at 0
+    - bco_pair: -log s(beta c - delta) - log s(-(beta r - delta)), delta the running mean of the rewards
+    - sppo_hard: (c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2
+    - nca_pair: -log s(beta c) - log s(-beta c) / 2 - log s(-beta r) / 2
+    """
+    chosen = policy_chosen - reference_chosen
+    rejected = policy_rejected - reference_rejected
+    h = chosen - rejected
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss_type == "robust":
+        robust = -(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)
+        return robust / (1 - 2 * label_smoothing)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "kto_pair":
+        chosen_kl, rejected_kl = chosen.mean().clamp(min=0), rejected.mean().clamp(min=0)
+        return (2 - torch.sigmoid(beta * (chosen - rejected_kl)) - torch.sigmoid(beta * (chosen_kl - rejected))) / 2
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * chosen - delta) - F.logsigmoid(-(beta * rejected - delta))
+    if loss_type == "sppo_hard":
+        return (chosen - 1 / (2 * beta)) ** 2 + (rejected + 1 / (2 * beta)) ** 2
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * chosen) - 0.5 * F.logsigmoid(-beta * chosen) - 0.5 * F.logsigmoid(-beta * rejected)
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}; known: {', '.join(DPO_LOSS_TYPES)}")
+
+
+def simpo_losses(
+    mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, beta: float = 2.0, gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """SimPO (Meng et al. 2024): no reference; the answers' mean log-probabilities per token, a target margin gamma:
+    -(1 - eps) log s(beta (m_w - m_l) - gamma) - eps log s(-(beta (m_w - m_l) - gamma))."""
+    z = beta * (mean_chosen - mean_rejected) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def orpo_odds_ratio(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor) -> torch.Tensor:
+    """ORPO's (Hong et al. 2024) log s(log odds(y_w) - log odds(y_l)), odds(y) = P(y) / (1 - P(y)) with P the mean
+    per-token probability; the loss is the chosen answer's NLL minus orpo_alpha times this, per pair."""
+    log_odds = (mean_chosen - mean_rejected) - (torch.log1p(-mean_chosen.exp()) - torch.log1p(-mean_rejected.exp()))
+    return F.logsigmoid(log_odds)
+
+
+def kto_losses(
+    policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float = 0.1,
+    desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """KTO (Ethayarajh et al. 2024) on unpaired answers: with r = log pi(y|x) - log pi_ref(y|x) and z0 the KL estimate
+    (the batch's mean log-ratio on mismatched prompt/answer pairs, clamped at 0, never differentiated),
+    desirable_weight (1 - s(beta (r - z0))) for a desirable answer, undesirable_weight (1 - s(beta (z0 - r))) else."""
+    ratio = policy - reference
+    z0 = kl.detach().clamp(min=0)
+    good = desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio)))
+    return torch.where(desirable, good, bad)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """A reward model's per-pair loss: -log s(r_w - r_l - margin) (Llama 2's margin term when given)."""
+    return -F.logsigmoid(chosen - rejected - (margin if margin is not None else 0))
+
+
+def preference_metrics(
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor, beta: float,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """TRL's DPO metrics, summed over the pairs (divide by the pair count to log them): the implicit rewards
+    beta (log pi - log pi_ref) of each answer, their margin, whether the chosen one's is higher, and the log-probs."""
+    chosen = beta * (policy_chosen - reference_chosen).detach()
+    rejected = beta * (policy_rejected - reference_rejected).detach()
+    return {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+        "logps/chosen": policy_chosen.detach().sum(),
+        "logps/rejected": policy_rejected.detach().sum(),
+    }
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """(sum, count) of the log-probabilities of each row's trained next tokens: logits [rows, tokens, vocab], labels
+    [rows, tokens] with `ignore_index` where untrained; position i's logits score the token at i + 1."""
+    targets = labels[:, 1:]
+    trained = targets != ignore_index
+    scores = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = scores.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (picked * trained).sum(dim=1), trained.sum(dim=1)
+
+
+def segment_logps(token_logps: torch.Tensor, trained: torch.Tensor, cu_seq_lens: torch.Tensor):
+    """(sum, count) per segment of a packed row: `token_logps` and `trained` are [tokens] for the row's positions
+    (the log-prob of each position's next token, and whether it is trained), `cu_seq_lens` the segments' bounds.
+    A segment's last position scores the next segment's first token, which is never trained."""
+    segment = torch.bucketize(torch.arange(token_logps.numel(), device=token_logps.device), cu_seq_lens[1:], right=True)
+    count = len(cu_seq_lens) - 1
+    sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add_(
+        0, segment, token_logps * trained
+    )
+    counts = torch.zeros(count, dtype=torch.long, device=token_logps.device).index_add_(0, segment, trained.long())
+    return sums, counts
