@@ -77,3 +77,13 @@ def test_show_cfg_of_a_preset_prints_it():
 
 def test_model_keys_and_preset_names_are_unique():
     assert len({m.key for m in MODELS}) == len(MODELS) and len(PRESETS) == len(MODELS) * len(RECIPES)
+
+
+def test_remote_code_presets_trust_it_and_do_not_pack():
+    """Packing needs transformers' attention interface, which a model's own modelling code does not go through."""
+    remote = [m.key for m in MODELS if m.remote_code]
+    assert {"baichuan2_7b_chat", "chatglm3_6b", "minicpm_2b_sft"} <= set(remote)
+    for key in remote:
+        config, _ = load_config(f"{key}_qlora_alpaca_e3")
+        assert config.trust_remote_code and not config.pack_to_max_length, key
+    assert load_config("qwen2_5_7b_instruct_qlora_alpaca_e3")[0].pack_to_max_length

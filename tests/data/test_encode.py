@@ -111,6 +111,7 @@ TRAINED_RUNS = {
     "internlm2_chat": ["cold<|im_end|>", "small<|im_end|>"],
     "qwen_chat": ["cold<|im_end|>", "small<|im_end|>"],
     "qwen3": ["<think>\n\n</think>\n\nsmall<|im_end|>"],  # the model would have thought before "cold"
+    "yi_chat": ["cold<|im_end|>", "small<|im_end|>"],
     "llama2_chat": [" cold </s>", " small </s>"],
     # the tiny tokenizer has no <|eot_id|> token: the text is tokenized whole, "><" merges across the reply's end,
     # and a token that holds characters of the reply is trained (the model must write it to write the reply)
@@ -119,7 +120,9 @@ TRAINED_RUNS = {
     "mixtral": ["cold</s>", "small</s>"],
     "gemma": ["cold<end_of_turn>", "small<end_of_turn>"],
     "phi3_chat": ["cold<|end|>", "small<|end|>", "</s>"],
+    "phi3_5": ["cold<|end|>", "small<|end|>", "</s>"],
     "chatglm3": ["\n cold", "\n small</s>"],
+    "glm4": ["\ncold", "\nsmall</s>"],
     "deepseek_v2": [" cold</s>", " small</s>"],
     "vicuna": [" cold</s>", " small</s>"],
     "zephyr": ["cold</s>", "small</s>"],
@@ -127,6 +130,7 @@ TRAINED_RUNS = {
     "llama3_1": ["cold<|eot_id|><", "small<|eot_id|>"],
     "phi4": ["cold<|im_end|>", "small<|im_end|>"],
     "deepseek_r1": ["\n</think>\n\nsmall</s>"],  # "<think>\n" is the generation prompt's; "cold" is context
+    "deepseek_v3": ["cold</s>", "small</s>"],
     "internlm_chat": ["cold<eoa>", "small<eoa>"],
     "baichuan_chat": ["cold", "small</s>"],
     "baichuan2_chat": ["cold", "small</s>"],

@@ -22,9 +22,10 @@ from xtune.models.load import load_tokenizer
 PAIRS = {
     "internlm2_chat": "internlm2", "qwen_chat": "qwen2", "llama3_chat": "llama3", "llama2_chat": "llama2",
     "mistral": "mistral", "mixtral": "mistral", "zephyr": "mistral", "phi3_chat": "phi3", "qwen3": "qwen3",
+    "phi3_5": "phi3",
 }  # fmt: skip
 """Named template -> the family's tokenizer (Zephyr and Mixtral use Mistral's; Qwen3's is Qwen2.5's with its added
-tokens)."""
+tokens; Phi-3.5-mini's is Phi-3-mini's)."""
 
 NOT_A_PREFIX = {("internlm2_chat", "reply starts with a newline"), ("qwen_chat", "reply starts with a newline")}
 """Where the official template itself breaks train = serve: the header's "\\n" and a reply's leading "\\n" are one
@@ -126,6 +127,7 @@ def trained_runs(tokenizer, encoded):
 END_MARKERS = {
     "internlm2_chat": "<|im_end|>", "qwen_chat": "<|im_end|>", "llama3_chat": "<|eot_id|>", "llama2_chat": " </s>",
     "mistral": "</s>", "mixtral": "</s>", "zephyr": "</s>", "phi3_chat": "<|end|>",
+    "phi3_5": "<|end|>",
 }  # fmt: skip
 
 
@@ -136,7 +138,7 @@ def test_labels_cover_each_reply_and_its_end_marker(family, name):
     encoded = encode(conversation, get_template(name), tokenizer)
     replies = [turn.content for turn in conversation.turns if turn.role == "assistant"]
     expected = [reply + END_MARKERS[name] for reply in replies]
-    if name == "phi3_chat":  # Phi-3's official format ends a conversation with EOS after the last <|end|>
+    if name in ("phi3_chat", "phi3_5"):  # Phi-3's official format ends a conversation with EOS after the last <|end|>
         expected[-1] += "</s>"  # the "\n" after <|end|> is stripped into it
     assert [run.strip() for run in trained_runs(tokenizer, encoded)] == [text.strip() for text in expected]
     bos = tokenizer.bos_token_id

@@ -12,6 +12,7 @@ from xtune.data.templates import (
     generation_prompt,
     get_template,
     hf_stop_words,
+    jinja_of,
     official_chat_template,
     render,
 )
@@ -43,6 +44,10 @@ RENDERED = {
         "<|im_start|>user\nWhat is the opposite of hot?<|im_end|>\n<|im_start|>assistant\ncold<|im_end|>\n"
         "<|im_start|>user\nAnd of big?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nsmall<|im_end|>\n"
     ),
+    "yi_chat": (  # Yi-1.5: the system text bare
+        "You are helpful.<|im_start|>user\nWhat is the opposite of hot?<|im_end|>\n<|im_start|>assistant\n"
+        "cold<|im_end|>\n<|im_start|>user\nAnd of big?<|im_end|>\n<|im_start|>assistant\nsmall<|im_end|>\n"
+    ),
     "llama2_chat": (
         "<s>[INST] <<SYS>>\nYou are helpful.\n<</SYS>>\n\nWhat is the opposite of hot? [/INST] cold </s>"
         "<s>[INST] And of big? [/INST] small </s>"
@@ -70,9 +75,17 @@ RENDERED = {
         "<s><|system|>\nYou are helpful.<|end|>\n<|user|>\nWhat is the opposite of hot?<|end|>\n"
         "<|assistant|>\ncold<|end|>\n<|user|>\nAnd of big?<|end|>\n<|assistant|>\nsmall<|end|>\n<|endoftext|>"
     ),
+    "phi3_5": (  # Phi-3's without BOS
+        "<|system|>\nYou are helpful.<|end|>\n<|user|>\nWhat is the opposite of hot?<|end|>\n"
+        "<|assistant|>\ncold<|end|>\n<|user|>\nAnd of big?<|end|>\n<|assistant|>\nsmall<|end|>\n<|endoftext|>"
+    ),
     "chatglm3": (
         "[gMASK]sop<|system|>\n You are helpful.<|user|>\n What is the opposite of hot?<|assistant|>\n cold"
         "<|user|>\n And of big?<|assistant|>\n small</s>"
+    ),
+    "glm4": (
+        "[gMASK]<sop><|system|>\nYou are helpful.<|user|>\nWhat is the opposite of hot?<|assistant|>\ncold"
+        "<|user|>\nAnd of big?<|assistant|>\nsmall<|endoftext|>"
     ),
     "deepseek_v2": (
         "<｜begin▁of▁sentence｜>You are helpful.\n\nUser: What is the opposite of hot?\n\nAssistant: cold"
@@ -105,6 +118,10 @@ RENDERED = {
     "deepseek_r1": (
         "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>What is the opposite of hot?<｜Assistant｜>"
         "cold<｜end▁of▁sentence｜><｜User｜>And of big?<｜Assistant｜><think>\n\n</think>\n\nsmall<｜end▁of▁sentence｜>"
+    ),
+    "deepseek_v3": (
+        "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>What is the opposite of hot?<｜Assistant｜>"
+        "cold<｜end▁of▁sentence｜><｜User｜>And of big?<｜Assistant｜>small<｜end▁of▁sentence｜>"
     ),
     "internlm_chat": (
         "<s><|System|>:You are helpful.\n<|User|>:What is the opposite of hot?<eoh>\n<|Bot|>:cold<eoa>\n<|User|>"
@@ -157,7 +174,8 @@ RENDERED = {
 
 OFFICIAL = [
     "internlm2_chat", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "mixtral", "gemma", "phi3_chat", "zephyr",
-    "deepseek_v2", "chatglm3", "qwen3", "llama3_1", "phi4", "deepseek_coder", "minicpm", "minicpm3",
+    "deepseek_v2", "chatglm3", "qwen3", "llama3_1", "phi4", "deepseek_coder", "minicpm", "minicpm3", "phi3_5",
+    "yi_chat", "glm4", "deepseek_v3",
 ]  # fmt: skip
 WITHOUT_SYSTEM_ROLE = {"mistral", "mixtral"}
 """Their official jinja rejects a system turn."""
@@ -172,12 +190,15 @@ def messages(conversation):
 
 
 def official(tokenizer, name, conversation, add_generation_prompt=False):
-    return tokenizer.apply_chat_template(
+    text = tokenizer.apply_chat_template(
         messages(conversation),
         chat_template=official_chat_template(name),
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )
+    if name == "deepseek_v3":  # its jinja writes DeepSeek's EOS as text, not as eos_token (the same in its tokenizer)
+        text = text.replace("<｜end▁of▁sentence｜>", tokenizer.eos_token)
+    return text
 
 
 QWEN_DEFAULT_SYSTEM = (
@@ -186,11 +207,12 @@ QWEN_DEFAULT_SYSTEM = (
 
 
 def official_as_xtune(tokenizer, name, conversation):
-    """The official text with xtune's two documented deviations: ChatGLM3's conversations end with EOS (its own
-    fine-tuning code writes one, its jinja does not), and qwen_chat writes no default system prompt."""
+    """The official text with xtune's two documented deviations: ChatGLM3's, GLM-4's and MiniCPM's conversations end
+    with EOS (the GLMs' own fine-tuning code writes one, their jinja does not), and qwen_chat writes no default system
+    prompt."""
     prompting = conversation.turns[-1].role != "assistant"
     text = official(tokenizer, name, conversation, add_generation_prompt=prompting)
-    if name in ("chatglm3", "minicpm") and not prompting:  # MiniCPM's jinja writes no EOS either
+    if name in ("chatglm3", "glm4", "minicpm") and not prompting:  # GLM-4's and MiniCPM's jinja write no EOS either
         text += tokenizer.eos_token
     if name == "qwen_chat" and conversation.system is None:
         text = text.removeprefix(QWEN_DEFAULT_SYSTEM)
@@ -236,6 +258,15 @@ def test_rendering_equals_the_official_jinja_for_random_conversations(tokenizer,
         assert text_of(sample, get_template(name), tokenizer) == official_as_xtune(tokenizer, name, sample), name
 
 
+@settings(max_examples=100, deadline=None)
+@given(alternating_conversations())
+def test_qwen_chat_writes_the_plain_chatml_of_yi_6b_and_34b_chat(tokenizer, conversation):
+    """Yi-6B/34B-Chat's jinja (yi_v1_chat.jinja) has no template of its own: it is qwen_chat's text."""
+    assert text_of(conversation, get_template("qwen_chat"), tokenizer) == official_as_xtune(
+        tokenizer, "yi_v1_chat", conversation
+    )
+
+
 def test_bos_and_eos_are_the_tokenizers_own_texts(tokenizer):
     assert text_of(TWO_TURNS, get_template("llama3_chat"), tokenizer).startswith("<s><|start_header_id|>system")
     assert text_of(TWO_TURNS, get_template("gemma"), tokenizer).startswith("<s><start_of_turn>user\n")
@@ -257,6 +288,22 @@ def test_a_system_prompt_without_a_user_turn_after_it_is_an_error_where_it_goes_
     conversation = Conversation((Turn("system", "Be brief."),))
     with pytest.raises(XtuneError, match="template 'gemma' writes the system prompt into the next user turn"):
         render(conversation, get_template("gemma"))
+
+
+def test_an_empty_system_text_writes_no_system_turn_where_the_jinja_skips_it(tokenizer):
+    conversation = Conversation((Turn("system", ""), Turn("user", "Hi"), Turn("assistant", "Hello", True)))
+    official_text = official_as_xtune(tokenizer, "phi3_5", conversation)
+    assert text_of(conversation, get_template("phi3_5"), tokenizer) == official_text
+    assert text_of(conversation, get_template("phi3_5")).startswith("<|user|>\nHi<|end|>\n")
+    assert text_of(conversation, get_template("phi3_chat")).startswith("<s><|system|>\n<|end|>\n<|user|>")
+    assert text_of(conversation, get_template("glm4"), tokenizer) == official_as_xtune(tokenizer, "glm4", conversation)
+    assert text_of(conversation, get_template("glm4")).startswith("[gMASK]<sop><|user|>")
+    generated = jinja_of(get_template("phi3_5"))  # what a model trained with it would carry, had it no official one
+    for system in ("", "Be brief."):
+        prompt = Conversation((Turn("system", system), Turn("user", "Hi")))
+        assert tokenizer.apply_chat_template(
+            messages(prompt), chat_template=generated, tokenize=False, add_generation_prompt=True
+        ) == generation_prompt(prompt, get_template("phi3_5"), tokenizer)
 
 
 def test_vicuna_writes_its_own_system_prompt_when_there_is_none():
@@ -286,12 +333,13 @@ def test_generation_prompt_ends_with_the_assistant_header():
     assert generation_prompt(prompt, get_template("llama2_chat")) == "<s>[INST] Hi [/INST]"
     assert generation_prompt(prompt, get_template("deepseek_v2")) == "<｜begin▁of▁sentence｜>User: Hi\n\nAssistant:"
     assert generation_prompt(prompt, get_template("chatglm3")) == "[gMASK]sop<|user|>\n Hi<|assistant|>"
+    assert generation_prompt(prompt, get_template("glm4")) == "[gMASK]<sop><|user|>\nHi<|assistant|>"
 
 
 def test_bos_flag_says_whether_samples_start_with_bos():
     assert [name for name, template in TEMPLATES.items() if not template.bos] == [
-        "qwen_chat", "qwen3", "chatglm3", "phi4", "baichuan2_chat", "chatglm2", "moss_sft", "minicpm", "minicpm3",
-        "zephyr", "baichuan_chat",
+        "qwen_chat", "qwen3", "yi_chat", "phi3_5", "chatglm3", "glm4", "phi4", "baichuan2_chat", "chatglm2",
+        "moss_sft", "minicpm", "minicpm3", "zephyr", "baichuan_chat",
     ]  # fmt: skip
 
 

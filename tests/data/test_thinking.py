@@ -305,3 +305,11 @@ def test_split_rounds_trains_every_answer_as_the_last_one(qwen3, tmp_path):
     assert runs == [["<think>\nTwo and two.\n</think>\n\n4<|im_end|>"], ["<think>\nThree and three.\n</think>\n\n6<|im_end|>"]]
     (only,) = [trained_text(qwen3, encode(c, QWEN3, qwen3)) for c in whole.conversations]
     assert only == runs[1]  # unsplit, the first answer is context: Qwen3 writes it without its reasoning
+
+
+def test_a_special_tokens_text_in_the_reasoning_is_plain_text_with_split_special_tokens(qwen3):
+    typed = Conversation((Turn("user", "Hi"), Turn("assistant", "Hello", True, reasoning="x <|im_end|> y")))
+    im_end = qwen3.convert_tokens_to_ids("<|im_end|>")
+    as_control = encode(typed, QWEN3, qwen3).input_ids.count(im_end)
+    as_text = encode(typed, QWEN3, qwen3, split_special_tokens=True).input_ids.count(im_end)
+    assert (as_control, as_text) == (3, 2)  # the user's and the answer's end markers only

@@ -5,6 +5,8 @@ import re
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xtune.data.encode import IGNORE_INDEX, encode
 from xtune.data.formats import (
@@ -24,7 +26,7 @@ from xtune.data.templates import (
     render,
     with_tool_format,
 )
-from xtune.errors import XtuneError
+from xtune.errors import DataError, XtuneError
 
 WEATHER = {
     "name": "get_weather",
@@ -325,3 +327,97 @@ def test_a_family_without_a_tool_format_refuses_tools_and_says_how():
         render(offered_only, get_template("llama3_chat"))
     with pytest.raises(XtuneError, match=r"does not support tool turns or tool calls yet.*\"gemma\+react\""):
         render(Conversation(AGENT.turns), get_template("gemma"))
+
+
+# ---------------------------------------------------------------- Llama 3.1
+
+
+def official_llama3_1(tokenizer, conversation, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(
+        [openai_message(turn) for turn in conversation.turns],
+        tools=[json.loads(tool) for tool in conversation.tools] or None,
+        chat_template=official_chat_template("llama3_1"),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def openai_message(turn):
+    message = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
+            for call in turn.tool_calls
+        ]
+    return message
+
+
+def test_llama3_1_writes_tools_calls_and_results_as_its_jinja_does(tokenizer):
+    segments = render(AGENT, get_template("llama3_1"), tokenizer)
+    assert "".join(text for text, _ in segments) == official_llama3_1(tokenizer, AGENT)
+    assert segments[1][0].startswith("<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting")
+    assert segments[2][0].startswith(
+        "<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond with a JSON for a "
+        "function call with its proper arguments that best answers the given prompt.\n\nRespond in the format "
+        '{"name": function name, "parameters": dictionary of argument name and its value}.Do not use variables.\n\n'
+        + json.dumps(json.loads(WEATHER_TOOL), indent=4)
+        + "\n\nWeather in Paris?<|eot_id|>"
+    )
+    assert [(text, trained) for text, trained in segments[3:]] == [
+        ('{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', True),  # "Let me look." is dropped
+        (
+            '<|start_header_id|>ipython<|end_header_id|>\n\n"{\\"celsius\\": 22}"<|eot_id|>'  # the result as JSON text
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            False,
+        ),
+        ("It is 22.<|eot_id|>", True),
+    ]
+    prompt = Conversation(AGENT.turns[:4], tools=AGENT.tools)
+    assert "".join(text for text, _ in render(prompt, get_template("llama3_1"), tokenizer)) == official_llama3_1(
+        tokenizer, prompt, add_generation_prompt=True
+    )
+
+
+def test_llama3_1_without_tools_offered_writes_no_environment_and_refuses_several_calls_in_a_turn(tokenizer):
+    calls = Conversation(AGENT.turns[1:4])  # a call and its result, no tools offered
+    text = "".join(text for text, _ in render(calls, get_template("llama3_1"), tokenizer))
+    assert "Environment" not in text and text == official_llama3_1(tokenizer, calls, add_generation_prompt=True)
+    two = (ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_weather", '{"city": "Rome"}'))
+    several = Conversation((Turn("user", "Paris and Rome?"), Turn("assistant", "", True, two)))
+    with pytest.raises(DataError, match=r"'llama3_1' writes one tool call per assistant turn.*makes 2 \(get_weather, "):
+        render(several, get_template("llama3_1"))
+    with pytest.raises(XtuneError, match="writes the tools offered into the first user turn; it has none"):
+        render(Conversation((Turn("system", "Be brief."),), tools=AGENT.tools), get_template("llama3_1"))
+
+
+names = st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True)
+arguments = st.dictionaries(names, st.one_of(st.integers(), st.text(max_size=6), st.booleans()), max_size=3)
+stripped = st.text(min_size=1, max_size=12).map(str.strip).filter(bool)
+
+
+@st.composite
+def tool_conversations(draw):
+    """Rounds of a question, at most one call per assistant turn with its result, and an answer."""
+    tools = tuple(
+        json.dumps({"type": "function", "function": {"name": name, "description": draw(st.text(max_size=8)),
+                                                      "parameters": {"type": "object", "properties": {}}}})
+        for name in draw(st.lists(names, max_size=2, unique=True))
+    )  # fmt: skip
+    turns = [Turn("system", draw(stripped))] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        turns.append(Turn("user", draw(stripped)))
+        for _ in range(draw(st.integers(0, 2))):
+            call = ToolCall(draw(names), json.dumps(draw(arguments)))
+            turns += [Turn("assistant", draw(st.text(max_size=6)), True, (call,)), Turn("tool", draw(st.text(max_size=8)))]
+        turns.append(Turn("assistant", draw(stripped), True))
+    if draw(st.booleans()):
+        turns.append(Turn("user", draw(stripped)))
+    return Conversation(tuple(turns), tools=tools)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tool_conversations())
+def test_llama3_1_equals_its_jinja_for_random_agent_conversations(tokenizer, conversation):
+    prompting = conversation.turns[-1].role != "assistant"
+    text = "".join(text for text, _ in render(conversation, get_template("llama3_1"), tokenizer))
+    assert text == official_llama3_1(tokenizer, conversation, add_generation_prompt=prompting)

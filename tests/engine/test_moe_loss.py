@@ -163,15 +163,18 @@ def test_training_with_the_router_loss_balances_the_experts(family):
 
 
 def test_the_coefficient_is_the_models_own_unless_set():
-    mixtral = SimpleNamespace(config=AutoConfig.for_model("mixtral"))
+    mixtral = build_family_model("mixtral")
     assert not mixtral.config.output_router_logits  # so HF's Trainer would leave the router loss out
     assert router_aux_coefficient(mixtral, None) == mixtral.config.router_aux_loss_coef > 0
     assert router_aux_coefficient(mixtral, 0.0) == 0.0
     assert router_aux_coefficient(mixtral, 0.02) == 0.02
     llava_like = SimpleNamespace(llm=mixtral)
     assert router_aux_coefficient(llava_like, None) == mixtral.config.router_aux_loss_coef
-    for model_type in ("llama", "deepseek_v2"):  # transformers' DeepSeek-V2 computes no router loss
-        model = SimpleNamespace(config=AutoConfig.for_model(model_type))
+    llama4 = AutoConfig.for_model("llama4_text", **(COMMON | {"num_local_experts": 2, "head_dim": 16}))
+    assert llama4.router_aux_loss_coef  # its config has the key, its modelling no router loss
+    for model_type, config in (("llama", None), ("deepseek_v2", None), ("llama4_text", llama4)):
+        config = config or AutoConfig.for_model(model_type, **COMMON)
+        model = AutoModelForCausalLM.from_config(config)  # transformers' DeepSeek-V2 computes no router loss either
         assert router_aux_coefficient(model, None) == router_aux_coefficient(model, 0.0) == 0.0
         with pytest.raises(ConfigError, match=f"router_aux_loss_coef = 0.01: {model_type} computes no router"):
             router_aux_coefficient(model, 0.01)

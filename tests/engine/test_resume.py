@@ -96,3 +96,21 @@ def test_8bit_adamw_saves_and_resumes_exactly(tmp_path, optim_type):
                "batch_size=4", "accumulative_counts=1", "lora_dropout=0.0"]  # fmt: skip
     name = "tiny_internlm2_chat_lora_antonyms"
     assert_resumed_from_the_middle_ends_bit_identical(tmp_path, name, options, "adapter_model.safetensors")
+
+
+def test_a_run_from_before_a_key_existed_resumes_only_with_that_keys_old_meaning(tmp_path):
+    """A run that trained before router_aux_loss_coef existed trained without the router loss: resuming it with the
+    new default (the model's own coefficient) would change what is trained, so it is refused, naming the key."""
+    import json
+
+    from xtune.engine.train import check_resumable
+
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path)!r}", "max_steps=2"])
+    run = tmp_path / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    old = json.loads(config.model_dump_json())
+    del old["router_aux_loss_coef"]
+    (run / "config.json").write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match=r"router_aux_loss_coef: 0.0 -> None"):
+        check_resumable(config, run / "checkpoint-1", 1)
+    check_resumable(config.model_copy(update={"router_aux_loss_coef": 0.0}), run / "checkpoint-1", 1)  # as it trained

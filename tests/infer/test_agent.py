@@ -8,7 +8,14 @@ import torch
 from typer.testing import CliRunner
 
 from xtune.data.formats import Conversation, ToolCall, Turn
-from xtune.data.templates import INTERNLM2_TOOLS, QWEN_TOOLS, REACT_TOOLS, generation_prompt, get_template
+from xtune.data.templates import (
+    INTERNLM2_TOOLS,
+    LLAMA3_1_TOOLS,
+    QWEN_TOOLS,
+    REACT_TOOLS,
+    generation_prompt,
+    get_template,
+)
 from xtune.errors import XtuneError
 from xtune.infer import agent
 from xtune.infer.agent import (
@@ -32,7 +39,10 @@ QUESTION = Conversation((Turn("user", "What is 37 * 24?"),))
 INTERNLM2_CALL = '<|action_start|><|plugin|>\n{"name": "calculate", "parameters": {"expression": "37 * 24"}}'
 QWEN_CALL = '<tool_call>\n{"name": "calculate", "arguments": {"expression": "37 * 24"}}'
 REACT_CALL = 'Action: calculate\nAction Input: {"expression": "37 * 24"}'
-CALLS = {"internlm2_chat": INTERNLM2_CALL, "qwen_chat": QWEN_CALL, "llama3_chat+react": REACT_CALL}
+LLAMA3_1_CALL = '{"name": "calculate", "parameters": {"expression": "37 * 24"}}'
+CALLS = {
+    "internlm2_chat": INTERNLM2_CALL, "qwen_chat": QWEN_CALL, "llama3_chat+react": REACT_CALL, "llama3_1": LLAMA3_1_CALL,
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------- reading calls
@@ -55,6 +65,10 @@ CALLS = {"internlm2_chat": INTERNLM2_CALL, "qwen_chat": QWEN_CALL, "llama3_chat+
         (f"Thought: I need the product.\n{REACT_CALL}\nObservation: 888", REACT_TOOLS, ParsedReply("I need the product.", (CALCULATE,))),
         ("Thought: I know it.\nThe answer is 888.", REACT_TOOLS, ParsedReply("I know it.\nThe answer is 888.")),
         ("Action: lookup\nAction Input: {}", REACT_TOOLS, ParsedReply("", (ToolCall("lookup", "{}"),))),
+        (LLAMA3_1_CALL, LLAMA3_1_TOOLS, ParsedReply("", (CALCULATE,))),
+        ("<|python_tag|>" + LLAMA3_1_CALL, LLAMA3_1_TOOLS, ParsedReply("", (CALCULATE,))),
+        ("888", LLAMA3_1_TOOLS, ParsedReply("888")),
+        ('{"answer": 888}', LLAMA3_1_TOOLS, ParsedReply('{"answer": 888}')),
     ],
 )  # fmt: skip
 def test_calls_are_read_in_each_format(text, tool_format, parsed):
@@ -74,6 +88,8 @@ def test_calls_are_read_in_each_format(text, tool_format, parsed):
         ('<tool_call>\n{"name": "calculate", "arguments": "' + "[" * 5000 + '"}', QWEN_TOOLS, "not valid JSON (RecursionError)"),
         ("Action: calculate", REACT_TOOLS, "Action: calculate has no 'Action Input:' line"),
         ("Action:\nAction Input: {}", REACT_TOOLS, "the Action line names no tool"),
+        ('{"name": "calculate", "parameters": {"expression": "1"', LLAMA3_1_TOOLS, "not valid JSON"),
+        ('{"name": "calculate", "parameters": [1]}', LLAMA3_1_TOOLS, "the parameters of calculate must be a JSON object"),
     ],
 )  # fmt: skip
 def test_malformed_calls_say_what_is_wrong(text, tool_format, error):
@@ -115,6 +131,7 @@ def test_a_call_its_result_then_the_answer(name):
         "internlm2_chat": "<|action_end|><|im_end|>\n<|im_start|>environment name=<|plugin|>\n888<|im_end|>\n<|im_start|>assistant\n",
         "qwen_chat": "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n888\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
         "llama3_chat+react": "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nObservation: 888<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "llama3_1": '}}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"888"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
     }[name])  # fmt: skip
     assert json.loads(model.seen[0][0].tools[0])["function"]["name"] == "calculate"  # the plugins are offered
 

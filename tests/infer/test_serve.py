@@ -503,3 +503,18 @@ def test_chat_template_kwargs_switch_thinking_off_and_history_reasoning_is_writt
     assert "<|im_start|>assistant\n<think>\ngreet\n</think>\n\nHello<|im_end|>" in tokenizer.decode(seen[-1])
     bad = client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"tools_mode": True}})
     assert bad.status_code == 400 and "tools_mode not supported" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"enable_thinking": "no"}, "chat_template_kwargs.enable_thinking must be true or false, got 'no'"),
+    ({"enable_thinking": 0}, "chat_template_kwargs.enable_thinking must be true or false, got 0"),
+    ({"reasoning_effort": "high"}, "chat_template_kwargs: reasoning_effort not supported; only enable_thinking is"),
+])  # fmt: skip
+def test_chat_template_kwargs_are_checked(loaded, kwargs, problem):
+    model, tokenizer, template = loaded
+    client = TestClient(build_app(model, tokenizer, template, MODEL_NAME))
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "chat_template_kwargs": kwargs}
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400 and problem in reply.json()["error"]["message"]
+    body["chat_template_kwargs"] = {"enable_thinking": None}  # null: the template's own default
+    assert client.post("/v1/chat/completions", json=body).status_code == 200

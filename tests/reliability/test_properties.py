@@ -315,6 +315,8 @@ ALPACA = st.fixed_dictionaries(
     optional={"input": WORDS, "system": WORDS, "history": st.lists(st.tuples(WORDS, WORDS).map(list), max_size=2)},
 )
 TEXT = st.fixed_dictionaries({"text": WORDS}, optional={"meta": JSON_VALUES})
+GUANACO_TURNS = st.sampled_from(["### Human: ", "### Assistant: ", "###", "### Human:", "\n"]) | WORDS
+GUANACO = st.builds(lambda pieces: {"text": "### Human: " + "".join(pieces)}, st.lists(GUANACO_TURNS, max_size=8))
 
 RECORDS = {
     "conversation": mutated(conversation_record()),
@@ -324,6 +326,7 @@ RECORDS = {
     "llava": mutated(sharegpt_record(images=True)),
     "msagent_react": mutated(msagent_record()),
     "text": mutated(TEXT),
+    "oasst1": mutated(GUANACO),
 }
 RECORDS["auto"] = st.one_of(*RECORDS.values())
 TEMPLATES = ["internlm2_chat", "llama3_chat", "qwen_chat", "chatglm3", "default", "internlm2_chat+react", "hf"]

@@ -29,7 +29,7 @@ from xtune.data.templates import ChatTemplate, Template, get_template
 from xtune.errors import XtuneError
 from xtune.paths import file_sha256, write_failure, xtune_home
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when encoding changes, so that entries written before are not read."""
 
 

@@ -53,7 +53,8 @@ class Encoded:
 
     @property
     def num_trained(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        """Tokens the loss is taken on: a sample's first label is never a target (nothing comes before it)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 def encode(
@@ -273,7 +274,7 @@ def _texts_of(conversation: Conversation) -> list[str]:
     """Every text of the conversation that comes from its author rather than from the template."""
     texts = [*conversation.tools]
     for turn in conversation.turns:
-        texts += [turn.content, *(call.arguments for call in turn.tool_calls)]
+        texts += [turn.content, turn.reasoning or "", *(call.arguments for call in turn.tool_calls)]
     return texts
 
 
@@ -296,7 +297,7 @@ def _mark_control_texts(
         return pattern.sub(lambda match: start + match.group(0) + end, text)
 
     turns = tuple(
-        replace(turn, content=mark(turn.content),
+        replace(turn, content=mark(turn.content), reasoning=mark(turn.reasoning) if turn.reasoning else turn.reasoning,
                 tool_calls=tuple(ToolCall(call.name, mark(call.arguments)) for call in turn.tool_calls))
         for turn in conversation.turns
     )  # fmt: skip

@@ -78,12 +78,20 @@ def pack(
 ) -> list[PackedRow]:
     """Rows of exactly `max_length` tokens. With `shuffle_seed`, samples are shuffled before packing
     (which samples share a row) and rows are returned in shuffled order."""
-    order = list(range(len(samples)))
+    return pack_groups([[sample] for sample in samples], max_length, pad_token_id, shuffle_seed)
+
+
+def pack_groups(
+    groups: Sequence[Sequence[Encoded]], max_length: int, pad_token_id: int, shuffle_seed: int | None = None
+) -> list[PackedRow]:
+    """`pack` for groups of samples that stay side by side in one row, each its own segment (a preference pair's
+    chosen and rejected answers)."""
+    order = list(range(len(groups)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
-    lengths = [len(samples[i].input_ids) for i in order]
+    lengths = [sum(len(sample.input_ids) for sample in groups[i]) for i in order]
     rows = [
-        build_row([samples[order[i]] for i in row], max_length, pad_token_id)
+        build_row([sample for i in row for sample in groups[order[i]]], max_length, pad_token_id)
         for row in plan_rows(lengths, max_length)
     ]
     if shuffle_seed is not None:

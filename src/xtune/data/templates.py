@@ -43,12 +43,21 @@ class ToolFormat:
     written as a user turn of the template."""
     result_separator: str = ""
     thought: str = "{content}"
-    """The assistant's text before its calls, with `{content}`."""
+    """The assistant's text before its calls, with `{content}`; "" drops it (Llama 3.1's jinja writes a call alone)."""
+    result_json: bool = False
+    """Each result's text is written as a JSON string, quoted (Llama 3.1's jinja applies `tojson` to it)."""
+    single_call: bool = False
+    """An assistant turn makes one call at most; a turn with more is refused (Llama 3.1's jinja raises)."""
     tools_prompt: str = ""
     """The tools offered, with `{tools}` (and `{names}`, their names), written into the system text after a blank
     line (or as the whole system text when the conversation has none)."""
     tools_turn: str = ""
     """The tools offered as a turn of their own, with `{tools}`, written after the system turn."""
+    tools_in_user: str = ""
+    """The tools offered, with `{tools}` (and `{names}`), opening the first user turn's text (Llama 3.1's jinja)."""
+    system: str = ""
+    """The system turn, with `{system}`, written in place of the template's when tools are offered ("": the
+    template's). It ties the format to its template (Llama 3.1's dated header, opened by `Environment: ipython`)."""
     tools_json: str = "tools_per_line"
     """How `{tools}` is written: a key of TOOL_LISTS."""
     stop_words: tuple[str, ...] = ()
@@ -97,6 +106,8 @@ class ChatTemplate:
     """Written as the system turn when the conversation has none."""
     system_always: bool = False
     """The system turn is written, empty, when the conversation has none (Llama 3.1's dated header)."""
+    skip_empty_system: bool = False
+    """A system turn with an empty text is not written (Phi-3.5's and GLM-4's jinja skip it)."""
     assistant_prefix: str = ""
     """Opens every assistant turn's text, trained with it (e.g. Llama 2's space after [/INST])."""
     separator: str = ""
@@ -215,6 +226,34 @@ REACT_TOOLS = ToolFormat(
     tools_json="functions_per_line",
     stop_words=("Observation:",),
 )
+LLAMA3_1_DATE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+"""Llama 3.1's jinja opens its system text with these (its `date_string` default)."""
+# Llama 3.1's jinja, for custom tools as it writes them by default (tools_in_user_message): the system turn announces
+# "Environment: ipython"; the tools, each as indented JSON after an instruction, open the first user turn; an
+# assistant turn is one call, {"name", "parameters"} alone (the jinja drops the turn's text and refuses more calls);
+# each result is an `ipython` turn holding the result quoted as a JSON string, as the jinja's `tojson` writes a text.
+# Its built-in tools (`<|python_tag|>` calls ending with <|eom_id|>) are not written. Not in TOOL_FORMATS: its system
+# turn is llama3_1's.
+LLAMA3_1_TOOLS = ToolFormat(
+    name="llama3_1",
+    call="{call}",
+    arguments_key="parameters",
+    call_separator="",
+    thought="",
+    result="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
+    results="{results}<|start_header_id|>assistant<|end_header_id|>\n\n",
+    result_json=True,
+    single_call=True,
+    tools_in_user=(
+        "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+        'that best answers the given prompt.\n\nRespond in the format {{"name": function name, "parameters": '
+        "dictionary of argument name and its value}}.Do not use variables.\n\n{tools}"
+    ),
+    tools_json="tools_each_indented",
+    system=(
+        "<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n" + LLAMA3_1_DATE + "{system}<|eot_id|>"
+    ),
+)
 TOOL_FORMATS = {"internlm2": INTERNLM2_TOOLS, "qwen": QWEN_TOOLS, "react": REACT_TOOLS}
 """Tool formats by name; `prompt_template = "NAME+FORMAT"` (e.g. "llama3_chat+react") picks one for a template."""
 
@@ -227,6 +266,7 @@ TOOL_LISTS = {
     "tools_per_line": lambda tools: "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools),
     "functions_per_line": lambda tools: "\n".join(json.dumps(f, ensure_ascii=False) for f in _functions(tools)),
     "functions_indented": lambda tools: json.dumps(_functions(tools), ensure_ascii=False, indent=4),
+    "tools_each_indented": lambda tools: "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools),
 }
 """How a ToolFormat writes the list of tools (OpenAI tool objects) for `{tools}`."""
 
@@ -259,8 +299,6 @@ TEMPLATES: dict[str, ChatTemplate] = {
         bos_token="",
         eos_token="<|endoftext|>",
     ),
-    # XTuner always writes Llama 2's long default safety prompt in a [INST] block of its own and a "\n" between
-    # rounds; the official jinja puts the system text (if any) in the first [INST] and nothing between rounds.
     # Qwen3's jinja: Qwen2.5's ChatML and tools without a default system prompt, and thinking. Only the answers to
     # the last user turn keep their reasoning; the last answer is always written with a block, empty when it has no
     # reasoning (so a sample without reasoning trains "<think>\n\n</think>\n\n" before its answer). With
@@ -277,6 +315,21 @@ TEMPLATES: dict[str, ChatTemplate] = {
         bos_token="",
         eos_token="<|im_end|>",
     ),
+    # Yi-1.5's jinja: the system text bare (a first turn only; the jinja writes no later one, xtune does), then
+    # ChatML's user and assistant turns, the assistant's header after every user turn (the jinja ignores
+    # add_generation_prompt). XTuner has no Yi template. Yi-6B/34B-Chat's jinja is plain ChatML: qwen_chat's text.
+    "yi_chat": ChatTemplate(
+        name="yi_chat",
+        system="{system}",
+        user=CHATML_USER,
+        assistant_suffix="<|im_end|>",
+        separator="\n",
+        stop_words=("<|im_end|>", "<|endoftext|>"),
+        bos_token="<|startoftext|>",
+        eos_token="<|im_end|>",
+    ),
+    # XTuner always writes Llama 2's long default safety prompt in a [INST] block of its own and a "\n" between
+    # rounds; the official jinja puts the system text (if any) in the first [INST] and nothing between rounds.
     # The official jinja strips the first user text after the <<SYS>> block is put in front of it, so leading
     # whitespace of that text survives there; here every text is stripped.
     "llama2_chat": ChatTemplate(
@@ -351,6 +404,19 @@ TEMPLATES: dict[str, ChatTemplate] = {
         stop_words=("<|end|>",),
         eos_token="<|endoftext|>",
     ),
+    # Phi-3.5-mini's jinja: Phi-3's format without BOS, and no system turn where the system text is empty. An EOS
+    # ends a conversation, trained, as in phi3_chat (XTuner has no Phi-3.5 template).
+    "phi3_5": ChatTemplate(
+        name="phi3_5",
+        system="<|system|>\n{system}<|end|>\n",
+        skip_empty_system=True,
+        user="<|user|>\n{input}<|end|>\n<|assistant|>\n",
+        assistant_suffix="<|end|>",
+        separator="\n",
+        end_of_conversation="{eos}",
+        stop_words=("<|end|>",),
+        eos_token="<|endoftext|>",
+    ),
     # ChatGLM3's own format writes "\n " after each role token and nothing between turns: the next role token ends
     # a turn. XTuner writes no space and an EOS and "\n" after every answer. Here the text is the official one, and
     # an EOS closes the conversation, trained, as ChatGLM3's own fine-tuning code does. The model must be given
@@ -364,6 +430,24 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_suffix="",
         end_of_conversation="{eos}",
         stop_words=("<|user|>", "<|observation|>"),
+    ),
+    # GLM-4-9B-Chat's jinja, for conversations without tools: "[gMASK]<sop>", then each turn as its role token, a
+    # newline and its text, nothing between turns; the generation prompt is the role token alone. The jinja skips
+    # every turn with an empty text; xtune skips an empty system text only. The model ends an answer at the next
+    # role token (<|user|>, <|observation|>) or EOS: as in chatglm3, an EOS closes the conversation, trained
+    # (GLM-4's fine-tuning demo trains it too, and also the role token after each earlier answer, which is not
+    # trained here). XTuner has no GLM-4 template. glm-4-9b-chat-hf's own jinja was not checked against this one.
+    "glm4": ChatTemplate(
+        name="glm4",
+        prefix="[gMASK]<sop>",
+        system="<|system|>\n{system}",
+        skip_empty_system=True,
+        user="<|user|>\n{input}<|assistant|>",
+        assistant_prefix="\n",
+        assistant_suffix="",
+        end_of_conversation="{eos}",
+        stop_words=("<|user|>", "<|observation|>"),
+        eos_token="<|endoftext|>",
     ),
     # The official generation prompt ends with "Assistant:" and an answer is written "Assistant: {answer}", so the
     # space is the answer's (XTuner puts it in the prompt).
@@ -390,15 +474,11 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_suffix="{eos}",
     ),
     # Llama 3.1 / 3.2 / 3.3's jinja always writes the system turn, opened by a knowledge cut-off and a date (its
-    # default "26 Jul 2024"). Tools (in the first user turn, calls as {"name", "parameters"}) are not written yet:
-    # name it "llama3_1+react" for agent data.
+    # default "26 Jul 2024"); tools as LLAMA3_1_TOOLS says.
     "llama3_1": ChatTemplate(
         name="llama3_1",
         prefix="{bos}",
-        system=(
-            "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-            "Today Date: 26 Jul 2024\n\n{system}<|eot_id|>"
-        ),
+        system="<|start_header_id|>system<|end_header_id|>\n\n" + LLAMA3_1_DATE + "{system}<|eot_id|>",
         system_always=True,
         user=(
             "<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
@@ -407,6 +487,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_suffix="<|eot_id|>",
         strip_content=True,
         stop_words=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+        tools=LLAMA3_1_TOOLS,
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
     ),
@@ -431,6 +512,18 @@ TEMPLATES: dict[str, ChatTemplate] = {
         user="<｜User｜>{input}<｜Assistant｜>",
         assistant_suffix="{eos}",
         thinking=Thinking(history=False, always_last=True, opening="<think>\n", strip_history=False),
+        bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>",
+    ),
+    # DeepSeek-V3's jinja: DeepSeek-R1's format without thinking (its generation prompt is "<｜Assistant｜>" alone, and
+    # an answer is written whole). The jinja gathers every system text at the start, joined by blank lines; xtune
+    # writes each system turn where it is. XTuner has no DeepSeek-V3 template.
+    "deepseek_v3": ChatTemplate(
+        name="deepseek_v3",
+        prefix="{bos}",
+        system="{system}",
+        user="<｜User｜>{input}<｜Assistant｜>",
+        assistant_suffix="{eos}",
         bos_token="<｜begin▁of▁sentence｜>",
         eos_token="<｜end▁of▁sentence｜>",
     ),
@@ -633,9 +726,11 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
         return text.format(bos=bos, eos=eos, **fields)
 
     turns = _with_default_system(conversation.turns, template)
-    tools_turn = ""
+    tools_turn = tools_in_user = ""
     if conversation.tools:
-        turns, tools_turn = _with_tools(turns, conversation.tools, template)
+        turns, tools_turn, tools_in_user = _with_tools(turns, conversation.tools, template)
+        if template.tools.system:
+            template = replace(template, system=template.tools.system)
     thinking = _thinking_on(conversation, template)
     last_user = max((index for index, turn in enumerate(turns) if turn.role == "user"), default=-1)
     segments: list[Segment] = [(fill(template.prefix), False)]
@@ -645,6 +740,8 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
             segments.append((_tool_results([turn for _, turn in run], template, fill), False))
             continue
         for index, turn in run:
+            if turn.role == "system" and not turn.content and template.skip_empty_system:
+                continue
             if turn.role != "system" and tools_turn:
                 segments.append((tools_turn, False))
                 tools_turn = ""
@@ -656,8 +753,8 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
                 joined = template.strip_with_system and template.strip_content
                 text = (pending_system + turn.content).strip() if joined else pending_system + _text(turn, template)
                 rounds += 1
-                segments.append((fill(template.user, input=text, round=str(rounds)), False))
-                pending_system = ""
+                segments.append((fill(template.user, input=tools_in_user + text, round=str(rounds)), False))
+                pending_system = tools_in_user = ""
             else:
                 block, answer = _block_and_answer(turn, template, index > last_user, index == len(turns) - 1)
                 if block != _block_and_answer(turn, template, True, True)[0]:
@@ -676,6 +773,8 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
         raise XtuneError(
             f"template '{template.name}' writes the system prompt into the next user turn, but no user turn follows it."
         )
+    if tools_in_user:
+        raise XtuneError(f"template '{template.name}' writes the tools offered into the first user turn; it has none.")
     if turns and turns[-1].role == "assistant":
         segments.append((fill(template.end_of_conversation), turns[-1].trainable))
     elif turns and not thinking and template.thinking and template.thinking.switch:
@@ -712,8 +811,9 @@ def _with_default_system(turns: tuple[Turn, ...], template: ChatTemplate) -> tup
 
 def _with_tools(
     turns: tuple[Turn, ...], tools: tuple[str, ...], template: ChatTemplate
-) -> tuple[tuple[Turn, ...], str]:
-    """(turns with the tools written into the system text, the tools' own turn), as the tool format writes them."""
+) -> tuple[tuple[Turn, ...], str, str]:
+    """(turns with the tools written into the system text, the tools' own turn, the text opening the first user
+    turn), as the tool format writes them."""
     tool_format = _tool_format(template, "cannot write the tools offered (the record's 'tools') yet")
     schemas = [_tool_schema(tool) for tool in tools]
     listed = TOOL_LISTS[tool_format.tools_json](schemas)
@@ -724,7 +824,8 @@ def _with_tools(
             turns = (replace(turns[0], content=f"{turns[0].content}\n\n{prompt}"), *turns[1:])
         else:
             turns = (Turn("system", prompt), *turns)
-    return turns, tool_format.tools_turn.format(tools=listed)
+    in_user = tool_format.tools_in_user.format(tools=listed, names=names)
+    return turns, tool_format.tools_turn.format(tools=listed), in_user
 
 
 def _tool_schema(text: str) -> dict:
@@ -746,6 +847,13 @@ def _assistant_text(turn: Turn, template: ChatTemplate) -> str:
     if not turn.tool_calls:
         return text
     tools = _tool_format(template)
+    if tools.single_call and len(turn.tool_calls) > 1:
+        names = ", ".join(call.name for call in turn.tool_calls)
+        raise DataError(
+            f"template '{template.name}' writes one tool call per assistant turn, as its family's template does; this "
+            f"turn makes {len(turn.tool_calls)} ({names}): give each call an assistant turn of its own, followed by "
+            "its result."
+        )
     calls = [_call_text(call, tools) for call in turn.tool_calls]
     return tools.call_separator.join([tools.thought.format(content=text), *calls] if text else calls)
 
@@ -758,7 +866,8 @@ def _call_text(call: ToolCall, tools: ToolFormat) -> str:
 
 def _tool_results(turns: list[Turn], template: ChatTemplate, fill) -> str:
     tools = _tool_format(template)
-    results = tools.result_separator.join(tools.result.format(content=turn.content) for turn in turns)
+    texts = [json.dumps(turn.content, ensure_ascii=False) if tools.result_json else turn.content for turn in turns]
+    results = tools.result_separator.join(tools.result.format(content=text) for text in texts)
     if tools.results is None:
         return fill(template.user, input=results)
     return tools.results.format(results=results)
@@ -767,8 +876,9 @@ def _tool_results(turns: list[Turn], template: ChatTemplate, fill) -> str:
 def _tool_format(template: ChatTemplate, refusal: str = "does not support tool turns or tool calls yet") -> ToolFormat:
     """The template's tool format; a template without one is refused with `refusal`, saying what it cannot do."""
     if template.tools is None:
+        writing = ", ".join(name for name, each in TEMPLATES.items() if each.tools is not None)
         raise XtuneError(
-            f"template '{template.name}' {refusal}; use internlm2_chat, qwen_chat or hf for agent data, or write "
+            f"template '{template.name}' {refusal}; use one that does ({writing}) or hf for agent data, or write "
             f"them in ReAct style: prompt_template = \"{template.name}+react\"."
         )
     return template.tools
@@ -952,6 +1062,9 @@ def jinja_of(template: ChatTemplate) -> str:
     default = text(template.system, system=json.dumps(template.default_system, ensure_ascii=False))
     keep = "{%- set ns.pending = ns.pending + " if template.system_in_user else "{{- "
     close = " -%}" if template.system_in_user else " -}}"
+    write_system = keep + system + close
+    if template.skip_empty_system:
+        write_system = "{%- if message['content'] -%}" + write_system + "{%- endif -%}"
     lines = [
         "{%- set ns = namespace(pending='', round=0) -%}",
         "{{- " + text(template.prefix) + " -}}",
@@ -965,7 +1078,7 @@ def jinja_of(template: ChatTemplate) -> str:
     lines += [
         "{%- for message in messages -%}",
         "{%- if message['role'] == 'system' -%}",
-        keep + system + close,
+        write_system,
         "{%- elif message['role'] == 'user' -%}",
         "{%- set ns.round = ns.round + 1 -%}",
         "{{- " + text(template.user, input=user, round="(ns.round | string)") + " -}}",

@@ -138,17 +138,26 @@ def router_aux_coefficient(model, configured: float | None) -> float:
     `router_aux_loss_coef`), or where that is None the model's own `router_aux_loss_coef` (an MoE family's config:
     Mixtral, Qwen2/3-MoE, OLMoE, ...), whether or not its config sets `output_router_logits`; 0 for a model whose
     family computes none (dense models; DeepSeek-V2 and V3 as transformers writes them)."""
-    config = getattr(_language_model(model), "config", None)
+    language_model = _language_model(model)
+    config = getattr(language_model, "config", None)
     own = getattr(config, "router_aux_loss_coef", None)
+    computes = own is not None and _family_computes_router_loss(type(language_model))  # Llama 4 has the key, no loss
     if configured is None:
-        return float(own or 0.0)
-    if configured and own is None:
+        return float(own or 0.0) if computes else 0.0
+    if configured and not computes:
         model_type = getattr(config, "model_type", "this model")
         raise ConfigError(
             f"router_aux_loss_coef = {configured}: {model_type} computes no router load-balancing loss in transformers "
-            "(only MoE families whose config has router_aux_loss_coef do); leave router_aux_loss_coef unset or 0."
+            "(only MoE families whose modelling defines one do); leave router_aux_loss_coef unset or 0."
         )
     return float(configured)
+
+
+@lru_cache
+def _family_computes_router_loss(model_class: type) -> bool:
+    """Whether the model's transformers module (or an ancestor class's, for FSDP's subclass) defines a
+    `load_balancing_loss_func`, as the MoE families that add a router loss do."""
+    return any(hasattr(sys.modules.get(cls.__module__), "load_balancing_loss_func") for cls in model_class.__mro__)
 
 
 def next_token_loss_sum(
@@ -171,19 +180,25 @@ def next_token_loss_sum(
                 output = model(**batch, use_cache=False, **router)
             loss = fused.loss_sum(_at(output.logits, flat), targets)
     else:
-        options = {}
-        if takes_logits_to_keep(model):  # one row (packed): its positions; several: a mask
-            options["logits_to_keep"] = flat if keep.shape[0] == 1 else keep.to(device, non_blocking=True)
-        with autocast:
-            output = model(**batch, use_cache=False, **options, **router)
-        logits = output.logits
-        logits = _at(logits, flat) if not options else logits[0] if keep.shape[0] == 1 else logits
+        output, logits = kept_logits(model, batch, keep, flat, autocast, **router)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     if not router or not num_trained:  # a rank's stand-in part weighs nothing (and a packed one's statistics are 0/0)
         return loss
     with autocast:  # the router's softmax in the precision the model's own aux_loss has
         aux_loss = router_aux_loss(model, output, batch, flat)
     return loss + router_aux_loss_coef * num_trained * aux_loss.float()
+
+
+def kept_logits(model, batch: dict, keep: torch.Tensor, flat: torch.Tensor, autocast=nullcontext(), **options):
+    """(the model's output, its logits at the kept positions [kept, vocab] in `flat`'s order): only those go through
+    the head where the model takes `logits_to_keep` (one row, packed: its positions; several: the `keep` mask)."""
+    if takes_logits_to_keep(model):
+        options["logits_to_keep"] = flat if keep.shape[0] == 1 else keep.to(flat.device, non_blocking=True)
+    with autocast:
+        output = model(**batch, use_cache=False, **options)
+    logits = output.logits
+    kept = logits[0] if keep.shape[0] == 1 else logits
+    return output, kept if "logits_to_keep" in options else _at(logits, flat)
 
 
 def router_aux_loss(model, output, batch: dict, flat: torch.Tensor) -> torch.Tensor:

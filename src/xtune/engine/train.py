@@ -125,6 +125,9 @@ RESUME_MAY_CHANGE = (
 """Keys that change neither what is trained nor how: a resumed run may set them anew (to train longer, save or log
 otherwise, evaluate other prompts, recompute activations). Every other key must be what the run started with."""
 
+KEYS_BEFORE_THEY_EXISTED = {"router_aux_loss_coef": 0.0}
+"""Keys whose default trains otherwise than a run from before the key existed did: what those runs trained with."""
+
 DATA_FINGERPRINT = "data.json"
 """In a run folder: the key of the encoded data it trained on (data files' bytes, template, tokenizer, lengths)."""
 
@@ -141,6 +144,7 @@ def check_resumable(config: Config, checkpoint: Path, world: int, data_key: str 
             "resumes inside the run folder that wrote it, with that folder's config.json."
         ) from None
     current = json.loads(config.model_dump_json())
+    saved = {**KEYS_BEFORE_THEY_EXISTED, **saved}  # a run from before a key existed trained as its old default says
     changed = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key, current[key]) != current[key]]
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)

@@ -161,10 +161,24 @@ def _parse_react(text: str) -> ParsedReply:
     return _collect(thought, bodies)
 
 
+def _parse_llama3_1(text: str) -> ParsedReply:
+    """A call is the whole reply, one JSON object {"name": ..., "parameters": {...}} (the model may open it with
+    <|python_tag|>); any other reply, a JSON answer without a "name" too, is text."""
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    try:
+        call = json.loads(body)
+    except (ValueError, RecursionError):
+        call = None
+    if not (isinstance(call, dict) and "name" in call) and not body.startswith('{"name"'):
+        return ParsedReply(text.strip())
+    return _collect("", [_call_from_json(body, "parameters")])
+
+
 PARSERS: dict[str, Callable[[str], ParsedReply]] = {
     "internlm2": _parse_internlm2,
     "qwen": _parse_qwen,
     "react": _parse_react,
+    "llama3_1": _parse_llama3_1,
 }
 """Tool format name -> the function that reads a reply written in it."""
 

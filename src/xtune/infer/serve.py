@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import uvicorn
@@ -120,7 +121,7 @@ class ChatCompletionRequest(BaseModel):
     """OpenAI's seed is a 64-bit integer."""
     n: int | None = None
     stream_options: StreamOptions | None = None
-    chat_template_kwargs: dict[str, bool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     """vLLM's extension: {"enable_thinking": false} makes a Qwen3-style template answer without reasoning."""
 
 
@@ -471,7 +472,11 @@ def build_app(
             unknown = ", ".join(sorted(set(kwargs) - {"enable_thinking"}))
             raise ApiError(400, f"chat_template_kwargs: {unknown} not supported; only enable_thinking is.",
                            param="chat_template_kwargs")  # fmt: skip
-        conversation = replace(conversation, enable_thinking=kwargs.get("enable_thinking"))
+        thinking = kwargs.get("enable_thinking")
+        if thinking is not None and not isinstance(thinking, bool):
+            raise ApiError(400, f"chat_template_kwargs.enable_thinking must be true or false, got {thinking!r}.",
+                           param="chat_template_kwargs.enable_thinking")  # fmt: skip
+        conversation = replace(conversation, enable_thinking=thinking)
         if admitted is not None and not admitted.acquire(blocking=False):
             raise ApiError(
                 503,
