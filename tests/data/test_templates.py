@@ -338,8 +338,8 @@ def test_generation_prompt_ends_with_the_assistant_header():
 
 def test_bos_flag_says_whether_samples_start_with_bos():
     assert [name for name, template in TEMPLATES.items() if not template.bos] == [
-        "qwen_chat", "qwen3", "yi_chat", "phi3_5", "chatglm3", "glm4", "phi4", "baichuan2_chat", "chatglm2",
-        "moss_sft", "minicpm", "minicpm3", "zephyr", "baichuan_chat",
+        "qwen_chat", "qwen3", "yi_chat", "phi3_5", "chatglm3", "glm4", "phi4", "baichuan_chat", "baichuan2_chat",
+        "chatglm2", "moss_sft", "minicpm", "minicpm3", "zephyr",
     ]  # fmt: skip
 
 
@@ -460,3 +460,23 @@ def test_unknown_names_list_the_known_ones():
         get_template("nope")
     with pytest.raises(XtuneError, match="no official chat template is carried for 'vicuna'"):
         official_chat_template("vicuna")
+
+
+@pytest.mark.parametrize("name", [name for name, template in TEMPLATES.items() if not template.thinking or
+                                  template.thinking.opening])  # fmt: skip
+def test_the_jinja_saved_for_react_variants_prompts_as_render_does(tokenizer, name):
+    """`NAME+react` is saved with a jinja made from the template's pieces: its prompts must be the training ones."""
+    from xtune.data.templates import chat_template_jinja
+
+    template = get_template(f"{name}+react")
+    jinja = chat_template_jinja(f"{name}+react")
+    for conversation in (Conversation((Turn("user", "hi"),)), replace(TWO_TURNS, turns=TWO_TURNS.turns[1:4])):
+        if name in WITHOUT_SYSTEM_ROLE and conversation.system:
+            continue
+        rendered = tokenizer.apply_chat_template(messages(conversation), chat_template=jinja, tokenize=False)
+        assert rendered == text_of(conversation, template, tokenizer), name
+
+
+def test_chatglm2_numbers_a_react_observation_as_a_round_of_its_own():
+    text = text_of(AGENT, get_template("chatglm2+react"))
+    assert "[Round 1]\n\n问：Weather in Paris?" in text and '[Round 2]\n\n问：Observation: {"celsius": 22}' in text

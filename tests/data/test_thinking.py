@@ -277,7 +277,12 @@ def test_deepseek_r1_trains_what_follows_its_official_generation_prompt(tokenize
     assert text.startswith(prompt) and prompt.endswith("<｜Assistant｜><think>\n")
     trained = "".join(piece for piece, on in segments if on)
     assert text == prompt + trained  # every trained token follows the prompt; nothing earlier is trained
-    assert trained.endswith("</think>\n\n" + trained.split("</think>\n\n", 1)[1])
+    last = conversation.turns[-1]
+    reasoning = last.reasoning if last.reasoning is not None else (
+        last.content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n") if "</think>" in last.content
+        else "")  # fmt: skip
+    answer = last.content.split("</think>")[-1] if last.reasoning is None else last.content
+    assert trained == f"{reasoning.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}{tokenizer.eos_token}"
     assert text_of(history, R1, tokenizer) == prompt  # chat and serve prompt as the jinja does
 
 
@@ -313,3 +318,14 @@ def test_a_special_tokens_text_in_the_reasoning_is_plain_text_with_split_special
     as_control = encode(typed, QWEN3, qwen3).input_ids.count(im_end)
     as_text = encode(typed, QWEN3, qwen3, split_special_tokens=True).input_ids.count(im_end)
     assert (as_control, as_text) == (3, 2)  # the user's and the answer's end markers only
+
+
+def test_hf_refuses_reasoning_its_jinja_would_drop(real_tokenizer):
+    from xtune.errors import DataError
+
+    conversation = Conversation((Turn("user", "Hi"), Turn("assistant", "Hello", True, reasoning="greet back")))
+    with pytest.raises(DataError, match="does not write reasoning_content, so the record's reasoning would be lost"):
+        encode(conversation, TokenizerTemplate(), real_tokenizer("llama3"))
+    llama3 = real_tokenizer("llama3")
+    inline = Conversation((Turn("user", "Hi"), Turn("assistant", "<think>greet back</think>Hello", True)))
+    assert "greet back" in llama3.decode(encode(inline, TokenizerTemplate(), llama3).input_ids)

@@ -139,10 +139,11 @@ class Config(BaseModel):
     enable_thinking: bool = True
     """False: no reasoning block is trained, and templates with the switch (qwen3; `hf` passes it to the jinja)
     write the empty block into the prompt, as their non-thinking generation prompt does. A record's own
-    `enable_thinking` decides for it."""
+    `enable_thinking` decides for it. Reasoning blocks are `reasoning_content` given apart, and a `<think>` in an
+    answer for the templates that think (qwen3, deepseek_r1) and `hf`; for other templates a `<think>` typed in an
+    answer is the answer's text."""
     train_on_thinking: bool = True
-    """False: reasoning blocks (`reasoning_content`, `<think>...</think>`) are written but not trained; the answer
-    after each is."""
+    """False: reasoning blocks (see enable_thinking) are written but not trained; the answer after each is."""
     SYSTEM: str = ""
     """System prompt put in front of every training sample that has none, and used by evaluation."""
     data_placeholders: dict[str, str] = {}

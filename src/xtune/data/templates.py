@@ -275,6 +275,26 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
+# The official generation prompt ends with "Assistant:" and an answer is written "Assistant: {answer}", so the space
+# is the answer's (XTuner puts it in the prompt).
+DEEPSEEK_V2 = ChatTemplate(
+    name="deepseek_v2",
+    prefix="{bos}",
+    system="{system}\n\n",
+    user="User: {input}\n\nAssistant:",
+    assistant_prefix=" ",
+    assistant_suffix="{eos}",
+    bos_token="<｜begin▁of▁sentence｜>",
+    eos_token="<｜end▁of▁sentence｜>",
+)
+BAICHUAN2_CHAT = ChatTemplate(
+    name="baichuan2_chat",
+    system="{system}",
+    user="<reserved_106>{input}<reserved_107>",
+    assistant_suffix="",
+    end_of_conversation="{eos}",
+)
+
 TEMPLATES: dict[str, ChatTemplate] = {
     "internlm2_chat": ChatTemplate(
         name="internlm2_chat",
@@ -449,18 +469,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
         stop_words=("<|user|>", "<|observation|>"),
         eos_token="<|endoftext|>",
     ),
-    # The official generation prompt ends with "Assistant:" and an answer is written "Assistant: {answer}", so the
-    # space is the answer's (XTuner puts it in the prompt).
-    "deepseek_v2": ChatTemplate(
-        name="deepseek_v2",
-        prefix="{bos}",
-        system="{system}\n\n",
-        user="User: {input}\n\nAssistant:",
-        assistant_prefix=" ",
-        assistant_suffix="{eos}",
-        bos_token="<｜begin▁of▁sentence｜>",
-        eos_token="<｜end▁of▁sentence｜>",
-    ),
+    "deepseek_v2": DEEPSEEK_V2,
+    # DeepSeek-MoE-16B-Chat's model card writes DeepSeek-LLM's "User: ...\n\nAssistant:" format, DeepSeek-V2's;
+    # XTuner's deepseek_moe writes [INST] blocks instead.
+    "deepseek_moe": replace(DEEPSEEK_V2, name="deepseek_moe"),
     # FastChat's vicuna_v1.1: the system text (Vicuna's own by default) replaces the default, and rounds follow
     # each other without a separator. XTuner appends the system text to the default one and writes "\n" between
     # rounds.
@@ -542,13 +554,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
     # (<reserved_102> / <reserved_106>, id 195 in Baichuan 2) before each question and an assistant token (id 196)
     # after it, nothing between rounds. An EOS closes the conversation, trained, as their fine-tuning code writes
     # it. XTuner writes "\n" after the system text and an EOS and "\n" after every answer.
-    "baichuan2_chat": ChatTemplate(
-        name="baichuan2_chat",
-        system="{system}",
-        user="<reserved_106>{input}<reserved_107>",
-        assistant_suffix="",
-        end_of_conversation="{eos}",
-    ),
+    "baichuan_chat": replace(BAICHUAN2_CHAT, name="baichuan_chat", user="<reserved_102>{input}<reserved_103>"),
+    "baichuan2_chat": BAICHUAN2_CHAT,
     # ChatGLM2's build_prompt: numbered rounds of 问/答 with "\n\n" after each answer; no jinja. An EOS closes the
     # conversation, trained (XTuner writes one after every answer). The system text (XTuner's) opens the first round.
     "chatglm2": ChatTemplate(
@@ -722,8 +729,10 @@ def _bos_eos(template: Template, tokenizer: PreTrainedTokenizerBase | None) -> t
 
 
 def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, eos: str) -> list[Segment]:
+    rounds = 0  # user turns so far: `{round}`
+
     def fill(text: str, **fields: str) -> str:
-        return text.format(bos=bos, eos=eos, **fields)
+        return text.format(bos=bos, eos=eos, **{"round": str(rounds), **fields})
 
     turns = _with_default_system(conversation.turns, template)
     tools_turn = tools_in_user = ""
@@ -734,9 +743,10 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
     thinking = _thinking_on(conversation, template)
     last_user = max((index for index, turn in enumerate(turns) if turn.role == "user"), default=-1)
     segments: list[Segment] = [(fill(template.prefix), False)]
-    pending_system, rounds = "", 0
+    pending_system = ""
     for is_tool, run in groupby(enumerate(turns), key=lambda item: item[1].role == "tool"):
         if is_tool:
+            rounds += _tool_format(template).results is None  # the results are written as a user turn
             segments.append((_tool_results([turn for _, turn in run], template, fill), False))
             continue
         for index, turn in run:
@@ -756,19 +766,7 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
                 segments.append((fill(template.user, input=tools_in_user + text, round=str(rounds)), False))
                 pending_system = tools_in_user = ""
             else:
-                block, answer = _block_and_answer(turn, template, index > last_user, index == len(turns) - 1)
-                if block != _block_and_answer(turn, template, True, True)[0]:
-                    answer = replace(answer, trainable=False)  # the model would have written its reasoning here
-                block_trained = answer.trainable and thinking and template.train_on_thinking
-                turn = answer
-                opening = template.thinking.opening if template.thinking and block else ""
-                segments += [
-                    (fill(template.assistant_prefix), turn.trainable),
-                    (opening, False),  # the generation prompt's
-                    (block.removeprefix(opening), block_trained),
-                    (_assistant_text(turn, template) + fill(template.assistant_suffix), turn.trainable),
-                    (fill(template.separator), False),
-                ]  # fmt: skip
+                segments += _answer(turn, template, fill, thinking, index > last_user, index == len(turns) - 1)
     if pending_system:
         raise XtuneError(
             f"template '{template.name}' writes the system prompt into the next user turn, but no user turn follows it."
@@ -782,6 +780,22 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
     elif turns and template.thinking:
         segments.append((template.thinking.opening, False))
     return _drop_empty(segments)
+
+
+def _answer(turn: Turn, template: ChatTemplate, fill, thinking: bool, answers_last_query: bool, last: bool):
+    """An assistant turn's segments. It is trained only where it is written as the model would write it as the
+    last answer: an answer whose reasoning the template drops (Qwen3's history) is context."""
+    block, answer = _block_and_answer(turn, template, answers_last_query, last)
+    written_as_last = block == _block_and_answer(turn, template, True, True)[0]
+    trained = turn.trainable and written_as_last
+    opening = template.thinking.opening if template.thinking and block else ""
+    return [
+        (fill(template.assistant_prefix), trained),
+        (opening, False),  # the generation prompt's
+        (block.removeprefix(opening), trained and thinking and template.train_on_thinking),
+        (_assistant_text(answer, template) + fill(template.assistant_suffix), trained),
+        (fill(template.separator), False),
+    ]
 
 
 def _thinking_on(conversation: Conversation, template: Template) -> bool:
@@ -923,10 +937,18 @@ def _render_with_chat_template(
     tools = [json.loads(schema) for schema in conversation.tools] or None
     thinking = _thinking_on(conversation, template)
 
+    switch = {} if thinking and conversation.enable_thinking is None else {"enable_thinking": thinking}
+
     def _apply(messages: list[dict], add_generation_prompt: bool) -> str:
-        return _apply_chat_template(tokenizer, messages, tools, add_generation_prompt, thinking)
+        return _apply_chat_template(tokenizer, messages, tools, add_generation_prompt, switch)
 
     text = _apply(messages, add_generation_prompt=messages[-1]["role"] != "assistant")
+    if any(turn.reasoning for turn in conversation.turns) and not _writes_reasoning(tokenizer):
+        raise DataError(
+            "prompt template 'hf': the tokenizer's chat_template does not write reasoning_content, so the record's "
+            "reasoning would be lost; write it into the answer as <think>...</think>, or use a named template (it "
+            "writes reasoning given apart as a <think> block)."
+        )
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, ends = encoding["input_ids"], [end for _, end in encoding["offset_mapping"]]
     spans = []
@@ -946,6 +968,15 @@ def _render_with_chat_template(
         if last > first:
             spans.append((_token_start(ends, first), ends[last - 1]))
     return _cut(text, spans)
+
+
+def _writes_reasoning(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat_template writes an answer's `reasoning_content` (Qwen3's, DeepSeek-V3.1's do)."""
+    probe = [PROBE, {"role": "assistant", "content": "answer", "reasoning_content": "xtune-reasoning-probe"}]
+    try:
+        return "xtune-reasoning-probe" in _apply_chat_template(tokenizer, probe, None, False, {})
+    except XtuneError:
+        return False
 
 
 def _after_think_block(text: str, ends: list[int], first: int, last: int) -> int:
@@ -977,12 +1008,11 @@ def _message(turn: Turn) -> dict:
     return message
 
 
-def _apply_chat_template(tokenizer, messages: list[dict], tools, add_generation_prompt: bool, thinking: bool) -> str:
+def _apply_chat_template(tokenizer, messages: list[dict], tools, add_generation_prompt: bool, switch: dict) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
-            enable_thinking=thinking,
-        )  # fmt: skip
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **switch
+        )
     except TemplateError as error:
         message = f"prompt template 'hf': the tokenizer's chat_template rejects this conversation: {error}"
         raise XtuneError(message) from None
@@ -1016,13 +1046,6 @@ def _cut(text: str, spans: list[tuple[int, int]]) -> list[Segment]:
     return _drop_empty(segments)
 
 
-TEMPLATES["baichuan_chat"] = replace(
-    TEMPLATES["baichuan2_chat"], name="baichuan_chat", user="<reserved_102>{input}<reserved_103>"
-)
-TEMPLATES["deepseek_moe"] = replace(TEMPLATES["deepseek_v2"], name="deepseek_moe")
-"""DeepSeek-MoE-16B-Chat's model card writes DeepSeek-LLM's "User: ...\n\nAssistant:" format, DeepSeek-V2's; XTuner's
-deepseek_moe writes [INST] blocks instead."""
-
 SAVED_AS_OFFICIAL = set(TEMPLATES) - {"qwen_chat", "mistral", "mixtral"}
 """Templates whose prompts equal their family's official jinja for every conversation xtune writes (the tests
 check it). Not so: qwen_chat (the official jinja adds Qwen's default system prompt, which xtune does not train
@@ -1042,8 +1065,8 @@ def chat_template_jinja(name: str) -> str:
 
 def jinja_of(template: ChatTemplate) -> str:
     """A jinja chat template that writes what `render` writes for system, user and assistant turns (tool turns
-    raise). As in xtune's templates, a user turn always ends with the assistant's header, with or without
-    add_generation_prompt."""
+    raise; answers are written as their content, reasoning left out, as DeepSeek-R1's history writes them). As in
+    xtune's templates, a user turn always ends with the assistant's header, with or without add_generation_prompt."""
 
     def text(piece: str, **fields: str) -> str:
         """A template piece as a jinja expression; `fields` maps {input}/{system} to jinja expressions."""
@@ -1069,7 +1092,7 @@ def jinja_of(template: ChatTemplate) -> str:
         "{%- set ns = namespace(pending='', round=0) -%}",
         "{{- " + text(template.prefix) + " -}}",
     ]
-    if template.default_system:
+    if template.default_system or template.system_always:
         lines += [
             "{%- if messages | selectattr('role', 'equalto', 'system') | list | length == 0 -%}",
             keep + default + close,
@@ -1092,8 +1115,10 @@ def jinja_of(template: ChatTemplate) -> str:
         "{%- endfor -%}",
         "{%- if messages and messages[-1]['role'] == 'assistant' -%}",
         "{{- " + text(template.end_of_conversation) + " -}}",
-        "{%- endif -%}",
     ]
+    if template.thinking and template.thinking.opening:  # DeepSeek-R1's generation prompt opens the block
+        lines += ["{%- else -%}", "{{- " + text(template.thinking.opening) + " -}}"]
+    lines.append("{%- endif -%}")
     return "\n".join(lines)
 
 
