@@ -19,6 +19,8 @@ def test_list_cfg_with_pattern():
     assert result.output.split() == [
         "internlm2_chat_1_8b_qlora_alpaca_e3",
         "internlm2_chat_1_8b_qlora_custom_sft_e1",
+        "internlm2_chat_1_8b_qlora_oasst1_e3",
+        "internlm2_chat_1_8b_qlora_self_cognition_e3",
         "llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune",
     ]
 

@@ -54,6 +54,9 @@ class Config(BaseModel):
     method: Literal["lora", "full"] = "lora"
     """`lora`: train LoRA adapters on a frozen base (QLoRA when `quantization` is set); `full`: train
     every weight."""
+    stage: Literal["sft", "dpo", "simpo", "orpo"] = "sft"
+    """What is learned: `sft` next tokens of the answers; `dpo`, `simpo`, `orpo` a preference between two answers
+    to the same prompt, from {prompt, chosen, rejected} records (docs/preference.md)."""
     quantization: Literal["4bit", "8bit"] | None = None
     """Load the frozen base in 4-bit NF4 (QLoRA, double quantization) or 8 bits; None keeps it whole."""
     lora_r: int = Field(64, gt=0, le=65536)
@@ -217,6 +220,22 @@ class Config(BaseModel):
     in transformers) refuse a value > 0."""
     seed: int = Field(0, ge=0, lt=2**63)
     """Seed for weights of new layers, data order and dropout."""
+
+    # Preference stages (stage = "dpo" | "simpo" | "orpo"), XTuner's and TRL's names
+    beta: float = Field(0.1, gt=0)
+    """DPO and SimPO: the inverse temperature of the implicit reward beta * log(pi / pi_ref)."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "kto_pair", "bco_pair", "sppo_hard", "nca_pair"] = "sigmoid"
+    """DPO's loss of the reward margin (xtune.engine.preference.dpo_losses)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """DPO `sigmoid`/`robust` and SimPO: the assumed share of pairs whose preference is flipped."""
+    rpo_alpha: float | None = Field(None, ge=0)
+    """DPO: add this times the chosen answer's per-token NLL (RPO); None leaves it out."""
+    reference_free: bool = False
+    """DPO against a uniform reference (log pi_ref = 0): no reference forward."""
+    simpo_gamma: float = 0.5
+    """SimPO: the target margin between the answers' length-normalised rewards."""
+    orpo_alpha: float = Field(0.1, ge=0)
+    """ORPO: the weight of the odds-ratio term next to the chosen answer's NLL."""
 
     # Saving, logging, evaluation
     work_dir: str | None = None

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from xtune.config.schema import Config, names_code
 from xtune.data.encode import Encoded, encode_batch
 from xtune.data.formats import Conversation
+from xtune.data.pairs import EncodedPair, encode_pair, has_trained_answers, load_pairs, pair_lengths
 from xtune.data.sources import SourceSpec, data_files, load_sources, map_function, resolve_data_path
 from xtune.data.templates import ChatTemplate, Template, get_template
 from xtune.errors import XtuneError
@@ -148,6 +149,35 @@ def prepare_samples(
     if use_cache:
         _write_cache(cache_dir, samples, report)
     return samples, report
+
+
+def prepare_pairs(config: Config, tokenizer) -> tuple[list[EncodedPair], DataReport]:
+    """The encoded preference pairs the config trains on (not cached yet: pairs are encoded each run). A pair with
+    an answer over max_length is cut (or dropped with truncation = "drop"); one whose cut left an answer with no
+    trained token is dropped. `report.samples` counts pairs, `report.lengths` their two answers' tokens together."""
+    specs = source_specs(config)
+    located, skipped = load_pairs(
+        specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed,
+        placeholders=config.data_placeholders,
+    )  # fmt: skip
+    template = config_template(config)
+    report = DataReport(sources=[(spec.path, 0) for spec in specs], skipped=[str(bad) for bad in skipped])
+    pairs = []
+    for _, pair in located:
+        encoded = encode_pair(pair, template, tokenizer, config.max_length, config.split_special_tokens)
+        if any(sample.truncated for sample in encoded):
+            report.truncated += 1
+            if config.truncation == "drop":
+                report.dropped_too_long += 1
+                continue
+        if not has_trained_answers(encoded):
+            report.dropped_untrained += 1
+            continue
+        pairs.append(encoded)
+    report.samples = len(pairs)
+    report.lengths = pair_lengths(pairs)
+    report.trained_tokens = sum(sample.num_trained for pair in pairs for sample in pair)
+    return pairs, report
 
 
 def apply_length_policy(encoded: list[Encoded], config: Config) -> tuple[list[Encoded], DataReport]:

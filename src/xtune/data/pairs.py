@@ -10,17 +10,27 @@ Formats (detected from the keys, like the SFT ones):
 - `kto`: {"prompt", "completion", "label"} (TRL's unpaired format): label true for a desirable completion.
 """
 
+import random
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
+from xtune.data.encode import IGNORE_INDEX, Encoded, encode
 from xtune.data.formats import (
     Conversation,
     RecordError,
     _object,
     openai_to_standard,
     sharegpt_to_standard,
+    with_placeholders,
+    with_system,
 )
-from xtune.errors import short_repr
+from xtune.data.loader import collate
+from xtune.data.packing import PackedRow, collate_packed, pack_groups
+from xtune.data.sources import BadRecord, data_files, read_records, repeat, resolve_data_path
+from xtune.data.templates import Template
+from xtune.errors import DataError, short_repr
 
 
 @dataclass(frozen=True)
@@ -142,3 +152,93 @@ def _answers_trained(conversation: Conversation, prompt_turns: int) -> Conversat
     turns = [replace(turn, trainable=False) if index < prompt_turns else turn
              for index, turn in enumerate(conversation.turns)]  # fmt: skip
     return replace(conversation, turns=tuple(turns))
+
+
+# Encoding, packing and batching pairs ----------------------------------------------------------------------------
+
+EncodedPair = tuple[Encoded, Encoded]
+"""(chosen, rejected), each the prompt and its answer, the answer's tokens trained."""
+
+
+def encode_pair(
+    pair: PreferencePair, template: Template, tokenizer, max_length: int | None = None, split_special_tokens: bool = False
+) -> EncodedPair:
+    """Both conversations of a pair through the SFT encoder (the same template and token-exact rules)."""
+    return tuple(encode(c, template, tokenizer, max_length, split_special_tokens=split_special_tokens)
+                 for c in (pair.chosen, pair.rejected))  # fmt: skip
+
+
+def pack_pairs(
+    pairs: list[EncodedPair], max_length: int, pad_token_id: int, shuffle_seed: int | None = None
+) -> list[PackedRow]:
+    """Rows of exactly `max_length` tokens, each pair's chosen and rejected answers side by side as two segments of
+    one row (attention never crosses segments), pairs never split; best-fit decreasing, as SFT samples pack."""
+    return pack_groups(pairs, max_length, pad_token_id, shuffle_seed)
+
+
+def collate_packed_pairs(rows: list[PackedRow]) -> dict:
+    """`collate_packed` plus `answer_ids` [1, tokens]: each position's answer (0, 1 the first pair's chosen and
+    rejected, 2, 3 the next pair's, ...), -1 on padding."""
+    batch = collate_packed(rows)
+    answers, next_answer = [], 0
+    for row in rows:
+        segments = row.seq_lens[:-1] if row.padding else row.seq_lens
+        for length in segments:
+            answers += [next_answer] * length
+            next_answer += 1
+        answers += [-1] * row.padding
+    batch["answer_ids"] = torch.tensor([answers])
+    return batch
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> dict:
+    """Unpacked: rows chosen, rejected, chosen, rejected, ... right-padded (`collate`), and `answer_ids`: each
+    position's row, -1 on padding."""
+    batch = collate([sample for pair in pairs for sample in pair], pad_token_id)
+    rows = torch.arange(batch["input_ids"].shape[0])[:, None].expand_as(batch["input_ids"])
+    batch["answer_ids"] = torch.where(batch["attention_mask"].bool(), rows, -1)
+    return batch
+
+
+def pair_lengths(pairs: list[EncodedPair]) -> list[int]:
+    return [len(chosen.input_ids) + len(rejected.input_ids) for chosen, rejected in pairs]
+
+
+def has_trained_answers(pair: EncodedPair) -> bool:
+    """Both answers keep a trained token (truncation may have cut one away)."""
+    return all(any(label != IGNORE_INDEX for label in sample.labels[1:]) for sample in pair)
+
+
+def load_pairs(specs, *, system: str = "", skip_bad_records: bool = False, seed: int = 0,
+               placeholders: dict[str, str] | None = None) -> tuple[list[tuple[str, PreferencePair]], list]:  # fmt: skip
+    """(location, pair) for every record of the sources, repeats applied, and the bad records skipped; a bad record
+    raises a DataError naming its location unless `skip_bad_records`, as `load_sources` does for SFT."""
+    def prepared(conversation: Conversation) -> Conversation:
+        return with_placeholders(with_system(conversation, system), placeholders or {})
+
+    pairs: list[tuple[str, PreferencePair]] = []
+    skipped: list = []
+    for index, spec in enumerate(specs):
+        good = []
+        for file in data_files(resolve_data_path(spec.path)):
+            for item in read_records(file):
+                if not isinstance(item, BadRecord):
+                    location, record = item
+                    try:
+                        name = detect_preference_format(record) if spec.format == "auto" else spec.format
+                        if name != "preference":
+                            raise RecordError(f"format '{name}' is not a preference format; use 'preference' (or "
+                                              "'auto') for {prompt, chosen, rejected} records")  # fmt: skip
+                        pair = preference_to_pair(record)
+                        good.append((location, PreferencePair(prepared(pair.chosen), prepared(pair.rejected))))
+                        continue
+                    except RecordError as error:
+                        item = BadRecord(location, str(error))
+                if not skip_bad_records:
+                    raise DataError(f"{item}.")
+                skipped.append(item)
+        pairs += repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
+    if not pairs:
+        raise DataError(f"no preference pairs in {', '.join(spec.path for spec in specs)}"
+                        + (f"; all {len(skipped)} records were bad, the first: {skipped[0]}" if skipped else "") + ".")
+    return pairs, skipped

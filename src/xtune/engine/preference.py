@@ -8,10 +8,14 @@ reference model (the adapter disabled, or a frozen copy); h = (policy_chosen - p
 - reference_rejected), the difference of the two implicit rewards over beta.
 """
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from copy import deepcopy
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from xtune.engine.loss import kept_logits, next_token_targets
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "kto_pair", "bco_pair", "sppo_hard", "nca_pair")
 
@@ -151,3 +155,120 @@ def segment_logps(token_logps: torch.Tensor, trained: torch.Tensor, cu_seq_lens:
     )
     counts = torch.zeros(count, dtype=torch.long, device=token_logps.device).index_add_(0, segment, trained.long())
     return sums, counts
+
+
+# The preference stages in the training loop ------------------------------------------------------------------------
+
+PREFERENCE_STAGES = ("dpo", "simpo", "orpo")
+"""Stages trained on pairs; `reference_free` stages (SimPO, ORPO) need no reference model."""
+
+
+@dataclass
+class PreferenceObjective:
+    """What a preference stage changes in the loop: its loss is a mean over the step's pairs (not its tokens), from
+    the answers' log-probabilities under the policy and (DPO) the reference: the same weights with the LoRA adapter
+    disabled, or a frozen copy for full fine-tuning (`reference`, a callable giving a context and a model)."""
+
+    stage: str
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None
+    reference_free: bool = False
+    orpo_alpha: float = 0.1
+    simpo_gamma: float = 0.5
+    reference: object = None
+    running: RunningMean = field(default_factory=RunningMean)
+    metrics: dict = field(default_factory=dict)
+    """Metric sums over the pairs of the micro-batches since `take_metrics`."""
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """The pairs in a micro-batch (its answers come two by two)."""
+        return torch.tensor((int(batch["answer_ids"].max()) + 1) // 2)
+
+    def loss_sum(self, model, batch: dict, labels: torch.Tensor, autocast=nullcontext()) -> torch.Tensor:
+        """The summed per-pair losses of the micro-batch (`batch` without its labels, which stay on the host)."""
+        batch = dict(batch)
+        answer_ids = batch.pop("answer_ids")
+        sums, counts = answer_logps(model, batch, labels, answer_ids, autocast)
+        chosen, rejected = sums[0::2], sums[1::2]
+        mean_chosen, mean_rejected = chosen / counts[0::2], rejected / counts[1::2]
+        if self.stage == "simpo":
+            losses = simpo_losses(mean_chosen, mean_rejected, self.beta, self.simpo_gamma, self.label_smoothing)
+            reference = (torch.zeros_like(chosen), torch.zeros_like(rejected))
+        elif self.stage == "orpo":
+            losses = -mean_chosen - self.orpo_alpha * orpo_odds_ratio(mean_chosen, mean_rejected)
+            reference = (torch.zeros_like(chosen), torch.zeros_like(rejected))
+        else:
+            reference = self._reference_logps(batch, labels, answer_ids, autocast, counts)
+            policy = (mean_chosen, mean_rejected) if self.loss_type == "ipo" else (chosen, rejected)
+            delta = 0.0
+            if self.loss_type == "bco_pair":
+                rewards = self.beta * torch.cat([chosen - reference[0], rejected - reference[1]]).detach()
+                delta = self.running.update(rewards.mean().reshape(1))
+            losses = dpo_losses(*policy, *reference, self.beta, self.loss_type, self.label_smoothing, delta)
+            if self.rpo_alpha:
+                losses = losses + self.rpo_alpha * -mean_chosen
+        for name, value in preference_metrics(chosen, rejected, *reference, self.beta).items():
+            self.metrics[name] = self.metrics.get(name, 0) + value
+        return losses.sum()
+
+    def _reference_logps(self, batch, labels, answer_ids, autocast, counts):
+        if self.reference_free:
+            zeros = torch.zeros(len(counts) // 2, device=counts.device)
+            return zeros, zeros
+        context, model = self.reference()
+        with torch.no_grad(), context:
+            sums, _ = answer_logps(model, batch, labels, answer_ids, autocast)
+        if self.loss_type == "ipo":
+            sums = sums / counts
+        return sums[0::2], sums[1::2]
+
+    def take_metrics(self) -> dict[str, torch.Tensor]:
+        taken, self.metrics = self.metrics, {}
+        return taken
+
+
+def answer_logps(model, batch: dict, labels: torch.Tensor, answer_ids: torch.Tensor, autocast=nullcontext()):
+    """(sum, count) of each answer's trained-token log-probabilities: `answer_ids` [rows, tokens] says which answer
+    each position belongs to (0, 1 the first pair's chosen and rejected, ...), -1 on padding. Only the trained
+    positions go through the head, as in SFT."""
+    keep, targets = next_token_targets(labels)
+    device = batch["input_ids"].device
+    flat = keep.flatten().nonzero().squeeze(1)
+    answers = answer_ids.flatten()[flat].to(device, non_blocking=True)
+    count = int(answer_ids.max()) + 1
+    _, logits = kept_logits(model, batch, keep, flat.to(device, non_blocking=True), autocast)
+    token = torch.log_softmax(logits.float(), dim=-1).gather(1, targets.to(device)[:, None]).squeeze(1)
+    sums = torch.zeros(count, device=device).index_add_(0, answers, token)
+    counts = torch.zeros(count, device=device).index_add_(0, answers, torch.ones_like(token))
+    return sums, counts
+
+
+def adapter_disabled(model):
+    """The reference of a LoRA/QLoRA policy: its base weights, the adapter switched off (no second copy)."""
+    return lambda: (model.disable_adapter(), model)
+
+
+def frozen_copy(model):
+    """The reference of a fully fine-tuned policy: a copy of its weights before training, frozen."""
+    copy = deepcopy(model).eval()
+    for parameter in copy.parameters():
+        parameter.requires_grad_(False)
+    return lambda: (nullcontext(), copy)
+
+
+def preference_objective(config, model) -> PreferenceObjective | None:
+    """The config's preference stage with its reference model, or None for SFT. Call before the model is wrapped
+    for several processes: the reference runs on the model itself, never through DDP's bookkeeping."""
+    if config.stage == "sft":
+        return None
+    needs_reference = config.stage == "dpo" and not config.reference_free
+    reference = None
+    if needs_reference:
+        reference = frozen_copy(model) if config.method == "full" else adapter_disabled(model)
+    return PreferenceObjective(
+        stage=config.stage, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+        rpo_alpha=config.rpo_alpha, reference_free=config.reference_free or config.stage != "dpo",
+        orpo_alpha=config.orpo_alpha, simpo_gamma=config.simpo_gamma, reference=reference,
+    )  # fmt: skip

@@ -23,10 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, pad_token_id
-from xtune.data.dataset import config_template, prepare_samples
+from xtune.data.dataset import config_template, prepare_pairs, prepare_samples
 from xtune.data.images import ImagePreprocessor
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, packing_efficiency
+from xtune.data.pairs import collate_packed_pairs, collate_pairs, pack_pairs
 from xtune.data.check_template import first_disagreement
 from xtune.data.templates import TokenizerTemplate
 from xtune.engine import zero
@@ -52,6 +53,7 @@ from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
 from xtune.engine.loss import FusedHead, next_token_loss_sum, router_aux_coefficient
 from xtune.engine.optim import build_optimizer, build_scheduler
+from xtune.engine.preference import preference_objective
 from xtune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from xtune.models.attention import use_varlen_attention
 from xtune.models.compile import compile_decoder_layers
@@ -74,7 +76,7 @@ def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def accumulate_gradients(
     model, batches: list[dict], device, autocast=nullcontext(), scaler=None, ranks=Ranks(), engine=None, fused=None,
-    router_aux_loss_coef=0.0,
+    router_aux_loss_coef=0.0, objective=None,
 ):  # fmt: skip
     """Backward over the micro-batches of one optimizer step, so that the gradient is that of the mean
     loss over every trained token of the step on every rank (not a mean of per-micro-batch means).
@@ -82,16 +84,23 @@ def accumulate_gradients(
     no host sync per micro-batch. With a DeepSpeed `engine`, it also steps: DeepSpeed counts the
     micro-batches and updates the weights on the last one. `fused`: the loss from the head's weight
     without whole logits (`xtune.engine.loss.FusedHead`). `router_aux_loss_coef`: an MoE router's load-balancing
-    loss in the loss, each micro-batch's weighted by its trained tokens (`xtune.engine.loss.router_aux_coefficient`)."""
-    num_trained = all_sum(sum(count_trained(batch) for batch in batches).to(device), ranks)
+    loss in the loss, each micro-batch's weighted by its trained tokens (`xtune.engine.loss.router_aux_coefficient`).
+    `objective`: a preference stage (`xtune.engine.preference.PreferenceObjective`): its loss is a mean over the
+    step's pairs, which the returned count then counts."""
+    count = objective.count if objective is not None else count_trained
+    num_trained = all_sum(sum(count(batch) for batch in batches).to(device), ranks)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
     for index, batch in enumerate(batches):
         batch = dict(batch)
         labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained positions there, without a sync
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "answer_ids" else v
+                 for k, v in batch.items()}  # fmt: skip (a pair's answer of each position: read on the host)
         with gradient_sync(model, last=index == len(batches) - 1) if engine is None else nullcontext():
-            step_loss = next_token_loss_sum(model, batch, labels, autocast, fused, router_aux_loss_coef)
+            if objective is not None:
+                step_loss = objective.loss_sum(model, batch, labels, autocast)
+            else:
+                step_loss = next_token_loss_sum(model, batch, labels, autocast, fused, router_aux_loss_coef)
             scaled = step_loss * ranks.world / num_trained  # DDP and DeepSpeed average gradients over the ranks
             if engine is not None:
                 engine.backward(scaled, scale_wrt_gas=False)
@@ -252,7 +261,14 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     if missing:
         raise ConfigError(f"evaluation_images: {missing[0]!r} is not a file; give local image paths.")
     image_tokens = image_token_count(vision_config(config.visual_encoder_name_or_path)) if llava else 0
-    samples, report = prepare_samples(config, tokenizer, image_tokens=image_tokens)
+    preference = config.stage != "sft"
+    if preference and (llava or (config.deepspeed and config.method == "full" and config.stage == "dpo")):
+        raise ConfigError(f"stage = '{config.stage}' trains language models with LoRA/QLoRA, or in full without "
+                          "DeepSpeed, for now; not LLaVA models or full fine-tuning under DeepSpeed.")  # fmt: skip
+    if preference:
+        samples, report = prepare_pairs(config, tokenizer)
+    else:
+        samples, report = prepare_samples(config, tokenizer, image_tokens=image_tokens)
     console.print(
         f"data: {report.samples} samples, {report.tokens} tokens ({report.trained_tokens} trained); "
         f"{report.truncated} over max_length={config.max_length} ({report.dropped_too_long} dropped), "
@@ -278,14 +294,15 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     pad_id = pad_token_id(tokenizer)
     if config.pack_to_max_length:
         shuffle_seed = config.seed if config.shuffle_before_pack else None
-        items = pack(samples, config.max_length, pad_id, shuffle_seed)
-        collate_fn = collate_packed
+        row_length = 2 * config.max_length if preference else config.max_length  # a pair's two answers, side by side
+        items = (pack_pairs if preference else pack)(samples, row_length, pad_id, shuffle_seed)
+        collate_fn = collate_packed_pairs if preference else collate_packed
         console.print(
-            f"packed into {len(items)} rows of {config.max_length} tokens, "
-            f"{packing_efficiency(items, config.max_length):.1%} of them sample tokens"
+            f"packed into {len(items)} rows of {row_length} tokens, "
+            f"{packing_efficiency(items, row_length):.1%} of them sample tokens"
         )
     else:
-        items, collate_fn = samples, partial(collate, pad_token_id=pad_id)
+        items, collate_fn = samples, partial(collate_pairs if preference else collate, pad_token_id=pad_id)
     grouping = report.lengths if config.group_by_length and not config.pack_to_max_length else None
     preprocess = None
     if llava:
@@ -313,6 +330,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         if config.method == "lora" and not config.modules_to_save:
             console.print("[yellow]new token rows stay untrained under LoRA: add embed_tokens and lm_head to modules_to_save")
     model = prepare_trainable(model, config, others_train=llava)
+    objective = preference_objective(config, model)
     model = build_llava(config, model, dtype, device, preprocess) if llava else model.to(device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -403,11 +421,18 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
             group = [next(batches) for _ in range(config.accumulative_counts)]
             epoch = group[-1][0]
             lr = scheduler.get_last_lr()[0]
+            micro_batches = [batch for _, _, batch in group]
+            if objective is not None:  # its count is of pairs: the trained tokens are counted apart
+                trained = all_sum(sum(count_trained(batch) for batch in micro_batches).to(device), ranks)
             loss_sum, num_trained, tokens = accumulate_gradients(
-                forward, [batch for _, _, batch in group], device, autocast, scaler, ranks, engine, fused,
-                router_aux_loss_coef,
-            )  # fmt: skip
+                forward, micro_batches, device, autocast, scaler, ranks, engine, fused, router_aux_loss_coef, objective
+            )
             loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
+            step_metrics = {}
+            if objective is not None:
+                taken = objective.take_metrics()
+                sums = all_sum(torch.stack([value.float() for value in taken.values()]), ranks) / num_trained
+                step_metrics = dict(zip(taken, sums.tolist()))
             if engine is not None:  # it clipped and stepped on the last micro-batch
                 grad_norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float64, device=device)
             else:
@@ -418,8 +443,9 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
             if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
                 grad_norm = grad_norm.full_tensor()
             loss, step_trained, step_tokens, grad_norm = torch.stack(  # the step's one host sync, before the update
-                [loss_sum / num_trained, num_trained.double(), tokens.double(), grad_norm.double()]
-            ).tolist()
+                [loss_sum / num_trained, (trained if objective is not None else num_trained).double(), tokens.double(),
+                 grad_norm.double()]
+            ).tolist()  # fmt: skip
             diverged = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
             if diverged:  # fp16's loss scaler skips steps with inf gradients by itself
                 handle_divergence(config, step, epoch, [i for _, indices, _ in group for i in indices], loss, grad_norm,
@@ -438,14 +464,16 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
                 "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": seen_tokens, "tokens_per_s": seen_tokens / elapsed,
                 "trained_tokens": trained_tokens, "trained_tokens_per_s": trained_tokens / elapsed, "elapsed_s": elapsed,
-                **({"skipped": True} if diverged else {}),
+                **step_metrics, **({"skipped": True} if diverged else {}),
             }  # fmt: skip
             if step % config.logging_steps == 0 or step == steps:
                 sinks.log(record)
             progress.update(
                 task, advance=1,
                 status=f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} grad {record['grad_norm']:.2f} "
-                f"{record['tokens_per_s']:.0f} tok/s{memory_note(device)}",
+                + (f"margin {step_metrics['rewards/margins']:.3f} acc {step_metrics['rewards/accuracies']:.2f} "
+                   if "rewards/margins" in step_metrics else "")
+                + f"{record['tokens_per_s']:.0f} tok/s{memory_note(device)}",
             )  # fmt: skip
 
             evaluate = config.evaluation_inputs and (step % config.evaluation_freq == 0 or step == steps)

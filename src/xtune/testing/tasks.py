@@ -4,6 +4,8 @@
 training, but the held-out (word, phrasing) pairs never are: the model must learn the mapping from
 the word, whatever the phrasing.
 
+`antonym-pairs`: the same questions as preference pairs, the antonym chosen over the asked word echoed back.
+
 `calculator`: tool use. "What is 37 * 41?" -> the assistant calls `calculate` with {"expression": "37 * 41"}, the
 tool answers "1517", the assistant answers "1517". `calculator-heldout` asks about (number, operator, number)
 triples no training record has: the model must copy the numbers into the call and the tool's result into its
@@ -65,6 +67,17 @@ def antonym_examples(seed: int = 0) -> tuple[list[dict], list[dict]]:
             (held_out if index < HELD_OUT_PER_WORD else train).append(record)
     rng.shuffle(train)
     return train, held_out
+
+
+def antonym_pairs(records: list[dict]) -> list[dict]:
+    """Preference pairs from antonym records: the antonym chosen over echoing the asked word (the rule broken)."""
+    pairs = []
+    for record in records:
+        (turn,) = record["conversation"]
+        answer = turn["output"]
+        word = next(w for a, b in ANTONYM_PAIRS for w, other in ((a, b), (b, a)) if other == answer)
+        pairs.append({"prompt": turn["input"], "chosen": answer, "rejected": word})
+    return pairs
 
 
 CALCULATOR_PHRASINGS = (
@@ -356,6 +369,8 @@ def shapes_heldout_questions() -> list[tuple[str, str, str]]:
 TINY_DATASETS = {
     "antonyms": lambda: antonym_examples()[0],
     "antonyms-heldout": lambda: antonym_examples()[1],
+    "antonym-pairs": lambda: antonym_pairs(antonym_examples()[0]),
+    "antonym-pairs-heldout": lambda: antonym_pairs(antonym_examples()[1]),
     "calculator": lambda: [calculator_record(q) for q in calculator_questions()[0]],
     "calculator-heldout": lambda: [calculator_record(q) for q in calculator_questions()[1]],
     "shapes-captions": lambda: shape_examples(shapes_image_folder())[0],
