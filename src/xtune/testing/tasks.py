@@ -4,7 +4,7 @@
 training, but the held-out (word, phrasing) pairs never are: the model must learn the mapping from
 the word, whatever the phrasing.
 
-`antonym-pairs`: the same questions as preference pairs, the antonym chosen over the asked word echoed back.
+`antonym-pairs`: the same questions as preference pairs, the antonym chosen over it shouted ("COLD!").
 
 `calculator`: tool use. "What is 37 * 41?" -> the assistant calls `calculate` with {"expression": "37 * 41"}, the
 tool answers "1517", the assistant answers "1517". `calculator-heldout` asks about (number, operator, number)
@@ -70,13 +70,14 @@ def antonym_examples(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def antonym_pairs(records: list[dict]) -> list[dict]:
-    """Preference pairs from antonym records: the antonym chosen over echoing the asked word (the rule broken)."""
+    """Preference pairs from antonym records: the antonym in lower case chosen over it shouted ("COLD!"), a rule a
+    tiny model learns from preferences alone and carries to held-out prompts. (The asked word echoed back is a
+    poor rejected answer for a tiny model: each word is the chosen answer of another question, so a preference
+    that does not read the question cancels out.)"""
     pairs = []
     for record in records:
         (turn,) = record["conversation"]
-        answer = turn["output"]
-        word = next(w for a, b in ANTONYM_PAIRS for w, other in ((a, b), (b, a)) if other == answer)
-        pairs.append({"prompt": turn["input"], "chosen": answer, "rejected": word})
+        pairs.append({"prompt": turn["input"], "chosen": turn["output"], "rejected": turn["output"].upper() + "!"})
     return pairs
 
 
