@@ -148,3 +148,21 @@ def test_render_check_names_every_malformed_record(tmp_path, tokenizer):
     shown = console.export_text()
     assert f"{tmp_path}/a.jsonl:3: not valid JSON" in shown and f"{tmp_path}/a.jsonl:5: missing field" in shown
     assert "min 14, median 17, p95 20, max 20" in shown
+
+
+def test_check_and_log_dataset_of_a_preference_stage_show_pairs(tmp_path, tokenizer):
+    lines = [json.dumps({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}),
+             json.dumps({"prompt": "Hi", "chosen": "x", "rejected": "x"}), "not json",
+             json.dumps({"prompt": "Yo", "chosen": "Hey", "rejected": "No"})]  # fmt: skip
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    config = Config(llm_name_or_path="xtune-tiny/internlm2-chat", stage="dpo", data_path=str(tmp_path / "p.jsonl"),
+                    max_length=64, pack_to_max_length=True, skip_bad_records=True)  # fmt: skip
+    check = check_dataset(config, tokenizer)
+    assert (check.sources[0].records, check.sources[0].bad, check.samples) == (2, 2, 2)
+    assert [bad.message.split(";")[0] for bad in check.bad_records] == [
+        "'chosen' and 'rejected' are the same answer", "not valid JSON (Expecting value at column 1)"]
+    assert check.row_length == 128 and check.batches == 1  # both pairs' four answers in one row of 2 x max_length
+    logged = first_samples(config, n=1, tokenizer=tokenizer)
+    assert [entry.location.rsplit(":", 1)[1] for entry in logged] == ["1 chosen", "1 rejected"]
+    assert [[run for run, trained in entry.runs if trained] for entry in logged] == [
+        ["Hello<|im_end|>"], ["Go away<|im_end|>"]]

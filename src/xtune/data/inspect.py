@@ -6,6 +6,7 @@ and a `render_*` function that prints it with rich. The numbers come from the co
 """
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -18,12 +19,17 @@ from rich.text import Text
 
 from xtune.config.schema import Config
 from xtune.data.dataset import (
-    DataReport, apply_length_policy, cache_entry, config_template, is_cached, prepare_samples, source_specs,
+    DataReport, apply_length_policy, cache_entry, config_template, is_cached, prepare_pairs, prepare_samples,
+    source_specs,
 )  # fmt: skip
 from xtune.data.encode import IGNORE_INDEX, Encoded, encode, pad_token_id
 from xtune.data.loader import length_grouped_batches, shuffled_batches
 from xtune.data.packing import pack, packing_efficiency
-from xtune.data.sources import BadRecord, SourceSpec, load_sources, read_conversations
+from xtune.data.formats import RecordError
+from xtune.data.pairs import detect_preference_format, encode_pair, load_pairs, pack_pairs, preference_to_pair
+from xtune.data.sources import (
+    BadRecord, SourceSpec, data_files, load_sources, read_conversations, read_records, repeat, resolve_data_path,
+)  # fmt: skip
 
 TRAINED_STYLE = "bold green"
 """How trained tokens are shown on a terminal; elsewhere they are put between `[[` and `]]`."""
@@ -135,6 +141,8 @@ class DatasetCheck:
     """Packed rows, or unpacked batches of one epoch."""
     batch_size: int
     group_by_length: bool
+    row_length: int = 0
+    """Packed: tokens per row (2 x max_length for preference pairs, which hold two answers)."""
 
     @property
     def trained_ratio(self) -> float:
@@ -179,21 +187,24 @@ def summarize(
     report: DataReport,
     config: Config,
     pad_id: int,
+    pairs: list | None = None,
 ) -> DatasetCheck:
-    """The check of samples `prepare_samples` gave (with its report), and of how they are batched."""
+    """The check of samples `prepare_samples` gave (with its report), and of how they are batched; for a preference
+    stage `samples` are the answers of `pairs`, packed two by two into rows of 2 x max_length."""
     lengths = [len(sample.input_ids) for sample in samples]
+    row = 2 * config.max_length if pairs is not None else config.max_length
     if config.pack_to_max_length:
         shuffle_seed = config.seed if config.shuffle_before_pack else None
-        rows = pack(samples, config.max_length, pad_id, shuffle_seed)
-        batches, efficiency = len(rows), packing_efficiency(rows, config.max_length)
+        rows = pack_pairs(pairs, row, pad_id, shuffle_seed) if pairs is not None else pack(samples, row, pad_id, shuffle_seed)
+        batches, efficiency = len(rows), packing_efficiency(rows, row)
     else:
         grouped = unpacked_batches(lengths, config.batch_size, config.seed, config.group_by_length)
         batches, efficiency = len(grouped), padding_efficiency(lengths, grouped)
     return DatasetCheck(
         sources=sources,
         bad_records=bad_records,
-        encoded=report.samples + report.dropped_too_long + report.dropped_untrained,
-        samples=len(samples),
+        encoded=(len(samples) if pairs is None else len(pairs)) + report.dropped_too_long + report.dropped_untrained,
+        samples=len(samples) if pairs is None else len(pairs),
         truncated=report.truncated,
         dropped_too_long=report.dropped_too_long,
         dropped_untrained=report.dropped_untrained,
@@ -207,6 +218,7 @@ def summarize(
         batches=batches,
         batch_size=config.batch_size,
         group_by_length=config.group_by_length,
+        row_length=row,
     )
 
 
@@ -229,6 +241,8 @@ def check_dataset(config: Config, tokenizer=None) -> DatasetCheck:
     """Every source read to the end (so every malformed record is listed), then the samples training
     would use, from the cache when it has them, and their lengths and padding."""
     tokenizer = tokenizer if tokenizer is not None else config_tokenizer(config)
+    if config.stage != "sft":
+        return _check_pairs(config, tokenizer)
     specs = source_specs(config)
     counts, bad_records = read_all(specs)
     if any(good for good, _ in counts):
@@ -244,6 +258,38 @@ def check_dataset(config: Config, tokenizer=None) -> DatasetCheck:
         for spec, (good, bad), count in zip(specs, counts, per_source)
     ]
     return summarize(sources, bad_records, samples, report, config, pad_token_id(tokenizer))
+
+
+def _check_pairs(config: Config, tokenizer) -> DatasetCheck:
+    """check_dataset for a preference stage: records are pairs; the samples, their answers (two per pair)."""
+    sources, bad_records = [], []
+    for spec in source_specs(config):
+        good, bad = _read_pairs(spec)
+        repeated = len(repeat(list(range(good)), spec.repeats, random.Random(0)))
+        sources.append(SourceCheck(spec.path, spec.format, good, len(bad), spec.repeats, repeated))
+        bad_records += bad
+    usable = config.model_copy(update={"skip_bad_records": True})
+    pairs, report = prepare_pairs(usable, tokenizer) if any(s.samples for s in sources) else ([], DataReport([]))
+    answers = [sample for pair in pairs for sample in pair]
+    return summarize(sources, bad_records, answers, report, config, pad_token_id(tokenizer), pairs=pairs)
+
+
+def _read_pairs(spec: SourceSpec) -> tuple[int, list[BadRecord]]:
+    """(well-formed preference records, the malformed ones) of a source, each named as training names it."""
+    good, bad = 0, []
+    for file in data_files(resolve_data_path(spec.path)):
+        for item in read_records(file):
+            if not isinstance(item, BadRecord):
+                try:
+                    if detect_preference_format(item[1]) != "preference":
+                        raise RecordError("a KTO record {prompt, completion, label}; stage 'kto' is not built yet")
+                    preference_to_pair(item[1])
+                    good += 1
+                    continue
+                except RecordError as error:
+                    item = BadRecord(item[0], str(error))
+            bad.append(item)
+    return good, bad
 
 
 def _histogram(stats: LengthStats, width: int = 30) -> Table:
@@ -273,7 +319,7 @@ def render_check(check: DatasetCheck, console: Console) -> None:
         summary.add_row("length", f"min {stats.min}, median {stats.median:g}, p95 {stats.p95}, max {stats.max}")
     if check.packed:
         summary.add_row(
-            "packing", f"{check.batches:,} rows of {check.max_length}: {check.efficiency:.1%} sample tokens"
+            "packing", f"{check.batches:,} rows of {check.row_length}: {check.efficiency:.1%} sample tokens"
         )
     else:
         grouping = "grouped by length" if check.group_by_length else "shuffled"
@@ -339,11 +385,20 @@ def compact_labels(labels: Sequence[int]) -> str:
 def first_samples(config: Config, n: int = 3, tokenizer=None) -> list[LoggedSample]:
     """The first `n` samples training uses, in data order (before shuffling and packing)."""
     tokenizer = tokenizer if tokenizer is not None else config_tokenizer(config)
+    template = config_template(config)
+    if config.stage != "sft":  # each pair shown as its two answers
+        located, _ = load_pairs(source_specs(config), system=config.SYSTEM, skip_bad_records=config.skip_bad_records,
+                                seed=config.seed, placeholders=config.data_placeholders)  # fmt: skip
+        shown = []
+        for location, pair in located[:n]:
+            encoded = encode_pair(pair, template, tokenizer, config.max_length, config.split_special_tokens)
+            shown += [LoggedSample(f"{location} {side}", sample, text_runs(sample, tokenizer))
+                      for side, sample in zip(("chosen", "rejected"), encoded)]  # fmt: skip
+        return shown
     loaded = load_sources(
         source_specs(config), system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed,
         placeholders=config.data_placeholders, split_rounds=config.split_rounds,
     )
-    template = config_template(config)
     logged: list[LoggedSample] = []
     for location, conversation in loaded.samples:
         if len(logged) == n:
