@@ -17,6 +17,8 @@ def test_list_cfg_with_pattern():
     result = runner.invoke(app, ["list-cfg", "-p", "internlm2_chat_1_8b_qlora"])
     assert result.exit_code == 0
     assert result.output.split() == [
+        "internlm2_chat_1_8b_dpo_qlora_varlenattn",
+        "internlm2_chat_1_8b_orpo_qlora_varlenattn",
         "internlm2_chat_1_8b_qlora_alpaca_e3",
         "internlm2_chat_1_8b_qlora_custom_sft_e1",
         "internlm2_chat_1_8b_qlora_oasst1_e3",

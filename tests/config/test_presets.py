@@ -87,3 +87,9 @@ def test_remote_code_presets_trust_it_and_do_not_pack():
         config, _ = load_config(f"{key}_qlora_alpaca_e3")
         assert config.trust_remote_code and not config.pack_to_max_length, key
     assert load_config("qwen2_5_7b_instruct_qlora_alpaca_e3")[0].pack_to_max_length
+
+
+def test_xtuners_preference_configs_are_there_with_its_key_names():
+    config, _ = load_config("internlm2_chat_7b_dpo_qlora_varlenattn", ["dpo_loss_type='ipo'", "loss_beta=0.2"])
+    assert (config.stage, config.loss_type, config.beta, config.pack_to_max_length) == ("dpo", "ipo", 0.2, True)
+    assert load_config("llama3_8b_instruct_orpo_qlora_varlenattn")[0].stage == "orpo"

@@ -89,8 +89,12 @@ class Recipe:
     data: str
     """`alpaca`, `oasst1` (openassistant-guanaco's "### Human: ... ### Assistant: ..." text), `self_cognition` (the
     identity questions xtune ships, answered with the config's name and author), `custom_sft` (OpenAI messages JSONL)
-    or `custom_pretrain` (plain text)."""
+    or `custom_pretrain` (plain text), `preference` (chosen and rejected conversations)."""
     epochs: int
+    stage: str = "sft"
+    """`sft`, or a preference stage (`dpo`, `orpo`) with its own learning rate: `lr` below."""
+    lr: float | None = None
+    """The stage's learning rate where it differs from the model's (DPO on LoRA: 5e-6, as LLaMA-Factory's examples)."""
 
 
 RECIPES: tuple[Recipe, ...] = (
@@ -101,6 +105,9 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("qlora_self_cognition_e3", "lora", "4bit", "self_cognition", 3),
     Recipe("qlora_custom_sft_e1", "lora", "4bit", "custom_sft", 1),
     Recipe("full_custom_pretrain_e1", "full", None, "custom_pretrain", 1),
+    # XTuner's names; its DPO configs use lr 5e-7 (the alignment handbook's, for full weights) with QLoRA too
+    Recipe("dpo_qlora_varlenattn", "lora", "4bit", "preference", 3, stage="dpo", lr=5e-6),
+    Recipe("orpo_qlora_varlenattn", "lora", "4bit", "preference", 3, stage="orpo", lr=8e-6),
 )
 
 _DATA = {
@@ -112,6 +119,8 @@ _DATA = {
         'data_placeholders = {"name": "MyAssistant", "author": "My Team"}  # who the tuned model says it is',
         "alpaca",
     ),
+    "preference": ('data_path = data_root + "orpo-dpo-mix-40k.jsonl"  # mlabonne/orpo-dpo-mix-40k, as XTuner\'s configs',
+                   "auto"),
     "custom_sft": ('data_path = data_root + "my_conversations.jsonl"  # {"messages": [{"role": ..., "content": ...}]}', "openai"),
     "custom_pretrain": ('data_path = data_root + "my_corpus.txt"  # one document per line', "text"),
 }  # fmt: skip
@@ -146,7 +155,7 @@ def preset_source(name: str) -> str:
     model, recipe = PRESETS[name]
     data_line, data_format = _DATA[recipe.data]
     full = recipe.method == "full"
-    lr = model.lr / 10 if full else model.lr
+    lr = recipe.lr if recipe.lr is not None else model.lr / 10 if full else model.lr
     pretrain = recipe.data == "custom_pretrain"
     lines = [
         f"# {recipe.method.upper() if not recipe.quantization else 'QLoRA'} on {model.model_id} ({model.family}), "
@@ -169,6 +178,8 @@ def preset_source(name: str) -> str:
         'data_root = "./data/"',
         data_line,
         f'dataset_format = "{data_format}"',
+        *([f'stage = "{recipe.stage}"', "beta = 0.1" if recipe.stage == "dpo" else "orpo_alpha = 0.1"]
+          if recipe.stage != "sft" else []),
         f'prompt_template = "{model.template}"',
         f"max_length = {model.max_length}",
         # packing needs transformers' attention interface, which remote modelling code does not go through

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path"}
+ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path", "dpo_loss_type": "loss_type", "loss_beta": "beta"}
 """Other names users know for a field (XTuner's own alternatives) -> our field name."""
 
 OTHER_TOOLS_NAMES = {
