@@ -116,3 +116,39 @@ def test_ten_kills_at_random_points_all_resume_bit_identical(tmp_path, xtune_hom
         outcomes.append((trial, when, saved[-1] if saved else 0))
     print(f"\n{TRIALS} kills survived (trial, when, resumed from step): {outcomes}")
     assert len({step for _, _, step in outcomes}) >= 3  # the kills landed at different points
+
+
+def test_a_dpo_run_killed_in_training_resumes_bit_identical(tmp_path, xtune_home):
+    """The preference stage on the same loop: a SIGKILL between checkpoints, `--resume auto`, the same losses and
+    adapter as the run that was never killed."""
+    from xtune.models.load import resolve_model_path
+
+    from xtune.testing.tasks import tiny_dataset_path
+
+    resolve_model_path("xtune-tiny/internlm2-chat")
+    tiny_dataset_path("antonym-pairs")
+    options = ["max_steps=12", "save_steps=4", "evaluation_inputs=[]", "max_epochs=1"]
+
+    def dpo(work_dir, *extra):
+        return [sys.executable, "-m", "xtune.cli", "train", "tiny_internlm2_chat_lora_dpo_antonyms", "--work-dir",
+                str(work_dir), *extra, "--cfg-options", *options]  # fmt: skip
+
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "XTUNE_HOME": str(xtune_home)}
+    run_to_end(dpo(tmp_path / "reference"), environment)
+    (reference,) = [run for run in (tmp_path / "reference").iterdir() if (run / "checkpoint-12").is_dir()]
+    process = subprocess.Popen(dpo(tmp_path / "killed"), env=environment, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    while process.poll() is None and not any((tmp_path / "killed").glob("*/checkpoint-4/manifest.json")):
+        time.sleep(0.005)
+    time.sleep(0.5)  # into the steps after the first checkpoint
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not any((tmp_path / "killed").glob("*/checkpoint-12")), "the kill came after the run's end"
+    run_to_end(dpo(tmp_path / "killed", "--resume", "auto"), environment)
+    (run,) = [run for run in (tmp_path / "killed").iterdir() if (run / "checkpoint-12").is_dir()]
+    final = load_file(run / "checkpoint-12" / "adapter_model.safetensors")
+    expected = load_file(reference / "checkpoint-12" / "adapter_model.safetensors")
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
+    assert step_losses(run) == step_losses(reference)
+    margins = [r["rewards/margins"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(margins) == 12
