@@ -117,10 +117,10 @@ def test_openai_messages_with_tool_calls_and_weights():
                 "assistant",
                 "",
                 True,
-                (ToolCall("weather", '{"city": "Paris"}'), ToolCall("time", '{"city": "Paris"}')),
+                (ToolCall("weather", '{"city": "Paris"}', "c1"), ToolCall("time", '{"city": "Paris"}', "c2")),
             ),
-            Turn("tool", "12:00", name="time"),
-            Turn("tool", "sunny", name="time"),
+            Turn("tool", "12:00", name="time", call_id="c2"),
+            Turn("tool", "sunny", name="time", call_id="c2"),  # by position: the second call's
             Turn("assistant", "Sunny at noon.", False),
             Turn("user", "And Rome?"),
             Turn("assistant", "Also sunny.", True),

@@ -93,7 +93,7 @@ def test_parquet_nulls_of_a_merged_schema_count_as_absent(tmp_path):
     pq.write_table(pa.Table.from_pylist(messages), path)
     first, second = load(path).conversations
     assert first == Conversation((Turn("user", "q"), Turn("assistant", "a", True)))
-    assert second.turns[2] == Turn("tool", "r", name="f")
+    assert second.turns[2] == Turn("tool", "r", name="f", call_id="1")
 
 
 def test_csv_location_is_the_line_a_row_starts_on(tmp_path):

@@ -1,5 +1,6 @@
 """Agent data: tool-calling records in, and the tools, calls and results as each template family writes them."""
 
+import copy
 import json
 import re
 from dataclasses import replace
@@ -421,3 +422,31 @@ def test_llama3_1_equals_its_jinja_for_random_agent_conversations(tokenizer, con
     prompting = conversation.turns[-1].role != "assistant"
     text = "".join(text for text, _ in render(conversation, get_template("llama3_1"), tokenizer))
     assert text == official_llama3_1(tokenizer, conversation, add_generation_prompt=prompting)
+
+
+def test_hf_gives_mistral_v0_3s_jinja_the_call_ids_it_needs(tokenizer):
+    """Mistral-7B-Instruct-v0.3's jinja writes each call's 9-character id and each result's tool_call_id: the
+    records' ids reach it, and the calls and the final answer are trained."""
+    from xtune.data.formats import openai_to_standard
+    from xtune.data.templates import TokenizerTemplate, official_chat_template
+
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                 "parameters": {"type": "object", "properties": {}}}}  # fmt: skip
+    record = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"id": "abc123def", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "abc123def", "content": '{"celsius": 22}'},
+        {"role": "assistant", "content": "It is 22 °C."},
+    ], "tools": [weather]}  # fmt: skip
+    mistral = copy.deepcopy(tokenizer)
+    mistral.chat_template = official_chat_template("mistral_v0_3")
+    encoded = encode(openai_to_standard(record), TokenizerTemplate(), mistral)
+    text = mistral.decode(encoded.input_ids)
+    assert '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}]' in text
+    assert '[TOOL_RESULTS] {"content": {"celsius": 22}, "call_id": "abc123def"}[/TOOL_RESULTS]' in text
+    trained = mistral.decode([t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX])
+    assert "abc123def" in trained and "It is 22 °C." in trained and "celsius" not in trained
+    del record["messages"][1]["tool_calls"][0]["id"], record["messages"][2]["tool_call_id"]
+    with pytest.raises(XtuneError, match="Tool call IDs should be alphanumeric strings with length 9"):
+        encode(openai_to_standard(record), TokenizerTemplate(), mistral)

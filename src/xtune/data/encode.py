@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation, ToolCall
+from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation
 from xtune.data.templates import Segment, Template, TokenizerTemplate, render
 from xtune.errors import DataError
 
@@ -298,7 +298,7 @@ def _mark_control_texts(
 
     turns = tuple(
         replace(turn, content=mark(turn.content), reasoning=mark(turn.reasoning) if turn.reasoning else turn.reasoning,
-                tool_calls=tuple(ToolCall(call.name, mark(call.arguments)) for call in turn.tool_calls))
+                tool_calls=tuple(replace(call, arguments=mark(call.arguments)) for call in turn.tool_calls))
         for turn in conversation.turns
     )  # fmt: skip
     return replace(conversation, turns=turns, tools=tuple(map(mark, conversation.tools))), (start, end)

@@ -29,6 +29,8 @@ class ToolCall:
     name: str
     arguments: str
     """The call's arguments as a JSON object text, as OpenAI's `tool_calls[].function.arguments`."""
+    id: str | None = None
+    """The record's `tool_calls[].id`, which some chat templates write (Mistral v0.3's: 9 characters)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Turn:
     """Tools the assistant calls in this turn; `tool` turns that follow hold their results."""
     name: str | None = None
     """For `tool` turns: the tool that produced the content."""
+    call_id: str | None = None
+    """For `tool` turns: the id of the call answered (the record's `tool_call_id`, else its call's id)."""
     reasoning: str | None = None
     """For assistant turns: the thinking before the answer, given apart from the content (OpenAI-style
     `reasoning_content`). None: not given apart; templates that think read a `<think>...</think>` in the content."""
@@ -400,7 +404,9 @@ def openai_to_standard(record: Any) -> Conversation:
         elif role == "tool":
             position = len(turns) - len(_without_trailing_tools(turns))
             name = _tool_name(message, where, calls_by_id, last_calls, position)
-            turns.append(Turn("tool", _content(message, f"{where}."), name=name))
+            call_id = _text(message, "tool_call_id", f"{where}.", required=False) or (
+                last_calls[position].id if position < len(last_calls) else None)  # fmt: skip
+            turns.append(Turn("tool", _content(message, f"{where}."), name=name, call_id=call_id))
         else:
             turns.append(Turn(role, _content(message, f"{where}.")))
         wheres.append(where)
@@ -427,8 +433,8 @@ def _openai_tool_calls(message: dict, where: str, calls_by_id: dict[str, ToolCal
             raise RecordError(f"field '{call_where}.type' must be 'function', got {short_repr(raw['type'])}")
         if raw.get("function") is None:
             raise RecordError(f"missing field '{call_where}.function'")
-        call = _tool_call(raw["function"], f"{call_where}.function")
-        call_id = _text(raw, "id", f"{call_where}.", required=False)
+        call_id = _text(raw, "id", f"{call_where}.", required=False) or None
+        call = replace(_tool_call(raw["function"], f"{call_where}.function"), id=call_id)
         if call_id:
             calls_by_id[call_id] = call
         calls.append(call)

@@ -957,7 +957,10 @@ def _render_with_chat_template(
             continue
         prefix = _ids(tokenizer, _apply(messages[:index], True)) if index else []
         alone = _ids(tokenizer, _apply(messages[: index + 1], False))
-        followed = _ids(tokenizer, _apply([*messages[: index + 1], PROBE], False))
+        try:
+            followed = _ids(tokenizer, _apply([*messages[: index + 1], PROBE], False))
+        except XtuneError:  # a template that wants a call's results after it (Mistral v0.3's) refuses the probe
+            followed = alone
         first, last = _shared_length(ids, prefix), _shared_length(ids, alone, followed)
         if last <= first:  # the probe changed the turn itself (Qwen3 drops the thinking of answers before a question)
             last = _shared_length(ids, alone)
@@ -1000,11 +1003,14 @@ def _message(turn: Turn) -> dict:
         message["reasoning_content"] = turn.reasoning
     if turn.tool_calls:
         message["tool_calls"] = [
-            {"type": "function", "function": {"name": call.name, "arguments": _arguments(call)}}
+            {"type": "function", "function": {"name": call.name, "arguments": _arguments(call)},
+             **({"id": call.id} if call.id is not None else {})}
             for call in turn.tool_calls
-        ]
+        ]  # fmt: skip
     if turn.name is not None:
         message["name"] = turn.name
+    if turn.call_id is not None:
+        message["tool_call_id"] = turn.call_id
     return message
 
 
