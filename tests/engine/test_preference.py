@@ -13,8 +13,6 @@ from xtune.engine.preference import (
     kto_losses,
     orpo_odds_ratio,
     preference_metrics,
-    segment_logps,
-    sequence_logps,
     simpo_losses,
 )
 
@@ -92,22 +90,3 @@ def test_metrics_are_trls_implicit_rewards():
 def test_running_mean_is_the_mean_of_what_it_was_given():
     running = RunningMean()
     assert running.update(torch.tensor([1.0, 3.0])) == 2.0 and running.update(torch.tensor([5.0])) == 3.0
-
-
-def test_sequence_logps_sum_the_trained_next_tokens_and_packed_segments_give_the_same():
-    torch.manual_seed(0)
-    vocab = 7
-    first, second = torch.randint(0, vocab, (5,)), torch.randint(0, vocab, (4,))
-    logits = [torch.randn(5, vocab), torch.randn(4, vocab)]
-    labels = [first.clone(), second.clone()]
-    labels[0][:2] = -100  # a prompt of two tokens
-    labels[1][:1] = -100
-    sums, counts = zip(*(sequence_logps(l[None], y[None]) for l, y in zip(logits, labels)))
-    scores = torch.log_softmax(logits[0][:-1], -1)
-    by_hand = sum(scores[i, first[i + 1]] for i in range(1, 4))
-    assert sums[0].item() == pytest.approx(by_hand.item()) and counts[0].item() == 3
-    row_logits, row_labels = torch.cat(logits), torch.cat(labels)  # packed: [first | second]
-    token = torch.log_softmax(row_logits[:-1], -1).gather(1, row_labels[1:].clamp(min=0)[:, None]).squeeze(1)
-    trained = row_labels[1:] != -100
-    packed_sums, packed_counts = segment_logps(token, trained, torch.tensor([0, 5, 9]))
-    assert torch.allclose(packed_sums, torch.cat(sums), atol=1e-6) and packed_counts.tolist() == [3, 3]

@@ -134,29 +134,6 @@ def preference_metrics(
     }
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
-    """(sum, count) of the log-probabilities of each row's trained next tokens: logits [rows, tokens, vocab], labels
-    [rows, tokens] with `ignore_index` where untrained; position i's logits score the token at i + 1."""
-    targets = labels[:, 1:]
-    trained = targets != ignore_index
-    scores = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = scores.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return (picked * trained).sum(dim=1), trained.sum(dim=1)
-
-
-def segment_logps(token_logps: torch.Tensor, trained: torch.Tensor, cu_seq_lens: torch.Tensor):
-    """(sum, count) per segment of a packed row: `token_logps` and `trained` are [tokens] for the row's positions
-    (the log-prob of each position's next token, and whether it is trained), `cu_seq_lens` the segments' bounds.
-    A segment's last position scores the next segment's first token, which is never trained."""
-    segment = torch.bucketize(torch.arange(token_logps.numel(), device=token_logps.device), cu_seq_lens[1:], right=True)
-    count = len(cu_seq_lens) - 1
-    sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add_(
-        0, segment, token_logps * trained
-    )
-    counts = torch.zeros(count, dtype=torch.long, device=token_logps.device).index_add_(0, segment, trained.long())
-    return sums, counts
-
-
 # The preference stages in the training loop ------------------------------------------------------------------------
 
 PREFERENCE_STAGES = ("dpo", "simpo", "orpo")
