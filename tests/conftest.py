@@ -1,6 +1,25 @@
+import json
 from pathlib import Path
 
 import pytest
+
+
+def openai_message(turn) -> dict:
+    """A Turn as the OpenAI message a chat template's jinja takes: reasoning as `reasoning_content`, tool calls with
+    their parsed arguments (and ids), a tool result's `tool_call_id`. Written here, not with xtune's own converter,
+    so that tests comparing with official templates do not depend on the code they test."""
+    message = {"role": turn.role, "content": turn.content}
+    if turn.reasoning is not None:
+        message["reasoning_content"] = turn.reasoning
+    if turn.tool_calls:
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": call.name, "arguments": json.loads(call.arguments)},
+             **({"id": call.id} if call.id else {})}
+            for call in turn.tool_calls
+        ]  # fmt: skip
+    if turn.call_id is not None:
+        message["tool_call_id"] = turn.call_id
+    return message
 
 
 @pytest.fixture(scope="session", autouse=True)

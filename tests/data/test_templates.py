@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import openai_message
 from xtune.data.formats import Conversation, ToolCall, Turn
 from xtune.data.templates import (
     TEMPLATES,
@@ -392,16 +393,6 @@ def test_qwen_writes_tool_calls_and_results_as_qwen2_5_does(tokenizer):
         tokenize=False,
     )
     assert text_of(AGENT, get_template("qwen_chat")).count("Let me look.\n<tool_call>\n") == 1
-
-
-def openai_message(turn):
-    message = {"role": turn.role, "content": turn.content}
-    if turn.tool_calls:
-        message["tool_calls"] = [
-            {"type": "function", "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
-            for call in turn.tool_calls
-        ]
-    return message
 
 
 @pytest.mark.parametrize("name", [name for name, template in TEMPLATES.items() if template.tools is None])

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AddedToken
 
+from conftest import openai_message
 from xtune.data.encode import IGNORE_INDEX, encode
 from xtune.data.formats import FORMATS, Conversation, RecordError, Turn
 from xtune.data.templates import TokenizerTemplate, get_template, official_chat_template, render
@@ -29,12 +30,7 @@ def qwen3(real_tokenizer):
 
 
 def official(tokenizer, conversation, add_generation_prompt=False, tokenize=False, **options):
-    messages = []
-    for turn in conversation.turns:
-        message = {"role": turn.role, "content": turn.content}
-        if turn.reasoning is not None:
-            message["reasoning_content"] = turn.reasoning
-        messages.append(message)
+    messages = [openai_message(turn) for turn in conversation.turns]
     return tokenizer.apply_chat_template(
         messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt, return_dict=False, **options
     )
@@ -171,17 +167,7 @@ def test_qwen3_tool_calls_with_reasoning_between_them_render_as_its_jinja(qwen3,
         Turn("assistant", "22 °C and 25 °C.", True, reasoning="Both known."),
     )
     conversation = Conversation(turns, tools=(WEATHER,))
-    messages = []
-    for turn in turns:
-        message = {"role": turn.role, "content": turn.content}
-        if turn.reasoning is not None:
-            message["reasoning_content"] = turn.reasoning
-        if turn.tool_calls:
-            message["tool_calls"] = [
-                {"type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
-                for c in turn.tool_calls
-            ]
-        messages.append(message)
+    messages = [openai_message(turn) for turn in turns]
     expected = qwen3.apply_chat_template(messages, tools=[json.loads(WEATHER)], tokenize=False)
     assert text_of(conversation, QWEN3, qwen3) == expected
     assert "<think>\nParis first.\n</think>\n\n<tool_call>" in expected  # answers after the question keep theirs

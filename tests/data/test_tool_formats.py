@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import openai_message
 from xtune.data.encode import IGNORE_INDEX, encode
 from xtune.data.formats import (
     FORMATS,
@@ -341,16 +342,6 @@ def official_llama3_1(tokenizer, conversation, add_generation_prompt=False):
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )
-
-
-def openai_message(turn):
-    message = {"role": turn.role, "content": turn.content}
-    if turn.tool_calls:
-        message["tool_calls"] = [
-            {"type": "function", "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
-            for call in turn.tool_calls
-        ]
-    return message
 
 
 def test_llama3_1_writes_tools_calls_and_results_as_its_jinja_does(tokenizer):

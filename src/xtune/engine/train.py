@@ -422,17 +422,15 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
             epoch = group[-1][0]
             lr = scheduler.get_last_lr()[0]
             micro_batches = [batch for _, _, batch in group]
-            if objective is not None:  # its count is of pairs: the trained tokens are counted apart
-                trained = all_sum(sum(count_trained(batch) for batch in micro_batches).to(device), ranks)
             loss_sum, num_trained, tokens = accumulate_gradients(
                 forward, micro_batches, device, autocast, scaler, ranks, engine, fused, router_aux_loss_coef, objective
             )
             loss_sum, tokens = all_sum(loss_sum, ranks), all_sum(tokens, ranks)
-            step_metrics = {}
+            preference = []  # a preference stage counts pairs: its trained tokens and TRL's metric sums, one reduce
             if objective is not None:
                 taken = objective.take_metrics()
-                sums = all_sum(torch.stack([value.float() for value in taken.values()]), ranks) / num_trained
-                step_metrics = dict(zip(taken, sums.tolist()))
+                trained_here = sum(count_trained(batch) for batch in micro_batches).to(device).double()
+                preference = all_sum(torch.stack([trained_here, *(v.double() for v in taken.values())]), ranks)
             if engine is not None:  # it clipped and stepped on the last micro-batch
                 grad_norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float64, device=device)
             else:
@@ -442,10 +440,14 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
                 )
             if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
                 grad_norm = grad_norm.full_tensor()
-            loss, step_trained, step_tokens, grad_norm = torch.stack(  # the step's one host sync, before the update
-                [loss_sum / num_trained, (trained if objective is not None else num_trained).double(), tokens.double(),
-                 grad_norm.double()]
-            ).tolist()  # fmt: skip
+            numbers = torch.stack(  # the step's one host sync, before the update
+                [loss_sum / num_trained, num_trained.double(), tokens.double(), grad_norm.double(), *preference]
+            ).tolist()
+            loss, step_trained, step_tokens, grad_norm = numbers[:4]
+            step_metrics = {}
+            if objective is not None:
+                step_trained = numbers[4]
+                step_metrics = {name: value / numbers[1] for name, value in zip(taken, numbers[5:])}  # per pair
             diverged = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
             if diverged:  # fp16's loss scaler skips steps with inf gradients by itself
                 handle_divergence(config, step, epoch, [i for _, indices, _ in group for i in indices], loss, grad_norm,
