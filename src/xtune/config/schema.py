@@ -54,9 +54,10 @@ class Config(BaseModel):
     method: Literal["lora", "full"] = "lora"
     """`lora`: train LoRA adapters on a frozen base (QLoRA when `quantization` is set); `full`: train
     every weight."""
-    stage: Literal["sft", "dpo", "simpo", "orpo"] = "sft"
+    stage: Literal["sft", "dpo", "simpo", "orpo", "kto", "reward"] = "sft"
     """What is learned: `sft` next tokens of the answers; `dpo`, `simpo`, `orpo` a preference between two answers
-    to the same prompt, from {prompt, chosen, rejected} records (docs/preference.md)."""
+    to the same prompt, from {prompt, chosen, rejected} records; `kto` desirable and undesirable answers from
+    {prompt, completion, label} records; `reward` a scalar reward model on pairs (docs/preference.md)."""
     quantization: Literal["4bit", "8bit"] | None = None
     """Load the frozen base in 4-bit NF4 (QLoRA, double quantization) or 8 bits; None keeps it whole."""
     lora_r: int = Field(64, gt=0, le=65536)
@@ -221,7 +222,7 @@ class Config(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     """Seed for weights of new layers, data order and dropout."""
 
-    # Preference stages (stage = "dpo" | "simpo" | "orpo"), XTuner's and TRL's names
+    # Preference stages (stage = "dpo" | "simpo" | "orpo" | "kto" | "reward"), XTuner's and TRL's names
     beta: float = Field(0.1, gt=0)
     """DPO and SimPO: the inverse temperature of the implicit reward beta * log(pi / pi_ref)."""
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "kto_pair", "bco_pair", "sppo_hard", "nca_pair"] = "sigmoid"
@@ -236,6 +237,14 @@ class Config(BaseModel):
     """SimPO: the target margin between the answers' length-normalised rewards."""
     orpo_alpha: float = Field(0.1, ge=0)
     """ORPO: the weight of the odds-ratio term next to the chosen answer's NLL."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """KTO: the weight of a desirable answer's loss (raise it when desirable answers are the fewer)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """KTO: the weight of an undesirable answer's loss."""
+    precompute_reference: bool = False
+    """DPO and KTO: compute the reference log-probabilities in one pass over the data before training and cache
+    them beside the data cache, so that training keeps no reference model (a full fine-tune then needs no frozen
+    copy) and runs no reference forward."""
 
     # Saving, logging, evaluation
     work_dir: str | None = None

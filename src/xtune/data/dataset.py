@@ -22,9 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xtune.config.schema import Config, names_code
-from xtune.data.encode import Encoded, encode_batch
+from xtune.data.encode import IGNORE_INDEX, Encoded, encode_batch
 from xtune.data.formats import Conversation
-from xtune.data.pairs import EncodedPair, encode_pair, has_trained_answers, load_pairs, pair_lengths
+from xtune.data.pairs import EncodedPair, encode_pair, load_pairs, mismatched, pair_lengths
 from xtune.data.sources import SourceSpec, data_files, load_sources, map_function, resolve_data_path
 from xtune.data.templates import ChatTemplate, Template, get_template
 from xtune.errors import XtuneError
@@ -93,6 +93,7 @@ def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: 
         **({"train_on_thinking": False} if not config.train_on_thinking else {}),
         **({"placeholders": config.data_placeholders} if config.data_placeholders else {}),
         **({"split_rounds": True} if config.split_rounds else {}),
+        **({"examples": "kto" if config.stage == "kto" else "pairs"} if config.stage != "sft" else {}),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:24]
@@ -151,10 +152,14 @@ def prepare_samples(
     return samples, report
 
 
-def prepare_pairs(config: Config, tokenizer) -> tuple[list[EncodedPair], DataReport]:
-    """The encoded preference pairs the config trains on (not cached yet: pairs are encoded each run). A pair with
-    an answer over max_length is cut (or dropped with truncation = "drop"); one whose cut left an answer with no
-    trained token is dropped. `report.samples` counts pairs, `report.lengths` their two answers' tokens together."""
+def prepare_pairs(config: Config, tokenizer, use_cache: bool = True) -> tuple[list[EncodedPair], DataReport]:
+    """The encoded preference pairs the config trains on, from the cache when it has them. A pair with an answer
+    over max_length is cut (or dropped with truncation = "drop"); one whose cut left an answer with no trained token
+    is dropped. `report.samples` counts pairs, `report.lengths` their two answers' tokens together."""
+    cache_dir = cache_entry(config, tokenizer)
+    if use_cache and is_cached(cache_dir):
+        samples, report = _read_cache(cache_dir)
+        return list(zip(samples[0::2], samples[1::2])), report
     specs = source_specs(config)
     located, skipped = load_pairs(
         specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed,
@@ -165,19 +170,74 @@ def prepare_pairs(config: Config, tokenizer) -> tuple[list[EncodedPair], DataRep
     pairs = []
     for _, pair in located:
         encoded = encode_pair(pair, template, tokenizer, config.max_length, config.split_special_tokens)
-        if any(sample.truncated for sample in encoded):
-            report.truncated += 1
-            if config.truncation == "drop":
-                report.dropped_too_long += 1
-                continue
-        if not has_trained_answers(encoded):
-            report.dropped_untrained += 1
-            continue
-        pairs.append(encoded)
+        if _kept(encoded[0], encoded[1], config, report):
+            pairs.append(encoded)
     report.samples = len(pairs)
     report.lengths = pair_lengths(pairs)
     report.trained_tokens = sum(sample.num_trained for pair in pairs for sample in pair)
+    report.cache = str(cache_dir)
+    if use_cache:
+        _write_cache(cache_dir, [sample for pair in pairs for sample in pair], report)
     return pairs, report
+
+
+@dataclass
+class KtoExamples:
+    """The encoded examples of a KTO run: each prompt with its answer, and with another example's answer (for the
+    KL estimate, `xtune.data.pairs.mismatched`), and whether its answer is desirable."""
+
+    answers: list[Encoded]
+    kl: list[Encoded]
+    desirable: list[bool]
+
+
+def prepare_kto(config: Config, tokenizer, use_cache: bool = True) -> tuple[KtoExamples, DataReport]:
+    """The encoded KTO examples, from the cache when it has them; the length rules of `prepare_pairs` apply to each
+    example's own answer (its mismatched one is only cut). `report.lengths`: the examples' own tokens."""
+    cache_dir = cache_entry(config, tokenizer)
+    if use_cache and is_cached(cache_dir):
+        samples, report = _read_cache(cache_dir)
+        desirable = json.loads((cache_dir / "desirable.json").read_text())
+        return KtoExamples(samples[0::2], samples[1::2], desirable), report
+    specs = source_specs(config)
+    located, skipped = load_pairs(
+        specs, system=config.SYSTEM, skip_bad_records=config.skip_bad_records, seed=config.seed,
+        placeholders=config.data_placeholders, kto=True,
+    )  # fmt: skip
+    examples = [example for _, example in located]
+    conversations = [example.conversation for example in examples]
+    template = config_template(config)
+    encoded = encode_parallel([*conversations, *mismatched(examples, config.seed)], template, tokenizer, config,
+                              config.num_proc)  # fmt: skip
+    report = DataReport(sources=[(spec.path, 0) for spec in specs], skipped=[str(bad) for bad in skipped])
+    kept = KtoExamples([], [], [])
+    for example, answer, kl in zip(examples, encoded[: len(examples)], encoded[len(examples) :]):
+        if _kept(answer, None, config, report):
+            kept.answers.append(answer)
+            kept.kl.append(kl)
+            kept.desirable.append(example.desirable)
+    report.samples = len(kept.answers)
+    report.lengths = [len(sample.input_ids) for sample in kept.answers]
+    report.trained_tokens = sum(sample.num_trained for sample in kept.answers)
+    report.cache = str(cache_dir)
+    if use_cache:
+        _write_cache(cache_dir, [s for pair in zip(kept.answers, kept.kl) for s in pair], report,
+                     {"desirable.json": kept.desirable})  # fmt: skip
+    return kept, report
+
+
+def _kept(first: Encoded, second: Encoded | None, config: Config, report: DataReport) -> bool:
+    """Whether an example (a pair's two answers, or one) is trained on, counting why not in `report`."""
+    samples = [first] if second is None else [first, second]
+    if any(sample.truncated for sample in samples):
+        report.truncated += 1
+        if config.truncation == "drop":
+            report.dropped_too_long += 1
+            return False
+    if not all(any(label != IGNORE_INDEX for label in sample.labels[1:]) for sample in samples):
+        report.dropped_untrained += 1
+        return False
+    return True
 
 
 def apply_length_policy(encoded: list[Encoded], config: Config) -> tuple[list[Encoded], DataReport]:
@@ -243,7 +303,8 @@ def encode_parallel(
         return [sample for chunk in pool.map(_encode_chunk, chunks) for sample in chunk]
 
 
-def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) -> None:
+def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport, extra: dict | None = None) -> None:
+    """`extra`: more files of the entry, name -> what json writes."""
     partial = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     lengths = torch.tensor([len(s.input_ids) for s in samples], dtype=torch.int64)
@@ -258,6 +319,8 @@ def _write_cache(cache_dir: Path, samples: list[Encoded], report: DataReport) ->
         (partial / "report.json").write_text(json.dumps(asdict(report)))
         if any(s.images for s in samples):
             (partial / "images.json").write_text(json.dumps([list(s.images) for s in samples]))
+        for name, value in (extra or {}).items():
+            (partial / name).write_text(json.dumps(value))
         save_file(tensors, partial / "samples.safetensors")
     except (OSError, SafetensorError) as error:  # e.g. a full $XTUNE_HOME
         shutil.rmtree(partial, ignore_errors=True)

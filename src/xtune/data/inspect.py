@@ -19,14 +19,16 @@ from rich.text import Text
 
 from xtune.config.schema import Config
 from xtune.data.dataset import (
-    DataReport, apply_length_policy, cache_entry, config_template, is_cached, prepare_pairs, prepare_samples,
+    DataReport, apply_length_policy, cache_entry, config_template, is_cached, prepare_kto, prepare_pairs, prepare_samples,
     source_specs,
 )  # fmt: skip
 from xtune.data.encode import IGNORE_INDEX, Encoded, encode, pad_token_id
 from xtune.data.loader import length_grouped_batches, shuffled_batches
-from xtune.data.packing import pack, packing_efficiency
+from xtune.data.packing import pack, pack_groups, packing_efficiency
 from xtune.data.formats import RecordError
-from xtune.data.pairs import detect_preference_format, encode_pair, load_pairs, pack_pairs, preference_to_pair
+from xtune.data.pairs import (
+    WRONG_FORMAT, detect_preference_format, encode_pair, kto_to_unpaired, load_pairs, preference_to_pair,
+)
 from xtune.data.sources import (
     BadRecord, SourceSpec, data_files, load_sources, read_conversations, read_records, repeat, resolve_data_path,
 )  # fmt: skip
@@ -192,10 +194,10 @@ def summarize(
     """The check of samples `prepare_samples` gave (with its report), and of how they are batched; for a preference
     stage `samples` are the answers of `pairs`, packed two by two into rows of 2 x max_length."""
     lengths = [len(sample.input_ids) for sample in samples]
-    row = 2 * config.max_length if pairs is not None else config.max_length
+    row = 2 * config.max_length if pairs is not None and config.stage != "kto" else config.max_length
     if config.pack_to_max_length:
         shuffle_seed = config.seed if config.shuffle_before_pack else None
-        rows = pack_pairs(pairs, row, pad_id, shuffle_seed) if pairs is not None else pack(samples, row, pad_id, shuffle_seed)
+        rows = pack_groups(pairs, row, pad_id, shuffle_seed) if pairs is not None else pack(samples, row, pad_id, shuffle_seed)
         batches, efficiency = len(rows), packing_efficiency(rows, row)
     else:
         grouped = unpacked_batches(lengths, config.batch_size, config.seed, config.group_by_length)
@@ -264,26 +266,35 @@ def _check_pairs(config: Config, tokenizer) -> DatasetCheck:
     """check_dataset for a preference stage: records are pairs; the samples, their answers (two per pair)."""
     sources, bad_records = [], []
     for spec in source_specs(config):
-        good, bad = _read_pairs(spec)
+        good, bad = _read_pairs(spec, kto=config.stage == "kto")
         repeated = len(repeat(list(range(good)), spec.repeats, random.Random(0)))
         sources.append(SourceCheck(spec.path, spec.format, good, len(bad), spec.repeats, repeated))
         bad_records += bad
     usable = config.model_copy(update={"skip_bad_records": True})
-    pairs, report = prepare_pairs(usable, tokenizer) if any(s.samples for s in sources) else ([], DataReport([]))
+    if not any(s.samples for s in sources):
+        pairs, report = [], DataReport([])
+    elif config.stage == "kto":  # an example's one answer (its mismatched one is no training sample)
+        examples, report = prepare_kto(usable, tokenizer)
+        pairs = [(answer,) for answer in examples.answers]
+    else:
+        pairs, report = prepare_pairs(usable, tokenizer)
     answers = [sample for pair in pairs for sample in pair]
     return summarize(sources, bad_records, answers, report, config, pad_token_id(tokenizer), pairs=pairs)
 
 
-def _read_pairs(spec: SourceSpec) -> tuple[int, list[BadRecord]]:
-    """(well-formed preference records, the malformed ones) of a source, each named as training names it."""
+def _read_pairs(spec: SourceSpec, kto: bool = False) -> tuple[int, list[BadRecord]]:
+    """(well-formed preference records, the malformed ones) of a source, each named as training names it; `kto`:
+    {prompt, completion, label} records."""
     good, bad = 0, []
     for file in data_files(resolve_data_path(spec.path)):
         for item in read_records(file):
             if not isinstance(item, BadRecord):
                 try:
-                    if detect_preference_format(item[1]) != "preference":
-                        raise RecordError("a KTO record {prompt, completion, label}; stage 'kto' is not built yet")
-                    preference_to_pair(item[1])
+                    wanted = "kto" if kto else "preference"
+                    name = detect_preference_format(item[1]) if spec.format == "auto" else spec.format
+                    if name != wanted:
+                        raise RecordError(WRONG_FORMAT[wanted].format(name=name))
+                    (kto_to_unpaired if kto else preference_to_pair)(item[1])
                     good += 1
                     continue
                 except RecordError as error:
@@ -386,6 +397,16 @@ def first_samples(config: Config, n: int = 3, tokenizer=None) -> list[LoggedSamp
     """The first `n` samples training uses, in data order (before shuffling and packing)."""
     tokenizer = tokenizer if tokenizer is not None else config_tokenizer(config)
     template = config_template(config)
+    if config.stage == "kto":  # each example's answer, desirable or not
+        located, _ = load_pairs(source_specs(config), system=config.SYSTEM, skip_bad_records=config.skip_bad_records,
+                                seed=config.seed, placeholders=config.data_placeholders, kto=True)  # fmt: skip
+        shown = []
+        for location, example in located[:n]:
+            sample = encode(example.conversation, template, tokenizer, config.max_length,
+                            split_special_tokens=config.split_special_tokens)  # fmt: skip
+            side = "desirable" if example.desirable else "undesirable"
+            shown.append(LoggedSample(f"{location} {side}", sample, text_runs(sample, tokenizer)))
+        return shown
     if config.stage != "sft":  # each pair shown as its two answers
         located, _ = load_pairs(source_specs(config), system=config.SYSTEM, skip_bad_records=config.skip_bad_records,
                                 seed=config.seed, placeholders=config.data_placeholders)  # fmt: skip

@@ -9,7 +9,7 @@ kept inside it.
 import bisect
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +26,8 @@ class PackedRow:
     padding: int
     images: tuple[str, ...] = ()
     """The images of its samples, in order."""
+    groups: tuple[int, ...] = ()
+    """The index of each group packed in it, in order (`pack_groups`): what per-group data is looked up by."""
 
     @property
     def num_trained(self) -> int:
@@ -91,9 +93,10 @@ def pack_groups(
         random.Random(shuffle_seed).shuffle(order)
     lengths = [sum(len(sample.input_ids) for sample in groups[i]) for i in order]
     rows = [
-        build_row([sample for i in row for sample in groups[order[i]]], max_length, pad_token_id)
+        replace(build_row([sample for i in row for sample in groups[order[i]]], max_length, pad_token_id),
+                groups=tuple(order[i] for i in row))
         for row in plan_rows(lengths, max_length)
-    ]
+    ]  # fmt: skip
     if shuffle_seed is not None:
         random.Random(shuffle_seed + 1).shuffle(rows)
     return rows

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from xtune.data.encode import IGNORE_INDEX, Encoded, encode
+from xtune.data.encode import Encoded, encode
 from xtune.data.formats import (
     Conversation,
     RecordError,
@@ -27,7 +27,7 @@ from xtune.data.formats import (
     with_system,
 )
 from xtune.data.loader import collate
-from xtune.data.packing import PackedRow, collate_packed, pack_groups
+from xtune.data.packing import PackedRow, build_row, collate_packed, pack_groups
 from xtune.data.sources import BadRecord, data_files, read_records, repeat, resolve_data_path
 from xtune.data.templates import Template
 from xtune.errors import DataError, short_repr
@@ -47,6 +47,8 @@ class Unpaired:
 
     conversation: Conversation
     desirable: bool
+    prompt_turns: int
+    """The turns before the answer."""
 
 
 def detect_preference_format(record: Any) -> str:
@@ -94,8 +96,22 @@ def kto_to_unpaired(record: Any) -> Unpaired:
     prompt = _messages(record.get("prompt"), "prompt", sharegpt, "user")
     completion = _messages(record.get("completion"), "completion", sharegpt, "assistant")
     conversation = _conversation([*prompt, *completion], {}, sharegpt, "completion")
-    return Unpaired(_answers_trained(conversation, len(conversation.turns) - _answer_turns(conversation, completion)),
-                    label)  # fmt: skip
+    prompt_turns = len(conversation.turns) - _answer_turns(conversation, completion)
+    return Unpaired(_answers_trained(conversation, prompt_turns), label, prompt_turns)
+
+
+def mismatched(examples: list[Unpaired], seed: int = 0) -> list[Conversation]:
+    """KTO's KL estimate reads each prompt followed by another example's answer: here the next one's in a seeded
+    order (TRL pairs them within a batch; a fixed pairing makes the estimate independent of the batching)."""
+    order = list(range(len(examples)))
+    random.Random(f"kto/{seed}").shuffle(order)
+    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    conversations = []
+    for index, example in enumerate(examples):
+        other = examples[partner[index]]
+        turns = example.conversation.turns[: example.prompt_turns] + other.conversation.turns[other.prompt_turns :]
+        conversations.append(replace(example.conversation, turns=turns))
+    return conversations
 
 
 PREFERENCE_FORMATS = {"preference": preference_to_pair, "kto": kto_to_unpaired}
@@ -178,7 +194,7 @@ def pack_pairs(
 
 def collate_packed_pairs(rows: list[PackedRow]) -> dict:
     """`collate_packed` plus `answer_ids` [1, tokens]: each position's answer (0, 1 the first pair's chosen and
-    rejected, 2, 3 the next pair's, ...), -1 on padding."""
+    rejected, 2, 3 the next pair's, ...), -1 on padding, and `group_ids`: the rows' groups (`PackedRow.groups`)."""
     batch = collate_packed(rows)
     answers, next_answer = [], 0
     for row in rows:
@@ -188,35 +204,70 @@ def collate_packed_pairs(rows: list[PackedRow]) -> dict:
             next_answer += 1
         answers += [-1] * row.padding
     batch["answer_ids"] = torch.tensor([answers])
+    batch["group_ids"] = torch.tensor([group for row in rows for group in row.groups])
     return batch
 
 
 def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> dict:
-    """Unpacked: rows chosen, rejected, chosen, rejected, ... right-padded (`collate`), and `answer_ids`: each
-    position's row, -1 on padding."""
-    batch = collate([sample for pair in pairs for sample in pair], pad_token_id)
+    """Unpacked: rows chosen, rejected, chosen, rejected, ... right-padded (`collate`), `answer_ids`: each
+    position's row, -1 on padding, and `group_ids`: the pairs' places in `pairs`."""
+    return collate_answers([sample for pair in pairs for sample in pair], pad_token_id) | {
+        "group_ids": torch.arange(len(pairs))}
+
+
+def collate_answers(samples: list[Encoded], pad_token_id: int) -> dict:
+    """Samples as right-padded rows (`collate`) with `answer_ids`: each position's row, -1 on padding."""
+    batch = collate(samples, pad_token_id)
     rows = torch.arange(batch["input_ids"].shape[0])[:, None].expand_as(batch["input_ids"])
     batch["answer_ids"] = torch.where(batch["attention_mask"].bool(), rows, -1)
     return batch
+
+
+@dataclass
+class PreferenceCollator:
+    """A preference stage's batches: its items are packed rows (`pack_groups`) or, unpacked, indices of `groups`
+    (each a pair's chosen and rejected answers, or a KTO example's one answer). A batch has `answer_ids` (each
+    position's answer, -1 on padding) and `group_ids` (the group of each answer's pair or example, in order); for
+    KTO also `desirable` per example and `kl`: the batch of each example's prompt with a mismatched answer
+    (`mismatched`), packed into one row when the items are packed."""
+
+    groups: list[tuple[Encoded, ...]]
+    pad_token_id: int
+    kl: list[Encoded] | None = None
+    desirable: list[bool] | None = None
+
+    def __call__(self, items: list) -> dict:
+        packed = bool(items) and isinstance(items[0], PackedRow)
+        if packed:
+            batch = collate_packed_pairs(items)
+        else:
+            batch = collate_answers([sample for group in items for sample in self.groups[group]], self.pad_token_id)
+            batch["group_ids"] = torch.tensor(items)
+        groups = batch["group_ids"].tolist()
+        if self.kl is not None:
+            kl = [self.kl[group] for group in groups]
+            if packed:
+                batch["kl"] = collate_packed_pairs([build_row(kl, sum(len(s.input_ids) for s in kl), self.pad_token_id)])
+            else:
+                batch["kl"] = collate_answers(kl, self.pad_token_id)
+            batch["desirable"] = torch.tensor([self.desirable[group] for group in groups])
+        return batch
 
 
 def pair_lengths(pairs: list[EncodedPair]) -> list[int]:
     return [len(chosen.input_ids) + len(rejected.input_ids) for chosen, rejected in pairs]
 
 
-def has_trained_answers(pair: EncodedPair) -> bool:
-    """Both answers keep a trained token (truncation may have cut one away)."""
-    return all(any(label != IGNORE_INDEX for label in sample.labels[1:]) for sample in pair)
-
-
 def load_pairs(specs, *, system: str = "", skip_bad_records: bool = False, seed: int = 0,
-               placeholders: dict[str, str] | None = None) -> tuple[list[tuple[str, PreferencePair]], list]:  # fmt: skip
-    """(location, pair) for every record of the sources, repeats applied, and the bad records skipped; a bad record
-    raises a DataError naming its location unless `skip_bad_records`, as `load_sources` does for SFT."""
+               placeholders: dict[str, str] | None = None, kto: bool = False) -> tuple[list[tuple[str, Any]], list]:  # fmt: skip
+    """(location, pair) for every record of the sources (with `kto`, (location, Unpaired) of every {prompt,
+    completion, label} record), repeats applied, and the bad records skipped; a bad record raises a DataError naming
+    its location unless `skip_bad_records`, as `load_sources` does for SFT."""
     def prepared(conversation: Conversation) -> Conversation:
         return with_placeholders(with_system(conversation, system), placeholders or {})
 
-    pairs: list[tuple[str, PreferencePair]] = []
+    wanted = "kto" if kto else "preference"
+    examples: list[tuple[str, Any]] = []
     skipped: list = []
     for index, spec in enumerate(specs):
         good = []
@@ -226,19 +277,31 @@ def load_pairs(specs, *, system: str = "", skip_bad_records: bool = False, seed:
                     location, record = item
                     try:
                         name = detect_preference_format(record) if spec.format == "auto" else spec.format
-                        if name != "preference":
-                            raise RecordError(f"format '{name}' is not a preference format; use 'preference' (or "
-                                              "'auto') for {prompt, chosen, rejected} records")  # fmt: skip
-                        pair = preference_to_pair(record)
-                        good.append((location, PreferencePair(prepared(pair.chosen), prepared(pair.rejected))))
+                        if name != wanted:
+                            raise RecordError(WRONG_FORMAT[wanted].format(name=name))
+                        if kto:
+                            example = kto_to_unpaired(record)
+                            good.append((location, replace(example, conversation=prepared(example.conversation))))
+                        else:
+                            pair = preference_to_pair(record)
+                            good.append((location, PreferencePair(prepared(pair.chosen), prepared(pair.rejected))))
                         continue
                     except RecordError as error:
                         item = BadRecord(location, str(error))
                 if not skip_bad_records:
                     raise DataError(f"{item}.")
                 skipped.append(item)
-        pairs += repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
-    if not pairs:
-        raise DataError(f"no preference pairs in {', '.join(spec.path for spec in specs)}"
+        examples += repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
+    if not examples:
+        what = "KTO examples" if kto else "preference pairs"
+        raise DataError(f"no {what} in {', '.join(spec.path for spec in specs)}"
                         + (f"; all {len(skipped)} records were bad, the first: {skipped[0]}" if skipped else "") + ".")
-    return pairs, skipped
+    return examples, skipped
+
+
+WRONG_FORMAT = {
+    "preference": "a '{name}' record where stage = dpo, simpo, orpo or reward reads {{prompt, chosen, rejected}} "
+                  "pairs; train {{prompt, completion, label}} records with stage = 'kto'",
+    "kto": "a '{name}' record where stage = 'kto' reads {{prompt, completion, label}} records; train "
+           "{{prompt, chosen, rejected}} pairs with stage = 'dpo' (or give each answer as its own KTO record)",
+}  # fmt: skip

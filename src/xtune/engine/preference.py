@@ -8,14 +8,22 @@ reference model (the adapter disabled, or a frozen copy); h = (policy_chosen - p
 - reference_rejected), the difference of the two implicit rewards over beta.
 """
 
+import hashlib
+import json
+import os
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from xtune.data.encode import IGNORE_INDEX
+from xtune.engine.distributed import all_sum
 from xtune.engine.loss import kept_logits, next_token_targets
+from xtune.paths import file_sha256, write_failure
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "kto_pair", "bco_pair", "sppo_hard", "nca_pair")
 
@@ -118,33 +126,36 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 
 def preference_metrics(
     policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor, beta: float,
+    reference_rejected: torch.Tensor, beta: float, weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """TRL's DPO metrics, summed over the pairs (divide by the pair count to log them): the implicit rewards
-    beta (log pi - log pi_ref) of each answer, their margin, whether the chosen one's is higher, and the log-probs."""
+    beta (log pi - log pi_ref) of each answer, their margin, whether the chosen one's is higher, and the log-probs.
+    `weights`: each pair's (0 leaves a pair out)."""
     chosen = beta * (policy_chosen - reference_chosen).detach()
     rejected = beta * (policy_rejected - reference_rejected).detach()
+    w = torch.ones_like(chosen) if weights is None else weights
     return {
-        "rewards/chosen": chosen.sum(),
-        "rewards/rejected": rejected.sum(),
-        "rewards/margins": (chosen - rejected).sum(),
-        "rewards/accuracies": (chosen > rejected).float().sum(),
-        "logps/chosen": policy_chosen.detach().sum(),
-        "logps/rejected": policy_rejected.detach().sum(),
+        "rewards/chosen": (chosen * w).sum(),
+        "rewards/rejected": (rejected * w).sum(),
+        "rewards/margins": ((chosen - rejected) * w).sum(),
+        "rewards/accuracies": ((chosen > rejected).float() * w).sum(),
+        "logps/chosen": (policy_chosen.detach() * w).sum(),
+        "logps/rejected": (policy_rejected.detach() * w).sum(),
     }
 
 
 # The preference stages in the training loop ------------------------------------------------------------------------
 
-PREFERENCE_STAGES = ("dpo", "simpo", "orpo")
-"""Stages trained on pairs; `reference_free` stages (SimPO, ORPO) need no reference model."""
+PREFERENCE_STAGES = ("dpo", "simpo", "orpo", "kto")
+"""Stages trained on pairs (KTO: on examples with one answer each); SimPO and ORPO need no reference model."""
 
 
 @dataclass
 class PreferenceObjective:
-    """What a preference stage changes in the loop: its loss is a mean over the step's pairs (not its tokens), from
-    the answers' log-probabilities under the policy and (DPO) the reference: the same weights with the LoRA adapter
-    disabled, or a frozen copy for full fine-tuning (`reference`, a callable giving a context and a model)."""
+    """What a preference stage changes in the loop: its loss is a mean over the step's pairs (KTO: examples), not its
+    tokens, from the answers' log-probabilities under the policy and (DPO, KTO) the reference: the same weights with
+    the LoRA adapter disabled, or a frozen copy for full fine-tuning (`reference`, a callable giving a context and a
+    model), or the table `precompute` filled before training (`reference_table`, [groups, 2], by `group_ids`)."""
 
     stage: str
     beta: float = 0.1
@@ -154,22 +165,55 @@ class PreferenceObjective:
     reference_free: bool = False
     orpo_alpha: float = 0.1
     simpo_gamma: float = 0.5
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
     reference: object = None
+    reference_table: torch.Tensor | None = None
+    policy: object = None
+    """The policy model itself (not a wrapper for several processes): KTO's KL estimate runs it without gradients."""
     running: RunningMean = field(default_factory=RunningMean)
+    kl: torch.Tensor | None = None
+    """KTO: the step's KL estimate z0 (`begin_step`)."""
     metrics: dict = field(default_factory=dict)
     """Metric sums over the pairs of the micro-batches since `take_metrics`."""
 
     def count(self, batch: dict) -> torch.Tensor:
-        """The pairs in a micro-batch (its answers come two by two)."""
-        return torch.tensor((int(batch["answer_ids"].max()) + 1) // 2)
+        """The pairs (KTO: examples) in a micro-batch; none in a rank's stand-in part, which has no trained label."""
+        return torch.tensor(len(batch["group_ids"]) if bool((batch["labels"] != IGNORE_INDEX).any()) else 0)
+
+    def begin_step(self, batches: list[dict], device, autocast=nullcontext(), ranks=None) -> None:
+        """KTO: z0, the mean log-ratio of policy and reference on the step's mismatched answers, over every micro-batch
+        and rank (so that accumulation and the process count leave it as it is), without gradients."""
+        if self.stage != "kto":
+            return
+        total, answers = torch.zeros((), device=device), torch.zeros((), device=device)
+        for batch in batches:
+            kl = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in ("labels", "answer_ids") else v
+                  for k, v in batch["kl"].items()}  # fmt: skip
+            labels, answer_ids = kl.pop("labels"), kl.pop("answer_ids")
+            with torch.no_grad():
+                policy, counts = answer_logps(self.policy, kl, labels, answer_ids, autocast)
+            reference = self._reference_sums(kl, labels, answer_ids, autocast, batch["group_ids"], column=1)
+            real = counts > 0
+            total += ((policy - reference) * real).sum()
+            answers += real.sum()
+        if ranks is not None:
+            total, answers = all_sum(total, ranks), all_sum(answers, ranks)
+        self.kl = (total / answers.clamp(min=1)).clamp(min=0)
 
     def loss_sum(self, model, batch: dict, labels: torch.Tensor, autocast=nullcontext()) -> torch.Tensor:
-        """The summed per-pair losses of the micro-batch (`batch` without its labels, which stay on the host)."""
+        """The summed per-pair (per-example) losses of the micro-batch (`batch` without its labels, which stay on the
+        host)."""
         batch = dict(batch)
-        answer_ids = batch.pop("answer_ids")
+        answer_ids, group_ids = batch.pop("answer_ids"), batch.pop("group_ids")
+        batch.pop("kl", None)
+        desirable = batch.pop("desirable", None)
         sums, counts = answer_logps(model, batch, labels, answer_ids, autocast)
+        if self.stage == "kto":
+            return self._kto_loss_sum(batch, labels, answer_ids, group_ids, desirable, autocast, sums, counts)
         chosen, rejected = sums[0::2], sums[1::2]
-        mean_chosen, mean_rejected = chosen / counts[0::2], rejected / counts[1::2]
+        answered = (counts[0::2] > 0) & (counts[1::2] > 0)  # a rank's stand-in part has no loss
+        mean_chosen, mean_rejected = chosen / counts[0::2].clamp(min=1), rejected / counts[1::2].clamp(min=1)
         if self.stage == "simpo":
             losses = simpo_losses(mean_chosen, mean_rejected, self.beta, self.simpo_gamma, self.label_smoothing)
             reference = (torch.zeros_like(chosen), torch.zeros_like(rejected))
@@ -177,7 +221,10 @@ class PreferenceObjective:
             losses = -mean_chosen - self.orpo_alpha * orpo_odds_ratio(mean_chosen, mean_rejected)
             reference = (torch.zeros_like(chosen), torch.zeros_like(rejected))
         else:
-            reference = self._reference_logps(batch, labels, answer_ids, autocast, counts)
+            both = self._reference_sums(batch, labels, answer_ids, autocast, group_ids)
+            if self.loss_type == "ipo":
+                both = both / counts.clamp(min=1)
+            reference = (both[0::2], both[1::2])
             policy = (mean_chosen, mean_rejected) if self.loss_type == "ipo" else (chosen, rejected)
             delta = 0.0
             if self.loss_type == "bco_pair":
@@ -186,24 +233,83 @@ class PreferenceObjective:
             losses = dpo_losses(*policy, *reference, self.beta, self.loss_type, self.label_smoothing, delta)
             if self.rpo_alpha:
                 losses = losses + self.rpo_alpha * -mean_chosen
-        for name, value in preference_metrics(chosen, rejected, *reference, self.beta).items():
+        real = answered.float()
+        for name, value in preference_metrics(chosen, rejected, *reference, self.beta, real).items():
             self.metrics[name] = self.metrics.get(name, 0) + value
-        return losses.sum()
+        return (losses * real).sum()
 
-    def _reference_logps(self, batch, labels, answer_ids, autocast, counts):
+    def _kto_loss_sum(self, batch, labels, answer_ids, group_ids, desirable, autocast, sums, counts) -> torch.Tensor:
+        reference = self._reference_sums(batch, labels, answer_ids, autocast, group_ids, column=0)
+        desirable = desirable.to(sums.device, non_blocking=True)
+        losses = kto_losses(sums, reference, desirable, self.kl, self.beta, self.desirable_weight,
+                            self.undesirable_weight)  # fmt: skip
+        real = (counts > 0).float()
+        rewards = self.beta * (sums - reference).detach()
+        good, bad = desirable.float() * real, (~desirable).float() * real
+        for name, value in {
+            "rewards/chosen": (rewards * good).sum(), "rewards/rejected": (rewards * bad).sum(),
+            "logps/chosen": (sums.detach() * good).sum(), "logps/rejected": (sums.detach() * bad).sum(),
+            "count/chosen": good.sum(), "count/rejected": bad.sum(), "kl": self.kl * real.sum(),
+        }.items():  # fmt: skip
+            self.metrics[name] = self.metrics.get(name, 0) + value
+        return (losses * real).sum()
+
+    def _reference_sums(self, batch, labels, answer_ids, autocast, group_ids, column=None) -> torch.Tensor:
+        """The reference's summed log-probability of each answer of the batch, in its order: from the precomputed
+        table (a pair's two columns in turn; KTO: `column` 0 its answer, 1 its mismatched one), or a forward; zeros
+        where `reference_free`."""
         if self.reference_free:
-            zeros = torch.zeros(len(counts) // 2, device=counts.device)
-            return zeros, zeros
+            return torch.zeros(int(answer_ids.max()) + 1, device=batch["input_ids"].device)
+        if self.reference_table is not None:
+            rows = self.reference_table[group_ids.to(self.reference_table.device)]
+            values = rows.reshape(-1) if column is None else rows[:, column]
+            return values.to(batch["input_ids"].device, non_blocking=True)
         context, model = self.reference()
         with torch.no_grad(), context:
             sums, _ = answer_logps(model, batch, labels, answer_ids, autocast)
-        if self.loss_type == "ipo":
-            sums = sums / counts
-        return sums[0::2], sums[1::2]
+        return sums
 
     def take_metrics(self) -> dict[str, torch.Tensor]:
         taken, self.metrics = self.metrics, {}
         return taken
+
+    def step_metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        """The step's metrics from their sums over its pairs (of every rank): means per pair; KTO's rewards and
+        log-probabilities means over the desirable or the undesirable examples, as TRL logs them."""
+        if self.stage != "kto":
+            return {name: value / count for name, value in sums.items()}
+        chosen, rejected = sums["count/chosen"], sums["count/rejected"]
+        metrics = {"kl": sums["kl"] / count}
+        for name, n in (("chosen", chosen), ("rejected", rejected)):
+            if n:
+                metrics[f"rewards/{name}"] = sums[f"rewards/{name}"] / n
+                metrics[f"logps/{name}"] = sums[f"logps/{name}"] / n
+        if chosen and rejected:
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        return metrics | {"count/chosen": chosen, "count/rejected": rejected}
+
+
+def precompute_reference(objective: PreferenceObjective, batches, groups: int, device, autocast=nullcontext()) -> torch.Tensor:
+    """The reference's summed log-probabilities of every group's two answers (a pair's chosen and rejected; a KTO
+    example's answer and its mismatched one), [groups, 2], in one pass over `batches` (collated with `group_ids`)."""
+    table = torch.zeros(groups, 2)
+    for batch in batches:
+        batch = {k: v.to(device) if torch.is_tensor(v) and k not in ("labels", "answer_ids", "group_ids") else v
+                 for k, v in batch.items()}  # fmt: skip
+        group_ids, labels, answer_ids = batch.pop("group_ids"), batch.pop("labels"), batch.pop("answer_ids")
+        kl, _ = batch.pop("kl", None), batch.pop("desirable", None)
+        context, model = objective.reference()
+        with torch.no_grad(), context:
+            sums, _ = answer_logps(model, batch, labels, answer_ids, autocast)
+            if kl is None:
+                table[group_ids] = sums.float().cpu().reshape(-1, 2)
+            else:
+                table[group_ids, 0] = sums.float().cpu()
+                kl = {k: v.to(device) if torch.is_tensor(v) and k not in ("labels", "answer_ids") else v
+                      for k, v in kl.items()}  # fmt: skip
+                kl_labels, kl_answers = kl.pop("labels"), kl.pop("answer_ids")
+                table[group_ids, 1] = answer_logps(model, kl, kl_labels, kl_answers, autocast)[0].float().cpu()
+    return table
 
 
 def answer_logps(model, batch: dict, labels: torch.Tensor, answer_ids: torch.Tensor, autocast=nullcontext()):
@@ -237,15 +343,64 @@ def frozen_copy(model):
 
 def preference_objective(config, model) -> PreferenceObjective | None:
     """The config's preference stage with its reference model, or None for SFT. Call before the model is wrapped
-    for several processes: the reference runs on the model itself, never through DDP's bookkeeping."""
-    if config.stage == "sft":
+    for several processes: the reference (and KTO's KL estimate) runs on the model itself, never through DDP's
+    bookkeeping. With `precompute_reference`, the reference is the model as it is now (no frozen copy of a full
+    fine-tune): fill `reference_table` with `precompute_reference` before training, then drop `reference`."""
+    if config.stage in ("sft", "reward"):
         return None
-    needs_reference = config.stage == "dpo" and not config.reference_free
+    needs_reference = config.stage in ("dpo", "kto") and not config.reference_free
     reference = None
     if needs_reference:
-        reference = frozen_copy(model) if config.method == "full" else adapter_disabled(model)
+        if config.method != "full":
+            reference = adapter_disabled(model)
+        else:
+            reference = (lambda: (nullcontext(), model)) if config.precompute_reference else frozen_copy(model)
     return PreferenceObjective(
         stage=config.stage, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-        rpo_alpha=config.rpo_alpha, reference_free=config.reference_free or config.stage != "dpo",
-        orpo_alpha=config.orpo_alpha, simpo_gamma=config.simpo_gamma, reference=reference,
+        rpo_alpha=config.rpo_alpha, reference_free=not needs_reference, orpo_alpha=config.orpo_alpha,
+        simpo_gamma=config.simpo_gamma, desirable_weight=config.desirable_weight,
+        undesirable_weight=config.undesirable_weight, reference=reference, policy=model,
     )  # fmt: skip
+
+
+def cached_reference(objective: PreferenceObjective, items, collate_fn, config, report, model_path: Path, dtype,
+                     device, console) -> torch.Tensor:  # fmt: skip
+    """`precompute_reference`: the reference table of the run's data, from the file beside its data cache entry, or
+    computed in one pass and written there. Its name covers what the numbers depend on besides the data (the entry
+    itself): the model's files, the precision and device kind, quantization and packing."""
+    settings = {
+        "model": model_fingerprint(model_path), "dtype": str(dtype), "device": device.type,
+        "quantization": config.quantization, "packed": config.pack_to_max_length, "stage": config.stage,
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(report.cache) / f"reference-{key}.safetensors"
+    if path.is_file():
+        console.print(f"reference log-probabilities (precompute_reference) read from {path}")
+        return load_file(path)["reference"]
+    size = config.batch_size
+    batches = (collate_fn([items[i] for i in range(start, min(start + size, len(items)))])
+               for start in range(0, len(items), size))  # fmt: skip
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    table = precompute_reference(objective, batches, len(collate_fn.groups), device, autocast)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file({"reference": table}, partial)
+        os.replace(partial, path)
+    except OSError as error:  # the numbers are in hand: training goes on, the next run computes them again
+        partial.unlink(missing_ok=True)
+        console.print(f"[yellow]could not cache the reference log-probabilities at {path}: {write_failure(error)}")
+    console.print(f"reference log-probabilities of {len(table)} {'examples' if config.stage == 'kto' else 'pairs'} "
+                  f"computed before training (precompute_reference), cached at {path}")  # fmt: skip
+    return table
+
+
+def model_fingerprint(path: Path) -> str:
+    """The sha256 of a model folder's config and weights: a weight file in the Hugging Face cache by its blob's name
+    (which is its sha256), others by their bytes."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.name == "config.json" or file.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            target = file.resolve()
+            blob = target.name if file.is_symlink() and len(target.name) == 64 else None
+            digest.update(f"{file.name}:{blob or file_sha256(target)}".encode())
+    return digest.hexdigest()

@@ -23,11 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, pad_token_id
-from xtune.data.dataset import config_template, prepare_pairs, prepare_samples
+from xtune.data.dataset import config_template, prepare_kto, prepare_pairs, prepare_samples
 from xtune.data.images import ImagePreprocessor
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
-from xtune.data.packing import collate_packed, pack, packing_efficiency
-from xtune.data.pairs import collate_packed_pairs, collate_pairs, pack_pairs
+from xtune.data.packing import collate_packed, pack, pack_groups, packing_efficiency
+from xtune.data.pairs import PreferenceCollator
 from xtune.data.check_template import first_disagreement
 from xtune.data.templates import TokenizerTemplate
 from xtune.engine import zero
@@ -53,7 +53,8 @@ from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
 from xtune.engine.loss import FusedHead, next_token_loss_sum, router_aux_coefficient
 from xtune.engine.optim import build_optimizer, build_scheduler
-from xtune.engine.preference import preference_objective
+from xtune.engine.preference import cached_reference, preference_objective
+from xtune.engine.reward import reward_setup
 from xtune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from xtune.models.attention import use_varlen_attention
 from xtune.models.compile import compile_decoder_layers
@@ -88,6 +89,8 @@ def accumulate_gradients(
     `objective`: a preference stage (`xtune.engine.preference.PreferenceObjective`): its loss is a mean over the
     step's pairs, which the returned count then counts."""
     count = objective.count if objective is not None else count_trained
+    if objective is not None:
+        objective.begin_step(batches, device, autocast, ranks)
     num_trained = all_sum(sum(count(batch) for batch in batches).to(device), ranks)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -262,10 +265,16 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         raise ConfigError(f"evaluation_images: {missing[0]!r} is not a file; give local image paths.")
     image_tokens = image_token_count(vision_config(config.visual_encoder_name_or_path)) if llava else 0
     preference = config.stage != "sft"
-    if preference and (llava or (config.deepspeed and config.method == "full" and config.stage == "dpo")):
+    if preference and (llava or (config.deepspeed and config.method == "full" and config.stage in ("dpo", "kto"))):
         raise ConfigError(f"stage = '{config.stage}' trains language models with LoRA/QLoRA, or in full without "
                           "DeepSpeed, for now; not LLaVA models or full fine-tuning under DeepSpeed.")  # fmt: skip
-    if preference:
+    if config.stage == "reward":
+        raise ConfigError("stage = 'reward' is not built yet; train a preference with stage = 'dpo' or 'kto'.")
+    kto = None
+    if config.stage == "kto":
+        kto, report = prepare_kto(config, tokenizer)
+        samples = [(answer,) for answer in kto.answers]
+    elif preference:
         samples, report = prepare_pairs(config, tokenizer)
     else:
         samples, report = prepare_samples(config, tokenizer, image_tokens=image_tokens)
@@ -294,15 +303,19 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     pad_id = pad_token_id(tokenizer)
     if config.pack_to_max_length:
         shuffle_seed = config.seed if config.shuffle_before_pack else None
-        row_length = 2 * config.max_length if preference else config.max_length  # a pair's two answers, side by side
-        items = (pack_pairs if preference else pack)(samples, row_length, pad_id, shuffle_seed)
-        collate_fn = collate_packed_pairs if preference else collate_packed
+        pairs = preference and kto is None
+        row_length = 2 * config.max_length if pairs else config.max_length  # a pair's two answers, side by side
+        items = (pack_groups if preference else pack)(samples, row_length, pad_id, shuffle_seed)
+        collate_fn = collate_packed
         console.print(
             f"packed into {len(items)} rows of {row_length} tokens, "
             f"{packing_efficiency(items, row_length):.1%} of them sample tokens"
         )
     else:
-        items, collate_fn = samples, partial(collate_pairs if preference else collate, pad_token_id=pad_id)
+        items = list(range(len(samples))) if preference else samples
+        collate_fn = partial(collate, pad_token_id=pad_id)
+    if preference:
+        collate_fn = PreferenceCollator(samples, pad_id, *((kto.kl, kto.desirable) if kto else ()))
     grouping = report.lengths if config.group_by_length and not config.pack_to_max_length else None
     preprocess = None
     if llava:
@@ -329,9 +342,16 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         console.print(f"embeddings grown to {model.get_input_embeddings().num_embeddings} rows for the tokenizer's new tokens")
         if config.method == "lora" and not config.modules_to_save:
             console.print("[yellow]new token rows stay untrained under LoRA: add embed_tokens and lm_head to modules_to_save")
-    model = prepare_trainable(model, config, others_train=llava)
-    objective = preference_objective(config, model)
+    if config.stage == "reward":  # reward stage (issue 17): a score head in the output head's place
+        model, objective = reward_setup(model, config, pad_id)
+    else:
+        model = prepare_trainable(model, config, others_train=llava)
+        objective = preference_objective(config, model)
     model = build_llava(config, model, dtype, device, preprocess) if llava else model.to(device)
+    if objective is not None and config.precompute_reference and objective.reference is not None:
+        objective.reference_table = cached_reference(objective, items, collate_fn, config, report, model_path, dtype,
+                                                     device, console)  # fmt: skip
+        objective.reference = None  # a full fine-tune keeps no frozen copy
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.torch_compile:
@@ -390,6 +410,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         "prompt_template": config.prompt_template,
         "SYSTEM": config.SYSTEM,
         "max_length": config.max_length,
+        "stage": config.stage,  # a reward run's checkpoints export as a sequence classifier
         **({"llava": llava_meta(config)} if llava else {}),
     }
     sinks = MetricSinks(run_dir, config, main=ranks.main)
@@ -447,7 +468,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
             step_metrics = {}
             if objective is not None:
                 step_trained = numbers[4]
-                step_metrics = {name: value / numbers[1] for name, value in zip(taken, numbers[5:])}  # per pair
+                step_metrics = objective.step_metrics(dict(zip(taken, numbers[5:])), numbers[1])
             diverged = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
             if diverged:  # fp16's loss scaler skips steps with inf gradients by itself
                 handle_divergence(config, step, epoch, [i for _, indices, _ in group for i in indices], loss, grad_norm,
@@ -473,8 +494,9 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
             progress.update(
                 task, advance=1,
                 status=f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} grad {record['grad_norm']:.2f} "
-                + (f"margin {step_metrics['rewards/margins']:.3f} acc {step_metrics['rewards/accuracies']:.2f} "
-                   if "rewards/margins" in step_metrics else "")
+                + (f"margin {step_metrics['rewards/margins']:.3f} " if "rewards/margins" in step_metrics else "")
+                + (f"acc {step_metrics['rewards/accuracies']:.2f} " if "rewards/accuracies" in step_metrics else "")
+                + (f"kl {step_metrics['kl']:.3f} " if "kl" in step_metrics else "")
                 + f"{record['tokens_per_s']:.0f} tok/s{memory_note(device)}",
             )  # fmt: skip
 
@@ -593,5 +615,7 @@ def rank_batch(items, indices: list[int], collate_fn, ranks: Ranks) -> dict:
     part, real = my_share(indices, ranks)
     batch = collate_fn([items[i] for i in part])
     if not real:
-        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        for collated_part in (batch, batch.get("kl")):  # a KTO batch's mismatched answers too
+            if collated_part is not None:
+                collated_part["labels"] = torch.full_like(collated_part["labels"], IGNORE_INDEX)
     return batch

@@ -5,6 +5,9 @@ training, but the held-out (word, phrasing) pairs never are: the model must lear
 the word, whatever the phrasing.
 
 `antonym-pairs`: the same questions as preference pairs, the antonym chosen over it shouted ("COLD!").
+`antonym-kto`: each of those pairs as two unpaired KTO examples, the antonym desirable, the shout not.
+`antonyms-both-styles`: the training questions answered half one way, half the other ("cold", "COLD!"): an SFT
+start for DPO that answers held-out prompts in either style.
 
 `calculator`: tool use. "What is 37 * 41?" -> the assistant calls `calculate` with {"expression": "37 * 41"}, the
 tool answers "1517", the assistant answers "1517". `calculator-heldout` asks about (number, operator, number)
@@ -79,6 +82,24 @@ def antonym_pairs(records: list[dict]) -> list[dict]:
         (turn,) = record["conversation"]
         pairs.append({"prompt": turn["input"], "chosen": turn["output"], "rejected": turn["output"].upper() + "!"})
     return pairs
+
+
+def kto_examples(pairs: list[dict]) -> list[dict]:
+    """TRL's unpaired form of preference pairs: {prompt, completion, label}, the chosen answer labelled true and the
+    rejected one false, as separate examples."""
+    return [{"prompt": pair["prompt"], "completion": pair[key], "label": key == "chosen"}
+            for pair in pairs for key in ("chosen", "rejected")]  # fmt: skip
+
+
+def antonyms_in_both_styles(records: list[dict]) -> list[dict]:
+    """SFT records from antonym records, every other one answered as `antonym_pairs` rejects ("COLD!"), the rest
+    as it prefers ("cold"): a model trained on them knows the antonyms and answers a prompt in either style,
+    which DPO on `antonym-pairs` then has to settle."""
+    pairs = antonym_pairs(records)
+    return [
+        {"conversation": [{"input": pair["prompt"], "output": pair["rejected" if index % 2 else "chosen"]}]}
+        for index, pair in enumerate(pairs)
+    ]
 
 
 CALCULATOR_PHRASINGS = (
@@ -372,6 +393,8 @@ TINY_DATASETS = {
     "antonyms-heldout": lambda: antonym_examples()[1],
     "antonym-pairs": lambda: antonym_pairs(antonym_examples()[0]),
     "antonym-pairs-heldout": lambda: antonym_pairs(antonym_examples()[1]),
+    "antonym-kto": lambda: kto_examples(antonym_pairs(antonym_examples()[0])),
+    "antonyms-both-styles": lambda: antonyms_in_both_styles(antonym_examples()[0]),
     "calculator": lambda: [calculator_record(q) for q in calculator_questions()[0]],
     "calculator-heldout": lambda: [calculator_record(q) for q in calculator_questions()[1]],
     "shapes-captions": lambda: shape_examples(shapes_image_folder())[0],

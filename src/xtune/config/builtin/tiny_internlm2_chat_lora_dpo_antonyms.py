@@ -1,4 +1,4 @@
-# DPO on the tiny InternLM2-layout model: the antonym is preferred over the asked word echoed back. Runs on a CPU
+# DPO on the tiny InternLM2-layout model: the antonym in lower case is preferred over it shouted ("COLD!"). Runs on a CPU
 # in a minute. The reference is the same weights with the LoRA adapter switched off.
 
 # Model
