@@ -1,0 +1,116 @@
+"""The reward stage (`stage = "reward"`): a reward model trained on preference pairs, in the same loop as SFT and DPO.
+
+Each answer's reward r is the score head (`xtune.models.reward`) at the answer's last token that is not padding: the
+last position of its segment in a packed row, its row's last non-pad token unpacked, which is where transformers'
+sequence classifiers read it. The loss is Bradley-Terry's -log s(r_chosen - r_rejected - margin), a mean over the
+step's pairs, with Llama 2's margin where the pairs carry one (`RewardObjective.margins`), else 0; the metrics are TRL's
+names for the rewards, summed over the pairs as `xtune.engine.preference.preference_metrics` sums them.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from xtune.config.schema import Config
+from xtune.data.encode import IGNORE_INDEX
+from xtune.engine.loss import kept_logits
+from xtune.engine.preference import bradley_terry_loss
+from xtune.errors import ConfigError
+from xtune.models.lora import prepare_trainable
+from xtune.models.reward import SCORE_HEAD, with_score_head
+
+
+def answer_rewards(
+    model, batch: dict, answer_ids: torch.Tensor, pad_token_id: int, autocast=nullcontext()
+) -> torch.Tensor:  # fmt: skip
+    """Each answer's reward [answers], fp32: `answer_ids` [rows, tokens] says which answer each position belongs to
+    (as `xtune.data.pairs` collates pairs, packed or not), -1 on padding. Every position of the answers goes through
+    the head (one output column: cheap), and each answer's last non-pad one is picked on the device, without a
+    host sync. A sample always holds its prompt's tokens, so an answer has a non-pad token."""
+    device = batch["input_ids"].device
+    keep = answer_ids >= 0
+    flat = keep.flatten().nonzero().squeeze(1)
+    answers = answer_ids.flatten()[flat].to(device, non_blocking=True)
+    flat = flat.to(device, non_blocking=True)
+    _, scores = kept_logits(model, batch, keep, flat, autocast)
+    tokens = batch["input_ids"].flatten().index_select(0, flat)
+    positions = torch.arange(flat.numel(), device=device)
+    candidates = torch.where(tokens != pad_token_id, positions, -1)
+    count = int(answer_ids.max()) + 1
+    last = torch.full((count,), -1, device=device).scatter_reduce_(0, answers, candidates, "amax")
+    return scores[last, 0].float()
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's reward metrics, summed over the pairs (divide by the pair count to log them)."""
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+    }
+
+
+@dataclass
+class RewardObjective:
+    """What the reward stage changes in the loop, in the shape of `PreferenceObjective`: a loss summed over a
+    micro-batch's pairs, their count, and the metric sums since `take_metrics`. `margins`: each pair's margin
+    [pairs], by the batches' `group_ids` (the pairs' places in the training data); None: every margin 0."""
+
+    pad_token_id: int
+    margins: torch.Tensor | None = None
+    reference: object = None
+    """A reward model has no reference model (nothing to precompute)."""
+    metrics: dict = field(default_factory=dict)
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """The pairs in a micro-batch; none in a rank's stand-in part (`rank_batch`: every label ignored)."""
+        return torch.tensor(len(batch["group_ids"]) if _trains(batch["labels"]) else 0)
+
+    def begin_step(self, batches: list[dict], device, autocast=nullcontext(), ranks=None) -> None:
+        """Nothing is computed over a whole step before its micro-batches."""
+
+    def loss_sum(self, model, batch: dict, labels: torch.Tensor, autocast=nullcontext()) -> torch.Tensor:
+        """The summed per-pair losses of the micro-batch (`batch` without its labels, which stay on the host)."""
+        group_ids, answer_ids = batch["group_ids"], batch["answer_ids"]
+        batch = {key: value for key, value in batch.items() if key not in ("group_ids", "answer_ids", "kl", "desirable")}
+        rewards = answer_rewards(model, batch, answer_ids, self.pad_token_id, autocast)
+        chosen, rejected = rewards[0::2], rewards[1::2]
+        margins = None
+        if self.margins is not None:
+            margins = self.margins.to(group_ids.device)[group_ids].to(rewards.device, non_blocking=True)
+        losses = bradley_terry_loss(chosen, rejected, margins)
+        if not _trains(labels):  # a stand-in part runs forward and backward with every rank, and weighs nothing
+            return losses.sum() * 0
+        for name, value in reward_metrics(chosen, rejected).items():
+            self.metrics[name] = self.metrics.get(name, 0) + value
+        return losses.sum()
+
+    def take_metrics(self) -> dict[str, torch.Tensor]:
+        taken, self.metrics = self.metrics, {}
+        return taken
+
+    def step_metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        """The step's metrics from their sums over its pairs (of every rank): means per pair."""
+        return {name: value / count for name, value in sums.items()}
+
+
+def _trains(labels: torch.Tensor) -> bool:
+    return bool((labels != IGNORE_INDEX).any())
+
+
+def reward_setup(model, config: Config, pad_token_id: int):
+    """(the model to train, its objective) for `stage = "reward"`: the causal LM's output head swapped for a new
+    score head, made trainable as the config says (under LoRA/QLoRA the head trains in full, in the adapter's
+    `modules_to_save`, so checkpoints hold it and a resume restores it), and the Bradley-Terry objective."""
+    if config.evaluation_inputs:
+        raise ConfigError(
+            "stage = 'reward' trains a model that scores answers and does not generate them: set "
+            "evaluation_inputs = [] (`xtune reward score` scores held-out pairs)."
+        )
+    model = with_score_head(model, config.seed)
+    if SCORE_HEAD not in config.modules_to_save:
+        config = config.model_copy(update={"modules_to_save": [*config.modules_to_save, SCORE_HEAD]})
+    return prepare_trainable(model, config), RewardObjective(pad_token_id)
