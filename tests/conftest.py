@@ -22,6 +22,22 @@ def openai_message(turn) -> dict:
     return message
 
 
+def system_in_last_user_turn(conversation):
+    """The conversation as Mistral v0.3's jinja must be given it to write what xtune writes: the jinja writes the
+    system text into the last user turn only when the conversation ends with that turn (it drops it otherwise);
+    xtune writes it there always, as mistral-common does. Written here, once, for the tests that compare the two."""
+    from dataclasses import replace
+
+    from xtune.data.formats import Turn
+
+    if conversation.system is None or conversation.turns[-1].role == "user":
+        return conversation
+    turns = conversation.turns[1:]
+    last = max(index for index, turn in enumerate(turns) if turn.role == "user")
+    moved = Turn("user", f"{conversation.system}\n\n{turns[last].content}")
+    return replace(conversation, turns=(*turns[:last], moved, *turns[last + 1 :]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def xtune_home(tmp_path_factory):
     """Tiny models and caches go to a fresh folder, not ~/.cache/xtune."""

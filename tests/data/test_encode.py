@@ -118,6 +118,7 @@ TRAINED_RUNS = {
     "llama3_chat": ["cold<|eot_id|><", "small<|eot_id|>"],
     "mistral": ["cold</s>", "small</s>"],
     "mixtral": ["cold</s>", "small</s>"],
+    "mistral_v0_3": [" cold</s>", " small</s>"],  # the space after [/INST] is the answer's
     "gemma": ["cold<end_of_turn>", "small<end_of_turn>"],
     "phi3_chat": ["cold<|end|>", "small<|end|>", "</s>"],
     "phi3_5": ["cold<|end|>", "small<|end|>", "</s>"],

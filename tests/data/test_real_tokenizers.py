@@ -1,17 +1,19 @@
 """Training data with real tokenizers (../shared/tokenizers): the ids equal the family's official chat template's,
 a server's generation prompt is a prefix of them, and the labels cover the replies and their end markers.
 
-Each named template is paired with the tokenizer of its family; Phi-3's is Llama 2's with Phi-3's added tokens."""
+Each named template is paired with the tokenizer of its family; Phi-3's is Llama 2's with Phi-3's added tokens, and
+Mistral v0.3's is v0.1's SentencePiece model (../shared has v0.1's only) with v0.3's control tokens added."""
 
 import copy
 import json
 import shutil
 from dataclasses import replace
+from itertools import groupby
 
 import pytest
 from transformers import AddedToken
 
-from conftest import SHARED_TOKENIZERS
+from conftest import SHARED_TOKENIZERS, system_in_last_user_turn
 from xtune.data.check_template import PROBES, check_template, first_disagreement
 from xtune.data.encode import IGNORE_INDEX, encode
 from xtune.data.formats import Turn
@@ -22,10 +24,10 @@ from xtune.models.load import load_tokenizer
 PAIRS = {
     "internlm2_chat": "internlm2", "qwen_chat": "qwen2", "llama3_chat": "llama3", "llama2_chat": "llama2",
     "mistral": "mistral", "mixtral": "mistral", "zephyr": "mistral", "phi3_chat": "phi3", "qwen3": "qwen3",
-    "phi3_5": "phi3",
+    "phi3_5": "phi3", "mistral_v0_3": "mistral_v0_3",
 }  # fmt: skip
 """Named template -> the family's tokenizer (Zephyr and Mixtral use Mistral's; Qwen3's is Qwen2.5's with its added
-tokens; Phi-3.5-mini's is Phi-3-mini's)."""
+tokens; Phi-3.5-mini's is Phi-3-mini's; Mistral v0.3's is v0.1's with its control tokens)."""
 
 NOT_A_PREFIX = {("internlm2_chat", "reply starts with a newline"), ("qwen_chat", "reply starts with a newline")}
 """Where the official template itself breaks train = serve: the header's "\\n" and a reply's leading "\\n" are one
@@ -38,10 +40,17 @@ PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placehold
 """Phi-3-mini's added tokens, ids 32000-32010 after Llama 2's vocabulary; all but <|endoftext|> strip what follows."""
 QWEN3_ADDED = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
 """Qwen3's added tokens after Qwen2.5's, ids 151665-151668 (not special)."""
+MISTRAL_V0_3_CONTROL = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                        "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]  # fmt: skip
+"""Mistral v0.3's control tokens (ids 3-9 of its 32,768, before v0.1's pieces; here after them), special, none
+stripping; in v0.1 "[INST]" is text. Added to v0.1's tokenizer.model as transformers converts it (v0.1's
+tokenizer.json writes an extra "▁" after a special token), they tokenize as v0.3's own model file does
+(mistral-common's mistral_instruct_tokenizer_240323.model.v3, compared once on PROBES and an agent conversation,
+ids mapped by piece)."""
 
 
 @pytest.fixture(scope="module")
-def family(real_tokenizer):
+def family(real_tokenizer, tmp_path_factory):
     """`family("qwen_chat")`: the family's tokenizer, with the template's official jinja as its chat_template."""
     made = {}
 
@@ -55,6 +64,15 @@ def family(real_tokenizer):
             elif PAIRS[name] == "qwen3":
                 tokenizer = copy.deepcopy(real_tokenizer("qwen2"))
                 tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED])
+            elif PAIRS[name] == "mistral_v0_3":
+                real_tokenizer("mistral")  # skips without it
+                folder = tmp_path_factory.mktemp("mistral_v0_3")
+                for file in ("config.json", "tokenizer_config.json", "tokenizer.model"):
+                    shutil.copy(SHARED_TOKENIZERS / "mistral" / file, folder)
+                tokenizer = load_tokenizer(folder)
+                added = [AddedToken(t, special=True, normalized=False) for t in MISTRAL_V0_3_CONTROL]
+                tokenizer.add_tokens(added, special_tokens=True)
+                assert tokenizer.convert_tokens_to_ids("[/TOOL_RESULTS]") == 32006
             else:
                 tokenizer = copy.deepcopy(real_tokenizer(PAIRS[name]))
             tokenizer.chat_template = official_chat_template(name)
@@ -90,7 +108,9 @@ def test_training_ids_equal_the_official_templates(family, name, probe):
     tokenizer, conversation = family(name), PROBES[probe]
     if refuses(tokenizer, conversation):
         pytest.skip(f"the official {name} template has no system role")
-    expected = official_ids(tokenizer, conversation)
+    # mistral_v0_3: its jinja drops the system text of a whole conversation; xtune writes it into the last user turn
+    given = system_in_last_user_turn(conversation) if name == "mistral_v0_3" else conversation
+    expected = official_ids(tokenizer, given)
     if name == "qwen_chat" and conversation.system is None:  # xtune's choice: no default system prompt (docs/data.md)
         default = tokenizer(QWEN_DEFAULT_SYSTEM, add_special_tokens=False)["input_ids"]
         assert expected[: len(default)] == default
@@ -127,7 +147,7 @@ def trained_runs(tokenizer, encoded):
 END_MARKERS = {
     "internlm2_chat": "<|im_end|>", "qwen_chat": "<|im_end|>", "llama3_chat": "<|eot_id|>", "llama2_chat": " </s>",
     "mistral": "</s>", "mixtral": "</s>", "zephyr": "</s>", "phi3_chat": "<|end|>",
-    "phi3_5": "<|end|>",
+    "phi3_5": "<|end|>", "mistral_v0_3": "</s>",
 }  # fmt: skip
 
 
@@ -163,6 +183,64 @@ def test_phi3s_stripping_markers_are_not_trained(family):
     assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
     position = encoded.input_ids.index(assistant)
     assert encoded.labels[position] == IGNORE_INDEX and encoded.labels[position + 1] != IGNORE_INDEX
+
+
+MISTRAL_AGENT_RECORD = {"messages": [
+    {"role": "system", "content": "Use the tools."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "abc123def", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"id": "A1b2C3d4E", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+    {"role": "tool", "tool_call_id": "abc123def", "content": '{"celsius": 22}'},
+    {"role": "tool", "tool_call_id": "A1b2C3d4E", "content": "18 °C"},
+    {"role": "assistant", "content": "22 °C in Paris, 18 in Rome."},
+], "tools": [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_mistral_v0_3_agent_ids_equal_its_jinjas_and_train_the_calls_and_the_answer(family, system):
+    """v0.3's control tokens around the tools, calls and results: the ids of the whole conversation are the jinja's,
+    the jinja's prompt for each step is a prefix of them (without a system text: after tool results the jinja
+    drops it), and the calls, the answer and their </s> are trained, [TOOL_CALLS] with them."""
+    from conftest import openai_message
+    from xtune.data.formats import openai_to_standard
+
+    tokenizer = family("mistral_v0_3")
+    messages = MISTRAL_AGENT_RECORD["messages"]
+    record = {**MISTRAL_AGENT_RECORD, "messages": messages if system else messages[1:]}
+    conversation = openai_to_standard(record)
+
+    def jinja_ids(conversation):
+        messages = [openai_message(turn) for turn in conversation.turns]
+        return tokenizer.apply_chat_template(messages, tools=record["tools"], tokenize=True, return_dict=False)
+
+    encoded = encode(conversation, get_template("mistral_v0_3"), tokenizer)
+    assert encoded.input_ids == jinja_ids(system_in_last_user_turn(conversation))
+    control = [tokenizer.convert_tokens_to_ids(token) for token in MISTRAL_V0_3_CONTROL]
+    assert [i for i in encoded.input_ids if i in control] == [control[i] for i in (3, 4, 0, 1, 2, 5, 6, 5, 6)]
+    trained = [
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}, '
+        '{"name": "get_weather", "arguments": {"city": "Rome"}, "id": "A1b2C3d4E"}]</s>',
+        " 22 °C in Paris, 18 in Rome.</s>",
+    ]  # compared as ids: decoding writes a space after a control token that the text does not have
+    runs = groupby(zip(encoded.input_ids, encoded.labels), key=lambda pair: pair[1] != IGNORE_INDEX)
+    assert [[token for token, _ in run] for is_trained, run in runs if is_trained] == [
+        tokenizer(text, add_special_tokens=False)["input_ids"] for text in trained
+    ]
+    steps = [index for index, turn in enumerate(conversation.turns) if turn.role == "assistant"]
+    prompts = [jinja_ids(replace(conversation, turns=conversation.turns[:index])) for index in steps]
+    assert [encoded.input_ids[: len(prompt)] == prompt for prompt in prompts] == [True, not system]
+
+
+def test_check_template_finds_mistral_v0_3_apart_from_its_jinja_on_the_system_probes_only(family):
+    """What `xtune train` warns about with a v0.3 tokenizer: its jinja drops the system text of a conversation that
+    ends with an answer. Every prompt of the jinja is a prefix of the training ids all the same."""
+    results = check_template(family("mistral_v0_3"), get_template("mistral_v0_3"))
+    assert [r.probe for r in results if not r.identical] == [name for name, c in PROBES.items() if c.system is not None]
+    assert all(r.prefix_holds for r in results)
 
 
 # check-template and the warning at train start ------------------------------------------------------------------

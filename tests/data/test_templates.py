@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import openai_message
+from conftest import openai_message, system_in_last_user_turn
 from xtune.data.formats import Conversation, ToolCall, Turn
 from xtune.data.templates import (
     TEMPLATES,
@@ -66,6 +66,9 @@ RENDERED = {
     ),
     "mixtral": (
         "<s>[INST] You are helpful.\n\nWhat is the opposite of hot? [/INST]cold</s>[INST] And of big? [/INST]small</s>"
+    ),
+    "mistral_v0_3": (  # the system text opens the last user turn
+        "<s>[INST] What is the opposite of hot?[/INST] cold</s>[INST] You are helpful.\n\nAnd of big?[/INST] small</s>"
     ),
     "gemma": (
         "<bos><start_of_turn>user\nYou are helpful.\n\nWhat is the opposite of hot?<end_of_turn>\n"
@@ -176,7 +179,7 @@ RENDERED = {
 OFFICIAL = [
     "internlm2_chat", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "mixtral", "gemma", "phi3_chat", "zephyr",
     "deepseek_v2", "chatglm3", "qwen3", "llama3_1", "phi4", "deepseek_coder", "minicpm", "minicpm3", "phi3_5",
-    "yi_chat", "glm4", "deepseek_v3",
+    "yi_chat", "glm4", "deepseek_v3", "mistral_v0_3",
 ]  # fmt: skip
 WITHOUT_SYSTEM_ROLE = {"mistral", "mixtral"}
 """Their official jinja rejects a system turn."""
@@ -208,10 +211,12 @@ QWEN_DEFAULT_SYSTEM = (
 
 
 def official_as_xtune(tokenizer, name, conversation):
-    """The official text with xtune's two documented deviations: ChatGLM3's, GLM-4's and MiniCPM's conversations end
-    with EOS (the GLMs' own fine-tuning code writes one, their jinja does not), and qwen_chat writes no default system
-    prompt."""
+    """The official text with xtune's documented deviations: ChatGLM3's, GLM-4's and MiniCPM's conversations end
+    with EOS (the GLMs' own fine-tuning code writes one, their jinja does not), qwen_chat writes no default system
+    prompt, and mistral_v0_3 writes the system text into the last user turn also when an answer follows it."""
     prompting = conversation.turns[-1].role != "assistant"
+    if name == "mistral_v0_3":
+        conversation = system_in_last_user_turn(conversation)
     text = official(tokenizer, name, conversation, add_generation_prompt=prompting)
     if name in ("chatglm3", "glm4", "minicpm") and not prompting:  # GLM-4's and MiniCPM's jinja write no EOS either
         text += tokenizer.eos_token
@@ -283,6 +288,30 @@ def test_families_without_a_system_role_open_the_first_user_turn_with_it():
     assert text_of(conversation, get_template("llama2_chat")) == (
         "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s>"
     )
+
+
+def test_mistral_v0_3_writes_the_system_text_where_its_jinja_prompts_for_the_last_answer(tokenizer):
+    """Its jinja writes the system text into the last user turn only when the conversation ends there, so it drops
+    it from a whole conversation; xtune trains with it where the jinja's prompt for the last answer has it."""
+    template = get_template("mistral_v0_3")
+    prompt = replace(TWO_TURNS, turns=TWO_TURNS.turns[:-1])
+    assert generation_prompt(prompt, template, tokenizer) == official(tokenizer, "mistral_v0_3", prompt, True) == (
+        "<s>[INST] What is the opposite of hot?[/INST] cold</s>[INST] You are helpful.\n\nAnd of big?[/INST]"
+    )
+    assert text_of(TWO_TURNS, template, tokenizer) == generation_prompt(prompt, template, tokenizer) + " small</s>"
+    assert official(tokenizer, "mistral_v0_3", TWO_TURNS) == (
+        "<s>[INST] What is the opposite of hot?[/INST] cold</s>[INST] And of big?[/INST] small</s>"
+    )
+    spaced = Conversation((Turn("system", " Be brief. "), Turn("user", " Hi \n"), Turn("assistant", "\nHello ", True)))
+    assert text_of(spaced, template, tokenizer) == "<s>[INST]  Be brief. \n\n Hi \n[/INST] Hello</s>"  # answers trimmed
+    assert text_of(spaced, template, tokenizer) == official_as_xtune(tokenizer, "mistral_v0_3", spaced)
+    with pytest.raises(XtuneError, match="writes the system prompt into the next user turn, but no user turn follows"):
+        render(Conversation((*TWO_TURNS.turns[1:3], Turn("system", "Late."))), template)
+    generated = jinja_of(template)  # what `mistral_v0_3+react` is saved with
+    for conversation in (TWO_TURNS, prompt, spaced):
+        assert tokenizer.apply_chat_template(messages(conversation), chat_template=generated, tokenize=False) == (
+            text_of(conversation, template, tokenizer)
+        )
 
 
 def test_a_system_prompt_without_a_user_turn_after_it_is_an_error_where_it_goes_into_one():

@@ -4,12 +4,13 @@ import copy
 import json
 import re
 from dataclasses import replace
+from itertools import groupby
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import openai_message
+from conftest import openai_message, system_in_last_user_turn
 from xtune.data.encode import IGNORE_INDEX, encode
 from xtune.data.formats import (
     FORMATS,
@@ -441,3 +442,161 @@ def test_hf_gives_mistral_v0_3s_jinja_the_call_ids_it_needs(tokenizer):
     del record["messages"][1]["tool_calls"][0]["id"], record["messages"][2]["tool_call_id"]
     with pytest.raises(XtuneError, match="Tool call IDs should be alphanumeric strings with length 9"):
         encode(openai_to_standard(record), TokenizerTemplate(), mistral)
+
+
+# ---------------------------------------------------------------- Mistral v0.3
+
+
+def official_mistral_v0_3(tokenizer, conversation):
+    """The jinja's text, given the system text in the last user turn where xtune writes it (conftest)."""
+    conversation = system_in_last_user_turn(conversation)
+    return tokenizer.apply_chat_template(
+        [openai_message(turn) for turn in conversation.turns],
+        tools=[json.loads(tool) for tool in conversation.tools] or None,
+        chat_template=official_chat_template("mistral_v0_3"),
+        tokenize=False,
+    )
+
+
+MISTRAL_AGENT = Conversation(
+    (
+        Turn("system", "You may call tools."),
+        Turn("user", "Weather in Paris and Rome?"),
+        Turn("assistant", "Let me look.", True, tool_calls=(
+            ToolCall("get_weather", '{"city": "Paris"}', "abc123def"),
+            ToolCall("get_weather", '{"city": "Rome"}', "A1b2C3d4E"),
+        )),  # fmt: skip
+        Turn("tool", '{"celsius": 22}', name="get_weather", call_id="abc123def"),
+        Turn("tool", "18", name="get_weather", call_id="A1b2C3d4E"),
+        Turn("assistant", " It is 22 and 18.\n", True),
+    ),
+    tools=(WEATHER_TOOL,),
+)
+
+
+def test_mistral_v0_3_writes_tools_calls_and_results_as_its_jinja_does(tokenizer):
+    segments = render(MISTRAL_AGENT, get_template("mistral_v0_3"), tokenizer)
+    assert "".join(text for text, _ in segments) == official_mistral_v0_3(tokenizer, MISTRAL_AGENT)
+    assert segments == [
+        ("<s>", False),
+        ('[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a '
+         'city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]'
+         "[/AVAILABLE_TOOLS]", False),
+        ("[INST] You may call tools.\n\nWeather in Paris and Rome?[/INST]", False),
+        ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}, {"name": '
+         '"get_weather", "arguments": {"city": "Rome"}, "id": "A1b2C3d4E"}]</s>', True),  # "Let me look." is dropped
+        ('[TOOL_RESULTS] {"content": {"celsius": 22}, "call_id": "abc123def"}[/TOOL_RESULTS]'
+         '[TOOL_RESULTS] {"content": 18, "call_id": "A1b2C3d4E"}[/TOOL_RESULTS]', False),  # the content unquoted
+        (" ", True),
+        ("It is 22 and 18.</s>", True),
+    ]  # fmt: skip
+    prompt = replace(MISTRAL_AGENT, turns=MISTRAL_AGENT.turns[1:5])  # after the results; the jinja's own text
+    assert "".join(text for text, _ in render(prompt, get_template("mistral_v0_3"), tokenizer)) == (
+        tokenizer.apply_chat_template([openai_message(turn) for turn in prompt.turns], tools=[json.loads(WEATHER_TOOL)],
+                                      chat_template=official_chat_template("mistral_v0_3"), tokenize=False)
+    )  # fmt: skip
+
+
+def test_mistral_v0_3_writes_the_tools_before_the_last_user_turn_only(tokenizer):
+    rounds = Conversation(
+        (Turn("user", "Hi"), Turn("assistant", "Hello", True), *MISTRAL_AGENT.turns[1:]), tools=(WEATHER_TOOL,)
+    )
+    text = "".join(text for text, _ in render(rounds, get_template("mistral_v0_3"), tokenizer))
+    assert text.startswith("<s>[INST] Hi[/INST] Hello</s>[AVAILABLE_TOOLS] [") and text.count("[AVAILABLE_TOOLS]") == 1
+    assert text == official_mistral_v0_3(tokenizer, rounds)
+    with pytest.raises(XtuneError, match="writes the tools offered before the last user turn; it has none"):
+        render(Conversation((Turn("assistant", "Hello", True),), tools=(WEATHER_TOOL,)), get_template("mistral_v0_3"))
+
+
+@pytest.mark.parametrize("call_id, result_id", [
+    (None, "abc123def"), ("abc123de", "abc123de"), ("abc-12345", "abc-12345"), ("abc123def", None),
+])  # fmt: skip
+def test_mistral_v0_3_refuses_ids_that_are_not_9_letters_and_digits(call_id, result_id):
+    """The jinja raises on ids of another length; mistral-common also refuses other characters (it would write
+    a 9-character id with a quote into the JSON as it is)."""
+    turns = (
+        Turn("user", "Weather in Paris?"),
+        Turn("assistant", "", True, (ToolCall("get_weather", '{"city": "Paris"}', call_id),)),
+        Turn("tool", "22", name="get_weather", call_id=result_id),
+    )
+    with pytest.raises(DataError, match=r"has id .*format 'mistral_v0_3' writes ids matching \[A-Za-z0-9\]\{9\}: give"):
+        render(Conversation(turns), get_template("mistral_v0_3"))
+
+
+def test_mistral_v0_3_trains_what_hf_with_its_jinja_trains_and_the_earlier_rounds_too(tokenizer):
+    """A record read with its ids (a result naming none gets its call's, by position) through the named template
+    and through `hf` with the carried jinja: the same ids, and the same labels for one round. With more rounds, `hf`
+    trains the last only: the jinja writes the tools before the last user turn, so a prefix ending at an earlier
+    one renders differently from the whole."""
+    from xtune.data.templates import TokenizerTemplate
+
+    record = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"id": "abc123def", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": '{"celsius": 22}'},
+        {"role": "assistant", "content": "It is 22 °C."},
+    ], "tools": [json.loads(WEATHER_TOOL)]}  # fmt: skip
+    mistral = copy.deepcopy(tokenizer)
+    mistral.chat_template = official_chat_template("mistral_v0_3")
+
+    def trained(encoded):
+        runs = groupby(zip(encoded.input_ids, encoded.labels), key=lambda item: item[1] != IGNORE_INDEX)
+        return [mistral.decode([token for token, _ in run]) for is_trained, run in runs if is_trained]
+
+    one_round = openai_to_standard(record)
+    named = encode(one_round, get_template("mistral_v0_3"), mistral)
+    hf = encode(one_round, TokenizerTemplate(), mistral)
+    assert (named.input_ids, named.labels) == (hf.input_ids, hf.labels)
+    assert trained(named) == [
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123def"}]</s>',
+        " It is 22 °C.</s>",
+    ]
+    record["messages"] += [{"role": "user", "content": "And tomorrow?"}, {"role": "assistant", "content": "The same."}]
+    rounds = openai_to_standard(record)
+    named, hf = encode(rounds, get_template("mistral_v0_3"), mistral), encode(rounds, TokenizerTemplate(), mistral)
+    assert named.input_ids == hf.input_ids
+    assert trained(named)[:2] == trained(encode(one_round, get_template("mistral_v0_3"), mistral))
+    assert trained(named)[2:] == trained(hf) == [" The same.</s>"]
+
+
+ids = st.from_regex(r"[A-Za-z0-9]{9}", fullmatch=True)
+any_text = st.text(max_size=10)
+
+
+@st.composite
+def mistral_v0_3_conversations(draw):
+    """Rounds of a question, turns of one or two calls each followed by their results, and an answer (texts with
+    spaces at their ends); then perhaps a question, or calls and their results, to prompt after."""
+    tools = tuple(
+        json.dumps({"type": "function", "function": {"name": name, "description": draw(st.text(max_size=8)),
+                                                      "parameters": {"type": "object", "properties": {}}}})
+        for name in draw(st.lists(names, max_size=2, unique=True))
+    )  # fmt: skip
+
+    def calls_and_results():
+        count = draw(st.integers(1, 2))
+        calls = tuple(ToolCall(draw(names), json.dumps(draw(arguments)), draw(ids)) for _ in range(count))
+        results = [Turn("tool", draw(any_text), name=call.name, call_id=call.id) for call in calls]
+        return [Turn("assistant", draw(any_text), True, calls), *results]
+
+    turns = [Turn("system", draw(any_text))] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        turns.append(Turn("user", draw(any_text)))
+        for _ in range(draw(st.integers(0, 2))):
+            turns += calls_and_results()
+        turns.append(Turn("assistant", draw(any_text), True))
+    if draw(st.booleans()):
+        turns.append(Turn("user", draw(any_text)))
+    if draw(st.booleans()):
+        turns += calls_and_results()
+    return Conversation(tuple(turns), tools=tools)
+
+
+@settings(max_examples=200, deadline=None)
+@given(mistral_v0_3_conversations())
+def test_mistral_v0_3_equals_its_jinja_for_random_agent_conversations(tokenizer, conversation):
+    questions = [turn.content for turn in conversation.turns if turn.role == "user"]
+    assume(not conversation.tools or questions.count(questions[-1]) == 1)  # the jinja's by-value quirk (template)
+    text = "".join(text for text, _ in render(conversation, get_template("mistral_v0_3"), tokenizer))
+    assert text == official_mistral_v0_3(tokenizer, conversation)

@@ -51,7 +51,7 @@ MODELS: tuple[Model, ...] = (
     Model("qwen3_30b_a3b", "Qwen 3 MoE", "Qwen/Qwen3-30B-A3B", "qwen3", lr=1e-4, lora_r=16),
     Model("mistral_7b", "Mistral", "mistralai/Mistral-7B-v0.1", "default", note="A base model: XTuner's default template."),
     Model("mistral_7b_instruct_v0_1", "Mistral", "mistralai/Mistral-7B-Instruct-v0.1", "mistral", lr=1e-4),
-    Model("mistral_7b_instruct_v0_3", "Mistral", "mistralai/Mistral-7B-Instruct-v0.3", "hf", lr=1e-4),
+    Model("mistral_7b_instruct_v0_3", "Mistral", "mistralai/Mistral-7B-Instruct-v0.3", "mistral_v0_3", lr=1e-4),
     Model("mixtral_8x7b_instruct", "Mixtral", "mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral", lr=1e-4, lora_r=16),
     Model("gemma_7b_it", "Gemma", "google/gemma-7b-it", "gemma", lr=1e-4),
     Model("gemma2_9b_it", "Gemma 2", "google/gemma-2-9b-it", "gemma", lr=1e-4),

@@ -13,6 +13,7 @@ assistant's text.
 """
 
 import json
+import re
 import string
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -55,9 +56,20 @@ class ToolFormat:
     """The tools offered as a turn of their own, with `{tools}`, written after the system turn."""
     tools_in_user: str = ""
     """The tools offered, with `{tools}` (and `{names}`), opening the first user turn's text (Llama 3.1's jinja)."""
+    tools_before_last_user: str = ""
+    """The tools offered, with `{tools}`, written just before the last user turn (Mistral v0.3's jinja)."""
     system: str = ""
     """The system turn, with `{system}`, written in place of the template's when tools are offered ("": the
     template's). It ties the format to its template (Llama 3.1's dated header, opened by `Environment: ipython`)."""
+    calls: str = "{calls}"
+    """A turn's calls, with `{calls}` (each call, joined by call_separator), after its thought."""
+    assistant_prefix: str | None = None
+    """Opens an assistant turn that makes calls, in place of the template's assistant_prefix (None: the template's);
+    Mistral v0.3's calls follow [/INST] without the space its answers open with."""
+    call_ids: str | None = None
+    """A regular expression that each call's `id` and each result's `call_id` must match: the ids are written, each
+    call's JSON object ending with its "id" and a result with `{call_id}` (Mistral v0.3's: 9 letters and digits).
+    None: ids are not written."""
     tools_json: str = "tools_per_line"
     """How `{tools}` is written: a key of TOOL_LISTS."""
     stop_words: tuple[str, ...] = ()
@@ -102,6 +114,8 @@ class ChatTemplate:
     """The system turn, with `{system}`."""
     system_in_user: bool = False
     """The family has no system role: the formatted system text opens the next user turn's text."""
+    system_in_last_user: bool = False
+    """With system_in_user: the system text opens the last user turn's text instead (Mistral v0.3)."""
     default_system: str = ""
     """Written as the system turn when the conversation has none."""
     system_always: bool = False
@@ -122,6 +136,8 @@ class ChatTemplate:
     strip_with_system: bool = False
     """With strip_content and system_in_user: strip the system text and the user's text joined, as Llama 2's jinja
     trims the two together (so a user text's leading spaces after a system prompt stay)."""
+    strip_answers: bool = False
+    """Strip each answer's text, and no other (Mistral v0.3's jinja trims the assistant's only)."""
     stop_words: tuple[str, ...] = ()
     """Generation stops at any of these, and always at the tokenizer's EOS."""
     tools: ToolFormat | None = None
@@ -254,6 +270,25 @@ LLAMA3_1_TOOLS = ToolFormat(
         "<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n" + LLAMA3_1_DATE + "{system}<|eot_id|>"
     ),
 )
+# Mistral-7B-Instruct-v0.3's jinja: the tools as a JSON list in [AVAILABLE_TOOLS] just before the last user turn;
+# a turn's calls as one JSON list after [TOOL_CALLS], each {"name", "arguments", "id"} with its 9-character id (the
+# jinja raises on ids of another length, mistral-common on any but letters and digits), the turn's text dropped;
+# each result in [TOOL_RESULTS] as {"content": ..., "call_id": ...}, the content written as it is, unquoted (where
+# mistral-common quotes a text that is not JSON). Not in TOOL_FORMATS: its calls end with mistral_v0_3's EOS.
+MISTRAL_V0_3_TOOLS = ToolFormat(
+    name="mistral_v0_3",
+    call="{call}",
+    arguments_key="arguments",
+    call_separator=", ",
+    thought="",
+    calls="[TOOL_CALLS] [{calls}]",
+    assistant_prefix="",
+    call_ids="[A-Za-z0-9]{9}",
+    result='[TOOL_RESULTS] {{"content": {content}, "call_id": "{call_id}"}}[/TOOL_RESULTS]',
+    results="{results}",
+    tools_before_last_user="[AVAILABLE_TOOLS] {tools}[/AVAILABLE_TOOLS]",
+    tools_json="mistral_v0_3",
+)
 TOOL_FORMATS = {"internlm2": INTERNLM2_TOOLS, "qwen": QWEN_TOOLS, "react": REACT_TOOLS}
 """Tool formats by name; `prompt_template = "NAME+FORMAT"` (e.g. "llama3_chat+react") picks one for a template."""
 
@@ -262,11 +297,23 @@ def _functions(tools: list[dict]) -> list[dict]:
     return [tool.get("function", tool) for tool in tools]
 
 
+def _mistral_v0_3_tools(tools: list[dict]) -> str:
+    """As Mistral v0.3's jinja writes them: a function's text fields as `"key": "text"`, unescaped, the others as
+    JSON, its "return" left out, each function wrapped in {"type": "function", "function": {...}}."""
+
+    def field(key: str, value) -> str:
+        return f'"{key}": "{value}"' if isinstance(value, str) else f'"{key}": {json.dumps(value, ensure_ascii=False)}'
+
+    functions = [", ".join(field(k, v) for k, v in function.items() if k != "return") for function in _functions(tools)]
+    return "[" + ", ".join('{"type": "function", "function": {' + function + "}}" for function in functions) + "]"
+
+
 TOOL_LISTS = {
     "tools_per_line": lambda tools: "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools),
     "functions_per_line": lambda tools: "\n".join(json.dumps(f, ensure_ascii=False) for f in _functions(tools)),
     "functions_indented": lambda tools: json.dumps(_functions(tools), ensure_ascii=False, indent=4),
     "tools_each_indented": lambda tools: "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools),
+    "mistral_v0_3": _mistral_v0_3_tools,
 }
 """How a ToolFormat writes the list of tools (OpenAI tool objects) for `{tools}`."""
 
@@ -395,6 +442,25 @@ TEMPLATES: dict[str, ChatTemplate] = {
         system_in_user=True,
         user="[INST] {input} [/INST]",
         assistant_suffix="{eos}",
+    ),
+    # Mistral-7B-Instruct-v0.3's jinja (mistral-common's v3 tokenizer): no space before [/INST] and nothing between
+    # rounds; each answer trimmed, after a space; the system text and a blank line open the last user turn; tools as
+    # MISTRAL_V0_3_TOOLS says. The jinja writes the system text only when the conversation ends with that user turn,
+    # so it drops it from a whole conversation (an answer last) and from a prompt after tool results; xtune writes
+    # it into the last user turn always, as mistral-common does (the jinja's prompt for the last answer is a prefix
+    # of the training text). The jinja compares messages by value, writing the tools before any earlier user turn
+    # equal to the last one too; xtune writes them once, as mistral-common does.
+    "mistral_v0_3": ChatTemplate(
+        name="mistral_v0_3",
+        prefix="{bos}",
+        system="{system}\n\n",
+        system_in_user=True,
+        system_in_last_user=True,
+        user="[INST] {input}[/INST]",
+        assistant_prefix=" ",
+        assistant_suffix="{eos}",
+        strip_answers=True,
+        tools=MISTRAL_V0_3_TOOLS,
     ),
     # Gemma has no system role. XTuner invents `<start_of_turn>system`; Gemma 1/2's jinja rejects a system turn;
     # Gemma 3's opens the first user turn with it and a blank line, which is what this does. XTuner also trains an
@@ -735,9 +801,9 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
         return text.format(bos=bos, eos=eos, **{"round": str(rounds), **fields})
 
     turns = _with_default_system(conversation.turns, template)
-    tools_turn = tools_in_user = ""
+    tools_turn = tools_in_user = tools_before_last_user = ""
     if conversation.tools:
-        turns, tools_turn, tools_in_user = _with_tools(turns, conversation.tools, template)
+        turns, tools_turn, tools_in_user, tools_before_last_user = _with_tools(turns, conversation.tools, template)
         if template.tools.system:
             template = replace(template, system=template.tools.system)
     thinking = _thinking_on(conversation, template)
@@ -760,19 +826,26 @@ def _render_turns(conversation: Conversation, template: ChatTemplate, bos: str, 
             elif turn.role == "system":
                 segments.append((fill(template.system, system=_text(turn, template)), False))
             elif turn.role == "user":
+                writes_system = index == last_user or not template.system_in_last_user
+                system = pending_system if writes_system else ""
                 joined = template.strip_with_system and template.strip_content
-                text = (pending_system + turn.content).strip() if joined else pending_system + _text(turn, template)
+                text = (system + turn.content).strip() if joined else system + _text(turn, template)
                 rounds += 1
+                if index == last_user:
+                    segments.append((tools_before_last_user, False))
+                    tools_before_last_user = ""
                 segments.append((fill(template.user, input=tools_in_user + text, round=str(rounds)), False))
-                pending_system = tools_in_user = ""
+                pending_system = "" if writes_system else pending_system
+                tools_in_user = ""
             else:
                 segments += _answer(turn, template, fill, thinking, index > last_user, index == len(turns) - 1)
     if pending_system:
         raise XtuneError(
             f"template '{template.name}' writes the system prompt into the next user turn, but no user turn follows it."
         )
-    if tools_in_user:
-        raise XtuneError(f"template '{template.name}' writes the tools offered into the first user turn; it has none.")
+    if tools_in_user or tools_before_last_user:
+        where = "into the first user turn" if tools_in_user else "before the last user turn"
+        raise XtuneError(f"template '{template.name}' writes the tools offered {where}; it has none.")
     if turns and turns[-1].role == "assistant":
         segments.append((fill(template.end_of_conversation), turns[-1].trainable))
     elif turns and not thinking and template.thinking and template.thinking.switch:
@@ -789,8 +862,11 @@ def _answer(turn: Turn, template: ChatTemplate, fill, thinking: bool, answers_la
     written_as_last = block == _block_and_answer(turn, template, True, True)[0]
     trained = turn.trainable and written_as_last
     opening = template.thinking.opening if template.thinking and block else ""
+    prefix = template.assistant_prefix
+    if turn.tool_calls and template.tools and template.tools.assistant_prefix is not None:
+        prefix = template.tools.assistant_prefix
     return [
-        (fill(template.assistant_prefix), trained),
+        (fill(prefix), trained),
         (opening, False),  # the generation prompt's
         (block.removeprefix(opening), trained and thinking and template.train_on_thinking),
         (_assistant_text(answer, template) + fill(template.assistant_suffix), trained),
@@ -825,9 +901,9 @@ def _with_default_system(turns: tuple[Turn, ...], template: ChatTemplate) -> tup
 
 def _with_tools(
     turns: tuple[Turn, ...], tools: tuple[str, ...], template: ChatTemplate
-) -> tuple[tuple[Turn, ...], str, str]:
+) -> tuple[tuple[Turn, ...], str, str, str]:
     """(turns with the tools written into the system text, the tools' own turn, the text opening the first user
-    turn), as the tool format writes them."""
+    turn, the text before the last user turn), as the tool format writes them."""
     tool_format = _tool_format(template, "cannot write the tools offered (the record's 'tools') yet")
     schemas = [_tool_schema(tool) for tool in tools]
     listed = TOOL_LISTS[tool_format.tools_json](schemas)
@@ -839,7 +915,8 @@ def _with_tools(
         else:
             turns = (Turn("system", prompt), *turns)
     in_user = tool_format.tools_in_user.format(tools=listed, names=names)
-    return turns, tool_format.tools_turn.format(tools=listed), in_user
+    before_last_user = tool_format.tools_before_last_user.format(tools=listed)
+    return turns, tool_format.tools_turn.format(tools=listed), in_user, before_last_user
 
 
 def _tool_schema(text: str) -> dict:
@@ -857,7 +934,7 @@ def _text(turn: Turn, template: ChatTemplate) -> str:
 
 
 def _assistant_text(turn: Turn, template: ChatTemplate) -> str:
-    text = _text(turn, template)
+    text = turn.content.strip() if template.strip_answers else _text(turn, template)
     if not turn.tool_calls:
         return text
     tools = _tool_format(template)
@@ -868,20 +945,41 @@ def _assistant_text(turn: Turn, template: ChatTemplate) -> str:
             f"turn makes {len(turn.tool_calls)} ({names}): give each call an assistant turn of its own, followed by "
             "its result."
         )
-    calls = [_call_text(call, tools) for call in turn.tool_calls]
-    return tools.call_separator.join([tools.thought.format(content=text), *calls] if text else calls)
+    calls = tools.calls.format(calls=tools.call_separator.join(_call_text(call, tools) for call in turn.tool_calls))
+    thought = tools.thought.format(content=text) if text else ""
+    return tools.call_separator.join([thought, calls]) if thought else calls
 
 
 def _call_text(call: ToolCall, tools: ToolFormat) -> str:
     arguments = _arguments(call)
-    call_json = json.dumps({"name": call.name, tools.arguments_key: arguments}, ensure_ascii=False)
+    fields = {"name": call.name, tools.arguments_key: arguments}
+    if tools.call_ids is not None:
+        fields["id"] = _call_id(call.id, tools, f"tool call '{call.name}'")
+    call_json = json.dumps(fields, ensure_ascii=False)
     return tools.call.format(call=call_json, name=call.name, arguments=json.dumps(arguments, ensure_ascii=False))
+
+
+def _call_id(call_id: str | None, tools: ToolFormat, what: str) -> str:
+    """The id as the tool format writes it ("" where it writes none); one that does not fit is refused."""
+    if tools.call_ids is None:
+        return ""
+    if call_id is None or not re.fullmatch(tools.call_ids, call_id):
+        raise DataError(
+            f"{what} has id {call_id!r}; tool format '{tools.name}' writes ids matching {tools.call_ids}: give each "
+            "call such an id (tool_calls[].id) and each tool result the id of its call (tool_call_id)."
+        )
+    return call_id
 
 
 def _tool_results(turns: list[Turn], template: ChatTemplate, fill) -> str:
     tools = _tool_format(template)
-    texts = [json.dumps(turn.content, ensure_ascii=False) if tools.result_json else turn.content for turn in turns]
-    results = tools.result_separator.join(tools.result.format(content=text) for text in texts)
+    results = tools.result_separator.join(
+        tools.result.format(
+            content=json.dumps(turn.content, ensure_ascii=False) if tools.result_json else turn.content,
+            call_id=_call_id(turn.call_id, tools, f"the result of '{turn.name or 'a tool'}'"),
+        )
+        for turn in turns
+    )
     if tools.results is None:
         return fill(template.user, input=results)
     return tools.results.format(results=results)
@@ -1055,7 +1153,9 @@ def _cut(text: str, spans: list[tuple[int, int]]) -> list[Segment]:
 SAVED_AS_OFFICIAL = set(TEMPLATES) - {"qwen_chat", "mistral", "mixtral"}
 """Templates whose prompts equal their family's official jinja for every conversation xtune writes (the tests
 check it). Not so: qwen_chat (the official jinja adds Qwen's default system prompt, which xtune does not train
-with), mistral and mixtral (their jinja refuses the system turn xtune writes as an [INST] block)."""
+with), mistral and mixtral (their jinja refuses the system turn xtune writes as an [INST] block). mistral_v0_3's
+jinja drops the system text from a prompt after tool results (see the template); it is saved all the same, as the
+only jinja that writes its tools."""
 
 
 def chat_template_jinja(name: str) -> str:
@@ -1085,8 +1185,10 @@ def jinja_of(template: ChatTemplate) -> str:
         return " + ".join(parts) or "''"
 
     content = "(message['content'] | trim)" if template.strip_content else "message['content']"
+    answer = "(message['content'] | trim)" if template.strip_answers else content
     joined = template.strip_with_system and template.strip_content
-    user = "((ns.pending + message['content']) | trim)" if joined else "ns.pending + " + content
+    pending = "(ns.pending if loop.index0 == ns.last_user else '')" if template.system_in_last_user else "ns.pending"
+    user = f"(({pending} + message['content']) | trim)" if joined else f"{pending} + {content}"
     system = text(template.system, system="message['content']" if template.system_in_user else content)
     default = text(template.system, system=json.dumps(template.default_system, ensure_ascii=False))
     keep = "{%- set ns.pending = ns.pending + " if template.system_in_user else "{{- "
@@ -1094,10 +1196,15 @@ def jinja_of(template: ChatTemplate) -> str:
     write_system = keep + system + close
     if template.skip_empty_system:
         write_system = "{%- if message['content'] -%}" + write_system + "{%- endif -%}"
-    lines = [
-        "{%- set ns = namespace(pending='', round=0) -%}",
-        "{{- " + text(template.prefix) + " -}}",
-    ]
+    lines = ["{%- set ns = namespace(pending='', round=0) -%}"]
+    if template.system_in_last_user:  # the system text waits for the last user turn
+        lines = [
+            "{%- set ns = namespace(pending='', round=0, last_user=-1) -%}",
+            "{%- for message in messages -%}",
+            "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}",
+            "{%- endfor -%}",
+        ]
+    lines.append("{{- " + text(template.prefix) + " -}}")
     if template.default_system or template.system_always:
         lines += [
             "{%- if messages | selectattr('role', 'equalto', 'system') | list | length == 0 -%}",
@@ -1111,9 +1218,9 @@ def jinja_of(template: ChatTemplate) -> str:
         "{%- elif message['role'] == 'user' -%}",
         "{%- set ns.round = ns.round + 1 -%}",
         "{{- " + text(template.user, input=user, round="(ns.round | string)") + " -}}",
-        "{%- set ns.pending = '' -%}",
+        *(["{%- set ns.pending = '' -%}"] if not template.system_in_last_user else []),
         "{%- elif message['role'] == 'assistant' -%}",
-        "{{- " + text(template.assistant_prefix + "{content}" + template.assistant_suffix, content=content) + " -}}",
+        "{{- " + text(template.assistant_prefix + "{content}" + template.assistant_suffix, content=answer) + " -}}",
         "{{- " + text(template.separator) + " -}}",
         "{%- else -%}",
         "{{- raise_exception('this chat template writes system, user and assistant messages only') -}}",
