@@ -94,25 +94,9 @@ CHAT_TEMPLATE = (  # the text of xtune's internlm2_chat, assistant turns (with <
 
 def build_assets(folder: Path, model: str, samples: int, seed: int) -> dict:
     """The model folder and the data file, built once and reused."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from xtune.testing.tiny import CORPUS, build_tokenizer
 
-    model_dir = folder / f"llama_{model}"
-    if not (model_dir / "config.json").is_file():
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            **MODELS[model], max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-            initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        )  # fmt: skip
-        network = LlamaForCausalLM(config).to(torch.bfloat16)
-        tokenizer = build_tokenizer()
-        tokenizer.chat_template = CHAT_TEMPLATE
-        staging = model_dir.with_suffix(".partial")
-        network.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(model_dir)
+    model_dir = build_model_folder(folder, model, seed)
     data = folder / f"chat_{samples}_seed{seed}.json"
     if not data.is_file():
         tokenizer = build_tokenizer()
@@ -128,6 +112,31 @@ def build_assets(folder: Path, model: str, samples: int, seed: int) -> dict:
             records.append({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]})
         data.write_text(json.dumps(records))
     return {"model_dir": str(model_dir), "data": str(data)}
+
+
+def build_model_folder(folder: Path, model: str, seed: int) -> Path:
+    """`folder`/llama_<model>: a Llama of `MODELS[model]`'s shape with random bf16 weights and xtune's tiny tokenizer
+    (its chat_template `CHAT_TEMPLATE`), built once and reused."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xtune.testing.tiny import build_tokenizer
+
+    model_dir = folder / f"llama_{model}"
+    if not (model_dir / "config.json").is_file():
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            **MODELS[model], max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )  # fmt: skip
+        network = LlamaForCausalLM(config).to(torch.bfloat16)
+        tokenizer = build_tokenizer()
+        tokenizer.chat_template = CHAT_TEMPLATE
+        staging = model_dir.with_suffix(".partial")
+        network.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(model_dir)
+    return model_dir
 
 
 def plan_batches(assets: dict) -> dict:

@@ -268,8 +268,6 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     if preference and (llava or (config.deepspeed and config.method == "full" and config.stage in ("dpo", "kto"))):
         raise ConfigError(f"stage = '{config.stage}' trains language models with LoRA/QLoRA, or in full without "
                           "DeepSpeed, for now; not LLaVA models or full fine-tuning under DeepSpeed.")  # fmt: skip
-    if config.stage == "reward":
-        raise ConfigError("stage = 'reward' is not built yet; train a preference with stage = 'dpo' or 'kto'.")
     kto = None
     if config.stage == "kto":
         kto, report = prepare_kto(config, tokenizer)
