@@ -94,25 +94,9 @@ CHAT_TEMPLATE = (  # the text of xtune's internlm2_chat, assistant turns (with <
 
 def build_assets(folder: Path, model: str, samples: int, seed: int) -> dict:
     """The model folder and the data file, built once and reused."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from xtune.testing.tiny import CORPUS, build_tokenizer
 
-    model_dir = folder / f"llama_{model}"
-    if not (model_dir / "config.json").is_file():
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            **MODELS[model], max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-            initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        )  # fmt: skip
-        network = LlamaForCausalLM(config).to(torch.bfloat16)
-        tokenizer = build_tokenizer()
-        tokenizer.chat_template = CHAT_TEMPLATE
-        staging = model_dir.with_suffix(".partial")
-        network.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(model_dir)
+    model_dir = build_model_folder(folder, model, seed)
     data = folder / f"chat_{samples}_seed{seed}.json"
     if not data.is_file():
         tokenizer = build_tokenizer()
@@ -128,6 +112,31 @@ def build_assets(folder: Path, model: str, samples: int, seed: int) -> dict:
             records.append({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]})
         data.write_text(json.dumps(records))
     return {"model_dir": str(model_dir), "data": str(data)}
+
+
+def build_model_folder(folder: Path, model: str, seed: int) -> Path:
+    """`folder`/llama_<model>: a Llama of `MODELS[model]`'s shape with random bf16 weights and xtune's tiny tokenizer
+    (its chat_template `CHAT_TEMPLATE`), built once and reused."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xtune.testing.tiny import build_tokenizer
+
+    model_dir = folder / f"llama_{model}"
+    if not (model_dir / "config.json").is_file():
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            **MODELS[model], max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )  # fmt: skip
+        network = LlamaForCausalLM(config).to(torch.bfloat16)
+        tokenizer = build_tokenizer()
+        tokenizer.chat_template = CHAT_TEMPLATE
+        staging = model_dir.with_suffix(".partial")
+        network.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(model_dir)
+    return model_dir
 
 
 def plan_batches(assets: dict) -> dict:
@@ -768,6 +777,12 @@ def aggregate(runs: list[dict], peak: float) -> dict:
     return {"by_peer": by_peer, "ratios": ratios}
 
 
+def ratio_lines(ratios: dict) -> list[str]:
+    """RESULTS.md's list of ratios: a list of values as they are, a single one in bold."""
+    return [f"- {key}: " + (", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"**{value:.2f}x**")
+            for key, value in ratios.items()]  # fmt: skip
+
+
 def markdown(report: dict) -> str:
     args, plan, peak, dtype = report["args"], report["plan"], report["peak"], report["dtype"]
     measured = peak_dtypes(dtype)
@@ -800,9 +815,7 @@ def markdown(report: dict) -> str:
             f"{row['process_wall_s']:.0f} |"
         )
     lines.append("")
-    for key, value in report["summary"]["ratios"].items():
-        text = ", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"**{value:.2f}x**"
-        lines.append(f"- {key}: {text}")
+    lines += ratio_lines(report["summary"]["ratios"])
     check = report["loss_check"]
     if check["checked"]:
         lines.append(

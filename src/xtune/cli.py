@@ -493,6 +493,34 @@ def demo(
         raise XtuneError(f"the demo model reached only {result.accuracy_after:.0%} held-out accuracy (expected >= 90%).")
 
 
+reward_app = typer.Typer(help="Reward models: score preference pairs.", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
+
+
+@reward_app.command("score")
+def reward_score(
+    model: Annotated[str, typer.Argument(help="A reward model: the folder `xtune convert merge` writes from a reward run (any transformers sequence classifier), or the run's checkpoint-<step>.")],
+    input: Annotated[Path, typer.Option("--input", help="Preference records {prompt, chosen, rejected}, in any format and file type training reads.")],
+    prompt_template: Annotated[Optional[str], typer.Option(help="Chat template; default: the one recorded with the model, else the tokenizer's.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt; default: the one the model was trained with.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(min=1, help="Cut each prompt and answer to this many tokens, as training does; default: whole.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the scores as JSONL here (never overwritten).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+):
+    """Score both answers of each pair: one line per pair (location, chosen score, rejected score), then the share
+    of pairs whose chosen answer scores higher."""
+    from xtune.infer.reward import accuracy, score_file
+
+    scores = score_file(model, input, prompt_template, system, max_length, batch_size, device, dtype, output)
+    for score in scores:
+        print(f"{score.location}\t{score.chosen:.6g}\t{score.rejected:.6g}", flush=True)
+    correct = sum(score.chosen > score.rejected for score in scores)
+    console.print(f"accuracy {accuracy(scores):.1%}: the chosen answer scored higher in {correct} of {len(scores)} pairs",
+                  highlight=False)  # fmt: skip
+
+
 def _quiet_library_noise() -> None:
     """Messages from libraries that a user can do nothing about."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."

@@ -93,3 +93,10 @@ def test_xtuners_preference_configs_are_there_with_its_key_names():
     config, _ = load_config("internlm2_chat_7b_dpo_qlora_varlenattn", ["dpo_loss_type='ipo'", "loss_beta=0.2"])
     assert (config.stage, config.loss_type, config.beta, config.pack_to_max_length) == ("dpo", "ipo", 0.2, True)
     assert load_config("llama3_8b_instruct_orpo_qlora_varlenattn")[0].stage == "orpo"
+
+
+def test_xtuners_reward_configs_are_there():
+    config, _ = load_config("internlm2_chat_1_8b_reward_full_varlenattn_ultrafeedback")
+    assert (config.stage, config.method, config.lr, config.max_epochs) == ("reward", "full", 2e-5, 1)
+    assert config.pack_to_max_length and config.evaluation_inputs == []  # a reward model does not generate
+    assert load_config("llama3_8b_instruct_reward_full_varlenattn_ultrafeedback")[0].stage == "reward"

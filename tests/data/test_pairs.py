@@ -63,11 +63,21 @@ def test_a_pair_encodes_through_the_sft_road_with_only_the_answer_trained(tokeni
     ({"prompt": USER, "chosen": [{"role": "user", "content": "x"}], "rejected": BAD},
      "the prompt followed by 'chosen'"),
     ({"prompt": USER, "completion": GOOD, "label": "yes"}, "field 'label' must be true (desirable) or false"),
+    ({"prompt": USER, "chosen": GOOD, "rejected": BAD, "margin": "2"}, "field 'margin' must be a finite number"),
+    ({"prompt": USER, "chosen": GOOD, "rejected": BAD, "margin": float("nan")}, "field 'margin' must be a finite"),
+    ({"prompt": USER, "chosen": GOOD, "rejected": BAD, "margin": True}, "field 'margin' must be a finite number"),
 ])  # fmt: skip
 def test_malformed_records_name_the_field(record, problem):
     reader = kto_to_unpaired if "completion" in record else preference_to_pair
     with pytest.raises(RecordError, match=problem.replace("(", r"\(").replace(")", r"\)")):
         reader(record)
+
+
+def test_a_pairs_margin_is_its_records_margin_field_else_zero():
+    assert preference_to_pair(RECORDS["strings (TRL)"]).margin == 0.0
+    assert preference_to_pair({**RECORDS["strings (TRL)"], "margin": 3}).margin == 3.0
+    assert preference_to_pair({**RECORDS["ShareGPT (LLaMA-Factory)"], "margin": -0.5}).margin == -0.5
+    assert preference_to_pair({**RECORDS["strings (TRL)"], "margin": None}).margin == 0.0
 
 
 def test_kto_records_are_one_answer_with_its_label():

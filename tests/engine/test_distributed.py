@@ -1,6 +1,7 @@
 """Two processes (gloo) under DDP, FSDP2, DeepSpeed ZeRO-2/3 and a Slurm-style launch give the same
 per-step losses and weights as one process with the same global batch; a run resumed from its middle
-checkpoint on two processes ends bit-identical."""
+checkpoint on two processes ends bit-identical. A DPO run on two processes matches one too, TRL's metrics
+included."""
 
 import io
 import json
@@ -22,6 +23,9 @@ from xtune.errors import XtuneError
 OPTIONS = ["max_steps=6", "save_steps=3", "accumulative_counts=2", "dtype='fp32'", "lora_dropout=0.0",
            "evaluation_inputs=[]"]  # fmt: skip
 CONFIG = "tiny_internlm2_chat_lora_antonyms"
+DPO_CONFIG = "tiny_internlm2_chat_lora_dpo_antonyms"
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected")  # fmt: skip
 ENGINES = {  # name -> (train flags, what the log says)
     "ddp": (["--cfg-options", "strategy='ddp'"], "DDP"),
     "fsdp": (["--cfg-options", "strategy='fsdp'"], "FSDP"),
@@ -30,10 +34,10 @@ ENGINES = {  # name -> (train flags, what the log says)
 }
 
 
-def step_losses(work_dir):
+def step_losses(work_dir, name="loss"):
     (run,) = work_dir.iterdir()
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    return [json.loads(line)[name] for line in lines if "loss" in json.loads(line)]
 
 
 def final_adapter(work_dir):
@@ -41,17 +45,25 @@ def final_adapter(work_dir):
     return load_file(run / "checkpoint-6" / "adapter_model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, xtune_home):
-    work_dir = tmp_path_factory.mktemp("one")
-    config, _ = load_config(CONFIG, [f"work_dir={str(work_dir)!r}", "batch_size=4", *OPTIONS])
+def one_process_run(work_dir, config_name):
+    config, _ = load_config(config_name, [f"work_dir={str(work_dir)!r}", "batch_size=4", *OPTIONS])
     train(config, Console(file=io.StringIO()))
     return work_dir
 
 
-def two_ranks(work_dir, flags, port, extra=()):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, xtune_home):
+    return one_process_run(tmp_path_factory.mktemp("one"), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def one_process_dpo(tmp_path_factory, xtune_home):
+    return one_process_run(tmp_path_factory.mktemp("one-dpo"), DPO_CONFIG)
+
+
+def two_ranks(work_dir, flags, port, extra=(), config_name=CONFIG):
     environment = {**os.environ, "NPROC_PER_NODE": "2", "PORT": str(port), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "xtune.cli", "train", CONFIG, "--work-dir", str(work_dir), *extra, *flags,
+    command = [sys.executable, "-m", "xtune.cli", "train", config_name, "--work-dir", str(work_dir), *extra, *flags,
                "batch_size=2", *OPTIONS]  # fmt: skip
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -85,6 +97,28 @@ def test_two_gloo_ranks_match_one_process_and_resume_bit_identical(tmp_path, one
     assert step_losses(tmp_path / "resumed") == step_losses(tmp_path / "two")
     resumed = final_adapter(tmp_path / "resumed")
     assert all(torch.equal(resumed[name], saved[name]) for name in saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_dpo_run_on_two_gloo_ranks_matches_one_process(tmp_path, one_process_dpo, engine):
+    """LoRA DPO on packed pairs: a step's loss is a mean over the pairs of both ranks, and the reference (the
+    adapter switched off) runs beside the policy on each rank's share, so losses, adapter and TRL's metrics
+    (sums over the pairs, divided by the global pair count) are one process's."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    flags, label = ENGINES[engine]
+    log = two_ranks(tmp_path / "two", flags, 29551 + list(ENGINES).index(engine), config_name=DPO_CONFIG)
+    assert f"data parallel over 2 processes ({label})" in log
+    two, one = step_losses(tmp_path / "two"), step_losses(one_process_dpo)
+    assert len(two) == len(one) == 6 and one[0] == pytest.approx(0.6931, abs=1e-4) and one[-1] < one[0]
+    assert two == pytest.approx(one, abs=1e-5)
+    for name in TRL_METRICS:
+        assert step_losses(tmp_path / "two", name) == pytest.approx(step_losses(one_process_dpo, name), abs=1e-4), name
+    assert step_losses(tmp_path / "two", "trained_tokens") == step_losses(one_process_dpo, "trained_tokens")
+    saved, expected = final_adapter(tmp_path / "two"), final_adapter(one_process_dpo)
+    assert saved.keys() == expected.keys()
+    assert all((saved[name] - expected[name]).abs().max() < 1e-4 for name in saved)
 
 
 @pytest.mark.slow

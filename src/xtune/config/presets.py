@@ -89,10 +89,11 @@ class Recipe:
     data: str
     """`alpaca`, `oasst1` (openassistant-guanaco's "### Human: ... ### Assistant: ..." text), `self_cognition` (the
     identity questions xtune ships, answered with the config's name and author), `custom_sft` (OpenAI messages JSONL)
-    or `custom_pretrain` (plain text), `preference` (chosen and rejected conversations)."""
+    or `custom_pretrain` (plain text), `preference` (chosen and rejected conversations), `ultrafeedback`
+    (UltraFeedback's binarized pairs, as XTuner's reward configs read them)."""
     epochs: int
     stage: str = "sft"
-    """`sft`, or a preference stage (`dpo`, `orpo`) with its own learning rate: `lr` below."""
+    """`sft`, or a preference stage (`dpo`, `orpo`, `reward`) with its own learning rate: `lr` below."""
     lr: float | None = None
     """The stage's learning rate where it differs from the model's (DPO on LoRA: 5e-6, as LLaMA-Factory's examples)."""
 
@@ -108,6 +109,8 @@ RECIPES: tuple[Recipe, ...] = (
     # XTuner's names; its DPO configs use lr 5e-7 (the alignment handbook's, for full weights) with QLoRA too
     Recipe("dpo_qlora_varlenattn", "lora", "4bit", "preference", 3, stage="dpo", lr=5e-6),
     Recipe("orpo_qlora_varlenattn", "lora", "4bit", "preference", 3, stage="orpo", lr=8e-6),
+    # XTuner's reward model recipe: full weights, one epoch (more overfit a reward model), lr 2e-5
+    Recipe("reward_full_varlenattn_ultrafeedback", "full", None, "ultrafeedback", 1, stage="reward", lr=2e-5),
 )
 
 _DATA = {
@@ -119,11 +122,16 @@ _DATA = {
         'data_placeholders = {"name": "MyAssistant", "author": "My Team"}  # who the tuned model says it is',
         "alpaca",
     ),
+    "ultrafeedback": ('data_path = data_root + "ultrafeedback-binarized-preferences-cleaned.jsonl"  # '
+                      "argilla/ultrafeedback-binarized-preferences-cleaned, as XTuner's reward configs", "auto"),
     "preference": ('data_path = data_root + "orpo-dpo-mix-40k.jsonl"  # mlabonne/orpo-dpo-mix-40k, as XTuner\'s configs',
                    "auto"),
     "custom_sft": ('data_path = data_root + "my_conversations.jsonl"  # {"messages": [{"role": ..., "content": ...}]}', "openai"),
     "custom_pretrain": ('data_path = data_root + "my_corpus.txt"  # one document per line', "text"),
 }  # fmt: skip
+
+_STAGE_KEYS = {"dpo": ["beta = 0.1"], "orpo": ["orpo_alpha = 0.1"], "reward": []}
+"""The keys a preference stage's preset sets beside `stage`."""
 
 PRESETS: dict[str, tuple[Model, Recipe]] = {f"{m.key}_{r.key}": (m, r) for m in MODELS for r in RECIPES}
 
@@ -178,8 +186,7 @@ def preset_source(name: str) -> str:
         'data_root = "./data/"',
         data_line,
         f'dataset_format = "{data_format}"',
-        *([f'stage = "{recipe.stage}"', "beta = 0.1" if recipe.stage == "dpo" else "orpo_alpha = 0.1"]
-          if recipe.stage != "sft" else []),
+        *([f'stage = "{recipe.stage}"', *_STAGE_KEYS[recipe.stage]] if recipe.stage != "sft" else []),
         f'prompt_template = "{model.template}"',
         f"max_length = {model.max_length}",
         # packing needs transformers' attention interface, which remote modelling code does not go through
@@ -199,6 +206,6 @@ def preset_source(name: str) -> str:
         "save_total_limit = 2",
         "evaluation_freq = 500",
     ]
-    if not pretrain:
+    if not pretrain and recipe.stage != "reward":  # a reward model scores answers, it does not generate them
         lines += ['evaluation_inputs = ["Please tell me five scenic spots in Shanghai", "请给我介绍五个上海的景点"]']
     return "\n".join(lines) + "\n"

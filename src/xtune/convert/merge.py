@@ -5,12 +5,15 @@ from pathlib import Path
 from rich.console import Console
 
 from xtune.convert.folder import new_folder, save_dtype, write_meta
+from xtune.data.encode import pad_token_id
 from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 from xtune.engine.checkpoint import read_run_meta
 from xtune.engine.device import resolve_device
+from xtune.errors import CheckpointError
 from xtune.models.internlm2 import is_internlm2, save_internlm2
 from xtune.models.load import load_model, load_tokenizer, read_config, resolve_model_path
 from xtune.models.lora import attach_adapter, fit_embeddings
+from xtune.models.reward import sequence_classifier, with_score_head
 
 
 def merge(
@@ -36,6 +39,11 @@ def merge(
     meta = read_run_meta(adapter)
     quantization = meta.get("quantization")
     base_config = read_config(base_path)
+    if keep_layout and is_internlm2(base_config) and meta.get("stage") == "reward":
+        raise CheckpointError(
+            "--keep-layout: a reward model is written as transformers' LlamaForSequenceClassification, which loads "
+            "without remote code; InternLM2's own code has no such class. Leave out --keep-layout."
+        )
     dtype = save_dtype(base_config.get("dtype") or base_config.get("torch_dtype"), fp32)
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base_path)
@@ -49,7 +57,12 @@ def merge(
     else:
         model = load_model(base_path, dtype=dtype, device=torch_device)
     fit_embeddings(model, tokenizer)
+    reward = meta.get("stage") == "reward"  # a reward run's adapter holds its score head in the output head's place
+    if reward:
+        with_score_head(model)
     merged = attach_adapter(model, adapter, base).merge_and_unload().to(dtype)
+    if reward:
+        merged = sequence_classifier(merged, pad_token_id(tokenizer))
 
     template = prompt_template or meta.get("prompt_template")
     with new_folder(save_dir) as folder:
@@ -58,7 +71,8 @@ def merge(
         else:
             merged.save_pretrained(folder, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, folder, template)
-        write_generation_config(folder, generation_config_of(merged), tokenizer, template)
+        if not reward:  # a reward model scores, it does not generate
+            write_generation_config(folder, generation_config_of(merged), tokenizer, template)
         write_meta(folder, {**meta, "method": "merged", "quantization": None, "merged_from": {"base": str(base), "adapter": str(adapter)}, "prompt_template": template})  # fmt: skip
-    console.print(f"merged model written to {save_dir}")
+    console.print(f"merged {f'reward model ({type(merged).__name__})' if reward else 'model'} written to {save_dir}")
     return Path(save_dir)

@@ -20,6 +20,7 @@ from xtune.models.publish import generation_config_of, save_tokenizer, write_gen
 from xtune.engine.checkpoint import read_run_meta
 from xtune.errors import CheckpointError
 from xtune.models.load import load_tokenizer, read_config, resolve_model_path
+from xtune.models.reward import load_reward_checkpoint
 
 
 def pth_to_hf(
@@ -71,6 +72,10 @@ def pth_to_hf(
             (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
             kind = "PEFT adapter"
             write_generation_config(folder, generation_config_of(base_path), tokenizer, template)
+        elif meta.get("stage") == "reward":  # a full reward run: transformers' sequence classifier
+            model, _ = load_reward_checkpoint(folder_in, dtype)
+            model.save_pretrained(folder, max_shard_size=max_shard_size)
+            kind = f"reward model ({type(model).__name__})"
         else:
             model = AutoModelForCausalLM.from_pretrained(folder_in, dtype=dtype)
             model.save_pretrained(folder, max_shard_size=max_shard_size)

@@ -30,7 +30,7 @@ from xtune.data.templates import ChatTemplate, Template, get_template
 from xtune.errors import XtuneError
 from xtune.paths import file_sha256, write_failure, xtune_home
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 """Bump when encoding changes, so that entries written before are not read."""
 
 
@@ -48,6 +48,8 @@ class DataReport:
     lengths: list[int] = field(default_factory=list)
     """Token count of every kept sample."""
     trained_tokens: int = 0
+    margins: list[float] = field(default_factory=list)
+    """Each kept preference pair's `margin`, in order; empty when no record gives one."""
     cache: str = ""
     """Where the encoded samples are cached."""
 
@@ -167,12 +169,14 @@ def prepare_pairs(config: Config, tokenizer, use_cache: bool = True) -> tuple[li
     )  # fmt: skip
     template = config_template(config)
     report = DataReport(sources=[(spec.path, 0) for spec in specs], skipped=[str(bad) for bad in skipped])
-    pairs = []
+    pairs, margins = [], []
     for _, pair in located:
         encoded = encode_pair(pair, template, tokenizer, config.max_length, config.split_special_tokens)
         if _kept(encoded[0], encoded[1], config, report):
             pairs.append(encoded)
+            margins.append(pair.margin)
     report.samples = len(pairs)
+    report.margins = margins if any(margins) else []
     report.lengths = pair_lengths(pairs)
     report.trained_tokens = sum(sample.num_trained for pair in pairs for sample in pair)
     report.cache = str(cache_dir)

@@ -10,6 +10,7 @@ Formats (detected from the keys, like the SFT ones):
 - `kto`: {"prompt", "completion", "label"} (TRL's unpaired format): label true for a desirable completion.
 """
 
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,6 +40,9 @@ class PreferencePair:
 
     chosen: Conversation
     rejected: Conversation
+    margin: float = 0.0
+    """How much more the chosen answer is preferred (the record's `margin`, as TRL's reward datasets give it): a
+    reward model's loss asks for r_chosen - r_rejected > margin (Llama 2's margin loss). Other stages ignore it."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,15 @@ def preference_to_pair(record: Any) -> PreferencePair:
     if not any(turn.role == "user" for turn in conversations[0].turns[:shared]):
         raise RecordError("the pair has no prompt: give 'prompt' (or 'messages'), or chosen and rejected conversations "
                           "that share their user turns")  # fmt: skip
-    return PreferencePair(*(_answers_trained(c, shared) for c in conversations))
+    return PreferencePair(*(_answers_trained(c, shared) for c in conversations), _margin(record.get("margin")))
+
+
+def _margin(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(f"field 'margin' must be a finite number, got {short_repr(value)}")
+    return float(value)
 
 
 def kto_to_unpaired(record: Any) -> Unpaired:
@@ -284,7 +296,7 @@ def load_pairs(specs, *, system: str = "", skip_bad_records: bool = False, seed:
                             good.append((location, replace(example, conversation=prepared(example.conversation))))
                         else:
                             pair = preference_to_pair(record)
-                            good.append((location, PreferencePair(prepared(pair.chosen), prepared(pair.rejected))))
+                            good.append((location, replace(pair, chosen=prepared(pair.chosen), rejected=prepared(pair.rejected))))
                         continue
                     except RecordError as error:
                         item = BadRecord(location, str(error))

@@ -14,7 +14,7 @@ import torch
 
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX
-from xtune.engine.loss import kept_logits
+from xtune.engine.loss import PLAIN_HEAD_MODELS, kept_logits
 from xtune.engine.preference import bradley_terry_loss
 from xtune.errors import ConfigError
 from xtune.models.lora import prepare_trainable
@@ -75,7 +75,7 @@ class RewardObjective:
     def loss_sum(self, model, batch: dict, labels: torch.Tensor, autocast=nullcontext()) -> torch.Tensor:
         """The summed per-pair losses of the micro-batch (`batch` without its labels, which stay on the host)."""
         group_ids, answer_ids = batch["group_ids"], batch["answer_ids"]
-        batch = {key: value for key, value in batch.items() if key not in ("group_ids", "answer_ids", "kl", "desirable")}
+        batch = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
         rewards = answer_rewards(model, batch, answer_ids, self.pad_token_id, autocast)
         chosen, rejected = rewards[0::2], rewards[1::2]
         margins = None
@@ -97,20 +97,33 @@ class RewardObjective:
         return {name: value / count for name, value in sums.items()}
 
 
+NOT_MODEL_INPUTS = ("group_ids", "answer_ids", "kl", "desirable")
+"""What a preference batch carries beside the model's inputs."""
+
+
 def _trains(labels: torch.Tensor) -> bool:
     return bool((labels != IGNORE_INDEX).any())
 
 
-def reward_setup(model, config: Config, pad_token_id: int):
+def reward_setup(model, config: Config, pad_token_id: int, margins: list[float] | None = None):
     """(the model to train, its objective) for `stage = "reward"`: the causal LM's output head swapped for a new
     score head, made trainable as the config says (under LoRA/QLoRA the head trains in full, in the adapter's
-    `modules_to_save`, so checkpoints hold it and a resume restores it), and the Bradley-Terry objective."""
+    `modules_to_save`, so checkpoints hold it and a resume restores it), and the Bradley-Terry objective, with each
+    pair's margin (`DataReport.margins`) where the data gives them."""
     if config.evaluation_inputs:
         raise ConfigError(
             "stage = 'reward' trains a model that scores answers and does not generate them: set "
             "evaluation_inputs = [] (`xtune reward score` scores held-out pairs)."
         )
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in PLAIN_HEAD_MODELS:
+        raise ConfigError(
+            f"stage = 'reward' trains models whose logits are their output head's as it is, which transformers' "
+            f"sequence classifiers then compute alike: {', '.join(sorted(PLAIN_HEAD_MODELS))} (InternLM2 loads as "
+            f"llama); not {model_type!r} yet (its logits are soft-capped or scaled after the head, or its modelling "
+            "is remote code)."
+        )
     model = with_score_head(model, config.seed)
     if SCORE_HEAD not in config.modules_to_save:
         config = config.model_copy(update={"modules_to_save": [*config.modules_to_save, SCORE_HEAD]})
-    return prepare_trainable(model, config), RewardObjective(pad_token_id)
+    return prepare_trainable(model, config), RewardObjective(pad_token_id, torch.tensor(margins) if margins else None)

@@ -268,8 +268,6 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     if preference and (llava or (config.deepspeed and config.method == "full" and config.stage in ("dpo", "kto"))):
         raise ConfigError(f"stage = '{config.stage}' trains language models with LoRA/QLoRA, or in full without "
                           "DeepSpeed, for now; not LLaVA models or full fine-tuning under DeepSpeed.")  # fmt: skip
-    if config.stage == "reward":
-        raise ConfigError("stage = 'reward' is not built yet; train a preference with stage = 'dpo' or 'kto'.")
     kto = None
     if config.stage == "kto":
         kto, report = prepare_kto(config, tokenizer)
@@ -343,7 +341,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         if config.method == "lora" and not config.modules_to_save:
             console.print("[yellow]new token rows stay untrained under LoRA: add embed_tokens and lm_head to modules_to_save")
     if config.stage == "reward":  # reward stage (issue 17): a score head in the output head's place
-        model, objective = reward_setup(model, config, pad_id)
+        model, objective = reward_setup(model, config, pad_id, report.margins)
     else:
         model = prepare_trainable(model, config, others_train=llava)
         objective = preference_objective(config, model)

@@ -95,5 +95,7 @@ def load_reward_checkpoint(
                 state.update(load_file(file, device=str(device)))
         missing = model.load_state_dict(state, strict=False).missing_keys
         if missing:
-            raise CheckpointError(f"{checkpoint} lacks {len(missing)} of the reward model's weights, e.g. {missing[0]!r}.")
+            raise CheckpointError(
+                f"{checkpoint} lacks {len(missing)} of the reward model's weights, e.g. {missing[0]!r}."
+            )
     return sequence_classifier(model.to(dtype), pad_token_id(tokenizer)), tokenizer
