@@ -2,6 +2,7 @@
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from xtune.data.formats import Conversation, ToolCall, Turn
 from xtune.data.templates import (
     INTERNLM2_TOOLS,
     LLAMA3_1_TOOLS,
+    MISTRAL_V0_3_TOOLS,
     QWEN_TOOLS,
     REACT_TOOLS,
     generation_prompt,
@@ -40,6 +42,7 @@ INTERNLM2_CALL = '<|action_start|><|plugin|>\n{"name": "calculate", "parameters"
 QWEN_CALL = '<tool_call>\n{"name": "calculate", "arguments": {"expression": "37 * 24"}}'
 REACT_CALL = 'Action: calculate\nAction Input: {"expression": "37 * 24"}'
 LLAMA3_1_CALL = '{"name": "calculate", "parameters": {"expression": "37 * 24"}}'
+MISTRAL_CALL = '[TOOL_CALLS] [{"name": "calculate", "arguments": {"expression": "37 * 24"}, "id": "a1B2c3D4e"}]'
 CALLS = {
     "internlm2_chat": INTERNLM2_CALL, "qwen_chat": QWEN_CALL, "llama3_chat+react": REACT_CALL, "llama3_1": LLAMA3_1_CALL,
 }  # fmt: skip
@@ -69,6 +72,10 @@ CALLS = {
         ("<|python_tag|>" + LLAMA3_1_CALL, LLAMA3_1_TOOLS, ParsedReply("", (CALCULATE,))),
         ("888", LLAMA3_1_TOOLS, ParsedReply("888")),
         ('{"answer": 888}', LLAMA3_1_TOOLS, ParsedReply('{"answer": 888}')),
+        (MISTRAL_CALL, MISTRAL_V0_3_TOOLS, ParsedReply("", (replace(CALCULATE, id="a1B2c3D4e"),))),
+        ("888", MISTRAL_V0_3_TOOLS, ParsedReply("888")),
+        ('[TOOL_CALLS] {"name": "calculate", "arguments": {"expression": "37 * 24"}, "id": "a1B2c3D4e"}</s>',
+         MISTRAL_V0_3_TOOLS, ParsedReply("", (replace(CALCULATE, id="a1B2c3D4e"),))),
     ],
 )  # fmt: skip
 def test_calls_are_read_in_each_format(text, tool_format, parsed):
@@ -90,6 +97,9 @@ def test_calls_are_read_in_each_format(text, tool_format, parsed):
         ("Action:\nAction Input: {}", REACT_TOOLS, "the Action line names no tool"),
         ('{"name": "calculate", "parameters": {"expression": "1"', LLAMA3_1_TOOLS, "not valid JSON"),
         ('{"name": "calculate", "parameters": [1]}', LLAMA3_1_TOOLS, "the parameters of calculate must be a JSON object"),
+        ('[TOOL_CALLS] [{"name": "calculate", "arguments": {', MISTRAL_V0_3_TOOLS, "not valid JSON"),
+        ('[TOOL_CALLS] ["calculate"]', MISTRAL_V0_3_TOOLS, 'expected a JSON list [{"name": ..., "arguments": {...}, "id": ...}]'),
+        ('[TOOL_CALLS] [{"arguments": {}}]', MISTRAL_V0_3_TOOLS, 'the call has no "name"'),
     ],
 )  # fmt: skip
 def test_malformed_calls_say_what_is_wrong(text, tool_format, error):
@@ -134,6 +144,27 @@ def test_a_call_its_result_then_the_answer(name):
         "llama3_1": '}}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"888"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
     }[name])  # fmt: skip
     assert json.loads(model.seen[0][0].tools[0])["function"]["name"] == "calculate"  # the plugins are offered
+
+
+def test_mistral_v0_3_calls_keep_their_ids_which_the_results_name():
+    """Mistral v0.3 writes each call's id and each result's call_id: a call without a usable id gets one made from
+    the reply, and a call that cannot be read comes back as a user turn (a tool result would need an id)."""
+    template = agent_template(get_template("mistral_v0_3"))
+    no_id = '[TOOL_CALLS] [{"name": "calculate", "arguments": {"expression": "37 * 24"}, "id": "no"}]'
+    model = Scripted(MISTRAL_CALL, no_id, "[TOOL_CALLS] [{", "888")
+    (episode,) = run_agent([QUESTION], PLUGINS, template, model)
+    assert episode.answer == "888" and len(episode.steps) == 4
+    turns = episode.conversation.turns
+    assert turns[1:3] == (Turn("assistant", "", True, (replace(CALCULATE, id="a1B2c3D4e"),)),
+                          Turn("tool", "888", name="calculate", call_id="a1B2c3D4e"))  # fmt: skip
+    made = turns[3].tool_calls[0].id
+    assert len(made) == 9 and made.isalnum() and turns[4].call_id == made
+    assert turns[5].role == "assistant" and turns[6] == Turn("user", episode.steps[2].results[0])
+    assert generation_prompt(model.seen[1][0], template).endswith(
+        '[TOOL_CALLS] [{"name": "calculate", "arguments": {"expression": "37 * 24"}, "id": "a1B2c3D4e"}]</s>'
+        '[TOOL_RESULTS] {"content": 888, "call_id": "a1B2c3D4e"}[/TOOL_RESULTS]'
+    )
+    generation_prompt(model.seen[3][0], template)  # the whole episode renders
 
 
 def test_a_malformed_call_is_fed_back_as_the_observation():

@@ -11,6 +11,7 @@ Generation stops where a call ends (the tool format's stop words), so the model 
 itself, and the reply is decoded with its special tokens, which is where InternLM2 writes its calls.
 """
 
+import hashlib
 import json
 import re
 import sys
@@ -19,7 +20,14 @@ from dataclasses import dataclass, replace
 from typing import TextIO
 
 from xtune.data.formats import Conversation, ToolCall, Turn, with_system
-from xtune.data.templates import ChatTemplate, Template, ToolFormat, TokenizerTemplate, with_tool_format
+from xtune.data.templates import (
+    MISTRAL_V0_3_TOOLS,
+    ChatTemplate,
+    Template,
+    ToolFormat,
+    TokenizerTemplate,
+    with_tool_format,
+)
 from xtune.errors import XtuneError
 from xtune.infer.chat import chat_loop, read_input
 from xtune.infer.generate import GenerationOptions, generate_replies
@@ -174,11 +182,42 @@ def _parse_llama3_1(text: str) -> ParsedReply:
     return _collect("", [_call_from_json(body, "parameters")])
 
 
+def _parse_mistral_v0_3(text: str) -> ParsedReply:
+    """[TOOL_CALLS] then a JSON list of {"name", "arguments", "id"}; a call whose id is missing or not 9 letters
+    and digits gets one made from the reply, so that its result can name it."""
+    content, start, rest = text.partition("[TOOL_CALLS]")
+    if not start:
+        return ParsedReply(text.strip())
+    body = rest.strip()
+    try:
+        calls, _ = json.JSONDecoder().raw_decode(body)  # generation may leave text after the list
+    except json.JSONDecodeError as error:
+        return ParsedReply(content.strip(), (), f"not valid JSON ({error.msg} at column {error.colno}): {_clip(body)}")
+    except (ValueError, RecursionError) as error:
+        return ParsedReply(content.strip(), (), f"not valid JSON ({type(error).__name__}): {_clip(body)}")
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls or not all(isinstance(call, dict) for call in calls):
+        expected = '[{"name": ..., "arguments": {...}, "id": ...}]'
+        return ParsedReply(content.strip(), (), f"expected a JSON list {expected}, got: {_clip(body)}")
+    bodies: list[ToolCall | str] = []
+    for index, call in enumerate(calls):
+        name = call.get("name")
+        parsed = _call(name, call.get("arguments", {}), "arguments") if isinstance(name, str) and name else (
+            f'the call has no "name": {_clip(json.dumps(call))}')  # fmt: skip
+        if isinstance(parsed, ToolCall):
+            given = call.get("id")
+            valid = isinstance(given, str) and re.fullmatch(MISTRAL_V0_3_TOOLS.call_ids, given)
+            parsed = replace(parsed, id=given if valid else hashlib.sha256(f"{index}/{text}".encode()).hexdigest()[:9])
+        bodies.append(parsed)
+    return _collect(content.strip(), bodies)
+
+
 PARSERS: dict[str, Callable[[str], ParsedReply]] = {
     "internlm2": _parse_internlm2,
     "qwen": _parse_qwen,
     "react": _parse_react,
     "llama3_1": _parse_llama3_1,
+    "mistral_v0_3": _parse_mistral_v0_3,
 }
 """Tool format name -> the function that reads a reply written in it."""
 
@@ -238,7 +277,7 @@ def run_agent(
         still = []
         for index, reply in zip(active, replies, strict=True):
             step = _step(reply, plugins, template.tools)
-            current[index] = replace(current[index], turns=(*current[index].turns, *_turns(step)))
+            current[index] = replace(current[index], turns=(*current[index].turns, *_turns(step, template.tools)))
             steps[index].append(step)
             if on_step is not None:
                 on_step(index, step)
@@ -262,13 +301,15 @@ def _step(reply: str, plugins: Sequence[Plugin], tool_format: ToolFormat) -> Age
     return AgentStep(reply, parsed.content, parsed.calls, results)
 
 
-def _turns(step: AgentStep) -> tuple[Turn, ...]:
+def _turns(step: AgentStep, tool_format: ToolFormat) -> tuple[Turn, ...]:
     """The turns a step adds: the assistant's (its reply as written when its call could not be read), then the
     results."""
-    if step.error is not None:
-        return Turn("assistant", step.reply, trainable=True), Turn("tool", step.results[0])
+    if step.error is not None:  # a result names its call where the format writes ids: here there is none
+        observation = Turn("user" if tool_format.call_ids else "tool", step.results[0])
+        return Turn("assistant", step.reply, trainable=True), observation
     assistant = Turn("assistant", step.content, trainable=True, tool_calls=step.calls)
-    return assistant, *(Turn("tool", result, name=call.name) for call, result in zip(step.calls, step.results))
+    return assistant, *(Turn("tool", result, name=call.name, call_id=call.id)
+                        for call, result in zip(step.calls, step.results))  # fmt: skip
 
 
 # ---------------------------------------------------------------- generating with a model
