@@ -23,7 +23,7 @@ from xtune.models.attention import use_varlen_attention
 from xtune.models.lora import FastDropout, prepare_trainable
 from xtune.testing.families import COMMON, FAMILIES, build_family_model
 
-MOE = ["mixtral", "qwen3_moe"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 COEF = 0.05
 """Above the families' default (0.001), so that the router's term stands far above the tolerances."""
 
@@ -187,7 +187,8 @@ def test_lora_dropout_stays_on_the_layers_and_off_the_parameters_adapters(family
 
     model = prepare_trainable(build_family_model(family), Config(llm_name_or_path=family, data_path="-"))
     dropouts = [m for m in model.modules() if isinstance(m, FastDropout)]
-    assert len(dropouts) == 4 * COMMON["num_hidden_layers"] and dropouts[0].p == 0.1  # q, k, v, o
+    linear = 4 + (4 if family == "qwen2_moe" else 0)  # q, k, v, o; Qwen2-MoE's shared expert: gate, up, down, its gate
+    assert len(dropouts) == linear * COMMON["num_hidden_layers"] and dropouts[0].p == 0.1
     model.save_pretrained(tmp_path)
     assert PeftModel.from_pretrained(build_family_model(family), tmp_path).peft_config["default"].lora_dropout == 0.0
 

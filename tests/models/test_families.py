@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xtune.config.schema import Config
 from xtune.data.encode import Encoded
 from xtune.data.packing import collate_packed, pack
 from xtune.models.attention import use_varlen_attention
+from xtune.models.lora import prepare_trainable
 from xtune.testing.families import FAMILIES, build_family_model
 
 
@@ -42,15 +44,17 @@ def test_packed_rows_give_each_samples_own_losses(family):
     assert not by_ids  # every sample compared
 
 
-@pytest.mark.parametrize("family", ["gemma2", "mixtral", "qwen3_moe", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "mixtral", "qwen2_moe", "qwen3_moe", "phi3"])
 def test_lora_reaches_every_linear_layer_and_trains(family):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(build_family_model(family), LoraConfig(r=4, target_modules="all-linear"))
+    config = Config(llm_name_or_path="-", data_path="-", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model = prepare_trainable(build_family_model(family), config)
     adapted = {name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name}
     assert adapted >= {"q_proj" if family != "phi3" else "qkv_proj", "o_proj"}
-    if family in ("mixtral", "qwen3_moe"):  # the fused experts (peft targets their parameters) and the router
-        assert {"experts", "gate"} <= adapted
+    if "moe" in family or family == "mixtral":  # the fused experts and the router: adapters on their parameters
+        experts = [name for name, _ in model.named_parameters() if ".experts." in name and ".lora_A" in name]
+        assert {"experts", "gate"} <= adapted and len(experts) == 2 * 2  # gate_up_proj, down_proj in both layers
+    if family == "qwen2_moe":  # its shared expert's layers too
+        assert {"shared_expert_gate", "gate_proj", "up_proj", "down_proj"} <= adapted
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.tensor([[1, *range(10, 40)]])
     model.train()

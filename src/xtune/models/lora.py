@@ -60,7 +60,24 @@ def prepare_trainable(model: PreTrainedModel, config: Config, others_train: bool
                 f"{key}: the model has no module named {missing[0]!r}; its linear layers are {', '.join(linear)} "
                 "(and embed_tokens, lm_head for modules_to_save)."
             )
-    return lora_model(model, lora_config(config))
+    lora = lora_config(config)
+    if config.lora_target_modules == "all-linear":
+        lora.target_parameters = fused_parameters(model) or None
+    return lora_model(model, lora)
+
+
+def fused_parameters(model: PreTrainedModel) -> list[str]:
+    """What `all-linear` reaches beyond `nn.Linear` in transformers 5, as peft's `target_parameters`: each MoE's fused
+    experts (its `*Experts` module's 3-D parameters, e.g. `experts.gate_up_proj`) and its router's weight (a
+    `*Router` module, e.g. `gate.weight`). peft finds these itself for Mixtral and Qwen3-MoE, not for Qwen2-MoE."""
+    names = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            experts = kind.endswith("Experts") and parameter.dim() == 3
+            if experts or (kind.endswith("Router") and parameter_name == "weight"):
+                names.add(f"{name.rsplit('.', 1)[-1]}.{parameter_name}")
+    return sorted(names)
 
 
 def lora_model(model, lora: LoraConfig) -> PeftModel:

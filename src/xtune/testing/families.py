@@ -1,6 +1,7 @@
 """Tiny random-weight models of the families the built-in configs name, each from its own transformers config
 class, with the features that make a family differ (Gemma 2's soft-capping and sliding window, Phi-3's fused qkv,
-Qwen3's q/k norms, Mixtral's and Qwen3-MoE's experts). Small enough that a test builds them in a second."""
+Qwen3's q/k norms, the experts of Mixtral, Qwen2-MoE (beside its shared expert) and Qwen3-MoE). Small enough that a
+test builds them in a second."""
 
 from pathlib import Path
 
@@ -24,6 +25,8 @@ FAMILIES: dict[str, dict] = {
     "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
     "phi3": {},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1},
     "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "decoder_sparse_step": 1},
     "cohere2": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"], "logit_scale": 0.5},
