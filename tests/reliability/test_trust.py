@@ -30,6 +30,7 @@ def hostile_yaml(tmp_path, *lines: str):
         ("dataset_format: subprocess.run", "dataset_format"),
         ("trust_remote_code: true", "trust_remote_code"),
         ("datasets: [{path: x.json, format: 'builtins:exec'}]", "datasets"),
+        ("val_dataset_format: 'builtins:exec'", "val_dataset_format"),
     ],
 )
 def test_a_yaml_key_that_runs_code_is_refused_at_its_line_unless_allowed(tmp_path, line, key):

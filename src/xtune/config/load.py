@@ -237,6 +237,7 @@ def _check_keys(path: Path, text: str, pairs: list[tuple[yaml.Node, yaml.Node]])
 CODE_KEYS = {
     "trust_remote_code": "runs the Python files shipped inside the model folder",
     "dataset_format": "imports and runs a Python function (a module:function map function)",
+    "val_dataset_format": "imports and runs a Python function (a module:function map function)",
     "datasets": "imports and runs a Python function (a source's format is a module:function map function)",
 }
 """Keys whose values can make xtune run code, and what they run."""
@@ -247,6 +248,7 @@ def _refuse_code(values: dict[str, Any], path: Path, lines: dict[str, int]) -> N
     come in, and one line (`dataset_format: builtins:exec`) would otherwise run anything."""
     sources = values.get("datasets") if isinstance(values.get("datasets"), list) else []
     named = [("trust_remote_code", values.get("trust_remote_code")), ("dataset_format", values.get("dataset_format"))]
+    named += [("val_dataset_format", values.get("val_dataset_format"))]
     named += [("datasets", source.get("format")) for source in sources if isinstance(source, dict)]
     for key, value in named:
         runs_code = value is True if key == "trust_remote_code" else isinstance(value, str) and names_code(value)

@@ -19,7 +19,8 @@ OTHER_TOOLS_NAMES = {
     "lora_rank": "lora_r", "lora_target": "lora_target_modules", "target_modules": "lora_target_modules",
     "packing": "pack_to_max_length", "template": "prompt_template", "dataset": "data_path",
     "optim": "optim_type", "max_steps_per_epoch": "max_steps", "bf16": "dtype", "fp16": "dtype",
-    "moe_aux_loss_coef": "router_aux_loss_coef",
+    "moe_aux_loss_coef": "router_aux_loss_coef", "val_size": "val_split", "eval_dataset": "val_data_path",
+    "evaluation_dataset": "val_data_path", "metric_for_best_model": "save_best", "load_best_model_at_end": "save_best",
 }  # fmt: skip
 """Names of the same settings in Hugging Face's Trainer, TRL, LLaMA-Factory and torchtune -> ours: suggested in
 the unknown-key error, not accepted (a config reads one way)."""
@@ -262,6 +263,22 @@ class Config(BaseModel):
     """Prompts answered and logged during training, to watch what the model learns."""
     evaluation_max_new_tokens: int = Field(64, gt=0)
     """Answer length limit for evaluation_inputs."""
+    val_data_path: str | None = None
+    """Validation data (stage = "sft"), anything data_path takes: encoded as the training samples are (template,
+    max_length, packing, the data cache) and never trained on; its loss is computed every eval_steps."""
+    val_dataset_format: str = "auto"
+    """Record format of val_data_path, as dataset_format."""
+    val_split: float | None = Field(None, gt=0, lt=1)
+    """Instead of val_data_path: hold this share of the distinct training samples out as validation data, picked
+    with `seed` (the same for a resumed run and on any number of processes); identical samples (a record's
+    repeats) stay on one side."""
+    eval_steps: int | None = Field(None, gt=0)
+    """Compute the validation loss every this many optimizer steps (and at the end); None: every save_steps."""
+    save_best: Literal["eval_loss"] | None = None
+    """`eval_loss`: also save a checkpoint at each evaluation that lowers the validation loss, and keep the best one
+    besides the newest save_total_limit (pruning never deletes it); the run folder's best.json names it."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop training after this many evaluations in a row without a lower validation loss, saving a checkpoint."""
     report_to: list[Literal["tensorboard", "wandb"]] = []
     """Also send metrics to TensorBoard (events in the run folder) and/or Weights & Biases (project from
     WANDB_PROJECT, default xtune). metrics.jsonl and loss.png are always written."""
@@ -294,6 +311,20 @@ class Config(BaseModel):
                 f"evaluation_images has {len(self.evaluation_images)} images for {len(self.evaluation_inputs)} "
                 "evaluation_inputs; give one per input, or one for all"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_has_data(self) -> "Config":
+        if self.val_split is not None and self.val_data_path is not None:
+            raise ValueError("val_split and val_data_path are both set; validate on a share of the training data or "
+                             "on a file of its own, not both")  # fmt: skip
+        validating = self.val_split is not None or self.val_data_path is not None
+        needing = [key for key in ("eval_steps", "save_best", "early_stopping_patience") if getattr(self, key)]
+        if needing and not validating:
+            raise ValueError(f"{needing[0]} needs validation data: set val_data_path, or val_split = 0.05 (say)")
+        if validating and self.stage != "sft":
+            raise ValueError(f"validation (val_data_path, val_split) computes the SFT loss; stage = '{self.stage}' "
+                             "cannot use it yet: leave val_data_path and val_split unset")  # fmt: skip
         return self
 
     @field_validator("betas")

@@ -9,7 +9,9 @@ A cache entry is written aside and renamed into place, so a half-written one is 
 import hashlib
 import inspect
 import json
+import math
 import os
+import random
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -27,7 +29,7 @@ from xtune.data.formats import Conversation
 from xtune.data.pairs import EncodedPair, encode_pair, load_pairs, mismatched, pair_lengths
 from xtune.data.sources import SourceSpec, data_files, load_sources, map_function, resolve_data_path
 from xtune.data.templates import ChatTemplate, Template, get_template
-from xtune.errors import XtuneError
+from xtune.errors import DataError, XtuneError
 from xtune.paths import file_sha256, write_failure, xtune_home
 
 CACHE_VERSION = 4
@@ -183,6 +185,49 @@ def prepare_pairs(config: Config, tokenizer, use_cache: bool = True) -> tuple[li
     if use_cache:
         _write_cache(cache_dir, [sample for pair in pairs for sample in pair], report)
     return pairs, report
+
+
+def split_validation(
+    config: Config, tokenizer, samples: list[Encoded], report: DataReport, image_tokens: int = 0
+) -> tuple[list[Encoded], DataReport, list[Encoded]]:
+    """(training samples, their report, validation samples): `val_split` holds a share of `samples` out, and
+    `val_data_path` is read and encoded as training data is, through the same cache; neither set: no validation."""
+    if config.val_split is not None:
+        train, validation = hold_out(samples, config.val_split, config.seed)
+        lengths = [len(sample.input_ids) for sample in train]
+        trained = sum(sample.num_trained for sample in train)
+        return train, replace(report, samples=len(train), lengths=lengths, trained_tokens=trained), validation
+    if config.val_data_path is None:
+        return samples, report, []
+    validation_config = config.model_copy(
+        update={"data_path": config.val_data_path, "dataset_format": config.val_dataset_format, "datasets": []}
+    )
+    validation, validation_report = prepare_samples(validation_config, tokenizer, image_tokens=image_tokens)
+    if not validation:
+        raise DataError(
+            f"val_data_path = {config.val_data_path!r} leaves no sample to validate on: {validation_report.truncated} "
+            f"were over max_length={config.max_length} ({validation_report.dropped_too_long} dropped), "
+            f"{validation_report.dropped_untrained} had no trained token; check it with `xtune check-dataset`."
+        )
+    return samples, report, validation
+
+
+def hold_out(samples: list[Encoded], share: float, seed: int) -> tuple[list[Encoded], list[Encoded]]:
+    """(train, validation), each in the order of `samples`: `share` of the distinct samples (at least one, rounded)
+    picked with `seed`. Copies of one sample (a record's repeats) stay together, so none is trained on and validated."""
+    groups: dict[tuple, list[int]] = {}
+    for index, sample in enumerate(samples):  # a tuple of ints hashes alike in every process (a str would not)
+        key = (hash(tuple(sample.input_ids)), hash(tuple(sample.labels)), sample.images)
+        groups.setdefault(key, []).append(index)
+    distinct = list(groups.values())
+    count = max(1, math.floor(share * len(distinct) + 0.5))
+    if count >= len(distinct):
+        raise DataError(
+            f"val_split = {share} of {len(distinct)} distinct samples leaves none to train on; lower val_split, or "
+            "give validation data of its own (val_data_path)."
+        )
+    held = {index for group in random.Random(f"{seed}/val_split").sample(distinct, count) for index in group}
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
 
 @dataclass

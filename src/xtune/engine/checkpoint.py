@@ -234,19 +234,31 @@ def step_of(checkpoint: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `keep` (-1 keeps all); returns the deleted."""
+def prune_checkpoints(run_dir: Path, keep: int, best: int | None = None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest `keep` (-1 keeps all), but never checkpoint-<best>;
+    returns the deleted."""
     for leftover in run_dir.glob(".checkpoint-*.deleting"):  # from a prune that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     checkpoints = complete_checkpoints(run_dir)
     if keep < 0 or len(checkpoints) <= keep:
         return []
-    doomed = checkpoints[: len(checkpoints) - keep]
+    doomed = [path for path in checkpoints[: len(checkpoints) - keep] if step_of(path) != best]
     for path in doomed:  # renamed first: a kill mid-delete leaves a hidden folder, never a half checkpoint-N
         aside = path.with_name(f".{path.name}.deleting")
         os.replace(path, aside)
         shutil.rmtree(aside)
     return doomed
+
+
+BEST = "best.json"
+"""In a run folder with save_best: which checkpoint has the lowest validation loss, and that loss."""
+
+
+def write_best(run_dir: Path, step: int, eval_loss: float) -> None:
+    """best.json, written aside and renamed: a kill meanwhile leaves the previous one whole."""
+    draft = run_dir / f".{BEST}.partial"
+    draft.write_text(json.dumps({"checkpoint": f"checkpoint-{step}", "step": step, "eval_loss": eval_loss}) + "\n")
+    os.replace(draft, run_dir / BEST)
 
 
 def read_run_meta(path: Path) -> dict:

@@ -18,7 +18,10 @@ from xtune.errors import ConfigError
 from xtune.infer.generate import GenerationOptions, generate_replies
 
 SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens_per_s")
-"""Metrics sent to TensorBoard and W&B each logged step (metrics.jsonl holds every field)."""
+"""Metrics sent to TensorBoard and W&B each logged step, as `train/<name>` (metrics.jsonl holds every field)."""
+
+EVAL_SCALARS = {"eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity"}
+"""Validation metrics (metrics.jsonl's names) -> their TensorBoard and W&B names, at each evaluation."""
 
 
 class MetricSinks:
@@ -53,14 +56,15 @@ class MetricSinks:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         step = record["step"]
-        scalars = {name: record[name] for name in SCALARS if name in record}
+        scalars = {f"train/{name}": record[name] for name in SCALARS if name in record}
+        scalars |= {tag: record[name] for name, tag in EVAL_SCALARS.items() if name in record}
         if self.tensorboard is not None:
-            for name, value in scalars.items():
-                self.tensorboard.add_scalar(f"train/{name}", value, step)
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, step)
             for item in record.get("evaluation", []):
                 self.tensorboard.add_text("evaluation", f"**{item['input']}**\n\n{item['output']}", step)
         if self.wandb is not None:
-            logged = {f"train/{name}": value for name, value in scalars.items()}
+            logged = dict(scalars)
             if "evaluation" in record:
                 logged["evaluation"] = self.wandb_table(record["evaluation"])
             self.wandb.log(logged, step=step)
@@ -79,7 +83,8 @@ class MetricSinks:
 
 
 def plot_loss(run_dir: Path) -> Path | None:
-    """loss.png in the run folder from metrics.jsonl (written aside, then renamed); None without matplotlib."""
+    """loss.png in the run folder from metrics.jsonl, the validation loss beside the training loss (written aside,
+    then renamed); None without matplotlib."""
     try:
         import matplotlib
 
@@ -89,8 +94,13 @@ def plot_loss(run_dir: Path) -> Path | None:
         return None
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     points = [(record["step"], record["loss"]) for record in records if "loss" in record]
+    validation = [(record["step"], record["eval_loss"]) for record in records if "eval_loss" in record]
     figure, axes = pyplot.subplots(figsize=(7, 4))
-    axes.plot([step for step, _ in points], [loss for _, loss in points], linewidth=1.2)
+    axes.plot([step for step, _ in points], [loss for _, loss in points], linewidth=1.2, label="train")
+    if validation:
+        axes.plot([step for step, _ in validation], [loss for _, loss in validation], marker="o", markersize=3,
+                  linewidth=1.2, label="validation")  # fmt: skip
+        axes.legend()
     axes.set(xlabel="optimizer step", ylabel="loss (mean over trained tokens)", title=run_dir.name)
     axes.grid(alpha=0.3)
     figure.tight_layout()

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, pad_token_id
-from xtune.data.dataset import config_template, prepare_kto, prepare_pairs, prepare_samples
+from xtune.data.dataset import config_template, prepare_kto, prepare_pairs, prepare_samples, split_validation
 from xtune.data.images import ImagePreprocessor
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, pack_groups, packing_efficiency
@@ -43,6 +43,7 @@ from xtune.engine.checkpoint import (
     read_training_state,
     save_checkpoint,
     step_of,
+    write_best,
     write_training_state,
 )
 from xtune.engine.device import resolve_device, resolve_dtype
@@ -50,6 +51,7 @@ from xtune.engine.distributed import Ranks, all_sum, barrier, full_state_dict, m
 from xtune.engine.distributed import gradient_sync, load_optimizer_state, optimizer_state
 from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
+from xtune.engine.validation import BestEval, validation_loss, validation_plan
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
 from xtune.engine.loss import FusedHead, next_token_loss_sum, router_aux_coefficient
 from xtune.engine.optim import build_optimizer, build_scheduler
@@ -69,6 +71,8 @@ class TrainResult:
     checkpoint: Path
     losses: list[float] = field(default_factory=list)
     """Mean loss over the trained tokens of each optimizer step (with an MoE's router loss: `xtune.engine.loss`)."""
+    best_checkpoint: Path | None = None
+    """With save_best: the checkpoint of the lowest validation loss."""
 
 
 def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -133,6 +137,7 @@ RESUME_MAY_CHANGE = (
     "work_dir", "max_steps", "max_epochs", "save_steps", "save_total_limit", "logging_steps", "evaluation_freq",
     "evaluation_inputs", "evaluation_max_new_tokens", "evaluation_images", "report_to", "num_proc",
     "dataloader_num_workers", "device", "gradient_checkpointing", "torch_compile", "nan_policy", "trust_remote_code",
+    "eval_steps", "early_stopping_patience",
 )  # fmt: skip
 """Keys that change neither what is trained nor how: a resumed run may set them anew (to train longer, save or log
 otherwise, evaluate other prompts, recompute activations). Every other key must be what the run started with."""
@@ -268,7 +273,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     if preference and (llava or (config.deepspeed and config.method == "full" and config.stage in ("dpo", "kto"))):
         raise ConfigError(f"stage = '{config.stage}' trains language models with LoRA/QLoRA, or in full without "
                           "DeepSpeed, for now; not LLaVA models or full fine-tuning under DeepSpeed.")  # fmt: skip
-    kto = None
+    kto, validation = None, []
     if config.stage == "kto":
         kto, report = prepare_kto(config, tokenizer)
         samples = [(answer,) for answer in kto.answers]
@@ -276,11 +281,16 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         samples, report = prepare_pairs(config, tokenizer)
     else:
         samples, report = prepare_samples(config, tokenizer, image_tokens=image_tokens)
+        samples, report, validation = split_validation(config, tokenizer, samples, report, image_tokens)
     console.print(
         f"data: {report.samples} samples, {report.tokens} tokens ({report.trained_tokens} trained); "
         f"{report.truncated} over max_length={config.max_length} ({report.dropped_too_long} dropped), "
         f"{report.dropped_untrained} without trained tokens dropped, {len(report.skipped)} bad records skipped"
     )
+    if validation:
+        where = f"val_split = {config.val_split} of the data" if config.val_split else config.val_data_path
+        console.print(f"validation: {len(validation)} samples ({where}), "
+                      f"{sum(sample.num_trained for sample in validation)} trained tokens")  # fmt: skip
     if not samples:
         raise DataError(
             f"no sample to train on: {report.truncated} were over max_length={config.max_length} "
@@ -321,6 +331,9 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
             resolve_model_path(config.visual_encoder_name_or_path), config.pad_image_to_square
         )
         collate_fn = with_pixel_values(collate_fn, preprocess)
+    if config.pack_to_max_length and validation:
+        validation = pack(validation, config.max_length, pad_id)
+    validation_batches = validation_plan(validation, config.batch_size * ranks.world)
 
     base_dtype = torch.float32 if config.method == "full" else dtype
     model = load_model(
@@ -413,6 +426,10 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     }
     sinks = MetricSinks(run_dir, config, main=ranks.main)
     done = progress_state["step"]
+    best = BestEval(**progress_state.get("best_eval", {}))
+    stopped_early = best.out_of_patience(config.early_stopping_patience)
+    if stopped_early:  # a run that stopped early, resumed: it stays stopped
+        steps = done
     global_batch = config.batch_size * ranks.world
     plan = islice(  # the micro-batches of steps done+1 .. steps
         batch_plan(len(items), global_batch, config.seed, grouping),
@@ -423,6 +440,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     model.train()
     start = time.perf_counter() - progress_state["elapsed_s"]
     seen_tokens, trained_tokens = progress_state["tokens"], progress_state["trained_tokens"]
+    eval_loss = None
 
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -495,6 +513,7 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
                 + (f"margin {step_metrics['rewards/margins']:.3f} " if "rewards/margins" in step_metrics else "")
                 + (f"acc {step_metrics['rewards/accuracies']:.2f} " if "rewards/accuracies" in step_metrics else "")
                 + (f"kl {step_metrics['kl']:.3f} " if "kl" in step_metrics else "")
+                + (f"val {eval_loss:.4f} " if eval_loss is not None else "")
                 + f"{record['tokens_per_s']:.0f} tok/s{memory_note(device)}",
             )  # fmt: skip
 
@@ -505,23 +524,39 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
                 sinks.log({"step": step, "evaluation": answers})
                 for item in answers:
                     progress.console.print(f"[dim]eval step {step}[/] {item['input']!r} -> {item['output']!r}")
-            if step % config.save_steps == 0 or step == steps:
+            if validation and (step % (config.eval_steps or config.save_steps) == 0 or step == steps):
+                batches_of_set = (rank_batch(validation, indices, collate_fn, ranks) for indices in validation_batches)
+                numbers = validation_loss(forward, batches_of_set, device, autocast, ranks, fused)
+                eval_loss, improved = numbers["eval_loss"], best.update(step, numbers["eval_loss"])
+                sinks.log({"step": step, **numbers})
+                progress.console.print(f"[dim]validation step {step}[/] loss {eval_loss:.4f} perplexity "
+                                       f"{numbers['eval_perplexity']:.4f}{' (best)' if improved else ''}")  # fmt: skip
+            stop = best.out_of_patience(config.early_stopping_patience)
+            if step % config.save_steps == 0 or step == steps or stop or (config.save_best and best.step == step):
                 position = {
                     "step": step, "tokens": seen_tokens, "trained_tokens": trained_tokens, "elapsed_s": elapsed,
-                    "world": ranks.world,
+                    "world": ranks.world, **(best.state() if validation else {}),
                 }  # fmt: skip
                 result.checkpoint = save_step(
                     model, tokenizer, run_dir, meta, position, config, ranks, optimizer, scheduler, scaler, engine
                 )
                 if ranks.main:
                     plot_loss(run_dir)
+            if stop:
+                progress.console.print(f"early stopping at step {step}: the validation loss has stayed above "
+                                       f"{best.loss:.4f} (step {best.step}) for {best.evals_since} evaluations")
+                break
     sinks.close()
     if run_lock is not None:
         run_lock.close()
     if done >= steps:  # a finished run resumed: nothing trained, nothing saved
-        console.print(f"{run_dir} has trained all its {steps} steps already; its last checkpoint is {result.checkpoint}")
+        finished = f"stopped early at step {steps}" if stopped_early else f"has trained all its {steps} steps"
+        console.print(f"{run_dir} {finished} already; its last checkpoint is {result.checkpoint}")
     else:
         console.print(f"saved {result.checkpoint}")
+    if config.save_best and best.step is not None:
+        result.best_checkpoint = run_dir / f"checkpoint-{best.step}"
+        console.print(f"best: {result.best_checkpoint} (validation loss {best.loss:.4f})")
     return result
 
 
@@ -561,7 +596,10 @@ def save_step(model, tokenizer, run_dir, meta, position, config, ranks, optimize
             ),
             state_dict=gathered, clear=engine is None,
         )  # fmt: skip
-        prune_checkpoints(run_dir, config.save_total_limit)
+        best_step = position["best_eval"]["step"] if config.save_best else None
+        if best_step is not None:
+            write_best(run_dir, best_step, position["best_eval"]["loss"])
+        prune_checkpoints(run_dir, config.save_total_limit, best_step)
     barrier(ranks)
     return run_dir / f"checkpoint-{step}"
 
