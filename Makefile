@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
 
 $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[harness]'
 	$(PIP) install -q -c constraints.txt setuptools wheel
 	$(PIP) install -q --no-build-isolation -c constraints.txt 'deepspeed>=0.19,<0.20'
 	touch $@

@@ -411,6 +411,78 @@ def mmbench(
     console.print(f"overall {overall} over {result.n} questions; answers: {result.answers_path}", highlight=False)
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or id (the base, with --adapter).")],
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated: mmlu, ceval, cmmlu, a name given by --data NAME=PATH, or a generation task's .jsonl.")] = None,
+    harness: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated (names, globs, YAML files; needs xtune[harness]); offline, only tasks whose data are local.")] = None,
+    harness_include: Annotated[Optional[Path], typer.Option(help="A folder of your own harness task YAMLs (lm_eval's include_path).")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder (a checkpoint-<step>).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH (a folder in a benchmark's layout, a repo id in the HF cache, or a .jsonl), or one folder holding a folder per task; repeatable. Default: the HF cache.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split scored; default: MMLU test, C-Eval val, CMMLU test.")] = None,
+    shots: Annotated[int, typer.Option(min=0, help="Few-shot: the first N dev questions of each subject, answered, before each question.")] = 0,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Render prompts with the chat template; default: multiple choice as plain text, generation tasks as chats.")] = None,
+    scoring: Annotated[str, typer.Option(help="Multiple choice by each option's 'loglikelihood', or by the letter the model writes ('generation').")] = "loglikelihood",
+    compare: Annotated[Optional[str], typer.Option("--compare", help="BASE: the same tasks on the base model too, side by side, with the difference and its paired stderr.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="A new folder for answers.jsonl, results.json and the charts; default work_dirs/eval/<time>.")] = None,
+    scorer: Annotated[Optional[str], typer.Option(help="Generation tasks: your metric, pkg.mod:fn(prediction, reference) -> number or dict.")] = None,
+    prompt_template: Annotated[Optional[str], typer.Option(help="Chat template; default: the one recorded with the adapter or model, else the tokenizer's.")] = None,
+    system: Annotated[str, typer.Option(help="System prompt of chat-rendered prompts.")] = "",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of each task.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation tasks: the longest reply.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together.")] = 16,
+    tokens_per_batch: Annotated[int, typer.Option(min=1, help="Tokens packed into one forward when scoring log-likelihoods.")] = 8192,
+    bits: Annotated[Optional[int], typer.Option(help="Load the base in 4 or 8 bits.")] = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Score a model on multiple-choice benchmarks (MMLU, C-Eval, CMMLU in their own layouts, zero- or few-shot) and
+    generation tasks (exact match, ROUGE-L, BLEU, your scorer); --compare BASE: did it get better, did it forget.
+    NPROC_PER_NODE=N runs it on N processes."""
+    from xtune.engine.distributed import torchrun_command
+    from xtune.evaluate.report import comparison_table, results_table
+    from xtune.evaluate.run import EvalOptions, run_eval
+
+    if not tasks and not harness:
+        raise XtuneError("no tasks: pass --tasks mmlu,ceval,... (or a generation task's .jsonl) and/or --harness TASKS.")
+    if harness and os.environ.get("NPROC_PER_NODE", "1") not in ("", "1"):
+        raise XtuneError("--harness runs in one process (lm_eval's model wrapper around a loaded model); unset "
+                         "NPROC_PER_NODE, or run --tasks alone on several processes.")  # fmt: skip
+    if (command := torchrun_command(sys.argv[1:])) is not None:
+        os.execv(command[0], command)
+    options = EvalOptions(
+        tasks=tuple(name.strip() for name in (tasks or "").split(",") if name.strip()), data=tuple(data or ()), split=split,
+        shots=shots, chat=chat, scoring=scoring, prompt_template=prompt_template, system=system, scorer=scorer,
+        limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, tokens_per_batch=tokens_per_batch,
+        bits=bits, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    if adapter is not None:
+        _warn_of_other_base(adapter, model)
+    folder = output
+    if options.tasks:
+        result = run_eval(model, adapter, options, output, compare, err_console)
+        if result is None:  # not rank 0
+            return
+        console.print(results_table(result.summaries) if result.comparison is None else comparison_table(result.comparison))
+        folder = result.output
+    if harness:
+        from xtune.engine.checkpoint import new_run_dir
+        from xtune.evaluate.harness import harness_eval
+        from xtune.evaluate.run import DEFAULT_OUTPUT
+
+        folder = folder if folder is not None else new_run_dir(DEFAULT_OUTPUT)
+        summaries, comparison = harness_eval(
+            model, adapter, harness, folder / "harness" if options.tasks else folder, compare,
+            include_path=str(harness_include) if harness_include else None, num_fewshot=shots or None,
+            batch_size=batch_size, limit=limit, device=device, dtype=dtype, bits=bits,
+            trust_remote_code=trust_remote_code, apply_chat_template=bool(chat), prompt_template=prompt_template,
+            system_instruction=system or None,
+        )  # fmt: skip
+        console.print(results_table(summaries) if comparison is None else comparison_table(comparison))
+    console.print(f"answers and results: {folder}", highlight=False)
+
+
 data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

@@ -9,6 +9,9 @@ the word, whatever the phrasing.
 `antonyms-both-styles`: the training questions answered half one way, half the other ("cold", "COLD!"): an SFT
 start for DPO that answers held-out prompts in either style.
 
+`colour-choice`: multiple choice, an item's colour ("What colour is a lemon?\nA. red\nB. green\nC. blue\nD. yellow"
+-> "D"), asked as `xtune eval` asks MMLU's; `write_choice_task` writes the held-out questions as an MMLU task folder.
+
 `calculator`: tool use. "What is 37 * 41?" -> the assistant calls `calculate` with {"expression": "37 * 41"}, the
 tool answers "1517", the assistant answers "1517". `calculator-heldout` asks about (number, operator, number)
 triples no training record has: the model must copy the numbers into the call and the tool's result into its
@@ -388,6 +391,69 @@ def shapes_heldout_questions() -> list[tuple[str, str, str]]:
     return questions
 
 
+CHOICE_OPTIONS = ("red", "green", "blue", "yellow")
+CHOICE_ITEMS = {
+    "red": ("tomato", "cherry", "strawberry", "ruby", "fire engine"),
+    "green": ("grass", "leaf", "frog", "lime", "cucumber"),
+    "blue": ("sky", "sea", "sapphire", "blueberry", "ocean"),
+    "yellow": ("banana", "lemon", "sunflower", "corn", "canary"),
+}
+CHOICE_PHRASINGS = (
+    "What colour is a {item}?",
+    "Which colour is the {item}?",
+    "A {item} is usually which colour?",
+    "Pick the colour of a {item}.",
+    "What is the colour of the {item}?",
+    "Name the colour of a {item}.",
+    "Tell me the colour of the {item}.",
+    "Say which colour a {item} is.",
+)
+CHOICE_SUBJECT = "colours"
+CHOICE_HELDOUT_PER_ITEM = 1
+
+
+def colour_choice_questions(seed: int = 0) -> tuple[list[tuple], list[tuple]]:
+    """(train, held_out) multiple-choice questions (question, (A, B, C, D), answer letter): an item's colour, the
+    options red, green, blue, yellow in that order, so the letter follows from the item (locating an answer among
+    shuffled options takes a tiny model far more steps). Every item and phrasing is trained on, the held-out (item,
+    phrasing) pairs never are, and the answers of those are each letter equally often: a model that always writes
+    one letter scores 25%."""
+    rng = random.Random(f"{seed}/colour-choice")
+    train, held_out = [], []
+    for colour, items in CHOICE_ITEMS.items():
+        for item in items:
+            phrasings = list(CHOICE_PHRASINGS)
+            rng.shuffle(phrasings)
+            for index, phrasing in enumerate(phrasings):
+                question = (phrasing.format(item=item), CHOICE_OPTIONS, "ABCD"[CHOICE_OPTIONS.index(colour)])
+                (held_out if index < CHOICE_HELDOUT_PER_ITEM else train).append(question)
+    rng.shuffle(train)
+    return train, held_out
+
+
+def write_choice_task(folder: Path, questions: list[tuple], split: str = "test") -> Path:
+    """The questions as an MMLU task folder (hendrycks/test's layout): `<split>/colours_<split>.csv`, no header."""
+    import csv
+
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    with (folder / split / f"{CHOICE_SUBJECT}_{split}.csv").open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([[text, *options, answer] for text, options, answer in questions])
+    return folder
+
+
+def choice_records(questions: list[tuple]) -> list[dict]:
+    """Training records: the zero-shot MMLU prompt `xtune eval` asks as the user's turn, the letter as the answer."""
+    from xtune.evaluate.prompts import build_prompt
+    from xtune.evaluate.tasks import ChoiceTask, Question
+
+    task = ChoiceTask("colour-choice", "mmlu", Path("."), "train", [])
+    records = []
+    for index, (text, options, answer) in enumerate(questions):
+        prompt = build_prompt(Question(CHOICE_SUBJECT, text, options, answer, str(index), ""), task)
+        records.append({"conversation": [{"input": prompt, "output": answer}]})
+    return records
+
+
 TINY_DATASETS = {
     "antonyms": lambda: antonym_examples()[0],
     "antonyms-heldout": lambda: antonym_examples()[1],
@@ -395,6 +461,7 @@ TINY_DATASETS = {
     "antonym-pairs-heldout": lambda: antonym_pairs(antonym_examples()[1]),
     "antonym-kto": lambda: kto_examples(antonym_pairs(antonym_examples()[0])),
     "antonyms-both-styles": lambda: antonyms_in_both_styles(antonym_examples()[0]),
+    "colour-choice": lambda: choice_records(colour_choice_questions()[0]),
     "calculator": lambda: [calculator_record(q) for q in calculator_questions()[0]],
     "calculator-heldout": lambda: [calculator_record(q) for q in calculator_questions()[1]],
     "shapes-captions": lambda: shape_examples(shapes_image_folder())[0],
