@@ -76,3 +76,18 @@ def test_a_chat_template_scores_the_reply(tiny):
     assert tokenizer.decode(context).endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
     (scores,) = score_choices(model, tokenizer, template, PROMPTS[1:2], [["A", "B"]])
     assert scores == pytest.approx([plain_log_likelihood(model, tokenizer, template, PROMPTS[1], a) for a in "AB"], abs=1e-4)
+
+
+def test_a_system_prompt_opens_the_chat_prompts_that_are_scored(tiny):
+    from xtune.data.formats import with_system
+
+    model, tokenizer = tiny
+    template = get_template("internlm2_chat")
+    (plain,) = score_choices(model, tokenizer, template, PROMPTS[1:2], [["A", "B"]])
+    (scores,) = score_choices(model, tokenizer, template, PROMPTS[1:2], [["A", "B"]], system="Answer with a letter.")
+    context = prompt_ids(with_system(as_conversation(PROMPTS[1]), "Answer with a letter."), template, tokenizer)
+    with torch.no_grad():
+        log_probs = model(torch.tensor([context])).logits[0, -1].float().log_softmax(-1)
+    expected = [log_probs[plain_text_ids(letter, tokenizer)[0]].item() for letter in "AB"]
+    assert tokenizer.decode(context).startswith("<s><|im_start|>system\nAnswer with a letter.<|im_end|>")
+    assert scores == pytest.approx(expected, abs=1e-4) and scores != pytest.approx(plain, abs=1e-4)

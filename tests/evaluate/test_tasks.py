@@ -95,6 +95,12 @@ def test_wrong_columns_name_the_file_and_row(tmp_path):
         read_choice_task("exam", parquet)
 
 
+def test_few_shot_examples_never_come_from_the_split_scored(tmp_path):
+    root = mmlu_csv(tmp_path / "mmlu")
+    with pytest.raises(DataError, match="each question would be shown with its own answer"):
+        read_choice_task("mmlu", root, split="dev", shots=1)
+
+
 def test_answers_that_are_no_option_name_the_row(tmp_path):
     root = mmlu_csv(tmp_path / "mmlu")
     write_csv(root / "data" / "test" / "virology_test.csv", [["Q?", "a", "b", "c", "d", "A"], ["Q2?", "a", "b", "c", "d", "E"]])
@@ -102,9 +108,11 @@ def test_answers_that_are_no_option_name_the_row(tmp_path):
         read_choice_task("mmlu", root)
 
     cmmlu = tmp_path / "cmmlu"
-    write_csv(cmmlu / "test" / "logic.csv", [["0", "问？", "一", "二", "三", "四", "b"]], ["", "Question", "A", "B", "C", "D", "Answer"])
-    with pytest.raises(DataError, match=r"logic\.csv row 2: answer 'b' is not one of A, B, C, D"):
+    write_csv(cmmlu / "test" / "logic.csv", [["0", "问？", "一", "二", "三", "四", "AB"]], ["", "Question", "A", "B", "C", "D", "Answer"])
+    with pytest.raises(DataError, match=r"logic\.csv row 2: answer 'AB' is not one of A, B, C, D"):
         read_choice_task("cmmlu", cmmlu)
+    write_csv(cmmlu / "test" / "logic.csv", [["0", "问？", "一", "二", "三", "四", " b "]], ["", "Question", "A", "B", "C", "D", "Answer"])
+    assert read_choice_task("cmmlu", cmmlu).questions[0].answer == "B"  # a lower-case letter is the letter
 
     parquet = tmp_path / "parquet"
     write_parquet(parquet / "astronomy" / "test-00000-of-00001.parquet",

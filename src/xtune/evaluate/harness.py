@@ -91,6 +91,13 @@ def run_harness(
     return {"metrics": task_metrics(raw["results"]), "n_samples": n_samples, "raw": raw}
 
 
+def check_harness_tasks(tasks: list[str] | str, include_path: str | None = None) -> list[str]:
+    """The harness tasks `run_harness` would run, or the error it would raise (lm_eval missing, a task unknown),
+    without a model: for a command to fail before its other work."""
+    _, _, TaskManager = _lm_eval()
+    return harness_tasks(TaskManager(include_path=include_path), tasks, include_path)
+
+
 def _lm_eval():
     try:
         import lm_eval
@@ -240,6 +247,9 @@ def harness_eval(model: str, adapter: str | None, tasks: list[str] | str, output
     from xtune.evaluate import report
 
     report.check_output(output)
+    if options.get("apply_chat_template") and compare_with and not options.get("prompt_template"):
+        resolved, resolved_adapter = resolve_checkpoint(model, adapter)  # the base is asked as the tuned model is
+        options["prompt_template"] = recorded_template(resolved_adapter, resolve_model_path(resolved))
     sides = [("tuned", model, adapter), ("base", compare_with, None)] if compare_with else [("model", model, adapter)]
     answers, summaries = {}, {}
     for side, name, side_adapter in sides:

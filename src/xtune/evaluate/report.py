@@ -52,7 +52,7 @@ def generation_summary(answers: list[dict], metrics: list[str], corpus_bleu: flo
     """Each metric's mean over the examples and its stderr; BLEU as the corpus BLEU (sentence BLEU's stderr)."""
     summary: dict = {"kind": "generation", "n": len(answers), "metrics": {}}
     for metric in metrics:
-        mean, stderr = mean_and_stderr([answer["metrics"][metric] for answer in answers])
+        mean, stderr = mean_and_stderr([answer["metrics"][metric] for answer in answers if metric in answer["metrics"]])
         summary["metrics"][metric] = {"value": corpus_bleu if metric == "bleu" else mean, "stderr": stderr}
     return summary
 
@@ -165,7 +165,9 @@ def bar_chart(
         from matplotlib import pyplot
     except ImportError:
         return None
-    labels = list(bars)
+    labels = [label for label in bars if any(value is not None for value, _ in bars[label])]  # C-Eval test: ungraded
+    if not labels:
+        return None
     height = 0.8 / len(series)
     figure, axes = pyplot.subplots(figsize=(7, 1.2 + 0.45 * len(labels) * len(series)))
     for index, name in enumerate(series):

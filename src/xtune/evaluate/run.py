@@ -196,7 +196,7 @@ def _answer_choices(model, tokenizer, template, task: ChoiceTask, questions, opt
     if options.scoring == "loglikelihood":
         answers = [answer_texts(question, task.benchmark, chat) for question in questions]
         scores = score_choices(model, tokenizer, template, prompts, answers, options.tokens_per_batch, packed,
-                               advance=advance)  # fmt: skip
+                               advance=advance, system=options.system if chat else "")  # fmt: skip
         for question, values in zip(questions, scores, strict=True):
             predicted = question.letters[max(range(len(values)), key=values.__getitem__)]
             records.append(_choice_record(task, question, predicted) | {"scores": dict(zip(question.letters, values))})

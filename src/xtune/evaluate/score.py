@@ -108,15 +108,18 @@ def choice_scores(requests: list[Request], results: list[list[list[float]]]) -> 
 def score_choices(
     model, tokenizer, template, prompts: list[str], answers: list[list[str]], tokens_per_batch: int = 8192,
     packed: bool = True, shared: bool = True, advance: Callable[[int], None] | None = None, chunk: int = 256,
+    system: str = "",
 ) -> list[list[float]]:  # fmt: skip
     """The log-likelihood of each answer text after its prompt (rendered with `template`: a chat template, or the
-    plain text one), `chunk` questions packed together at a time; `advance(n)` after each chunk of n."""
+    plain text one; `system`: a chat template's system prompt), `chunk` questions packed together at a time;
+    `advance(n)` after each chunk of n."""
+    from xtune.data.formats import with_system
     from xtune.evaluate.prompts import as_conversation
 
     scores = []
     for begin in range(0, len(prompts), chunk):
         per_question = [
-            choice_requests(prompt_ids(as_conversation(prompt), template, tokenizer),
+            choice_requests(prompt_ids(with_system(as_conversation(prompt), system), template, tokenizer),
                             [plain_text_ids(text, tokenizer) for text in texts], shared)
             for prompt, texts in zip(prompts[begin : begin + chunk], answers[begin : begin + chunk], strict=True)
         ]  # fmt: skip

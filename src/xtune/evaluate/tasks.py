@@ -112,6 +112,10 @@ def read_choice_task(name: str, folder: Path, split: str | None = None, shots: i
     if not questions:
         raise DataError(f"task {name}: the {split} files in {root} hold no questions.")
     examples: dict[str, list[Question]] = {}
+    if shots and split in SPLIT_ALIASES.get(SHOTS_SPLIT, (SHOTS_SPLIT,)):
+        raise DataError(f"task {name}: --shots {shots} takes its examples from the {SHOTS_SPLIT} split, which is the "
+                        f"split scored: each question would be shown with its own answer. Score another --split, "
+                        "or pass --shots 0.")  # fmt: skip
     if shots:
         dev = dict(_split_files(root, SHOTS_SPLIT))
         for subject in sorted({q.subject for q in questions}):
@@ -182,15 +186,18 @@ LAYOUTS = {
 
 
 def read_questions(path: Path, benchmark: str, subject: str, split: str) -> list[Question]:
-    """The questions of one subject's file of `split`, in file order."""
+    """The questions of one subject's file of `split` (a parquet file: with the other shards of its split), in file
+    order. In cais/mmlu's `all` folder each question's subject is its record's."""
     if path.suffix == ".parquet":
-        records = _parquet_records(path)
+        shards = sorted(path.parent.glob(re.sub(r"-\d{5}-of-(\d{5})", r"-*-of-\1", path.name))) or [path]
+        records = [record for shard in shards for record in _parquet_records(shard)]
     else:
         records = _csv_records(path, benchmark)
     questions = []
     for row, (where, record) in enumerate(records):
         question, options, answer = _fields(record, benchmark, where)
-        questions.append(Question(subject, question, options, answer, f"{subject}/{split}/{row}", where))
+        own = record.get("subject") if subject in COMBINED_FOLDERS and isinstance(record.get("subject"), str) else None
+        questions.append(Question(own or subject, question, options, answer, f"{own or subject}/{split}/{row}", where))
     return questions
 
 
@@ -272,7 +279,9 @@ def _fields(record: dict, benchmark: str, where: str) -> tuple[str, tuple[str, .
             raise DataError(f"{where}: option {letter} is {option!r}, not text.")
     if isinstance(answer, str):
         answer = answer.strip() or None
-    if answer is not None and answer not in LETTERS[: len(options)]:
+    if isinstance(answer, str) and len(answer) == 1:
+        answer = answer.upper()
+    if answer is not None and (len(answer) != 1 or answer not in LETTERS[: len(options)]):
         raise DataError(f"{where}: answer {answer!r} is not one of {', '.join(LETTERS[: len(options)])}; "
                         "write the right option's letter.")  # fmt: skip
     return question, tuple(options), answer
