@@ -25,9 +25,34 @@ err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
 @app.callback()
-def _global(debug: Annotated[bool, typer.Option("--debug", help="Show full stack traces on errors.")] = False):
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full stack traces on errors.")] = False,
+    _version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print xtune's version and exit.")
+    ] = False,
+):
     _state["debug"] = debug
+
+
+@app.command("version")
+def version():
+    """Print the installed xtune's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        console.print(installed_version("xtune"), highlight=False)
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from xtune import __version__
+
+        console.print(__version__, highlight=False)
 
 
 @app.command("list-cfg")
@@ -66,11 +91,24 @@ def copy_cfg(name: str, dest_dir: Path):
 def show_cfg(
     config: Annotated[Optional[str], typer.Argument(help="Config file or built-in name.")] = None,
     fields: Annotated[bool, typer.Option("--fields", help="List every config key with its type and meaning.")] = False,
+    from_xtuner: Annotated[
+        Optional[Path],
+        typer.Option("--from-xtuner", help="An XTuner 0.1 config (read, not run): print the equivalent xtune config, "
+                     "each key with the XTuner key it came from, and what was ignored."),
+    ] = None,
 ):
     """Print a config as xtune resolves it, or (--fields) every key a config may set."""
     from xtune.config.load import load_config
     from xtune.config.schema import Config
 
+    if from_xtuner is not None:
+        from xtune.config.xtuner import is_xtuner_config, read_xtuner_config, to_python
+
+        text = to_python(read_xtuner_config(from_xtuner))  # a key xtune refuses is an error, not a comment
+        if is_xtuner_config(from_xtuner):
+            load_config(str(from_xtuner))  # and the values validate
+        sys.stdout.write(text)
+        return
     if fields or config is None:
         table = Table("key", "type", "default", "meaning")
         for name, info in Config.model_fields.items():
@@ -118,7 +156,7 @@ def train_cmd(
         ),
     ] = False,
 ):
-    """Train with a config. Override keys with `--cfg-options key=value [key=value ...]`."""
+    """Train with a config. Override keys with `--cfg-options key=value key=value ...` (after the config)."""
     from xtune.config.load import load_config
     from xtune.engine.distributed import slurm_environment, torchrun_command
     from xtune.engine.train import train
@@ -193,6 +231,42 @@ def check_dataset_cmd(ctx: typer.Context, config: ConfigArgument, allow_code: Al
             soft_wrap=True,
         )
         raise typer.Exit(1)
+
+
+@app.command("check-custom-dataset", context_settings=_EXTRA_ARGS)
+def check_custom_dataset_cmd(ctx: typer.Context, config: ConfigArgument, allow_code: AllowCode = False):
+    """XTuner's check: the first sample after its dataset_format, in the template, encoded; then check-dataset's
+    counts and every malformed record (exit 1 if any)."""
+    from xtune.config.load import load_config
+    from xtune.data.inspect import check_dataset, config_tokenizer, first_sample_steps, render_check, render_sample_steps
+
+    resolved, _ = load_config(config, _cfg_options(ctx.args), allow_code)
+    tokenizer = config_tokenizer(resolved)
+    check = check_dataset(resolved, tokenizer)
+    render_sample_steps(first_sample_steps(resolved.model_copy(update={"skip_bad_records": True}), tokenizer), console)
+    render_check(check, console)
+    if not check.ok:
+        err_console.print(
+            f"[bold red]error:[/] {len(check.bad_records)} records do not fit their dataset_format (listed above); "
+            "fix them, set dataset_format (`xtune list-dataset-format` lists the names), or set "
+            "skip_bad_records = True to train without them.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+
+
+@app.command("list-dataset-format")
+def list_dataset_format():
+    """The dataset_format names (xtune's and XTuner's; XTuner's NAME_map_fn works too), one line each."""
+    from xtune.data.formats import FORMATS
+    from xtune.data.xtuner_maps import DESCRIPTIONS, XTUNER_FORMATS, XTUNER_NAMES
+
+    names = [*FORMATS, *XTUNER_FORMATS]
+    width = max(map(len, names))
+    for name in names:
+        xtuner = f" [XTuner: {name}_map_fn]" if name in XTUNER_NAMES else ""
+        console.print(f"{name:<{width}}  {DESCRIPTIONS[name]}{xtuner}", highlight=False, markup=False)
 
 
 @app.command("log-dataset", context_settings=_EXTRA_ARGS)
@@ -420,7 +494,7 @@ def eval_cmd(
     adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder (a checkpoint-<step>).")] = None,
     data: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH (a folder in a benchmark's layout, a repo id in the HF cache, or a .jsonl), or one folder holding a folder per task; repeatable. Default: the HF cache.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split scored; default: MMLU test, C-Eval val, CMMLU test.")] = None,
-    shots: Annotated[int, typer.Option(min=0, help="Few-shot: the first N dev questions of each subject, answered, before each question.")] = 0,
+    shots: Annotated[Optional[int], typer.Option(min=0, help="Few-shot: the first N dev questions of each subject, answered, before each question; default 0 (harness tasks: each task's own default).")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Render prompts with the chat template; default: multiple choice as plain text, generation tasks as chats.")] = None,
     scoring: Annotated[str, typer.Option(help="Multiple choice by each option's 'loglikelihood', or by the letter the model writes ('generation').")] = "loglikelihood",
     compare: Annotated[Optional[str], typer.Option("--compare", help="BASE: the same tasks on the base model too, side by side, with the difference and its paired stderr.")] = None,
@@ -453,12 +527,16 @@ def eval_cmd(
         os.execv(command[0], command)
     options = EvalOptions(
         tasks=tuple(name.strip() for name in (tasks or "").split(",") if name.strip()), data=tuple(data or ()), split=split,
-        shots=shots, chat=chat, scoring=scoring, prompt_template=prompt_template, system=system, scorer=scorer,
+        shots=shots or 0, chat=chat, scoring=scoring, prompt_template=prompt_template, system=system, scorer=scorer,
         limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, tokens_per_batch=tokens_per_batch,
         bits=bits, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     if adapter is not None:
         _warn_of_other_base(adapter, model)
+    if harness:  # lm_eval installed, the task names known: before any task runs
+        from xtune.evaluate.harness import check_harness_tasks
+
+        check_harness_tasks(harness, str(harness_include) if harness_include else None)
     folder = output
     if options.tasks:
         result = run_eval(model, adapter, options, output, compare, err_console)
@@ -474,7 +552,7 @@ def eval_cmd(
         folder = folder if folder is not None else new_run_dir(DEFAULT_OUTPUT)
         summaries, comparison = harness_eval(
             model, adapter, harness, folder / "harness" if options.tasks else folder, compare,
-            include_path=str(harness_include) if harness_include else None, num_fewshot=shots or None,
+            include_path=str(harness_include) if harness_include else None, num_fewshot=shots,
             batch_size=batch_size, limit=limit, device=device, dtype=dtype, bits=bits,
             trust_remote_code=trust_remote_code, apply_chat_template=bool(chat), prompt_template=prompt_template,
             system_instruction=system or None,
@@ -500,7 +578,7 @@ def data_repeat(
     console.print(f"wrote {count} records to {output}", highlight=False)
 
 
-convert_app = typer.Typer(help="Convert checkpoints: pth_to_hf (a checkpoint as a clean HF folder), merge (LoRA into its base).", no_args_is_help=True)
+convert_app = typer.Typer(help="Convert checkpoints: pth_to_hf (a checkpoint as a clean HF folder), merge (LoRA into its base), split (re-shard a model).", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 MaxShardSize = Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB or 500MB.")]
 
@@ -533,12 +611,29 @@ def convert_merge(
     fp32: Annotated[bool, typer.Option("--fp32", help="Save in fp32 instead of the base model's dtype.")] = False,
     keep_layout: Annotated[bool, typer.Option("--keep-layout", help="Save an InternLM2 base in its own layout (default: Llama layout).")] = False,
     prompt_template: Annotated[Optional[str], typer.Option(help="Chat template to save; default: the adapter's.")] = None,
+    is_clip: Annotated[bool, typer.Option("--is-clip", help="BASE is a CLIP/SigLIP vision encoder, ADAPTER its LoRA (XTuner's flag).")] = False,
 ):
     """Merge a LoRA (or QLoRA) adapter into its base and save a standalone model with its chat template."""
-    from xtune.convert.merge import merge
+    from xtune.convert.merge import merge, merge_visual_encoder
 
+    if is_clip:
+        merge_visual_encoder(base, adapter, save_dir, max_shard_size, fp32, console=err_console)
+        return
     _warn_of_other_base(adapter, base)
     merge(base, adapter, save_dir, max_shard_size, device, fp32, keep_layout, prompt_template, console=err_console)
+
+
+@convert_app.command("split")
+def convert_split(
+    merged_dir: Annotated[Path, typer.Argument(help="A model folder (a merged model, or pth_to_hf's output of a full run).")],
+    save_dir: Annotated[Path, typer.Argument(help="New folder to write.")],
+    max_shard_size: MaxShardSize = "2GB",
+):
+    """Re-save a model's weights as safetensors shards of at most --max-shard-size (XTuner's `convert split`), the
+    other files copied."""
+    from xtune.convert.split import split_model
+
+    console.print(f"saved to {split_model(merged_dir, save_dir, max_shard_size)}", highlight=False)
 
 
 def _warn_of_other_base(adapter, base) -> None:

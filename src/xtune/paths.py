@@ -12,6 +12,13 @@ def xtune_home() -> Path:
     return Path(os.environ.get("XTUNE_HOME") or Path.home() / ".cache" / "xtune")
 
 
+def hf_home() -> Path:
+    """`$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`, as huggingface_hub decides."""
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface"
+
+
 def file_sha256(path: Path, fsync: bool = False) -> str:
     """The hex sha256 of a file's bytes, read a MiB at a time; `fsync`: the file is also made durable while
     it is open (one read of each file for both)."""

@@ -261,7 +261,7 @@ def test_repeats_zero_everywhere_and_negative_repeats_are_errors(tmp_path):
         ("d.csv", "instruction,output\n", "", "no records; the file is empty."),
         ("d.csv", "instruction,output\nq,a,extra\n", ":2", "the row has 3 fields but the header has 2."),
         ("d.csv", "instruction,input\nq,a\n", ":2", "missing field 'output' (format 'alpaca')."),
-        ("d.xlsx", "x", "", "unsupported file type '.xlsx'; use one of .json, .jsonl, .parquet, .csv, .txt."),
+        ("d.xlsx", "x", "", "unsupported file type '.xlsx'; use one of .json, .jsonl, .parquet, .csv, .txt, .arrow."),
         ("d.parquet", "not parquet", "", "not a readable Parquet file"),
         ("d.jsonl", '{"text": "a"}\n{"text": ' + "[" * 5000 + "]" * 5000 + "}\n", ":2", "JSON nested 5,001 levels deep, deeper than Python's JSON parser reads (records are a few levels deep)."),
         ("d.json", '[\n{"text": "a"},\n' + "[" * 5000 + "]" * 5000 + "\n]", ":3", "JSON nested 5,001 levels deep, deeper than Python's JSON parser reads (records are a few levels deep); the whole file is unreadable."),

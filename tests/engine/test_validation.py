@@ -226,7 +226,7 @@ def test_save_best_survives_pruning_and_early_stopping_stops_and_resumes_exactly
     result, output = run(tmp_path / "a", *EARLY_STOPPING)
     run_dir = result.run_dir
     assert "validation: 5 samples (val_split = 0.02 of the data)" in output
-    assert "early stopping at step 4: the validation loss has stayed above 1.0000 (step 2) for 2 evaluations" in output
+    assert "early stopping at step 4: the validation loss has not gone below 1.0000 (step 2) for 2 evaluations" in output
     assert len(result.losses) == 4 and records(run_dir, "eval_loss") == list(SCRIPTED.items())
     # saved: 1 and 2 (each a new best), 3 (save_steps), 4 (the stop); the newest two are kept, and the best
     assert sorted(path.name for path in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from xtune.config.schema import ALIASES, FIELD_NAMES, OTHER_TOOLS_NAMES, Config, names_code
 from xtune.config.presets import MODELS, PRESETS, family_of, matches, preset_source
+from xtune.config.xtuner import is_xtuner_config, read_xtuner_config, to_python
 from xtune.errors import ConfigError, short_repr
 from xtune.paths import xtune_home
 
@@ -76,13 +77,18 @@ def _written_preset(name: str) -> Path:
 
 
 def copy_config(name: str, dest_dir: str | Path) -> Path:
-    """Copy a built-in config to `dest_dir/<name>_copy.<ext>` (XTuner's convention); never overwrites."""
+    """Copy a built-in config to `dest_dir/<name>_copy.<ext>` (XTuner's convention); never overwrites. An XTuner
+    config file is copied as the equivalent xtune config (`xtune.config.xtuner.to_python`)."""
     source = find_config(name)
     dest = Path(dest_dir) / f"{source.stem}_copy{source.suffix}"
     if dest.exists():
         raise ConfigError(f"{dest} already exists; move it away or copy into another folder.")
+    text = to_python(read_xtuner_config(source)) if is_xtuner_config(source) else None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
+    if text is not None:
+        dest.write_text(text, encoding="utf-8")
+    else:
+        shutil.copyfile(source, dest)
     return dest
 
 
@@ -92,7 +98,11 @@ def load_config(
     """The validated config and the file it came from. `overrides` are `key=value` strings (the user's own command
     line, so they may name code); a YAML config's keys that run code are refused unless `allow_code`."""
     path = find_config(name_or_path)
-    values, lines = _read_python(path) if path.suffix == ".py" else _read_yaml(path)
+    if is_xtuner_config(path):  # read with ast, never run (xtune.config.xtuner): it needs no trust
+        read = read_xtuner_config(path)
+        values, lines = read.values, read.lines
+    else:
+        values, lines = _read_python(path) if path.suffix == ".py" else _read_yaml(path)
     values = _apply_aliases(values, path, lines)
     if path.suffix != ".py" and not allow_code:
         _refuse_code(values, path, lines)

@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path", "dpo_loss_type": "loss_type", "loss_beta": "beta"}
+ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path", "dpo_loss_type": "loss_type", "loss_beta": "beta",
+           "dataset_map_fn": "dataset_format"}
 """Other names users know for a field (XTuner's own alternatives) -> our field name."""
 
 OTHER_TOOLS_NAMES = {
@@ -21,6 +22,8 @@ OTHER_TOOLS_NAMES = {
     "optim": "optim_type", "max_steps_per_epoch": "max_steps", "bf16": "dtype", "fp16": "dtype",
     "moe_aux_loss_coef": "router_aux_loss_coef", "val_size": "val_split", "eval_dataset": "val_data_path",
     "evaluation_dataset": "val_data_path", "metric_for_best_model": "save_best", "load_best_model_at_end": "save_best",
+    "use_varlen_attn": "pack_to_max_length", "max_iters": "max_steps", "every_n_iters": "evaluation_freq",
+    "max_keep_ckpts": "save_total_limit",
 }  # fmt: skip
 """Names of the same settings in Hugging Face's Trainer, TRL, LLaMA-Factory and torchtune -> ours: suggested in
 the unknown-key error, not accepted (a config reads one way)."""
@@ -117,8 +120,10 @@ class Config(BaseModel):
     Face dataset folder, or `xtune-tiny/<name>` for a dataset xtune generates itself."""
     dataset_format: str = "auto"
     """Record format: `auto` (detected per file from its first record), `conversation` (XTuner),
-    `alpaca`, `openai` (messages), `sharegpt`, `llava`, `text` (pretraining), or the dotted path of
-    your own map function from a raw record to a Conversation, `package.module:function`."""
+    `alpaca`, `openai` (messages), `sharegpt`, `llava`, `text` (pretraining), XTuner's dataset names (`alpaca_zh`,
+    `sql`, ... or `alpaca_zh_map_fn`; `xtune list-dataset-format` lists them; `dataset_map_fn` is another name for
+    this key), or the dotted path of your own map function from a raw record to a Conversation,
+    `package.module:function`."""
     datasets: list[DatasetSource] = []
     """Several sources mixed, each with its own format and repeats; used with or instead of data_path."""
     image_folder: str | None = None

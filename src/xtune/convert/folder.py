@@ -51,8 +51,8 @@ def save_dtype(published: str | None, fp32: bool) -> torch.dtype:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint-<step> folder, or the newest complete one in a run folder. A partial folder (an interrupted
-    save) is refused."""
+    """A checkpoint-<step> folder, or the newest complete one in a run folder, or in a work_dir's newest run that
+    has one (runs are named by their start time). A partial folder (an interrupted save) is refused."""
     path = Path(path)
     if path.name.endswith(".partial"):
         raise CheckpointError(f"{path} is a checkpoint whose save was interrupted; use a complete checkpoint-<step>.")
@@ -60,8 +60,12 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint folder.")
     if not (path / RUN_META).is_file():
         checkpoints = complete_checkpoints(path)
+        runs = sorted((run for run in path.iterdir() if run.is_dir() and not checkpoints), key=lambda run: run.name)
+        for run in reversed(runs):  # a --work-dir: its newest run that has a complete checkpoint
+            if checkpoints := complete_checkpoints(run):
+                break
         if not checkpoints:
-            raise CheckpointError(f"{path} holds no complete checkpoint-<step> folder (and is not one).")
+            raise CheckpointError(f"{path} holds no complete checkpoint-<step> folder, nor a run folder with one (and is not one).")
         path = checkpoints[-1]
     verify_checkpoint(path)
     return path

@@ -5,6 +5,7 @@ from pathlib import Path
 from rich.console import Console
 
 from xtune.convert.folder import new_folder, save_dtype, write_meta
+from xtune.convert.xtuner import check_xtuner_checkpoint, is_xtuner_checkpoint
 from xtune.data.encode import pad_token_id
 from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 from xtune.engine.checkpoint import read_run_meta
@@ -35,6 +36,14 @@ def merge(
     without remote code) unless `keep_layout`."""
     console = console or Console(stderr=True)
     adapter = Path(adapter)
+    if is_xtuner_checkpoint(adapter):  # checked before anything loads
+        check_xtuner_checkpoint(adapter, "ADAPTER")
+        raise CheckpointError(
+            f"{adapter} is an XTuner checkpoint, which holds the LoRA factors but not the LoRA alpha (that is in its "
+            "config); convert it first, `xtune convert pth_to_hf CONFIG PTH ADAPTER_DIR`, then merge ADAPTER_DIR."
+        )
+    if not adapter.is_dir():
+        raise CheckpointError(f"ADAPTER {str(adapter)!r}: no such adapter folder.")
     base_path = resolve_model_path(base)
     meta = read_run_meta(adapter)
     quantization = meta.get("quantization")
@@ -75,4 +84,32 @@ def merge(
             write_generation_config(folder, generation_config_of(merged), tokenizer, template)
         write_meta(folder, {**meta, "method": "merged", "quantization": None, "merged_from": {"base": str(base), "adapter": str(adapter)}, "prompt_template": template})  # fmt: skip
     console.print(f"merged {f'reward model ({type(merged).__name__})' if reward else 'model'} written to {save_dir}")
+    return Path(save_dir)
+
+
+def merge_visual_encoder(base: str, adapter: str | Path, save_dir: str | Path, max_shard_size: str = "2GB", fp32: bool = False, console: Console | None = None) -> Path:
+    """XTuner's `merge --is-clip`: a LoRA adapter on a CLIP (or SigLIP) vision encoder folded into it, saved with
+    its image processor. ADAPTER is the adapter folder, or a LLaVA output holding visual_encoder_adapter/."""
+    import torch
+    from transformers import AutoImageProcessor
+
+    from xtune.models.llava import ENCODER_ADAPTER, load_visual_encoder
+
+    console = console or Console(stderr=True)
+    adapter = Path(adapter)
+    if is_xtuner_checkpoint(adapter):
+        check_xtuner_checkpoint(adapter, "ADAPTER")
+        raise CheckpointError(f"{adapter} is an XTuner checkpoint; convert it first with `xtune convert pth_to_hf CONFIG PTH DIR`, then merge DIR/{ENCODER_ADAPTER}.")  # fmt: skip
+    adapter = adapter / ENCODER_ADAPTER if (adapter / ENCODER_ADAPTER).is_dir() else adapter
+    if not adapter.is_dir():
+        raise CheckpointError(f"ADAPTER {str(adapter)!r}: no such adapter folder.")
+    base_path = resolve_model_path(base)
+    base_config = read_config(base_path)
+    dtype = save_dtype(base_config.get("dtype") or base_config.get("torch_dtype"), fp32)
+    encoder = load_visual_encoder(base_path, torch.float32)
+    merged = attach_adapter(encoder, adapter, base).merge_and_unload().to(dtype)
+    with new_folder(save_dir) as folder:
+        merged.save_pretrained(folder, max_shard_size=max_shard_size)
+        AutoImageProcessor.from_pretrained(base_path).save_pretrained(folder)
+    console.print(f"merged vision encoder ({type(merged).__name__}) written to {save_dir} ({dtype})")
     return Path(save_dir)

@@ -16,10 +16,12 @@ from transformers import AutoModelForCausalLM
 from xtune.config.load import load_config
 from xtune.convert.llava import copy_llava_parts, export_hf_llava
 from xtune.convert.folder import find_checkpoint, new_folder, save_dtype, write_meta
+from xtune.convert.xtuner import check_xtuner_checkpoint, is_xtuner_checkpoint, xtuner_to_hf
 from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 from xtune.engine.checkpoint import read_run_meta
 from xtune.errors import CheckpointError
 from xtune.models.load import load_tokenizer, read_config, resolve_model_path
+from xtune.models.lora import published_adapter
 from xtune.models.reward import load_reward_checkpoint
 
 
@@ -39,12 +41,16 @@ def pth_to_hf(
     if export not in (None, "hf-llava"):
         raise CheckpointError(f"--export {export!r}: the one export is 'hf-llava'.")
     console = console or Console(stderr=True)
-    if str(checkpoint).endswith((".pth", ".pt")):
-        raise CheckpointError(
-            f"{checkpoint}: xtune checkpoints are checkpoint-<step> folders in the run folder, not .pth files."
-        )
+    if is_xtuner_checkpoint(checkpoint):  # XTuner's iter_N.pth (file or DeepSpeed folder): checked before anything loads
+        check_xtuner_checkpoint(checkpoint, "CHECKPOINT")
+        if export:
+            raise CheckpointError("--export hf-llava: convert the XTuner checkpoint first, then export xtune's output.")
+        config, _ = load_config(config_path, allow_code=allow_code)
+        save_dir, kind = xtuner_to_hf(config, checkpoint, save_dir, fp32)
+        console.print(f"{kind} written to {save_dir}")
+        return save_dir
+    folder_in = find_checkpoint(checkpoint)  # a missing or empty path is refused before the config and models load
     config, config_file = load_config(config_path, allow_code=allow_code)
-    folder_in = find_checkpoint(checkpoint)
     meta = read_run_meta(folder_in)
     trained_on = meta.get("llm_name_or_path")
     if trained_on is not None and trained_on != config.llm_name_or_path:
@@ -66,11 +72,9 @@ def pth_to_hf(
                 export_hf_llava(config.llm_name_or_path, config.visual_encoder_name_or_path, folder_in, folder / "hf-llava", dtype, template)
                 kind += " and a transformers LLaVA model in hf-llava/"
         elif (folder_in / "adapter_config.json").is_file():
-            weights = load_file(folder_in / "adapter_model.safetensors")
+            weights, adapter_config, kind = published_adapter(folder_in, base_config, config.llm_name_or_path, meta, console)
             save_file({name: _cast(tensor, dtype) for name, tensor in weights.items()}, folder / "adapter_model.safetensors")
-            adapter_config = json.loads((folder_in / "adapter_config.json").read_text())
             (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-            kind = "PEFT adapter"
             write_generation_config(folder, generation_config_of(base_path), tokenizer, template)
         elif meta.get("stage") == "reward":  # a full reward run: transformers' sequence classifier
             model, _ = load_reward_checkpoint(folder_in, dtype)

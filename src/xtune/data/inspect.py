@@ -447,3 +447,53 @@ def render_samples(samples: Sequence[LoggedSample], console: Console) -> None:
         console.print(f"labels: {compact_labels(sample.labels)}", soft_wrap=True, highlight=False)
         if index + 1 < len(samples):
             console.print()
+
+
+# check-custom-dataset ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleSteps:
+    """The first sample at each step of the data road, as XTuner's check_custom_dataset shows it."""
+
+    location: str
+    dataset_format: str
+    conversation: list[dict]
+    """The record after its map function: one {role, content} per turn (tool calls as `tool_calls`)."""
+    logged: LoggedSample | None
+    """The same sample in the prompt template and encoded; None when it is not trained on (too long, say)."""
+
+
+def first_sample_steps(config: Config, tokenizer=None) -> SampleSteps | None:
+    """The first well-formed record of the first source, mapped, templated and encoded; None if it has none."""
+    spec = source_specs(config)[0]
+    items = read_conversations(spec.path, spec.format, image_folder=spec.image_folder)
+    location, conversation = next((item for item in items if not isinstance(item, BadRecord)), (None, None))
+    if conversation is None:
+        return None
+    turns = [{"role": turn.role, "content": turn.content}
+             | ({"tool_calls": [f"{call.name}({call.arguments})" for call in turn.tool_calls]} if turn.tool_calls else {})
+             for turn in conversation.turns]  # fmt: skip
+    logged = first_samples(config, 1, tokenizer) if config.stage == "sft" else []
+    return SampleSteps(location, spec.format, turns, logged[0] if logged else None)
+
+
+def _banner(title: str) -> str:
+    return f"{'#' * 20}   {title}   {'#' * 20}"
+
+
+def render_sample_steps(steps: SampleSteps | None, console: Console) -> None:
+    if steps is None:
+        console.print("no well-formed record to show", highlight=False)
+        return
+    console.print(_banner(f"first sample after dataset_format '{steps.dataset_format}'"), highlight=False, markup=False)
+    console.print(steps.location, highlight=False, markup=False)
+    console.print(repr(steps.conversation), highlight=False, markup=False, soft_wrap=True)
+    if steps.logged is None:
+        return
+    console.print(_banner("the same sample in the prompt template"), highlight=False, markup=False)
+    console.print(highlighted(steps.logged.runs, not console.is_terminal), soft_wrap=True)
+    console.print(_banner("encoded input_ids"), highlight=False, markup=False)
+    console.print(str(steps.logged.sample.input_ids), highlight=False, soft_wrap=True)
+    console.print(_banner("encoded labels"), highlight=False, markup=False)
+    console.print(compact_labels(steps.logged.sample.labels), highlight=False, soft_wrap=True)

@@ -30,6 +30,8 @@ from xtune.data.formats import (
     FORMATS, Conversation, RecordError, check_conversation, detect_format, rounds_of, with_placeholders, with_system,
 )  # fmt: skip
 from xtune.config.schema import names_code
+from xtune.data import hf_cache
+from xtune.data.xtuner_maps import XTUNER_FORMATS, builtin_map_function
 from xtune.errors import DataError
 
 TINY_PREFIX = "xtune-tiny/"
@@ -89,8 +91,8 @@ self_cognition: alpaca questions about the assistant's identity ("Who are you?",
 
 
 def resolve_data_path(data_path: str) -> Path:
-    """A local file or folder, `xtune-tiny/<name>` for a dataset xtune generates itself, or `xtune-data/<name>` for
-    one it ships (BUILTIN_DATASETS)."""
+    """A local file or folder, `xtune-tiny/<name>` for a dataset xtune generates itself, `xtune-data/<name>` for
+    one it ships (BUILTIN_DATASETS), or a Hugging Face dataset id in the local caches (`hf_cache`)."""
     if data_path.startswith(TINY_PREFIX):
         from xtune.testing.tasks import tiny_dataset_path
 
@@ -102,6 +104,11 @@ def resolve_data_path(data_path: str) -> Path:
             raise DataError(f"data_path = '{data_path}': no such dataset; xtune ships {shipped}.")
         return Path(str(resources.files("xtune.data") / "builtin" / f"{name}.json"))
     path = Path(data_path)
+    if not path.exists() and hf_cache.looks_like_dataset_id(data_path):
+        found, places = hf_cache.find_dataset(data_path, tuple(READERS))
+        if found is None:
+            raise hf_cache.not_found(data_path, path, places)
+        return found
     if not path.exists():
         raise DataError(
             f"data_path = '{data_path}' does not exist (looked at {path.resolve()}). "
@@ -111,12 +118,14 @@ def resolve_data_path(data_path: str) -> Path:
 
 
 def map_function(dataset_format: str) -> Callable[[Any], Conversation]:
-    """A format name of `FORMATS`, or the dotted path of a user's function from a raw record to a Conversation."""
-    if dataset_format in FORMATS:
-        return FORMATS[dataset_format]
+    """A format name of `FORMATS` or XTuner's (`XTUNER_FORMATS`, also as `NAME_map_fn`), or the dotted path of a
+    user's function from a raw record to a Conversation."""
+    if (builtin := builtin_map_function(dataset_format)) is not None:
+        return builtin
     if not names_code(dataset_format):
         raise DataError(
-            f"unknown dataset_format '{dataset_format}'; use auto, {', '.join(FORMATS)}, or the dotted path "
+            f"unknown dataset_format '{dataset_format}'; use auto, {', '.join(FORMATS)}, XTuner's "
+            f"{', '.join(XTUNER_FORMATS)} (or NAME_map_fn; `xtune list-dataset-format` lists them), or the dotted path "
             "of your own map function, 'package.module:function'."
         )
     split = dataset_format.partition(":") if ":" in dataset_format else dataset_format.rpartition(".")
@@ -340,12 +349,29 @@ def _read_saved_dataset(path: Path) -> Iterator[RawItem]:
             row += 1
 
 
+def _read_arrow(path: Path) -> Iterator[RawItem]:
+    """An Arrow file `datasets` wrote (its cache's `NAME-train.arrow`, a saved dataset's `data-*.arrow`)."""
+    import datasets
+
+    try:
+        dataset = datasets.Dataset.from_file(str(path))
+    except Exception as error:  # pyarrow and datasets raise assorted types for a damaged file
+        yield BadRecord(str(path), f"not a readable Arrow file of a dataset ({type(error).__name__}: {_one_line(error)})")
+        return
+    row = 0
+    for table in dataset.with_format("arrow").iter(batch_size=1024):
+        for record in table.to_pylist():
+            yield f"{path}[row {row}]", record
+            row += 1
+
+
 READERS: dict[str, Callable[[Path], Iterator[RawItem]]] = {
     ".json": _read_json,
     ".jsonl": _read_jsonl,
     ".parquet": _read_parquet,
     ".csv": _read_csv,
     ".txt": _read_txt,
+    ".arrow": _read_arrow,
 }
 """File suffix -> reader of its raw records."""
 
@@ -355,6 +381,10 @@ def data_files(path: Path) -> list[Path]:
     and recursively; hidden entries and files of other types in a folder are passed over."""
     if path.is_file() or is_saved_dataset(path):
         return [path]
+    if hf_cache.is_hub_snapshot(path):
+        return hf_cache.snapshot_train_files(path, tuple(READERS))
+    if hf_cache.is_datasets_cache_folder(path):
+        return hf_cache.train_arrow_files(path)
     if not path.is_dir():
         raise DataError(f"data path '{path}' does not exist (looked at {path.resolve()}).")
     found: list[Path] = []
@@ -458,12 +488,12 @@ def _convert(map_fn: Callable, name: str, record: Any) -> Conversation:
     """The record mapped and checked; a user's function failing in any way is the record's fault."""
     try:
         conversation = map_fn(record)
-        if name not in FORMATS:
+        if builtin_map_function(name) is None:
             check_conversation(conversation)
     except RecordError as error:
         raise RecordError(f"{error} (format '{name}')") from error.__cause__
     except Exception as error:
-        if name in FORMATS:
+        if builtin_map_function(name) is not None:
             raise
         raise RecordError(f"map function '{name}' failed ({type(error).__name__}: {error})") from error
     return conversation

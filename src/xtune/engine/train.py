@@ -61,7 +61,7 @@ from xtune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from xtune.models.attention import use_varlen_attention
 from xtune.models.compile import compile_decoder_layers
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
-from xtune.models.llava import build_llava, image_token_count, llava_meta, vision_config, with_pixel_values
+from xtune.models.llava import build_llava, check_pretrained_pth, image_token_count, llava_meta, vision_config, with_pixel_values
 from xtune.models.lora import count_parameters, fit_embeddings, prepare_trainable, saves_whole_model
 
 
@@ -251,6 +251,8 @@ def train(
 def _train(config: Config, console: Console | None, resume: str | None, trust_checkpoint: bool) -> TrainResult:
     device = resolve_device(config.device)
     check_work_dir(Path(config.work_dir))
+    if config.pretrained_pth:
+        check_pretrained_pth(config.pretrained_pth)
     ranks = setup_distributed(device, group_of_one=config.deepspeed is not None)
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
@@ -543,8 +545,9 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
                 if ranks.main:
                     plot_loss(run_dir)
             if stop:
-                progress.console.print(f"early stopping at step {step}: the validation loss has stayed above "
-                                       f"{best.loss:.4f} (step {best.step}) for {best.evals_since} evaluations")
+                lowest = f"{best.loss:.4f} (step {best.step})" if best.loss is not None else "no finite value"
+                progress.console.print(f"early stopping at step {step}: the validation loss has not gone below "
+                                       f"{lowest} for {best.evals_since} evaluations")  # fmt: skip
                 break
     sinks.close()
     if run_lock is not None:

@@ -354,3 +354,150 @@ def _read_json(file: Path) -> dict:
 
 def _write_json(file: Path, data: dict) -> None:
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# LoRA adapters in either layout. PEFT names an adapter's weights `base_model.model.<module>.lora_A.weight`. A LoRA on
+# q_proj, k_proj and v_proj (each rank r) is a LoRA on the fused wqkv of rank 3r: its A stacks the three A's, its B
+# holds each B in that projection's rows (grouped as wqkv's are) and in the columns of that projection's A.
+ADAPTER_MODULES = {
+    "q_proj": "wqkv", "k_proj": "wqkv", "v_proj": "wqkv", "o_proj": "wo",
+    "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "embed_tokens": "tok_embeddings", "lm_head": "output",
+}  # fmt: skip
+ADAPTER_LAYER_KEY = re.compile(r"(base_model\.model\.model\.layers\.\d+)\.(self_attn|mlp)\.(\w+)\.(lora_[AB])\.weight")
+ADAPTER_TOP_LEVEL = {
+    "base_model.model.model.embed_tokens.weight": "base_model.model.model.tok_embeddings.weight",
+    "base_model.model.lm_head.weight": "base_model.model.output.weight",
+}
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def llama_to_internlm2_adapter(weights: dict[str, Tensor], adapter_config: dict, config: dict) -> tuple[dict, dict]:
+    """A PEFT LoRA adapter (weights, adapter_config.json) trained on the Llama layout, in InternLM2's module names,
+    so that it applies to InternLM2's own code (and LMDeploy) with the same outputs. `config` is the base's config.json."""
+    problem = next((key for key in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform")
+                    if adapter_config.get(key)), None)  # fmt: skip
+    if problem:
+        raise XtuneError(
+            f"the adapter has {problem} = {adapter_config[problem]!r}, which xtune does not carry into InternLM2's fused "
+            "wqkv; it stays in xtune's Llama layout (load it on xtune's Llama-layout model, or merge it)."
+        )
+    targets = adapter_config.get("target_modules") or []
+    names = (targets if isinstance(targets, list) else [targets]) + list(adapter_config.get("modules_to_save") or [])
+    unknown = [name for name in names if _internlm2_module(name) is None]
+    if unknown:
+        raise XtuneError(f"InternLM2 has no module for {unknown[0]!r}; the adapter stays in xtune's Llama layout.")
+    num_heads, num_kv_heads, head_dim = attention_shape(config)
+    rows = {"q_proj": num_heads * head_dim, "k_proj": num_kv_heads * head_dim, "v_proj": num_kv_heads * head_dim}
+    to_internlm2 = {llama: internlm2 for internlm2, llama in LAYER_NAMES.items()}
+    internlm2, qkv = {}, {}
+    for name, tensor in weights.items():
+        layer = ADAPTER_LAYER_KEY.fullmatch(name)
+        if layer and layer[3] in QKV:
+            qkv.setdefault(layer[1], {})[layer[3], layer[4]] = tensor
+        elif layer and f"{layer[2]}.{layer[3]}.weight" in to_internlm2:
+            module = to_internlm2[f"{layer[2]}.{layer[3]}.weight"].removesuffix(".weight")
+            internlm2[f"{layer[1]}.{module}.{layer[4]}.weight"] = tensor
+        elif name in ADAPTER_TOP_LEVEL:
+            internlm2[ADAPTER_TOP_LEVEL[name]] = tensor
+        else:
+            raise XtuneError(f"the adapter holds {name!r}, which xtune cannot place in InternLM2's layout")
+    ranks = set()
+    for prefix, factors in qkv.items():
+        present = [projection for projection in QKV if (projection, "lora_A") in factors]
+        lora_a = torch.cat([factors[projection, "lora_A"] for projection in present])
+        blocks, start = {}, 0
+        for projection in QKV:
+            block = lora_a.new_zeros(rows[projection], lora_a.shape[0])
+            if projection in present:
+                b = factors[projection, "lora_B"]
+                block[:, start : start + b.shape[1]] = b
+                start += b.shape[1]
+            blocks[projection] = block
+        internlm2[f"{prefix}.attention.wqkv.lora_A.weight"] = lora_a
+        internlm2[f"{prefix}.attention.wqkv.lora_B.weight"] = fuse_wqkv(
+            blocks["q_proj"], blocks["k_proj"], blocks["v_proj"], num_heads, num_kv_heads, head_dim
+        )
+        ranks.add(lora_a.shape[0])
+    rank, alpha = adapter_config["r"], adapter_config["lora_alpha"]
+    internlm2_config = {
+        **adapter_config,
+        "target_modules": sorted({_internlm2_module(name) for name in targets}),
+        "modules_to_save": [_internlm2_module(name) for name in adapter_config.get("modules_to_save") or []] or None,
+    }
+    if ranks and ranks != {rank}:  # wqkv's rank is 3r (or 2r); its lora_alpha keeps the scaling alpha / r
+        (fused_rank,) = ranks
+        ratio = fused_rank / rank
+        internlm2_config["rank_pattern"] = {"wqkv": fused_rank}
+        internlm2_config["alpha_pattern"] = {"wqkv": alpha * (ratio**0.5 if adapter_config.get("use_rslora") else ratio)}
+    return internlm2, internlm2_config
+
+
+def internlm2_to_llama_adapter(weights: dict[str, Tensor], adapter_config: dict, config: dict) -> tuple[dict, dict]:
+    """A LoRA adapter in InternLM2's module names (xtune's export, or XTuner's) in the Llama layout xtune loads
+    InternLM2 in: wqkv's A serves q, k and v, and its B's rows split as wqkv's do, so each projection's update is
+    exactly its rows of wqkv's."""
+    shape = attention_shape(config)
+    to_llama_top = {internlm2: llama for llama, internlm2 in ADAPTER_TOP_LEVEL.items()}
+    layer_key = re.compile(
+        r"(.*\.layers\.\d+)\.(attention\.wqkv|attention\.wo|feed_forward\.w[123])\.(lora_[AB])\.weight"
+    )
+    llama = {}
+    for name, tensor in weights.items():
+        layer = layer_key.fullmatch(name)
+        if layer and layer[2] == "attention.wqkv":
+            pieces = (tensor,) * 3 if layer[3] == "lora_A" else split_wqkv(tensor, *shape)
+            for projection, piece in zip(QKV, pieces):
+                llama[f"{layer[1]}.self_attn.{projection}.{layer[3]}.weight"] = piece.clone()
+        elif layer:
+            module = LAYER_NAMES[f"{layer[2]}.weight"].removesuffix(".weight")
+            llama[f"{layer[1]}.{module}.{layer[3]}.weight"] = tensor
+        else:
+            llama[to_llama_top.get(name, name)] = tensor
+    def renamed(names):
+        return sorted({llama_name for name in names for llama_name in _llama_modules(name)})
+
+    def pattern(values: dict) -> dict:
+        return {llama_name: value for name, value in values.items() for llama_name in _llama_modules(name)}
+
+    targets = adapter_config.get("target_modules") or []
+    llama_config = {
+        **adapter_config,
+        "target_modules": renamed(targets) if isinstance(targets, list) else targets,
+        "modules_to_save": renamed(adapter_config.get("modules_to_save") or []) or None,
+        "rank_pattern": pattern(adapter_config.get("rank_pattern") or {}),
+        "alpha_pattern": pattern(adapter_config.get("alpha_pattern") or {}),
+    }
+    return llama, llama_config
+
+
+def is_internlm2_adapter(adapter_config: dict) -> bool:
+    """Whether an adapter_config.json names InternLM2's modules (wqkv, wo, w1..w3, tok_embeddings, output)."""
+    names = adapter_config.get("target_modules") or []
+    names = (list(names) if not isinstance(names, str) else []) + list(adapter_config.get("modules_to_save") or [])
+    return any(name.rsplit(".", 1)[-1] in LLAMA_MODULES for name in names)
+
+
+LLAMA_MODULES = {"wqkv": QKV, "wo": ("o_proj",), "w1": ("gate_proj",), "w3": ("up_proj",), "w2": ("down_proj",),
+                 "tok_embeddings": ("embed_tokens",), "output": ("lm_head",)}  # fmt: skip
+LLAMA_PARENTS = {"self_attn": "attention", "mlp": "feed_forward"}
+
+
+def _internlm2_module(name: str) -> str | None:
+    """A module name as peft writes it (`q_proj`, or a path `model.layers.0.self_attn.q_proj`) in InternLM2's names;
+    None when InternLM2 has no such module."""
+    *path, last = name.split(".")
+    if last not in ADAPTER_MODULES or (path and last not in ("embed_tokens", "lm_head") and path[-1] not in LLAMA_PARENTS):
+        return None
+    return ".".join([*path[:-1], LLAMA_PARENTS[path[-1]]] if path and path[-1] in LLAMA_PARENTS else path) + (
+        "." if path else ""
+    ) + ADAPTER_MODULES[last]
+
+
+def _llama_modules(name: str) -> list[str]:
+    """The Llama-layout modules an InternLM2 module name (short, or a path) stands for; other names as they are."""
+    *path, last = name.split(".")
+    if last not in LLAMA_MODULES:
+        return [name]
+    parents = {internlm2: llama for llama, internlm2 in LLAMA_PARENTS.items()}
+    path = [*path[:-1], parents.get(path[-1], path[-1])] if path else []
+    return [".".join([*path, llama]) for llama in LLAMA_MODULES[last]]

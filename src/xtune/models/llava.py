@@ -48,6 +48,11 @@ class Projector(nn.Module):
 
     @classmethod
     def load(cls, folder: Path) -> "Projector":
+        from xtune.convert.xtuner import is_xtuner_checkpoint, load_xtuner_state, projector_from_state
+
+        if is_xtuner_checkpoint(folder):  # XTuner's stage-1 iter_N.pth (file or DeepSpeed folder)
+            state = load_xtuner_state(folder)
+            return projector_from_state({k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}, folder)
         folder = projector_folder(folder)
         projector = cls(**json.loads((folder / "config.json").read_text()))
         projector.load_state_dict(load_file(folder / "model.safetensors"))
@@ -68,6 +73,16 @@ def projector_folder(path: str | Path) -> Path:
         f"pretrained_pth = {str(path)!r} holds no projector (projector/model.safetensors); point it at the "
         "pretrain run's checkpoint-<step> folder."
     )
+
+
+def check_pretrained_pth(path: str | Path) -> None:
+    """That `pretrained_pth` exists in a layout xtune reads, before any data or model loads."""
+    from xtune.convert.xtuner import check_xtuner_checkpoint, is_xtuner_checkpoint
+
+    if is_xtuner_checkpoint(path):
+        check_xtuner_checkpoint(path, "pretrained_pth =")
+    elif not Path(path).is_dir():
+        raise CheckpointError(f"pretrained_pth = {str(path)!r}: no such folder; point it at the pretrain run's checkpoint-<step> (or XTuner's iter_N.pth).")
 
 
 def has_cls_token(vision_config) -> bool:

@@ -26,7 +26,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from xtune.errors import CheckpointError, ConfigError, ModelNotFoundError, XtuneError
 from xtune.models.internlm2 import is_internlm2, llama_layout_copy, load_internlm2_as_llama
-from xtune.paths import xtune_home
+from xtune.paths import hf_home, xtune_home
 from xtune.testing.tiny import tiny_model_path
 
 TINY_PREFIX = "xtune-tiny/"
@@ -78,10 +78,7 @@ def hf_hub_cache() -> Path:
     """`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`, as huggingface_hub decides."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return cache_home / "huggingface" / "hub"
+    return hf_home() / "hub"
 
 
 def hf_repo_folder(cache: Path, repo_id: str) -> Path:

@@ -2,17 +2,26 @@
 
 import copy
 import json
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from xtune.config.schema import Config
 from xtune.engine.checkpoint import read_run_meta, verify_checkpoint
-from xtune.errors import CheckpointError, ConfigError
+from xtune.errors import CheckpointError, ConfigError, XtuneError
+from xtune.models.internlm2 import (
+    internlm2_to_llama_adapter,
+    is_internlm2,
+    is_internlm2_adapter,
+    llama_to_internlm2_adapter,
+)
 
 
 def lora_config(config: Config) -> LoraConfig:
@@ -63,7 +72,11 @@ def prepare_trainable(model: PreTrainedModel, config: Config, others_train: bool
     lora = lora_config(config)
     if config.lora_target_modules == "all-linear":
         lora.target_parameters = fused_parameters(model) or None
-    return lora_model(model, lora)
+    peft_model = lora_model(model, lora)
+    # What the user named (an id or a folder), never the folder it resolved to (for InternLM2 under 4/8 bits, xtune's
+    # private Llama-layout copy) nor null (peft's, for InternLM2 built from its config): AutoPeftModel* loads it.
+    peft_model.peft_config["default"].base_model_name_or_path = config.llm_name_or_path
+    return peft_model
 
 
 def fused_parameters(model: PreTrainedModel) -> list[str]:
@@ -189,7 +202,8 @@ def attach_adapter(model: PreTrainedModel, adapter: str | Path, base: str | Path
         raise CheckpointError(f"{adapter} has no adapter_model.safetensors: the adapter folder is incomplete.")
     verify_checkpoint(adapter)
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        with llama_layout_adapter(model, adapter) as folder:
+            return PeftModel.from_pretrained(model, folder)
     except RuntimeError as error:
         mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
         if mismatch is None:
@@ -198,3 +212,37 @@ def attach_adapter(model: PreTrainedModel, adapter: str | Path, base: str | Path
             f"the adapter {adapter} does not fit the base model {base} ({mismatch.rstrip('.')}); "
             "was it trained on another model? Pass the base it was trained on."
         ) from None
+
+
+@contextmanager
+def llama_layout_adapter(model: PreTrainedModel, adapter: Path):
+    """`adapter`, or, when it names InternLM2's modules (an adapter exported for InternLM2's own code, or XTuner's)
+    and `model` is xtune's Llama-layout InternLM2, a temporary copy of it in the Llama layout."""
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    if not is_internlm2_adapter(adapter_config) or any(name.endswith(".wqkv") for name, _ in model.named_modules()):
+        yield adapter
+        return
+    weights = load_file(adapter / "adapter_model.safetensors")
+    weights, adapter_config = internlm2_to_llama_adapter(weights, adapter_config, model.config.to_dict())
+    with tempfile.TemporaryDirectory(prefix="xtune-adapter-") as folder:
+        (Path(folder) / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        save_file(weights, Path(folder) / "adapter_model.safetensors", metadata={"format": "pt"})
+        yield Path(folder)
+
+
+def published_adapter(
+    folder: Path, base_config: dict, base_name: str, meta: dict, console
+) -> tuple[dict, dict, str]:
+    """A LoRA checkpoint's adapter as others load it: `base_model_name_or_path` is `base_name` (what the run's config
+    named), and on an InternLM2 base the modules are InternLM2's (wqkv, wo, w1..w3), as XTuner's pth_to_hf writes them
+    and InternLM2's own code and LMDeploy load them. Returns the weights, adapter_config.json and what they are."""
+    weights = load_file(folder / "adapter_model.safetensors")
+    adapter_config = json.loads((folder / "adapter_config.json").read_text()) | {"base_model_name_or_path": base_name}
+    if not is_internlm2(base_config) or meta.get("stage") == "reward" or is_internlm2_adapter(adapter_config):
+        return weights, adapter_config, "PEFT adapter"
+    try:
+        weights, adapter_config = llama_to_internlm2_adapter(weights, adapter_config, base_config)
+    except XtuneError as error:
+        console.print(f"[yellow]{error}")
+        return weights, adapter_config, "PEFT adapter (in xtune's Llama layout)"
+    return weights, adapter_config, "PEFT adapter in InternLM2's module names"

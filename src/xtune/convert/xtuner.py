@@ -1,0 +1,254 @@
+"""XTuner 0.1.x checkpoints (`work_dirs/<cfg>/iter_N.pth`) read safely and renamed into xtune's layout.
+
+XTuner writes either a file (mmengine's `{'meta', 'state_dict', 'message_hub', ...}`, or a plain state dict) or,
+under DeepSpeed, a folder `iter_N.pth/` whose `mp_rank_00_model_states.pt` holds the weights under 'module'. The
+weights are what XTuner's models return from `state_dict()`: only the trained parts, named
+
+    llm.base_model.model.<HF name>.lora_A.default.weight     a LoRA adapter on the LLM (InternLM2: its own names)
+    llm.<HF name>                                            the LLM trained in full
+    projector.model.<i>.weight / .bias                       LLaVA's projector (xtune's Projector has the same shape)
+    visual_encoder.base_model.model.<HF name>.lora_*         a LoRA adapter on the vision encoder
+
+Everything is read with torch.load(weights_only=True): no pickled code runs. mmengine's bookkeeping (its message
+hub keeps numpy arrays and HistoryBuffer objects) is read as inert stand-ins and dropped.
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from xtune.engine.checkpoint import RUN_META
+from xtune.errors import CheckpointError
+
+DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
+PTH_SUFFIXES = (".pth", ".pt")
+
+
+def is_xtuner_checkpoint(path: str | Path) -> bool:
+    """A path in XTuner's layout (or meant to be: a `.pth` name that does not exist yet), not an xtune folder."""
+    path = Path(path)
+    if path.is_dir():
+        return not (path / RUN_META).is_file() and (_model_states(path) is not None or path.suffix in PTH_SUFFIXES)
+    return path.suffix in PTH_SUFFIXES
+
+
+def check_xtuner_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
+    """The file holding the weights, after checking the path exists in one of XTuner's layouts; nothing is loaded."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {str(path)!r}: no such file or folder; give an existing iter_N.pth (XTuner) or checkpoint-<step> (xtune).")
+    if path.is_file():
+        return path
+    states = _model_states(path)
+    if states is None:
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:4]) or "nothing"
+        raise CheckpointError(
+            f"{what} {str(path)!r} is a folder but not a DeepSpeed checkpoint (no {DEEPSPEED_MODEL_STATES}; it holds "
+            f"{found}) nor an xtune checkpoint (no {RUN_META})."
+        )
+    return states
+
+
+def _model_states(folder: Path) -> Path | None:
+    for candidate in (folder / DEEPSPEED_MODEL_STATES, *sorted(folder.glob(f"*/{DEEPSPEED_MODEL_STATES}"))):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class _Inert:
+    """Stands in for a pickled object of mmengine's or numpy's bookkeeping: takes its state and does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _inert(*args, **kwargs) -> _Inert:
+    return _Inert()
+
+
+INERT_GLOBALS = {
+    "mmengine.logging.history_buffer.HistoryBuffer": _Inert,
+    "mmengine.config.config.ConfigDict": dict,
+    "numpy.core.multiarray._reconstruct": _inert,
+    "numpy._core.multiarray._reconstruct": _inert,
+    "numpy.core.multiarray.scalar": _inert,
+    "numpy._core.multiarray.scalar": _inert,
+    "numpy.ndarray": _Inert,
+    "numpy.dtype": _inert,
+}
+"""Objects mmengine and DeepSpeed keep beside the weights, read as stand-ins (never the real classes)."""
+_NUMPY_DTYPE = re.compile(r"numpy\.dtypes\.\w+DType")
+
+
+def load_xtuner_state(path: str | Path) -> dict[str, Tensor]:
+    """The weights of an XTuner checkpoint (file or DeepSpeed folder), as XTuner named them."""
+    file = check_xtuner_checkpoint(path)
+    unknown = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(file)
+               if name not in INERT_GLOBALS and not _NUMPY_DTYPE.fullmatch(name)]  # fmt: skip
+    if unknown:
+        raise CheckpointError(
+            f"{file} holds pickled objects of {', '.join(unknown[:3])} besides weights; xtune reads checkpoints with "
+            "weights_only=True and runs no pickled code. Where you trust the file, save its weights alone: "
+            "torch.save(torch.load(F, weights_only=False)['state_dict'], 'weights.pth')."
+        )
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    stand_ins = [(INERT_GLOBALS.get(name, _inert), name) for name in names]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, or a pickle weights_only refuses
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{file} cannot be read as a checkpoint: {first}") from None
+    if file.name == DEEPSPEED_MODEL_STATES:
+        state = data.get("module") if isinstance(data, dict) else None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file} has no 'module' (the weights DeepSpeed saves); the checkpoint is damaged.")
+        if any(torch.is_tensor(t) and t.numel() == 0 for t in state.values()):
+            raise CheckpointError(
+                f"{file} holds ZeRO-3 placeholders (empty tensors), not weights; xtune reads ZeRO-1/2 DeepSpeed "
+                "checkpoints. Gather it first with DeepSpeed's zero_to_fp32.py into a .pth file."
+            )
+    else:
+        state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"{file} holds no state dict of named tensors (XTuner's 'state_dict', or the tensors themselves).")
+    return state
+
+
+@dataclass
+class XtunerParts:
+    """An XTuner checkpoint's weights in xtune's names: PEFT adapter keys (no `.default`), HF model keys."""
+
+    llm_adapter: dict[str, Tensor] = field(default_factory=dict)
+    llm: dict[str, Tensor] = field(default_factory=dict)
+    projector: dict[str, Tensor] = field(default_factory=dict)
+    visual_encoder_adapter: dict[str, Tensor] = field(default_factory=dict)
+
+
+def xtune_parts(state: dict[str, Tensor], llm_config: dict) -> XtunerParts:
+    """XTuner's names -> xtune's. An InternLM2 LLM (xtune runs it in the Llama layout) has its weights and its
+    LoRA factors renamed and its fused `wqkv` split into q/k/v: lora_A is shared by the three, lora_B's rows split
+    as the weight's do, so B @ A of each equals the matching rows of wqkv's update exactly."""
+    from xtune.models.internlm2 import internlm2_to_llama_state_dict, is_internlm2
+
+    parts = XtunerParts()
+    full_llm = {}
+    for name, tensor in state.items():
+        part, _, rest = name.partition(".")
+        if part == "projector":
+            parts.projector[rest] = tensor
+        elif part == "visual_encoder" and "lora_" in rest:
+            parts.visual_encoder_adapter[rest.replace(".default.", ".")] = tensor
+        elif part == "llm" and "lora_" in rest:
+            parts.llm_adapter[rest.replace(".default.", ".")] = tensor
+        elif part == "llm":
+            full_llm[rest] = tensor
+        else:
+            raise CheckpointError(
+                f"the checkpoint holds {name!r}, which is none of XTuner's llm., projector. or visual_encoder. LoRA "
+                "weights xtune knows how to read."
+            )
+    if is_internlm2(llm_config):
+        parts.llm_adapter = internlm2_lora_as_llama(parts.llm_adapter, llm_config)
+        full_llm = internlm2_to_llama_state_dict(full_llm, llm_config)
+    parts.llm = full_llm
+    return parts
+
+
+def internlm2_lora_as_llama(adapter: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """XTuner's LoRA factors on InternLM2's modules (wqkv, wo, w1-w3) in the Llama layout xtune loads it in."""
+    from xtune.models.internlm2 import internlm2_to_llama_adapter
+
+    return internlm2_to_llama_adapter(adapter, {}, config)[0]
+
+
+def lora_rank(adapter: dict[str, Tensor]) -> int:
+    ranks = {tensor.shape[0] for name, tensor in adapter.items() if ".lora_A." in name}
+    if len(ranks) != 1:
+        raise CheckpointError(f"the LoRA factors have ranks {sorted(ranks)}; xtune reads adapters of one rank.")
+    return ranks.pop()
+
+
+def target_modules(adapter: dict[str, Tensor]) -> list[str]:
+    return sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapter})
+
+
+def write_adapter(adapter: dict[str, Tensor], folder: Path, alpha: float, base: str, dropout: float = 0.0, task_type: str | None = "CAUSAL_LM") -> None:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) from adapter weights in PEFT's names."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config = LoraConfig(r=lora_rank(adapter), lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(adapter),
+                        task_type=task_type, base_model_name_or_path=base)  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    save_file({name: tensor.detach().contiguous() for name, tensor in adapter.items()}, folder / "adapter_model.safetensors")
+
+
+def projector_from_state(projector: dict[str, Tensor], source: str | Path):
+    """xtune's Projector holding XTuner's `projector.model.<i>` weights (its depth and sizes read off them)."""
+    from xtune.models.llava import Projector
+
+    weights = sorted((int(name.split(".")[1]), tensor) for name, tensor in projector.items() if name.endswith(".weight"))
+    if not weights:
+        raise CheckpointError(f"{source} holds no projector (projector.model.0.weight); is it a LLaVA pretrain checkpoint?")
+    model = Projector(weights[0][1].shape[1], weights[0][1].shape[0], depth=len(weights))
+    try:
+        model.load_state_dict(projector)
+    except RuntimeError as error:
+        raise CheckpointError(f"{source}: the projector's weights do not form XTuner's ProjectorModel: {str(error).splitlines()[0]}") from None
+    return model
+
+
+def xtuner_to_hf(config, checkpoint: str | Path, save_dir: str | Path, fp32: bool = False) -> tuple[Path, str]:
+    """`pth_to_hf` of an XTuner checkpoint: SAVE_DIR as xtune writes it from its own checkpoints (a PEFT adapter,
+    or a LLaVA run's projector/, llm_adapter/, visual_encoder_adapter/), LoRA alphas taken from `config` (XTuner's
+    .pth holds the factors only). Returns (SAVE_DIR, what was written)."""
+    from xtune.convert.folder import new_folder, save_dtype, write_meta
+    from xtune.models.llava import ENCODER_ADAPTER, LLM_ADAPTER, PROJECTOR, llava_meta
+    from xtune.models.load import load_tokenizer, read_config, resolve_model_path
+    from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
+
+    base_path = resolve_model_path(config.llm_name_or_path)
+    base_config = read_config(base_path)
+    dtype = save_dtype(base_config.get("dtype") or base_config.get("torch_dtype"), fp32)
+    parts = xtune_parts(load_xtuner_state(checkpoint), base_config)
+    if parts.llm:
+        raise CheckpointError(
+            f"{checkpoint} holds the LLM's full weights (llm.model.*); xtune converts XTuner's LoRA adapters and "
+            "projectors for now, not fully fine-tuned LLMs."
+        )
+    cast = lambda weights: {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}  # noqa: E731
+    template = config.prompt_template
+    meta = {"llm_name_or_path": config.llm_name_or_path, "method": config.method, "prompt_template": template,
+            "converted_from": str(checkpoint), "converted_from_format": "xtuner"}  # fmt: skip
+    tokenizer = load_tokenizer(base_path)
+    with new_folder(save_dir) as folder:
+        if parts.projector or parts.visual_encoder_adapter:
+            written = [PROJECTOR]
+            projector_from_state(parts.projector, checkpoint).to(dtype).save(folder / PROJECTOR)
+            if parts.llm_adapter:
+                write_adapter(cast(parts.llm_adapter), folder / LLM_ADAPTER, config.lora_alpha, config.llm_name_or_path, config.lora_dropout)
+                written.append(LLM_ADAPTER)
+            if parts.visual_encoder_adapter:
+                write_adapter(cast(parts.visual_encoder_adapter), folder / ENCODER_ADAPTER, config.visual_encoder_lora_alpha,
+                              config.visual_encoder_name_or_path, config.lora_dropout, task_type=None)  # fmt: skip
+                written.append(ENCODER_ADAPTER)
+            meta["llava"] = llava_meta(config)
+            kind = "LLaVA parts (" + ", ".join(written) + ")"
+        elif parts.llm_adapter:
+            write_adapter(cast(parts.llm_adapter), folder, config.lora_alpha, config.llm_name_or_path, config.lora_dropout)
+            write_generation_config(folder, generation_config_of(base_path), tokenizer, template)
+            kind = "PEFT adapter"
+        else:
+            raise CheckpointError(f"{checkpoint} holds no LoRA adapter and no projector.")
+        save_tokenizer(tokenizer, folder, template)
+        write_meta(folder, meta)
+    return Path(save_dir), f"{kind} from XTuner's {checkpoint}"

@@ -1,0 +1,198 @@
+"""XTuner 0.1.x checkpoints (iter_N.pth files, mmengine's dict, DeepSpeed folders), built here in XTuner's key
+layout from xtune adapters, convert back to the same model; bad paths are refused before anything loads."""
+
+import io
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from rich.console import Console
+
+from xtune.config.load import load_config
+from xtune.convert.folder import find_checkpoint
+from xtune.convert.merge import merge
+from xtune.convert.pth_to_hf import pth_to_hf
+from xtune.engine.checkpoint import RUN_META
+from xtune.errors import CheckpointError
+from xtune.models.internlm2 import attention_shape, fuse_wqkv
+from xtune.models.llava import Projector
+from xtune.models.load import load_model, read_config, resolve_model_path
+from xtune.models.lora import attach_adapter
+
+BASE = "xtune-tiny/internlm2-chat"
+CONFIG = "tiny_internlm2_chat_lora_antonyms"
+INPUT = torch.tensor([[1, 300, 301, 302, 400, 500, 7, 8]])
+TO_INTERNLM2 = {"self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+                "mlp.down_proj": "feed_forward.w2"}  # fmt: skip
+QUIET = Console(file=io.StringIO())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(xtune adapter folder, the same adapter in XTuner's names): q/k/v share lora_A, as one LoRA on wqkv does."""
+    config, _ = load_config(CONFIG)
+    torch.manual_seed(0)
+    model = load_model(resolve_model_path(BASE))
+    lora = LoraConfig(r=4, lora_alpha=config.lora_alpha, init_lora_weights=False, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if name.endswith("self_attn"):
+                module.k_proj.lora_A.default.weight.copy_(module.q_proj.lora_A.default.weight)
+                module.v_proj.lora_A.default.weight.copy_(module.q_proj.lora_A.default.weight)
+            if hasattr(module, "lora_B"):
+                module.lora_B.default.weight.mul_(0.05)
+    folder = tmp_path_factory.mktemp("reference")
+    peft_model.save_pretrained(folder)
+    (folder / RUN_META).write_text(json.dumps({"llm_name_or_path": BASE, "method": "lora"}))
+    return folder, xtuner_names(get_peft_model_state_dict(peft_model), read_config(resolve_model_path(BASE)))
+
+
+def xtuner_names(adapter: dict, config: dict) -> dict:
+    """What XTuner's SupervisedFinetune.state_dict() holds for this adapter on InternLM2's own modules."""
+    state = {}
+    for name, tensor in adapter.items():
+        prefix, module, factor = name.split(".layers.")[0], name.split(".layers.")[1].rsplit(".lora_", 1)[0], name.rsplit(".lora_", 1)[1]
+        layer, module = module.split(".", 1)
+        key = lambda internlm2: f"llm.{prefix}.layers.{layer}.{internlm2}.lora_{factor.replace('.weight', '.default.weight')}"  # noqa: E731
+        if module == "self_attn.q_proj":
+            if factor.startswith("A"):
+                state[key("attention.wqkv")] = tensor
+            else:
+                k, v = (adapter[name.replace("q_proj", kv)] for kv in ("k_proj", "v_proj"))
+                state[key("attention.wqkv")] = fuse_wqkv(tensor, k, v, *attention_shape(config))
+        elif module in TO_INTERNLM2:
+            state[key(TO_INTERNLM2[module])] = tensor
+    return state
+
+
+def fake_mmengine(monkeypatch):
+    """A class pickled under mmengine's HistoryBuffer name, as mmengine's message hub holds them."""
+    module = types.ModuleType("mmengine.logging.history_buffer")
+
+    class HistoryBuffer:
+        def __init__(self):
+            self._log_history, self.max_length = np.array([1.5, 2.5]), 1000000
+
+    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = module.__name__, "HistoryBuffer"
+    module.HistoryBuffer = HistoryBuffer
+    for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
+        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
+    return HistoryBuffer
+
+
+def layouts(state, tmp_path, monkeypatch):
+    plain = tmp_path / "plain" / "iter_2.pth"
+    plain.parent.mkdir()
+    torch.save(state, plain)
+    mmengine = tmp_path / "mmengine" / "iter_2.pth"
+    mmengine.parent.mkdir()
+    buffer = fake_mmengine(monkeypatch)()
+    torch.save({"meta": {"cfg": "model = dict(...)", "seed": 0, "iter": 2}, "state_dict": state,
+                "message_hub": {"log_scalars": {"train/loss": buffer}}}, mmengine)  # fmt: skip
+    deepspeed = tmp_path / "deepspeed" / "iter_2.pth"
+    deepspeed.mkdir(parents=True)
+    torch.save({"module": state, "buffer_names": [], "ds_version": "0.14.0", "iter": 2}, deepspeed / "mp_rank_00_model_states.pt")
+    monkeypatch.delitem(sys.modules, "mmengine")  # reading needs no mmengine
+    return {"plain": plain, "mmengine": mmengine, "deepspeed": deepspeed}
+
+
+def logits(adapter):
+    with torch.no_grad():
+        return attach_adapter(load_model(resolve_model_path(BASE)), adapter, BASE).eval()(INPUT).logits
+
+
+def test_each_xtuner_layout_converts_to_the_adapter_it_was_built_from(reference, tmp_path, monkeypatch):
+    folder, state = reference
+    expected = logits(folder)
+    assert not torch.allclose(expected, logits_of_base(), atol=1e-3)  # the adapter changes the model
+    for layout, pth in layouts(state, tmp_path, monkeypatch).items():
+        out = pth_to_hf(CONFIG, pth, tmp_path / f"hf-{layout}", fp32=True, console=QUIET)
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+        assert torch.allclose(logits(out), expected, atol=1e-5), layout
+
+
+def logits_of_base():
+    with torch.no_grad():
+        return load_model(resolve_model_path(BASE)).eval()(INPUT).logits
+
+
+def test_a_llava_stage_2_starts_from_an_xtuner_projector(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    projector = Projector(32, 256, depth=2)
+    pth = tmp_path / "iter_2181.pth"
+    torch.save({"meta": {"iter": 2181}, "state_dict": {f"projector.{k}": v for k, v in projector.state_dict().items()}}, pth)
+    loaded = Projector.load(pth)
+    assert loaded.settings == projector.settings
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in projector.state_dict().items())
+
+
+def refuse_loading(monkeypatch):
+    def loads(*_, **__):
+        raise AssertionError("loaded something before refusing the path")
+
+    for target in ("xtune.convert.pth_to_hf.load_config", "xtune.convert.merge.resolve_model_path",
+                   "xtune.engine.train.load_tokenizer", "xtune.engine.train.resolve_model_path"):  # fmt: skip
+        monkeypatch.setattr(target, loads)
+
+
+def test_a_missing_path_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    from xtune.engine.train import train
+
+    config, _ = load_config("tiny_llava_finetune_shapes", [f"pretrained_pth={str(tmp_path / 'iter_2181.pth')!r}", f"work_dir={str(tmp_path / 'w')!r}"])
+    refuse_loading(monkeypatch)
+    with pytest.raises(CheckpointError, match="iter_2181.pth.*no such file"):
+        train(config, QUIET)
+    with pytest.raises(CheckpointError, match="iter_5.pth.*no such file"):
+        pth_to_hf(CONFIG, tmp_path / "iter_5.pth", tmp_path / "out", console=QUIET)
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        pth_to_hf(CONFIG, tmp_path / "checkpoint-9", tmp_path / "out", console=QUIET)
+    (tmp_path / "iter_6.pth").mkdir()
+    with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
+        merge(BASE, tmp_path / "iter_6.pth", tmp_path / "out", console=QUIET)
+
+
+def test_pickled_code_is_refused(tmp_path, reference):
+    pth = tmp_path / "iter_1.pth"
+    torch.save({"state_dict": reference[1], "hook": io.StringIO}, pth)  # a global outside tensors and mmengine's
+    with pytest.raises(CheckpointError, match="io.StringIO.*weights_only=True"):
+        pth_to_hf(CONFIG, pth, tmp_path / "out", console=QUIET)
+
+
+def test_a_work_dir_resolves_to_its_newest_runs_newest_checkpoint(tmp_path):
+    for run, step in (("20260101_000000", 9), ("20260102_000000", 1), ("20260102_000000", 3), ("20260103_000000", None)):
+        (tmp_path / run).mkdir(exist_ok=True)
+        if step is not None:
+            (tmp_path / run / f"checkpoint-{step}").mkdir()
+            (tmp_path / run / f"checkpoint-{step}" / RUN_META).write_text("{}")
+    assert find_checkpoint(tmp_path) == tmp_path / "20260102_000000" / "checkpoint-3"
+
+
+def test_the_mmengine_layout_holds_objects_that_weights_only_alone_refuses(tmp_path, monkeypatch):
+    pth = layouts({"projector.model.0.weight": torch.ones(2, 2)}, tmp_path, monkeypatch)["mmengine"]
+    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(pth))
+    assert "mmengine.logging.history_buffer.HistoryBuffer" in unsafe and any(name.startswith("numpy") for name in unsafe)
+
+
+def test_merge_is_clip_folds_a_vision_encoder_adapter_in(tmp_path):
+    from transformers import CLIPVisionModel
+
+    from xtune.convert.merge import merge_visual_encoder
+    from xtune.models.llava import VISION_LORA_TARGETS, load_visual_encoder
+
+    base = resolve_model_path("xtune-tiny/clip-vision")
+    torch.manual_seed(2)
+    encoder = get_peft_model(load_visual_encoder(base), LoraConfig(r=4, lora_alpha=8, target_modules=VISION_LORA_TARGETS, init_lora_weights=False))
+    encoder.save_pretrained(tmp_path / "llava" / "visual_encoder_adapter")
+    pixels = torch.randn(1, 3, encoder.config.image_size, encoder.config.image_size)
+    with torch.no_grad():
+        expected = encoder.eval()(pixels).last_hidden_state
+        out = merge_visual_encoder("xtune-tiny/clip-vision", tmp_path / "llava", tmp_path / "merged", fp32=True, console=QUIET)
+        merged = CLIPVisionModel.from_pretrained(out).eval()(pixels).last_hidden_state
+    assert torch.allclose(merged, expected, atol=1e-5)
+    assert (out / "preprocessor_config.json").is_file()
