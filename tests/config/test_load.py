@@ -70,6 +70,16 @@ def test_dataset_mix_is_validated_per_entry(tmp_path):
     assert config.datasets[0].repeats == 2.0 and config.data_path is None
 
 
+def test_xtuners_alpaca_en_path_is_the_data_path_and_the_alpaca_configs_name_it(tmp_path):
+    """The tutorial's edit of a copied alpaca config: its `alpaca_en_path` line."""
+    config, _ = load_config(str(write(tmp_path, "llm_name_or_path = 'm'\nalpaca_en_path = '/data/a.json'\n")))
+    assert config.data_path == "/data/a.json"
+    copied = copy_config("internlm2_chat_1_8b_qlora_alpaca_e3", tmp_path / "copy")
+    text = copied.read_text().replace('alpaca_en_path = data_root + "alpaca_data.json"', "alpaca_en_path = '/data/b.json'")
+    copied.write_text(text)
+    assert load_config(str(copied))[0].data_path == "/data/b.json"
+
+
 def test_alias_and_name_both_set_is_an_error(tmp_path):
     path = write(tmp_path, "llm_name_or_path='a'\npretrained_model_name_or_path='b'\ndata_path='d'\n")
     with pytest.raises(ConfigError, match="both set"):

@@ -30,19 +30,24 @@ class Model:
 
 
 MODELS: tuple[Model, ...] = (
+    Model("internlm2_1_8b", "InternLM2", "internlm/internlm2-1_8b", "default", note="A base model: XTuner's default template."),
     Model("internlm2_chat_1_8b", "InternLM2", "internlm/internlm2-chat-1_8b", "internlm2_chat"),
+    Model("internlm2_7b", "InternLM2", "internlm/internlm2-7b", "default", note="A base model: XTuner's default template."),
     Model("internlm2_chat_7b", "InternLM2", "internlm/internlm2-chat-7b", "internlm2_chat"),
     Model("internlm2_5_chat_7b", "InternLM2.5", "internlm/internlm2_5-7b-chat", "internlm2_chat"),
     Model("internlm3_8b_instruct", "InternLM3", "internlm/internlm3-8b-instruct", "internlm2_chat", remote_code=True,
           note="InternLM3's jinja is InternLM2's; its modelling is remote code (trust_remote_code)."),
     Model("llama2_7b", "Llama 2", "meta-llama/Llama-2-7b-hf", "default", note="A base model: XTuner's default template."),
     Model("llama2_7b_chat", "Llama 2", "meta-llama/Llama-2-7b-chat-hf", "llama2_chat"),
+    Model("llama3_8b", "Llama 3", "meta-llama/Meta-Llama-3-8B", "default", lr=1e-4,
+          note="A base model: XTuner's default template."),
     Model("llama3_8b_instruct", "Llama 3", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat", lr=1e-4),
     Model("llama3_1_8b_instruct", "Llama 3.1", "meta-llama/Llama-3.1-8B-Instruct", "llama3_1", lr=1e-4,
           note="Llama 3.1's template writes a dated system header, and tools as its jinja does (llama3_1)."),
     Model("llama3_2_3b_instruct", "Llama 3.2", "meta-llama/Llama-3.2-3B-Instruct", "hf", lr=1e-4,
           note="Llama 3.2's template writes today's date into the system header: its own (hf)."),
     Model("llama3_3_70b_instruct", "Llama 3.3", "meta-llama/Llama-3.3-70B-Instruct", "llama3_1", lr=1e-4, lora_r=16),
+    Model("qwen1_5_7b", "Qwen 1.5", "Qwen/Qwen1.5-7B", "default", note="A base model: XTuner's default template."),
     Model("qwen1_5_7b_chat", "Qwen 1.5", "Qwen/Qwen1.5-7B-Chat", "qwen_chat"),
     Model("qwen2_7b_instruct", "Qwen 2", "Qwen/Qwen2-7B-Instruct", "qwen_chat"),
     Model("qwen2_5_7b_instruct", "Qwen 2.5", "Qwen/Qwen2.5-7B-Instruct", "qwen_chat"),
@@ -114,7 +119,8 @@ RECIPES: tuple[Recipe, ...] = (
 )
 
 _DATA = {
-    "alpaca": ('data_path = data_root + "alpaca_data.json"  # tatsu-lab/alpaca as JSON', "alpaca"),
+    "alpaca": ('alpaca_en_path = data_root + "alpaca_data.json"  # tatsu-lab/alpaca as JSON (XTuner\'s name for data_path)',
+               "alpaca"),
     "oasst1": ('data_path = data_root + "openassistant_best_replies_train.jsonl"  # timdettmers/openassistant-guanaco',
                "oasst1"),
     "self_cognition": (

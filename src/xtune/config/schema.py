@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path", "dpo_loss_type": "loss_type", "loss_beta": "beta",
-           "dataset_map_fn": "dataset_format"}
+           "dataset_map_fn": "dataset_format", "alpaca_en_path": "data_path"}
 """Other names users know for a field (XTuner's own alternatives) -> our field name."""
 
 OTHER_TOOLS_NAMES = {

@@ -7,7 +7,7 @@ method = "full"
 
 # Data
 data_root = "./data/"
-data_path = data_root + "alpaca_data.json"
+alpaca_en_path = data_root + "alpaca_data.json"  # XTuner's name for data_path (tatsu-lab/alpaca as JSON)
 prompt_template = "internlm2_chat"
 max_length = 2048
 pack_to_max_length = True
