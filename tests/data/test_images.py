@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
-from xtune.data.images import ImagePreprocessor, background_of, load_image, pad_to_square
+from xtune.data.images import BUILTIN_IMAGES, ImagePreprocessor, background_of, image_path, load_image, pad_to_square
 from xtune.errors import DataError, ModelNotFoundError
 from xtune.models.load import resolve_model_path
 from xtune.testing.tiny import build_tiny_model, tiny_model_path
@@ -261,3 +262,15 @@ def test_an_image_over_pillows_pixel_limit_is_a_bad_record_not_a_traceback(tmp_p
     (tmp_path / "data.json").write_text(json.dumps([record, fine]))
     loaded = load_sources([SourceSpec(str(tmp_path / "data.json"), "llava", image_folder=str(tmp_path))], skip_bad_records=True)
     assert len(loaded.conversations) == 1 and "too large to decode" in loaded.skipped[0].message
+
+
+def test_the_shipped_evaluation_image_is_what_the_llava_configs_ask_about(tmp_path):
+    from xtune.config.load import load_config
+
+    assert image_path("xtune-data/view.png").is_file() and set(BUILTIN_IMAGES) == {"view.png"}
+    assert load_image(image_path("xtune-data/view.png")).size == (336, 336)
+    assert image_path(tmp_path / "mine.png") == tmp_path / "mine.png"  # a user's path as it is
+    assert image_path("xtune-data/nothing.png") == Path("xtune-data/nothing.png")  # not shipped: a plain path
+    for name in ("llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain",
+                 "llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune"):  # fmt: skip
+        assert load_config(name)[0].evaluation_images == ["xtune-data/view.png"]

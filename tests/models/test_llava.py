@@ -155,7 +155,7 @@ def test_the_eval_chat_hook_asks_about_evaluation_images(tmp_path, images):
     from xtune.engine.train import train
 
     overrides = [f"work_dir={str(tmp_path)!r}", "max_steps=1", "batch_size=2", "evaluation_inputs=['What colour?', 'What shape?']",
-                 f"evaluation_images=[{images[0]!r}]", "evaluation_max_new_tokens=3"]  # fmt: skip
+                 "evaluation_images=['xtune-data/view.png']", "evaluation_max_new_tokens=3"]  # fmt: skip (shipped)
     config, _ = load_config("tiny_llava_finetune_shapes", overrides)
     result = train(config, Console(file=io.StringIO()))
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]

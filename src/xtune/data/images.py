@@ -17,6 +17,22 @@ from xtune.errors import DataError, ModelNotFoundError
 
 ImageLike = str | PathLike | Image.Image
 
+BUILTIN_IMAGES = {"view.png": "a lake with a wooden pier, mountains and the sun, drawn by xtune with Pillow"}
+"""Images xtune ships (`xtune-data/NAME`), for the LLaVA configs' evaluation_images (XTuner's evaluate on a photo
+of a pier it downloads; this one is local)."""
+
+
+def image_path(path: str | PathLike) -> Path:
+    """A local image path, or `xtune-data/<name>` for one of BUILTIN_IMAGES."""
+    from importlib import resources
+
+    from xtune.data.sources import BUILTIN_PREFIX
+
+    text = str(path)
+    if text.startswith(BUILTIN_PREFIX) and text[len(BUILTIN_PREFIX) :] in BUILTIN_IMAGES:
+        return Path(str(resources.files("xtune.data") / "builtin" / text[len(BUILTIN_PREFIX) :]))
+    return Path(path)
+
 
 def load_image(path: str | PathLike) -> Image.Image:
     """The image at `path` in RGB; a missing or unreadable file is a DataError naming it."""

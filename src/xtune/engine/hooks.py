@@ -13,6 +13,7 @@ import torch
 
 from xtune.config.schema import Config
 from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation, Turn
+from xtune.data.images import image_path
 from xtune.data.templates import ChatTemplate
 from xtune.errors import ConfigError
 from xtune.infer.generate import GenerationOptions, generate_replies
@@ -121,7 +122,8 @@ def evaluate_chat(model, tokenizer, template: ChatTemplate, config: Config) -> l
     """Answers to `evaluation_inputs` (with `evaluation_images` for LLaVA), in eval mode, restoring train mode
     afterwards."""
     system = (Turn("system", config.SYSTEM),) if config.SYSTEM else ()
-    images = config.evaluation_images * len(config.evaluation_inputs) if len(config.evaluation_images) == 1 else config.evaluation_images
+    images = [str(image_path(image)) for image in config.evaluation_images]
+    images = images * len(config.evaluation_inputs) if len(images) == 1 else images
     conversations = []
     for index, text in enumerate(config.evaluation_inputs):
         if not images:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX, pad_token_id
 from xtune.data.dataset import config_template, prepare_kto, prepare_pairs, prepare_samples, split_validation
-from xtune.data.images import ImagePreprocessor
+from xtune.data.images import BUILTIN_IMAGES, ImagePreprocessor, image_path
 from xtune.data.loader import collate, length_grouped_batches, shuffled_batches
 from xtune.data.packing import collate_packed, pack, pack_groups, packing_efficiency
 from xtune.data.pairs import PreferenceCollator
@@ -267,9 +267,10 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
     if ranks.main:
         _warn_of_another_format(tokenizer, template, config, console)
     llava = config.visual_encoder_name_or_path is not None
-    missing = [image for image in config.evaluation_images if not Path(image).is_file()]
+    missing = [image for image in config.evaluation_images if not image_path(image).is_file()]
     if missing:
-        raise ConfigError(f"evaluation_images: {missing[0]!r} is not a file; give local image paths.")
+        shipped = ", ".join(f"xtune-data/{name}" for name in BUILTIN_IMAGES)
+        raise ConfigError(f"evaluation_images: {missing[0]!r} is not a file; give local image paths (or {shipped}).")
     image_tokens = image_token_count(vision_config(config.visual_encoder_name_or_path)) if llava else 0
     preference = config.stage != "sft"
     if preference and (llava or (config.deepspeed and config.method == "full" and config.stage in ("dpo", "kto"))):

@@ -44,4 +44,4 @@ save_total_limit = 2
 evaluation_freq = 500
 SYSTEM = ""
 evaluation_inputs = ["请描述一下这张照片", "Please describe this picture"]
-evaluation_images = []  # a local image for evaluation_inputs, e.g. [data_root + "view.jpg"]
+evaluation_images = ["xtune-data/view.png"]  # a lake with a pier, shipped with xtune; or your own local image
