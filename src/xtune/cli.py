@@ -485,6 +485,28 @@ def mmbench(
     console.print(f"overall {overall} over {result.n} questions; answers: {result.answers_path}", highlight=False)
 
 
+@app.command("test", context_settings=_EXTRA_ARGS)
+def test_cmd(
+    ctx: typer.Context,
+    config: ConfigArgument,
+    checkpoint: Annotated[str, typer.Option(help="A checkpoint-<step> (LoRA or full), a run folder or a work_dir (its newest).")],
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_code: AllowCode = False,
+):
+    """XTuner's `test`: a checkpoint's validation loss and perplexity on its config's validation data (val_data_path
+    or val_split), and its answers to evaluation_inputs. Benchmarks: `xtune eval`."""
+    from xtune.config.load import load_config
+    from xtune.evaluate.config_test import score_checkpoint
+
+    resolved, _ = load_config(config, _cfg_options(ctx.args), allow_code)
+    result = score_checkpoint(resolved, checkpoint, device, dtype)
+    console.print(f"{result['checkpoint']}: validation loss {result['eval_loss']:.4f}, perplexity "
+                  f"{result['eval_perplexity']:.4f} over {result['eval_trained_tokens']} trained tokens", highlight=False)  # fmt: skip
+    for answer in result["answers"]:
+        console.print(f"[dim]{answer['input']!r}[/] -> {answer['output']!r}", highlight=False)
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or id (the base, with --adapter).")],

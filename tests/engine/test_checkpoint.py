@@ -165,3 +165,27 @@ def test_resume_keeps_the_metrics_up_to_its_step_and_drops_a_half_written_line(t
     with pytest.raises(KeyboardInterrupt):
         _keep_metrics_up_to(metrics, 1)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]  # nothing lost
+
+
+def test_an_adapter_saves_its_embeddings_when_the_vocabulary_grew_without_asking_the_hub(xtune_home, monkeypatch, tmp_path):
+    """peft would look the base's config up on the Hub at every save when base_model_name_or_path is an id."""
+    import peft.utils.other
+    from safetensors.torch import load_file
+
+    from xtune.config.schema import Config
+    from xtune.engine.checkpoint import peft_save_options
+    from xtune.models.load import load_model, resolve_model_path
+    from xtune.models.lora import prepare_trainable
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a Hub lookup while saving")
+
+    monkeypatch.setattr(peft.utils.other, "file_exists", no_hub)
+    config = Config(llm_name_or_path="xtune-tiny/internlm2-chat", data_path="-", lora_dropout=0.0)
+    model = prepare_trainable(load_model(resolve_model_path(config.llm_name_or_path)), config)
+    assert model.peft_config["default"].base_model_name_or_path == "xtune-tiny/internlm2-chat"
+    assert peft_save_options(model) == {"save_embedding_layers": False}
+    model.base_model.model.resize_token_embeddings(model.get_input_embeddings().num_embeddings + 64)
+    assert peft_save_options(model) == {"save_embedding_layers": True}
+    model.save_pretrained(tmp_path, **peft_save_options(model))  # no Hub lookup (no_hub raises)
+    assert any("embed_tokens" in name for name in load_file(tmp_path / "adapter_model.safetensors"))

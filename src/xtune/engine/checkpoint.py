@@ -57,7 +57,8 @@ def save_checkpoint(
     if clear:
         shutil.rmtree(partial, ignore_errors=True)
     try:
-        model.save_pretrained(partial, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        options = {"state_dict": state_dict} if state_dict else {}
+        model.save_pretrained(partial, safe_serialization=True, **options, **peft_save_options(model))
         save_tokenizer(tokenizer, partial, meta.get("prompt_template"))
         if (generation := generation_config_of(model)) is not None:
             write_generation_config(partial, generation, tokenizer, meta.get("prompt_template"))
@@ -259,6 +260,23 @@ def write_best(run_dir: Path, step: int, eval_loss: float) -> None:
     draft = run_dir / f".{BEST}.partial"
     draft.write_text(json.dumps({"checkpoint": f"checkpoint-{step}", "step": step, "eval_loss": eval_loss}) + "\n")
     os.replace(draft, run_dir / BEST)
+
+
+def peft_save_options(model) -> dict:
+    """peft decides whether an adapter must carry the embedding layers (a grown vocabulary) by reading the base's
+    config, from the Hub when `base_model_name_or_path` (what the user named) is no local folder: a network call at
+    every save. xtune tells it instead, from the base's local config: saved when the vocabulary was grown."""
+    configs = getattr(model, "peft_config", None)
+    if not configs or not hasattr(model, "get_input_embeddings"):
+        return {}
+    from xtune.errors import XtuneError
+    from xtune.models.load import read_config, resolve_model_path
+
+    try:
+        vocab = read_config(resolve_model_path(next(iter(configs.values())).base_model_name_or_path)).get("vocab_size")
+    except (XtuneError, OSError, TypeError):
+        return {}  # peft's own check then
+    return {} if vocab is None else {"save_embedding_layers": model.get_input_embeddings().num_embeddings != vocab}
 
 
 def read_run_meta(path: Path) -> dict:
