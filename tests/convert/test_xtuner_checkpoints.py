@@ -196,3 +196,34 @@ def test_merge_is_clip_folds_a_vision_encoder_adapter_in(tmp_path):
         merged = CLIPVisionModel.from_pretrained(out).eval()(pixels).last_hidden_state
     assert torch.allclose(merged, expected, atol=1e-5)
     assert (out / "preprocessor_config.json").is_file()
+
+
+def test_an_internlm2_adapter_keeps_xtuners_own_names_as_its_pth_to_hf_writes_them(reference, tmp_path, monkeypatch):
+    """XTuner's pth_to_hf writes InternLM2's adapter on wqkv/wo/w1-w3 (what LMDeploy reads): so does xtune's."""
+    _, state = reference
+    out = pth_to_hf(CONFIG, layouts(state, tmp_path, monkeypatch)["plain"], tmp_path / "hf", fp32=True, console=QUIET)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"wqkv", "wo", "w1", "w2", "w3"} and adapter_config["r"] == 4
+
+
+def test_a_full_fine_tune_becomes_a_model_folder(tmp_path, monkeypatch):
+    """XTuner's full weights (llm.model.*, in InternLM2's own names) -> a model folder with their logits."""
+    from transformers import AutoModelForCausalLM
+
+    from xtune.models.internlm2 import llama_to_internlm2_state_dict
+
+    trained = load_model(resolve_model_path(BASE))
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    own_names = llama_to_internlm2_state_dict(trained.state_dict(), read_config(resolve_model_path(BASE)))
+    state = {f"llm.{name}": tensor for name, tensor in own_names.items()}
+    for layout, pth in layouts(state, tmp_path, monkeypatch).items():
+        out = pth_to_hf(CONFIG, pth, tmp_path / f"full-{layout}", fp32=True, console=QUIET)
+        with torch.no_grad():
+            converted = AutoModelForCausalLM.from_pretrained(out).eval()(INPUT).logits
+            assert torch.allclose(converted, trained.eval()(INPUT).logits, atol=1e-5), layout
+    broken = tmp_path / "broken.pth"
+    torch.save({name: tensor for name, tensor in list(state.items())[1:]}, broken)
+    with pytest.raises(CheckpointError, match="do not fit xtune-tiny/internlm2-chat"):
+        pth_to_hf(CONFIG, broken, tmp_path / "broken-out", fp32=True, console=QUIET)

@@ -46,7 +46,7 @@ def pth_to_hf(
         if export:
             raise CheckpointError("--export hf-llava: convert the XTuner checkpoint first, then export xtune's output.")
         config, _ = load_config(config_path, allow_code=allow_code)
-        save_dir, kind = xtuner_to_hf(config, checkpoint, save_dir, fp32)
+        save_dir, kind = xtuner_to_hf(config, checkpoint, save_dir, fp32, max_shard_size)
         console.print(f"{kind} written to {save_dir}")
         return save_dir
     folder_in = find_checkpoint(checkpoint)  # a missing or empty path is refused before the config and models load

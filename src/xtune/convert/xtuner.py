@@ -207,25 +207,31 @@ def projector_from_state(projector: dict[str, Tensor], source: str | Path):
     return model
 
 
-def xtuner_to_hf(config, checkpoint: str | Path, save_dir: str | Path, fp32: bool = False) -> tuple[Path, str]:
+def xtuner_to_hf(config, checkpoint: str | Path, save_dir: str | Path, fp32: bool = False,
+                 max_shard_size: str = "2GB") -> tuple[Path, str]:  # fmt: skip
     """`pth_to_hf` of an XTuner checkpoint: SAVE_DIR as xtune writes it from its own checkpoints (a PEFT adapter,
     or a LLaVA run's projector/, llm_adapter/, visual_encoder_adapter/), LoRA alphas taken from `config` (XTuner's
     .pth holds the factors only). Returns (SAVE_DIR, what was written)."""
     from xtune.convert.folder import new_folder, save_dtype, write_meta
     from xtune.models.llava import ENCODER_ADAPTER, LLM_ADAPTER, PROJECTOR, llava_meta
-    from xtune.models.load import load_tokenizer, read_config, resolve_model_path
+    from xtune.models.internlm2 import is_internlm2
+    from xtune.models.load import load_model, load_tokenizer, read_config, resolve_model_path
     from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 
     base_path = resolve_model_path(config.llm_name_or_path)
     base_config = read_config(base_path)
     dtype = save_dtype(base_config.get("dtype") or base_config.get("torch_dtype"), fp32)
-    parts = xtune_parts(load_xtuner_state(checkpoint), base_config)
-    if parts.llm:
+    state = load_xtuner_state(checkpoint)
+    parts = xtune_parts(state, base_config)
+    if parts.llm and (parts.llm_adapter or parts.projector or parts.visual_encoder_adapter):
         raise CheckpointError(
-            f"{checkpoint} holds the LLM's full weights (llm.model.*); xtune converts XTuner's LoRA adapters and "
-            "projectors for now, not fully fine-tuned LLMs."
+            f"{checkpoint} holds a LLaVA model's fully trained LLM (llm.model.*) beside its other parts; xtune converts "
+            "an XTuner LLM's full weights alone, or LoRA adapters and projectors, for now."
         )
     cast = lambda weights: {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}  # noqa: E731
+    if is_internlm2(base_config) and not parts.projector:  # XTuner's own adapter, in InternLM2's names, as its pth_to_hf
+        parts.llm_adapter = {name.removeprefix("llm.").replace(".default.", "."): tensor for name, tensor in state.items()
+                             if name.startswith("llm.") and "lora_" in name}  # fmt: skip
     template = config.prompt_template
     meta = {"llm_name_or_path": config.llm_name_or_path, "method": config.method, "prompt_template": template,
             "converted_from": str(checkpoint), "converted_from_format": "xtuner"}  # fmt: skip
@@ -243,6 +249,21 @@ def xtuner_to_hf(config, checkpoint: str | Path, save_dir: str | Path, fp32: boo
                 written.append(ENCODER_ADAPTER)
             meta["llava"] = llava_meta(config)
             kind = "LLaVA parts (" + ", ".join(written) + ")"
+        elif parts.llm:
+            model = load_model(base_path, dtype=dtype)
+            result = model.load_state_dict(cast(parts.llm), strict=False)
+            tied = {"lm_head.weight"} if base_config.get("tie_word_embeddings") else set()
+            missing = [name for name in result.missing_keys if name not in tied]
+            if missing or result.unexpected_keys:
+                first = (missing or result.unexpected_keys)[0]
+                raise CheckpointError(
+                    f"{checkpoint}: the LLM's full weights do not fit {config.llm_name_or_path} ({len(missing)} missing, "
+                    f"{len(result.unexpected_keys)} unexpected, e.g. {first!r}); is CONFIG's llm_name_or_path the model "
+                    "XTuner trained?"
+                )
+            model.save_pretrained(folder, max_shard_size=max_shard_size)
+            write_generation_config(folder, generation_config_of(model), tokenizer, template)
+            kind = "model (full weights)"
         elif parts.llm_adapter:
             write_adapter(cast(parts.llm_adapter), folder, config.lora_alpha, config.llm_name_or_path, config.lora_dropout)
             write_generation_config(folder, generation_config_of(base_path), tokenizer, template)
