@@ -142,8 +142,9 @@ def test_qlora_alpaca_maps_every_value(tmp_path):
         2, 1e-4, (0.9, 0.95), 0.01, 0.5)
     assert config.warmup_ratio == pytest.approx(0.1) and config.lr_min_ratio == pytest.approx(0.1)
     assert (config.dtype, config.optim_type, config.seed) == ("bf16", "adamw", 7)
-    assert (config.save_steps, config.save_total_limit, config.logging_steps) == (100, 3, 5)
-    assert (config.evaluation_freq, config.evaluation_inputs) == (50, ["Write hello world in C"])
+    # XTuner's intervals count micro-batches, xtune's optimizer steps of accumulative_counts = 8 micro-batches
+    assert (config.save_steps, config.save_total_limit, config.logging_steps) == (13, 3, 1)
+    assert (config.evaluation_freq, config.evaluation_inputs) == (7, ["Write hello world in C"])
     assert config.SYSTEM == SYSTEM_TEMPLATES["coder"]
     assert config.stage == "sft" and config.work_dir == "work_dirs/xtuner_cfg"
 
@@ -344,3 +345,45 @@ def test_xtuners_map_functions_become_their_dataset_formats(tmp_path, map_fn, da
     assert text != QLORA
     config, _ = load_config(str(write(tmp_path, text)))
     assert config.dataset_format == dataset_format
+
+
+CONCAT_DATA = """
+english = dict(
+    type=process_hf_dataset, dataset=dict(type=load_dataset, path='json', data_files=dict(train=data_file)),
+    tokenizer=tokenizer, max_length=max_length, dataset_map_fn=alpaca_map_fn,
+    template_map_fn=dict(type=template_map_fn_factory, template=prompt_template),
+    shuffle_before_pack=True, pack_to_max_length=pack_to_max_length, use_varlen_attn=use_varlen_attn)
+chinese = dict(
+    type=process_hf_dataset, dataset=dict(type=load_dataset, path='json', data_files='./data/zh.json'),
+    tokenizer=tokenizer, max_length=max_length, dataset_map_fn=alpaca_zh_map_fn,
+    template_map_fn=dict(type=template_map_fn_factory, template=prompt_template),
+    shuffle_before_pack=True, pack_to_max_length=pack_to_max_length, use_varlen_attn=use_varlen_attn)
+train_dataset = dict(type=ConcatDataset, datasets=[english, chinese])
+"""
+
+
+def test_a_concat_dataset_becomes_one_source_per_part(tmp_path):
+    text = (IMPORTS + "from xtuner.dataset import ConcatDataset\nfrom xtuner.dataset.map_fns import alpaca_zh_map_fn\n"
+            + SETTINGS + QLORA_MODEL + CONCAT_DATA + RUNTIME)  # fmt: skip
+    config, _ = load_config(str(write(tmp_path, text)))
+    assert [(source.path, source.format) for source in config.datasets] == [
+        ("./data/my_alpaca.json", "alpaca"), ("./data/zh.json", "alpaca_zh")]  # fmt: skip
+    assert config.data_path is None and config.max_length == 1024 and config.prompt_template == "qwen_chat"
+    differing = text.replace("template_map_fn=dict(type=template_map_fn_factory, template=prompt_template),\n"
+                             "    shuffle_before_pack=True, pack_to_max_length=pack_to_max_length, use_varlen_attn=use_varlen_attn)\n"
+                             "train_dataset", "template_map_fn=dict(type=template_map_fn_factory, template=PROMPT_TEMPLATE.vicuna),\n"
+                             "    shuffle_before_pack=True, pack_to_max_length=pack_to_max_length, use_varlen_attn=use_varlen_attn)\n"
+                             "train_dataset")  # fmt: skip
+    assert differing != text
+    with pytest.raises(ConfigError, match=r"datasets\[1\]': its settings differ from the first dataset's"):
+        load_config(str(write(tmp_path, differing, "differing.py")))
+
+
+def test_pretraining_without_a_template_and_8_bit_loading_as_from_pretrained_spells_it(tmp_path):
+    text = QLORA.replace("template_map_fn=dict(type=template_map_fn_factory, template=prompt_template)",
+                         "template_map_fn=None")  # fmt: skip
+    start = text.index("quantization_config=dict(")
+    text = text[:start] + "load_in_8bit=True)," + text[text.index("bnb_4bit_quant_type='nf4')),") + len("bnb_4bit_quant_type='nf4')),"):]
+    assert "template_map_fn=None" in text and "quantization_config" not in text
+    config, _ = load_config(str(write(tmp_path, text)))
+    assert config.quantization == "8bit" and config.method == "lora"

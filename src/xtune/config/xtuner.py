@@ -279,6 +279,7 @@ IGNORED_TOP_LEVEL = {
 """Top-level XTuner keys that change nothing in xtune, and why."""
 
 IGNORED_HOOKS = {
+    "HFCheckpointHook": "`xtune convert pth_to_hf` (or merge) writes the Hugging Face folder from a checkpoint",
     "DatasetInfoHook": "xtune prints its dataset's counts itself (and `xtune check-dataset` shows them)",
     "VarlenAttnArgsToMessageHubHook": "xtune's packed attention needs no hook",
     "ThroughputHook": "xtune logs tokens/s in metrics.jsonl",
@@ -351,7 +352,21 @@ class _Mapper:
         self.hooks(self.env.get("custom_hooks") or [])
         self.default_hooks(self.env.get("default_hooks") or {})
         self.runtime()
+        self.in_optimizer_steps()
         return self.out
+
+    def in_optimizer_steps(self) -> None:
+        """XTuner's intervals count iterations (micro-batches); xtune's count optimizer steps, of
+        accumulative_counts micro-batches each: a checkpoint, an evaluation or a log line where XTuner's would be."""
+        counts = self.out.values.get("accumulative_counts", 1)
+        if counts == 1:
+            return
+        for entry in self.out.entries:
+            if entry.xtune_key in ("save_steps", "evaluation_freq", "logging_steps") and entry.value < 10**9:
+                steps = max(1, math.ceil(entry.value / counts))
+                self.out.notes.append(f"{entry.xtuner_key} = {entry.value} iterations: {entry.xtune_key} = {steps} "
+                                      f"optimizer steps of accumulative_counts = {counts} micro-batches")  # fmt: skip
+                entry.value = steps
 
     # model ---------------------------------------------------------------------------------------------------
     def model(self, model: Any) -> str:
@@ -397,16 +412,13 @@ class _Mapper:
             elif stage == "reward" and key == "penalty_weight":
                 self.ignore(where, "no penalty term (penalty_type = 'none')")
             elif llava and key in ("freeze_visual_encoder", "pretrained_pth", "visual_select_layer", "projector_depth"):
-                self.set(where, key, value)
-                if key == "pretrained_pth" and value:
-                    self.out.notes.append(f"{where}: xtune reads its own pretrain run's checkpoint-<step> folder (or its "
-                                          "projector/), not an XTuner iter_N.pth: point pretrained_pth at one")  # fmt: skip
+                self.set(where, key, value)  # pretrained_pth: XTuner's iter_N.pth, or an xtune pretrain checkpoint
             elif llava and key == "freeze_llm":
                 if value and lora is None:  # with llm_lora, XTuner's frozen LLM carries trained adapters: LoRA
                     self.set(where, "freeze_llm", True)
             else:
                 raise self.refuse(where, f"= {short_repr(value)}: xtune has no such setting for {kind}")
-        self.llm(model.get("llm"), lora is not None)
+        self.llm(model.get("llm"), lora is not None, frozen=llava and bool(model.get("freeze_llm")) and lora is None)
         if lora is not None:
             self.lora(lora, lora_key)
         elif not (llava and model.get("freeze_llm")):
@@ -415,7 +427,7 @@ class _Mapper:
             self.vision(model.get("visual_encoder"), model.get("visual_encoder_lora"))
         return stage
 
-    def llm(self, llm: Any, has_lora: bool) -> None:
+    def llm(self, llm: Any, has_lora: bool, frozen: bool = False) -> None:
         kind, llm = self.typed(llm, "model.llm")
         if kind != "from_pretrained":
             raise self.refuse("model.llm.type", f"{short_repr(llm.get('type'))}: xtune loads a pretrained model "
@@ -431,8 +443,18 @@ class _Mapper:
                     self.out.notes.append(f"{where} = True is not carried over: xtune loads InternLM2 without its remote "
                                           "code, and a config read from XTuner never turns on code; models that need "
                                           "theirs: --cfg-options trust_remote_code=True")  # fmt: skip
+            elif key == "quantization_config" and frozen and value is not None:
+                self.out.notes.append(f"{where}: xtune loads a frozen LLaVA LLM whole, in the compute dtype (more memory "
+                                      "than XTuner's 4-bit; the LLM is not trained either way)")  # fmt: skip
             elif key == "quantization_config":
                 self.quantization(value, has_lora)
+            elif key in ("load_in_4bit", "load_in_8bit"):  # from_pretrained's older spelling of the same
+                if value:
+                    self.quantization({"type": Ref("transformers.BitsAndBytesConfig"), key: True}, has_lora)
+            elif key == "expert_in_one_shard":
+                self.ignore(where, "xtune runs transformers' own MoE layers")
+            elif key == "moe_implementation":
+                self.ignore(where, "xtune runs transformers' own MoE layers")
             elif key == "torch_dtype":
                 self.ignore(where, "xtune loads the frozen base in the compute dtype (`dtype`, from optim_wrapper.dtype)")
             elif key in ("attn_implementation", "device_map", "low_cpu_mem_usage"):
@@ -507,18 +529,38 @@ class _Mapper:
                     self.set(where, "group_by_length", True)
                 else:
                     self.ignore(where, "xtune shuffles with `seed` (and groups unpacked samples by length)")
-            elif key in ("collate_fn", "pin_memory", "persistent_workers", "prefetch_factor"):
+            elif key in ("collate_fn", "pin_memory", "persistent_workers", "prefetch_factor", "batch_sampler"):
                 self.ignore(where, "xtune collates its own batches")
             else:
                 raise self.refuse(where, f"= {short_repr(value)}: xtune's data loader has no such setting")
 
-    def dataset(self, dataset: Any, stage: str) -> None:
-        kind, dataset = self.typed(dataset, "train_dataloader.dataset")
-        known = ("process_hf_dataset", "build_preference_dataset", "LLaVADataset")
+    def concat(self, dataset: dict, stage: str, key: str) -> None:
+        """ConcatDataset(datasets=[...]) -> `datasets`, a source (path, format) per part; the parts' other
+        settings (max_length, packing, template) must agree, as they do in XTuner's configs."""
+        parts = dataset.get("datasets")
+        if not isinstance(parts, (list, tuple)) or not parts:
+            raise self.refuse(f"{key}.datasets", f"{short_repr(parts)}: a ConcatDataset lists its datasets")
+        sources, shared = [], None
+        for index, part in enumerate(parts):
+            before = list(self.out.entries)
+            self.dataset(part, stage, f"{key}.datasets[{index}]")
+            added = {entry.xtune_key: entry.value for entry in self.out.entries if entry not in before}
+            sources.append({"path": added.pop("data_path"), "format": added.pop("dataset_format", "auto")})
+            if shared is not None and added != shared:
+                raise self.refuse(f"{key}.datasets[{index}]", "its settings differ from the first dataset's "
+                                  f"({short_repr(added)} vs {short_repr(shared)}); xtune encodes every source alike")  # fmt: skip
+            shared = added
+            self.out.entries = [entry for entry in self.out.entries if entry.xtune_key not in ("data_path", "dataset_format")]
+        self.set(f"{key}.datasets", "datasets", sources)
+
+    def dataset(self, dataset: Any, stage: str, key: str = "train_dataloader.dataset") -> None:
+        kind, dataset = self.typed(dataset, key)
+        if kind == "ConcatDataset":
+            return self.concat(dataset, stage, key)
+        known = ("process_hf_dataset", "build_preference_dataset", "LLaVADataset", "ConcatDataset")
         if kind not in known:
-            raise self.refuse("train_dataloader.dataset.type", f"{short_repr(dataset.get('type'))}: xtune reads "
-                              f"{', '.join(known)} datasets (one source; ConcatDataset is not read yet)")  # fmt: skip
-        key = "train_dataloader.dataset"
+            raise self.refuse(f"{key}.type", f"{short_repr(dataset.get('type'))}: xtune reads "
+                              f"{', '.join(known)} datasets")  # fmt: skip
         for name, value in dataset.items():
             where = f"{key}.{name}"
             if name == "type":
@@ -534,6 +576,8 @@ class _Mapper:
                     self.set(where, "dataset_format", _format_of(value, stage))
                 except ValueError as why:
                     raise self.refuse(where, f"= {short_repr(value)}: {why}") from None
+            elif name == "template_map_fn" and value is None:
+                self.ignore(where, "no chat template: the text is trained as it is (pretraining)")
             elif name == "template_map_fn":
                 self.template(value, where)
             elif name in ("max_length", "pack_to_max_length", "shuffle_before_pack", "pad_image_to_square", "num_proc"):
@@ -577,8 +621,8 @@ class _Mapper:
         elif isinstance(path, str):
             self.set(f"{key}.path", "data_path", path)
             if "/" in path and not Path(path).exists() and not path.startswith(("xtune-tiny/", "xtune-data/", ".")):
-                self.out.notes.append(f"{key}.path = {path!r} looks like a hub dataset id: xtune downloads nothing; "
-                                      "save the dataset locally and point data_path at it")  # fmt: skip
+                self.out.notes.append(f"{key}.path = {path!r} looks like a hub dataset id: xtune reads it from the local "
+                                      "Hugging Face caches and downloads nothing")  # fmt: skip
         else:
             raise self.refuse(key, "neither path nor data_files names the data")
 
@@ -742,7 +786,10 @@ class _Mapper:
                 if hook.get("by_epoch", True):
                     raise self.refuse(f"{where}.by_epoch", "xtune saves every save_steps optimizer steps; set "
                                       "by_epoch=False")  # fmt: skip
-                if "interval" in hook:
+                if hook.get("interval") == -1:  # mmengine: no checkpoint by interval
+                    self.set(f"{where}.interval", "save_steps", 10**9)
+                    self.out.notes.append(f"{where}.interval = -1: no checkpoint on the way, one at the end")
+                elif "interval" in hook:
                     self.set(f"{where}.interval", "save_steps", hook["interval"])
                 if "max_keep_ckpts" in hook:
                     self.set(f"{where}.max_keep_ckpts", "save_total_limit", hook["max_keep_ckpts"])
