@@ -232,12 +232,15 @@ def test_dpo_orpo_and_reward(tmp_path):
     reward_model = ("\nmodel = dict(type=RewardModel, use_varlen_attn=True, loss_type='focal', penalty_type='log_barrier',\n"
                     "    llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path='m'))\n")
     path = write(tmp_path, IMPORTS + SETTINGS + reward_model + PREFERENCE_DATA + RUNTIME, "reward.py")
-    with pytest.raises(ConfigError, match=r"reward\.py:\d+: XTuner key 'model.loss_type': = 'focal': xtune's reward "
-                                          "stage trains Bradley-Terry's ranking loss only"):
-        load_config(str(path))
-    path.write_text(path.read_text().replace("'focal', penalty_type='log_barrier'", "'ranking', penalty_type='none'"))
-    config, _ = load_config(str(path))
+    config, _ = load_config(str(path))  # XTuner's reward configs: InternLM2's focal loss and log barrier
     assert (config.stage, config.method, config.llm_name_or_path) == ("reward", "full", "m")
+    assert (config.reward_loss, config.reward_penalty, config.reward_penalty_weight) == ("focal", "log_barrier", 0.01)
+    path.write_text(path.read_text().replace(", loss_type='focal', penalty_type='log_barrier'", ""))
+    config, _ = load_config(str(path))  # RewardModel's defaults
+    assert (config.reward_loss, config.reward_penalty, config.reward_penalty_weight) == ("ranking", "log_barrier", 0.01)
+    path.write_text(path.read_text().replace("use_varlen_attn=True,", "use_varlen_attn=True, penalty_type='L1',"))
+    with pytest.raises(ConfigError, match=r"XTuner key 'model.penalty_type': = 'L1': xtune's reward stage has none, "):
+        load_config(str(path))
 
 
 LLAVA = IMPORTS + """

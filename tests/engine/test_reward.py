@@ -127,6 +127,41 @@ def test_the_records_margins_reach_the_loss_in_the_order_of_the_kept_pairs(tmp_p
     assert reward_setup(load_model(path), config, 2, prepare_pairs(config, tokenizer)[1].margins)[1].margins is None
 
 
+def test_internlm2s_focal_ranking_loss_and_log_barrier_in_closed_form():
+    """By hand: chosen 1, rejected 0: -log s(1) = log(1 + e^-1) = 0.3132617; p = 2 (s(1) - 1/2) = 0.4621172, so focal
+    = (1 - p)^2 * 0.3132617 = 0.0906322. A wrong order (chosen 0, rejected 2): p = 0, focal = plain = log(1 + e^2).
+    Log barrier: r = 1: -log 4 - log 6 = -3.1780538; r = 0: -2 log 5; r = 6 clamps to 4.999: -log 0.001 - log 9.999."""
+    from xtune.engine.preference import bradley_terry_loss, reward_penalty
+
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    assert bradley_terry_loss(chosen, rejected).tolist() == pytest.approx([0.3132617, 2.1269280], abs=1e-6)
+    assert bradley_terry_loss(chosen, rejected, focal=True).tolist() == pytest.approx([0.0906322, 2.1269280], abs=1e-6)
+    barrier = reward_penalty(torch.tensor([1.0, 0.0, 6.0]), "log_barrier").tolist()
+    assert barrier == pytest.approx([-3.1780538, -3.2188758, 4.6052702], abs=2e-4)  # fp32 near the bound
+    assert reward_penalty(torch.tensor([3.0, -2.0]), "L2").tolist() == [9.0, 4.0]
+    assert reward_penalty(torch.tensor([3.0]), "none").tolist() == [0.0]
+
+
+def test_the_objective_adds_the_penalty_of_both_rewards_per_pair(setup):
+    config, path, tokenizer, pairs = setup
+    model, _ = fresh_reward_model(config, path)
+    pad = pad_token_id(tokenizer)
+    batch = PreferenceCollator(pairs, pad)([0, 2])
+    inputs, labels, answers = split(batch)
+    with torch.no_grad():
+        rewards = answer_rewards(model, inputs, answers, pad)
+        objective = RewardObjective(pad, loss="focal", penalty="log_barrier", penalty_weight=0.01)
+        loss = objective.loss_sum(model, {k: v for k, v in batch.items() if k != "labels"}, labels)
+    from xtune.engine.preference import bradley_terry_loss, reward_penalty
+
+    chosen, rejected = rewards[0::2], rewards[1::2]
+    expected = bradley_terry_loss(chosen, rejected, focal=True) + 0.01 * (
+        reward_penalty(chosen, "log_barrier") + reward_penalty(rejected, "log_barrier"))
+    assert loss.item() == pytest.approx(expected.sum().item(), rel=1e-6)
+    _, configured = reward_setup(load_model(path), config.model_copy(update={"reward_penalty": "L2"}), 2)
+    assert (configured.loss, configured.penalty, configured.penalty_weight) == ("ranking", "L2", 0.01)
+
+
 def test_a_ranks_stand_in_part_counts_no_pair_and_weighs_nothing(setup):
     config, path, tokenizer, pairs = setup
     model, objective = fresh_reward_model(config, path)

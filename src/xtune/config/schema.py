@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ALIASES = {"pretrained_model_name_or_path": "llm_name_or_path", "dpo_loss_type": "loss_type", "loss_beta": "beta",
-           "dataset_map_fn": "dataset_format", "alpaca_en_path": "data_path"}
+           "dataset_map_fn": "dataset_format", "alpaca_en_path": "data_path", "penalty_type": "reward_penalty",
+           "penalty_weight": "reward_penalty_weight"}
 """Other names users know for a field (XTuner's own alternatives) -> our field name."""
 
 OTHER_TOOLS_NAMES = {
@@ -247,6 +248,16 @@ class Config(BaseModel):
     """KTO: the weight of a desirable answer's loss (raise it when desirable answers are the fewer)."""
     undesirable_weight: float = Field(1.0, gt=0)
     """KTO: the weight of an undesirable answer's loss."""
+    reward_loss: Literal["ranking", "focal"] = "ranking"
+    """Reward models: `ranking`, Bradley-Terry's -log s(r_chosen - r_rejected); `focal`, InternLM2's focal ranking
+    loss, that times (1 - p)^2 with p = 2 relu(s(r_chosen - r_rejected) - 1/2), which weighs pairs already ranked
+    with confidence less (XTuner's loss_type)."""
+    reward_penalty: Literal["none", "log_barrier", "L2"] = "none"
+    """Reward models: a penalty on each reward's size, added per pair with `reward_penalty_weight`: `log_barrier`,
+    InternLM2's -log(5 - r) - log(r + 5) (r clamped within 1e-3 of -5 and 5), which keeps rewards within (-5, 5);
+    `L2`, r^2 (XTuner's penalty_type)."""
+    reward_penalty_weight: float = Field(0.01, ge=0)
+    """Reward models: the weight of `reward_penalty` (XTuner's penalty_weight)."""
     precompute_reference: bool = False
     """DPO and KTO: compute the reference log-probabilities in one pass over the data before training and cache
     them beside the data cache, so that training keeps no reference model (a full fine-tune then needs no frozen

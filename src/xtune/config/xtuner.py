@@ -278,6 +278,13 @@ IGNORED_TOP_LEVEL = {
 }
 """Top-level XTuner keys that change nothing in xtune, and why."""
 
+REWARD_KEYS = {"loss_type": ("reward_loss", ("ranking", "focal")),
+               "penalty_type": ("reward_penalty", ("none", "log_barrier", "L2")),
+               "penalty_weight": ("reward_penalty_weight", None)}  # fmt: skip
+"""XTuner's RewardModel keys -> xtune's, and the values xtune has."""
+REWARD_DEFAULTS = {"loss_type": "ranking", "penalty_type": "log_barrier", "penalty_weight": 0.01}
+"""What XTuner's RewardModel takes when a config does not say (xtuner/model/reward.py)."""
+
 IGNORED_HOOKS = {
     "HFCheckpointHook": "`xtune convert pth_to_hf` (or merge) writes the Hugging Face folder from a checkpoint",
     "DatasetInfoHook": "xtune prints its dataset's counts itself (and `xtune check-dataset` shows them)",
@@ -377,6 +384,9 @@ class _Mapper:
         stage = MODEL_STAGES[kind]
         if stage != "sft":
             self.set("model.type", "stage", stage)
+        if stage == "reward":  # RewardModel's defaults, where the config does not set them
+            for key, (xtune_key, _) in REWARD_KEYS.items():
+                self.set(f"model.{key} (RewardModel's default)", xtune_key, REWARD_DEFAULTS[key])
         llava = kind == "LLaVAModel"
         lora = model.get("llm_lora" if llava else "lora")
         lora_key = "model.llm_lora" if llava else "model.lora"
@@ -401,16 +411,11 @@ class _Mapper:
                                       "is not supported: leave it None")  # fmt: skip
             elif stage == "orpo" and key == "beta":
                 self.set(where, "orpo_alpha", value)
-            elif stage == "reward" and key == "loss_type":
-                if value != "ranking":
-                    raise self.refuse(where, f"= {short_repr(value)}: xtune's reward stage trains Bradley-Terry's "
-                                      "ranking loss only; set loss_type = 'ranking'")  # fmt: skip
-            elif stage == "reward" and key == "penalty_type":
-                if value != "none":
-                    raise self.refuse(where, f"= {short_repr(value)}: xtune's reward loss has no penalty term; set "
-                                      "penalty_type = 'none'")  # fmt: skip
-            elif stage == "reward" and key == "penalty_weight":
-                self.ignore(where, "no penalty term (penalty_type = 'none')")
+            elif stage == "reward" and key in REWARD_KEYS:
+                xtune_key, allowed = REWARD_KEYS[key]
+                if allowed is not None and value not in allowed:
+                    raise self.refuse(where, f"= {short_repr(value)}: xtune's reward stage has {', '.join(allowed)}")
+                self.set(where, xtune_key, value)
             elif llava and key in ("freeze_visual_encoder", "pretrained_pth", "visual_select_layer", "projector_depth"):
                 self.set(where, key, value)  # pretrained_pth: XTuner's iter_N.pth, or an xtune pretrain checkpoint
             elif llava and key == "freeze_llm":

@@ -119,9 +119,26 @@ def kto_losses(
     return torch.where(desirable, good, bad)
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
-    """A reward model's per-pair loss: -log s(r_w - r_l - margin) (Llama 2's margin term when given)."""
-    return -F.logsigmoid(chosen - rejected - (margin if margin is not None else 0))
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       focal: bool = False) -> torch.Tensor:  # fmt: skip
+    """A reward model's per-pair loss: -log s(r_w - r_l - margin) (Llama 2's margin term when given); `focal`:
+    times (1 - p)^2, p = 2 relu(s(r_w - r_l - margin) - 1/2) (InternLM2's focal ranking loss)."""
+    difference = chosen - rejected - (margin if margin is not None else 0)
+    losses = -F.logsigmoid(difference)
+    if focal:
+        losses = (1 - 2 * torch.relu(torch.sigmoid(difference) - 0.5)) ** 2 * losses
+    return losses
+
+
+def reward_penalty(rewards: torch.Tensor, kind: str, bound: float = 5.0, epsilon: float = 1e-3) -> torch.Tensor:
+    """Each reward's penalty: InternLM2's log barrier -log(bound - r) - log(r + bound), r clamped within `epsilon`
+    of the bounds (no gradient beyond them), or `L2`, r^2; `none`, 0."""
+    if kind == "none":
+        return torch.zeros_like(rewards)
+    if kind == "L2":
+        return rewards.float() ** 2
+    clamped = rewards.float().clamp(-bound + epsilon, bound - epsilon)
+    return -torch.log(bound - clamped) - torch.log(clamped + bound)
 
 
 def preference_metrics(

@@ -15,7 +15,7 @@ import torch
 from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX
 from xtune.engine.loss import PLAIN_HEAD_MODELS, kept_logits
-from xtune.engine.preference import bradley_terry_loss
+from xtune.engine.preference import bradley_terry_loss, reward_penalty
 from xtune.errors import ConfigError
 from xtune.models.lora import prepare_trainable
 from xtune.models.reward import SCORE_HEAD, with_score_head
@@ -61,6 +61,11 @@ class RewardObjective:
 
     pad_token_id: int
     margins: torch.Tensor | None = None
+    loss: str = "ranking"
+    """`ranking` or `focal` (Config.reward_loss)."""
+    penalty: str = "none"
+    """`none`, `log_barrier` or `L2` on both rewards of a pair (Config.reward_penalty), times `penalty_weight`."""
+    penalty_weight: float = 0.0
     reference: object = None
     """A reward model has no reference model (nothing to precompute)."""
     metrics: dict = field(default_factory=dict)
@@ -81,7 +86,10 @@ class RewardObjective:
         margins = None
         if self.margins is not None:
             margins = self.margins.to(group_ids.device)[group_ids].to(rewards.device, non_blocking=True)
-        losses = bradley_terry_loss(chosen, rejected, margins)
+        losses = bradley_terry_loss(chosen, rejected, margins, focal=self.loss == "focal")
+        if self.penalty != "none":
+            penalties = reward_penalty(chosen, self.penalty) + reward_penalty(rejected, self.penalty)
+            losses = losses + self.penalty_weight * penalties
         if not _trains(labels):  # a stand-in part runs forward and backward with every rank, and weighs nothing
             return losses.sum() * 0
         for name, value in reward_metrics(chosen, rejected).items():
@@ -126,4 +134,6 @@ def reward_setup(model, config: Config, pad_token_id: int, margins: list[float] 
     model = with_score_head(model, config.seed)
     if SCORE_HEAD not in config.modules_to_save:
         config = config.model_copy(update={"modules_to_save": [*config.modules_to_save, SCORE_HEAD]})
-    return prepare_trainable(model, config), RewardObjective(pad_token_id, torch.tensor(margins) if margins else None)
+    objective = RewardObjective(pad_token_id, torch.tensor(margins) if margins else None, config.reward_loss,
+                                config.reward_penalty, config.reward_penalty_weight)  # fmt: skip
+    return prepare_trainable(model, config), objective
