@@ -100,7 +100,7 @@ def test_two_gloo_ranks_match_one_process_and_resume_bit_identical(tmp_path, one
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])  # ZeRO-2 shards like ZeRO-3's optimizer, not its weights
 def test_a_dpo_run_on_two_gloo_ranks_matches_one_process(tmp_path, one_process_dpo, engine):
     """LoRA DPO on packed pairs: a step's loss is a mean over the pairs of both ranks, and the reference (the
     adapter switched off) runs beside the policy on each rank's share, so losses, adapter and TRL's metrics
