@@ -173,7 +173,13 @@ def test_nothing_is_imported_or_run(tmp_path):
     text += f"\nif False:\n    open({str(marker)!r}, 'w')\n"
     path = write(tmp_path, text)
     assert load_config(str(path))[0].quantization == "4bit"
+    with pytest.raises(ConfigError, match="calls.py:[0-9]+: a Expr statement is code xtune does not run"):  # never made
+        load_config(str(write(tmp_path, text + f"open({str(marker)!r}, 'w')\n", "calls.py")))
     assert not marker.exists()
+    with pytest.raises(ConfigError, match="repeated"):  # nor a value too big to hold
+        load_config(str(write(tmp_path, text + "a = 'x' * 10000\nb = a * 10000\n", "big.py")))
+    with pytest.raises(ConfigError, match="a power of"):
+        load_config(str(write(tmp_path, text + "a = 10 ** 64\nb = a ** 64\n", "power.py")))
     env, lines = read_file(path)
     assert env["optim_type"] == Ref("torch.optim.AdamW") and env["prompt_template"].name == "qwen_chat"
 

@@ -227,3 +227,16 @@ def test_a_full_fine_tune_becomes_a_model_folder(tmp_path, monkeypatch):
     torch.save({name: tensor for name, tensor in list(state.items())[1:]}, broken)
     with pytest.raises(CheckpointError, match="do not fit xtune-tiny/internlm2-chat"):
         pth_to_hf(CONFIG, broken, tmp_path / "broken-out", fp32=True, console=QUIET)
+
+
+def test_a_zero3_folder_and_a_pth_given_to_merge_say_what_to_do(reference, tmp_path, monkeypatch):
+    _, state = reference
+    zero3 = tmp_path / "zero3" / "iter_2.pth"
+    zero3.mkdir(parents=True)
+    torch.save({"module": {name: torch.empty(0) for name in state}}, zero3 / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="ZeRO-3 placeholders .* zero_to_fp32.py"):
+        pth_to_hf(CONFIG, zero3, tmp_path / "out", console=QUIET)
+    pth = layouts(state, tmp_path, monkeypatch)["plain"]
+    with pytest.raises(CheckpointError, match="pth_to_hf"):
+        merge(BASE, pth, tmp_path / "merged")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()

@@ -78,3 +78,9 @@ def test_a_missing_field_is_named():
         map_function("code_alpaca")({"prompt": "x"})
     with pytest.raises(RecordError, match="human or gpt"):
         map_function("wizardlm")({"conversations": [{"from": "bot", "value": "x"}]})
+
+
+def test_an_alpaca_record_without_output_is_trained_as_written():
+    """XTuner's alpaca map drops `<nooutput>` records; xtune keeps them, as the README says."""
+    conversation = FORMATS["alpaca"]({"instruction": "Name a colour.", "input": "", "output": "<nooutput>"})
+    assert conversation.turns[-1] == Turn("assistant", "<nooutput>", True)

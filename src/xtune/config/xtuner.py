@@ -162,12 +162,13 @@ class _Reader:
     def binary(self, node: ast.AST, op: ast.operator, left: Any, right: Any) -> Any:
         if type(op) not in _BINARY or isinstance(left, Ref) or isinstance(right, Ref):
             raise self.fail(node, f"the operation {type(op).__name__} on {short_repr(left)} and {short_repr(right)}")
-        if isinstance(op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 64:
-            raise self.fail(node, f"a power of {right}")
+        if isinstance(op, ast.Pow) and isinstance(right, (int, float)):  # bounded results: a config is no computation
+            if abs(right) > 64 or (isinstance(left, int) and left.bit_length() * abs(right) > 4096):
+                raise self.fail(node, f"a power of {right}")
         if isinstance(op, ast.Mult) and (isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple))):
-            count = right if isinstance(left, (str, list, tuple)) else left
-            if isinstance(count, int) and count > 10_000:
-                raise self.fail(node, f"a sequence repeated {count} times")
+            sequence, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(count, int) and count * len(sequence) > 1_000_000:
+                raise self.fail(node, f"a sequence of {len(sequence)} repeated {count} times")
         try:
             return _BINARY[type(op)](left, right)
         except Exception as error:
@@ -302,8 +303,7 @@ PRECISIONS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 def _format_of(map_fn: Any, stage: str) -> str:
     """XTuner's dataset_map_fn -> xtune's dataset_format: `alpaca_map_fn` -> `alpaca`, `alpaca_zh_map_fn` ->
     `alpaca_zh`, for each name xtune knows (its formats and XTuner's map functions, `xtune list-dataset-format`)."""
-    from xtune.data.formats import FORMATS
-    from xtune.data.xtuner_maps import XTUNER_FORMATS
+    from xtune.data.xtuner_maps import XTUNER_NAMES
     from xtune.data.xtuner_maps import format_name as known_format
 
     if map_fn is None:
@@ -314,7 +314,7 @@ def _format_of(map_fn: Any, stage: str) -> str:
     format_name = known_format(name) if name else None
     if format_name is not None:
         return format_name
-    known = ", ".join(f"{f}_map_fn" for f in sorted({*FORMATS, *XTUNER_FORMATS}))
+    known = ", ".join(f"{name}_map_fn" for name in sorted(XTUNER_NAMES))
     raise ValueError(
         "xtune has no map function of that name (it reads " + known + ", and None for "
         "records already in XTuner's conversation format), and it imports no code from an XTuner config: convert "
@@ -562,10 +562,10 @@ class _Mapper:
         kind, dataset = self.typed(dataset, key)
         if kind == "ConcatDataset":
             return self.concat(dataset, stage, key)
-        known = ("process_hf_dataset", "build_preference_dataset", "LLaVADataset", "ConcatDataset")
+        known = ("process_hf_dataset", "build_preference_dataset", "LLaVADataset")
         if kind not in known:
             raise self.refuse(f"{key}.type", f"{short_repr(dataset.get('type'))}: xtune reads "
-                              f"{', '.join(known)} datasets")  # fmt: skip
+                              f"{', '.join(known)} and ConcatDataset datasets")  # fmt: skip
         for name, value in dataset.items():
             where = f"{key}.{name}"
             if name == "type":

@@ -90,15 +90,14 @@ _NUMPY_DTYPE = re.compile(r"numpy\.dtypes\.\w+DType")
 def load_xtuner_state(path: str | Path) -> dict[str, Tensor]:
     """The weights of an XTuner checkpoint (file or DeepSpeed folder), as XTuner named them."""
     file = check_xtuner_checkpoint(path)
-    unknown = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(file)
-               if name not in INERT_GLOBALS and not _NUMPY_DTYPE.fullmatch(name)]  # fmt: skip
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    unknown = [name for name in names if name not in INERT_GLOBALS and not _NUMPY_DTYPE.fullmatch(name)]
     if unknown:
         raise CheckpointError(
             f"{file} holds pickled objects of {', '.join(unknown[:3])} besides weights; xtune reads checkpoints with "
             "weights_only=True and runs no pickled code. Where you trust the file, save its weights alone: "
             "torch.save(torch.load(F, weights_only=False)['state_dict'], 'weights.pth')."
         )
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
     stand_ins = [(INERT_GLOBALS.get(name, _inert), name) for name in names]
     try:
         with torch.serialization.safe_globals(stand_ins):

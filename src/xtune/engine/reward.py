@@ -85,7 +85,7 @@ class RewardObjective:
         chosen, rejected = rewards[0::2], rewards[1::2]
         margins = None
         if self.margins is not None:
-            margins = self.margins.to(group_ids.device)[group_ids].to(rewards.device, non_blocking=True)
+            margins = self.margins[group_ids].to(rewards.device, non_blocking=True)  # group_ids stay on the host
         losses = bradley_terry_loss(chosen, rejected, margins, focal=self.loss == "focal")
         if self.penalty != "none":
             penalties = reward_penalty(chosen, self.penalty) + reward_penalty(rejected, self.penalty)

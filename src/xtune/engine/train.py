@@ -101,8 +101,8 @@ def accumulate_gradients(
     for index, batch in enumerate(batches):
         batch = dict(batch)
         labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained positions there, without a sync
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "answer_ids" else v
-                 for k, v in batch.items()}  # fmt: skip (a pair's answer of each position: read on the host)
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in ("answer_ids", "group_ids") else v
+                 for k, v in batch.items()}  # fmt: skip (each position's answer, each pair's place: read on the host)
         with gradient_sync(model, last=index == len(batches) - 1) if engine is None else nullcontext():
             if objective is not None:
                 step_loss = objective.loss_sum(model, batch, labels, autocast)
