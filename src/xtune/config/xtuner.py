@@ -16,8 +16,9 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from xtune.config.schema import Config
 from xtune.errors import ConfigError, short_repr
 
 
@@ -279,8 +280,8 @@ IGNORED_TOP_LEVEL = {
 }
 """Top-level XTuner keys that change nothing in xtune, and why."""
 
-REWARD_KEYS = {"loss_type": ("reward_loss", ("ranking", "focal")),
-               "penalty_type": ("reward_penalty", ("none", "log_barrier", "L2")),
+REWARD_KEYS = {"loss_type": ("reward_loss", get_args(Config.model_fields["reward_loss"].annotation)),
+               "penalty_type": ("reward_penalty", get_args(Config.model_fields["reward_penalty"].annotation)),
                "penalty_weight": ("reward_penalty_weight", None)}  # fmt: skip
 """XTuner's RewardModel keys -> xtune's, and the values xtune has."""
 REWARD_DEFAULTS = {"loss_type": "ranking", "penalty_type": "log_barrier", "penalty_weight": 0.01}

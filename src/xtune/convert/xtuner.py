@@ -132,9 +132,9 @@ class XtunerParts:
 
 
 def xtune_parts(state: dict[str, Tensor], llm_config: dict) -> XtunerParts:
-    """XTuner's names -> xtune's. An InternLM2 LLM (xtune runs it in the Llama layout) has its weights and its
-    LoRA factors renamed and its fused `wqkv` split into q/k/v: lora_A is shared by the three, lora_B's rows split
-    as the weight's do, so B @ A of each equals the matching rows of wqkv's update exactly."""
+    """XTuner's names -> xtune's. An InternLM2 LLM's full weights (xtune runs it in the Llama layout) are renamed and
+    its fused `wqkv` split into q/k/v; its LoRA factors keep InternLM2's names (a PEFT adapter on wqkv, wo, w1-w3, as
+    XTuner's pth_to_hf writes it), which `internlm2_lora_as_llama` maps where the Llama layout is needed."""
     from xtune.models.internlm2 import internlm2_to_llama_state_dict, is_internlm2
 
     parts = XtunerParts()
@@ -155,8 +155,7 @@ def xtune_parts(state: dict[str, Tensor], llm_config: dict) -> XtunerParts:
                 "weights xtune knows how to read."
             )
     if is_internlm2(llm_config):
-        parts.llm_adapter = internlm2_lora_as_llama(parts.llm_adapter, llm_config)
-        full_llm = internlm2_to_llama_state_dict(full_llm, llm_config)
+        full_llm = internlm2_to_llama_state_dict(full_llm, llm_config)  # an adapter keeps XTuner's names
     parts.llm = full_llm
     return parts
 
@@ -228,9 +227,8 @@ def xtuner_to_hf(config, checkpoint: str | Path, save_dir: str | Path, fp32: boo
             "an XTuner LLM's full weights alone, or LoRA adapters and projectors, for now."
         )
     cast = lambda weights: {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}  # noqa: E731
-    if is_internlm2(base_config) and not parts.projector:  # XTuner's own adapter, in InternLM2's names, as its pth_to_hf
-        parts.llm_adapter = {name.removeprefix("llm.").replace(".default.", "."): tensor for name, tensor in state.items()
-                             if name.startswith("llm.") and "lora_" in name}  # fmt: skip
+    if is_internlm2(base_config) and parts.projector:  # a LLaVA run's llm_adapter/ is read in the Llama layout
+        parts.llm_adapter = internlm2_lora_as_llama(parts.llm_adapter, base_config)
     template = config.prompt_template
     meta = {"llm_name_or_path": config.llm_name_or_path, "method": config.method, "prompt_template": template,
             "converted_from": str(checkpoint), "converted_from_format": "xtuner"}  # fmt: skip
