@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from xtune.cli import app
@@ -396,3 +397,87 @@ def test_pretraining_without_a_template_and_8_bit_loading_as_from_pretrained_spe
     assert "template_map_fn=None" in text and "quantization_config" not in text
     config, _ = load_config(str(write(tmp_path, text)))
     assert config.quantization == "8bit" and config.method == "lora"
+
+
+ITERATION_SCHEDULE = """
+param_scheduler = [
+    dict(type=LinearLR, start_factor=1e-5, by_epoch=False, begin=0, end=400),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=False, begin=400, end=4000)]
+train_cfg = dict(type=TrainLoop, max_iters=4000)
+"""
+
+
+def test_a_warmup_counted_in_iterations_becomes_warmup_steps(tmp_path):
+    start, end = RUNTIME.index("param_scheduler = ["), RUNTIME.index("custom_hooks = [")
+    text = IMPORTS + SETTINGS + QLORA_MODEL + SFT_DATA + RUNTIME[:start] + ITERATION_SCHEDULE + RUNTIME[end:]
+    config, _ = load_config(str(write(tmp_path, text)))
+    assert (config.warmup_steps, config.max_steps) == (50, 500)  # 400 and 4000 micro-batches, 8 to a step
+    # XTuner's minicpm configs write the warmup in epochs (by_epoch=True) but count the loop in iterations: mmengine
+    # stretches such a warmup by the epoch length, past the run; its end is computed from max_iters, so it is read so
+    in_epochs = text.replace("by_epoch=False, begin=0, end=400", "by_epoch=True, begin=0, end=400, convert_to_iter_based=True")
+    assert in_epochs != text
+    mapped = read_xtuner_config(write(tmp_path, in_epochs, "in_epochs.py"))
+    assert mapped.values["warmup_steps"] == 50 and "warmup_ratio" not in mapped.values
+    assert any("by_epoch=True in a loop counted in iterations" in note for note in mapped.notes)
+    no_length = in_epochs.replace("train_cfg = dict(type=TrainLoop, max_iters=4000)", "train_cfg = dict(type=TrainLoop)")
+    with pytest.raises(ConfigError, match=r"'param_scheduler\[0\]': a warmup in epochs, and train_cfg names no"):
+        load_config(str(write(tmp_path, no_length, "no_length.py")))
+
+
+def test_warmup_steps_replace_the_warmup_ratio_in_the_schedule():
+    from xtune.config.schema import Config
+    from xtune.engine.optim import build_scheduler
+
+    def factors(**settings):
+        config = Config(llm_name_or_path="x", data_path="x.json", lr=1.0, **settings)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = build_scheduler(optimizer, config, total_steps=100)
+        return [scheduler.lr_lambdas[0](step) for step in (0, 3, 4, 5)]
+
+    assert factors(warmup_steps=4)[:3] == [0.25, 1.0, 1.0]
+    assert factors(warmup_ratio=0.5)[:2] == [1 / 50, 4 / 50]
+    assert factors(warmup_ratio=0.5, warmup_steps=4) == factors(warmup_steps=4)
+
+
+JSONL_DPO = IMPORTS + """
+from xtuner.dataset.preference_dataset import load_jsonl_dataset
+model = dict(type=DPO, loss_type='sigmoid', beta=0.1, use_varlen_attn=False,
+             llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path='org/chat'))
+train_dataloader = dict(batch_size=1, dataset=dict(
+    type=build_preference_dataset, dataset=dict(type=load_jsonl_dataset, data_files=FILES),
+    tokenizer=None, max_length=512, dataset_map_fn=None, is_dpo=True, is_reward=False, max_packed_length=1024,
+    num_proc=2, use_varlen_attn=True))
+"""
+
+
+def test_xtuners_jsonl_loader_reads_each_file_as_a_source(tmp_path):
+    config, _ = load_config(str(write(tmp_path, JSONL_DPO.replace("FILES", "['a.jsonl', 'b.jsonl']"))))
+    assert [(source.path, source.format) for source in config.datasets] == [("a.jsonl", "auto"), ("b.jsonl", "auto")]
+    assert config.data_path is None and config.stage == "dpo"
+    config, _ = load_config(str(write(tmp_path, JSONL_DPO.replace("FILES", "'one.jsonl'"), "one.py")))
+    assert config.data_path == "one.jsonl" and config.datasets == []
+    folder = JSONL_DPO.replace("data_files=FILES", "data_dir='./pairs', suffix='.jsonl'")
+    mapped = read_xtuner_config(write(tmp_path, folder, "folder.py"))
+    assert mapped.values["data_path"] == "./pairs"
+    assert any("suffix = '.jsonl': xtune reads every data file in the folder" in note for note in mapped.notes)
+
+
+def test_max_dataset_length_keeps_a_seeded_subset_of_each_source(tmp_path):
+    from xtune.data.sources import SourceSpec, load_sources
+
+    text = QLORA.replace("use_varlen_attn=use_varlen_attn)\n", "use_varlen_attn=use_varlen_attn, max_dataset_length=3)\n", 1)
+    assert text != QLORA
+    config, _ = load_config(str(write(tmp_path, text)))
+    assert config.max_dataset_length == 3
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(f'{{"instruction": "q{n}", "output": "a{n}"}}\n' for n in range(10)))
+
+    def inputs(max_records, seed=0, repeats=1.0):
+        loaded = load_sources([SourceSpec(str(data), max_records=max_records, repeats=repeats)], seed=seed)
+        return [conversation.turns[0].content for conversation in loaded.conversations]
+
+    picked = inputs(3)
+    assert len(picked) == 3 and len(set(picked)) == 3 and picked == sorted(picked, key=lambda q: int(q[1:]))
+    assert inputs(3) == picked and inputs(3, seed=1) != picked  # seeded: the same records run after run
+    assert inputs(3, repeats=2) == picked * 2  # the subset first, then its repeats
+    assert inputs(50) == inputs(None) == [f"q{n}" for n in range(10)]

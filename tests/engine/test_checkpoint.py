@@ -189,3 +189,45 @@ def test_an_adapter_saves_its_embeddings_when_the_vocabulary_grew_without_asking
     assert peft_save_options(model) == {"save_embedding_layers": True}
     model.save_pretrained(tmp_path, **peft_save_options(model))  # no Hub lookup (no_hub raises)
     assert any("embed_tokens" in name for name in load_file(tmp_path / "adapter_model.safetensors"))
+
+
+def test_xtuners_names_link_to_the_run_and_leave_anything_else_alone(tmp_path):
+    from xtune.engine.checkpoint import keep_config_file, name_as_xtuner
+
+    work_dir = tmp_path / "work"
+    first, second = work_dir / "run1", work_dir / "run2"
+    for run in (first, second):
+        (run / "checkpoint-3").mkdir(parents=True)
+    name_as_xtuner(first / "checkpoint-3", 12)
+    assert (work_dir / "iter_12.pth").resolve() == (first / "checkpoint-3").resolve()
+    name_as_xtuner(second / "checkpoint-3", 12)  # a newer run's checkpoint takes the name; nothing is deleted
+    assert (work_dir / "iter_12.pth").resolve() == (second / "checkpoint-3").resolve()
+    assert (first / "checkpoint-3").is_dir()
+    (work_dir / "iter_40.pth").write_bytes(b"XTuner's own checkpoint")
+    (second / "checkpoint-10").mkdir()
+    name_as_xtuner(second / "checkpoint-10", 40)
+    assert (work_dir / "iter_40.pth").read_bytes() == b"XTuner's own checkpoint"
+    assert sorted(path.name for path in work_dir.iterdir()) == ["iter_12.pth", "iter_40.pth", "run1", "run2"]
+
+    config = tmp_path / "my_cfg.py"
+    config.write_text("lr = 1e-4\n")
+    keep_config_file(config, first)
+    assert (first / "my_cfg.py").read_text() == (work_dir / "my_cfg.py").read_text() == "lr = 1e-4\n"
+    config.write_text("lr = 2e-4\n")
+    keep_config_file(config, second)
+    assert (work_dir / "my_cfg.py").read_text() == "lr = 2e-4\n" and (first / "my_cfg.py").read_text() == "lr = 1e-4\n"
+    (work_dir / "my_cfg.py").unlink()
+    (work_dir / "my_cfg.py").write_text("the user's own file")
+    keep_config_file(config, second)
+    assert (work_dir / "my_cfg.py").read_text() == "the user's own file"
+
+
+def test_pruning_removes_the_names_of_deleted_checkpoints(tmp_path):
+    from xtune.engine.checkpoint import name_as_xtuner, prune_checkpoints
+
+    run = tmp_path / "work" / "run"
+    for step in (1, 2, 3):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        name_as_xtuner(run / f"checkpoint-{step}", 2 * step)
+    assert [path.name for path in prune_checkpoints(run, keep=2)] == ["checkpoint-1"]
+    assert sorted(path.name for path in (tmp_path / "work").glob("iter_*")) == ["iter_4.pth", "iter_6.pth"]

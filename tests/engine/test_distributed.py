@@ -19,6 +19,7 @@ from xtune.config.load import load_config
 from xtune.engine.distributed import Ranks, first_host, my_share, slurm_environment, torchrun_command
 from xtune.engine.train import train
 from xtune.errors import XtuneError
+from xtune.engine.checkpoint import run_folders
 
 OPTIONS = ["max_steps=6", "save_steps=3", "accumulative_counts=2", "dtype='fp32'", "lora_dropout=0.0",
            "evaluation_inputs=[]"]  # fmt: skip
@@ -35,13 +36,13 @@ ENGINES = {  # name -> (train flags, what the log says)
 
 
 def step_losses(work_dir, name="loss"):
-    (run,) = work_dir.iterdir()
+    (run,) = run_folders(work_dir)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)[name] for line in lines if "loss" in json.loads(line)]
 
 
 def final_adapter(work_dir):
-    (run,) = work_dir.iterdir()
+    (run,) = run_folders(work_dir)
     return load_file(run / "checkpoint-6" / "adapter_model.safetensors")
 
 
@@ -82,7 +83,7 @@ def test_two_gloo_ranks_match_one_process_and_resume_bit_identical(tmp_path, one
     two, one = step_losses(tmp_path / "two"), step_losses(one_process)
     assert len(two) == len(one) == 6
     assert two == pytest.approx(one, abs=1e-5)
-    (run,) = (tmp_path / "two").iterdir()
+    (run,) = run_folders(tmp_path / "two")
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     saved, expected = final_adapter(tmp_path / "two"), final_adapter(one_process)
     assert saved.keys() == expected.keys()

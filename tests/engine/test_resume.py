@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from xtune.config.load import load_config
 from xtune.engine.train import train
 from xtune.errors import CheckpointError
+from xtune.engine.checkpoint import run_folders
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_sigkill_then_resume_auto_is_bit_identical(tmp_path):
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    (run,) = killed_dir.iterdir()
+    (run,) = run_folders(killed_dir)
     assert not (run / "checkpoint-40").exists()
 
     config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(killed_dir)!r}", *OPTIONS])

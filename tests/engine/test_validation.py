@@ -21,6 +21,7 @@ from xtune.engine.distributed import Ranks
 from xtune.engine.train import rank_batch, train
 from xtune.engine.validation import BestEval, validation_loss, validation_plan
 from xtune.errors import ConfigError, DataError
+from xtune.engine.checkpoint import run_folders
 
 CONFIG = "tiny_internlm2_chat_lora_antonyms"
 VALIDATED = ["max_steps=4", "save_steps=2", "save_total_limit=-1", "dtype='fp32'", "lora_dropout=0.1",
@@ -294,7 +295,7 @@ def test_two_gloo_ranks_report_the_validation_loss_of_one_process(tmp_path):
                "batch_size=2", *options]  # fmt: skip
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    (two,) = (tmp_path / "two").iterdir()
+    (two,) = run_folders(tmp_path / "two")
     assert [step for step, _ in records(two, "eval_loss")] == [1, 2]
     assert records(two, "eval_trained_tokens") == records(one, "eval_trained_tokens")
     pairs = zip(records(two, "eval_loss"), records(one, "eval_loss"), strict=True)

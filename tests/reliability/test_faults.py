@@ -18,6 +18,7 @@ from xtune.config.load import load_config
 from xtune.engine import train as train_module
 from xtune.engine.train import train
 from xtune.errors import CheckpointError, TrainingError, XtuneError
+from xtune.engine.checkpoint import run_folders
 
 CONFIG = "tiny_internlm2_chat_lora_antonyms"
 SHORT = ["max_steps=4", "save_steps=1", "save_total_limit=-1", "batch_size=4", "accumulative_counts=1",
@@ -57,7 +58,7 @@ def test_a_nan_loss_stops_before_the_weights_change(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "build_optimizer", counting_optimizer)
     with pytest.raises(TrainingError, match=r"step 3 \(epoch 0, items \[.*\]\): loss nan.*--resume auto"):
         train(config_in(tmp_path), Console(file=io.StringIO()))
-    (run,) = tmp_path.iterdir()
+    (run,) = run_folders(tmp_path)
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert all(torch.isfinite(t).all() for t in adapter(run / "checkpoint-2").values())
     assert len(updates) == 2  # steps 1 and 2 updated the weights; step 3 stopped before its update
@@ -92,7 +93,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes_bit_identical
     with pytest.raises(CheckpointError, match=r"could not write checkpoint-3 .*: the disk is full \(No space left on device\); nothing earlier is lost: checkpoint-2 is intact"):
         train(config_in(tmp_path / "a"), Console(file=io.StringIO()))
     monkeypatch.setattr(checkpoint_module, "save_file", real_save)
-    (run,) = (tmp_path / "a").iterdir()
+    (run,) = run_folders(tmp_path / "a")
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1", "checkpoint-2"]
 
     resumed = train(config_in(tmp_path / "a"), Console(file=io.StringIO()), resume="auto")

@@ -4,7 +4,7 @@ Field names follow XTuner's where XTuner has one, so edits of an XTuner config c
 A config is data: code reads it and builds objects; the config never builds anything itself.
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -43,6 +43,8 @@ class DatasetSource(BaseModel):
     """How often each record is used: 2 = twice, 0.5 = a seeded random half."""
     image_folder: str | None = None
     """Folder relative image paths of this source are read from."""
+    max_dataset_length: int | None = Field(None, gt=0)
+    """Use a random this many of the source's records (drawn with `seed`), before repeats; None uses all."""
 
 
 class Config(BaseModel):
@@ -123,10 +125,14 @@ class Config(BaseModel):
     """Record format: `auto` (detected per file from its first record), `conversation` (XTuner),
     `alpaca`, `openai` (messages), `sharegpt`, `llava`, `text` (pretraining), XTuner's dataset names (`alpaca_zh`,
     `sql`, ... or `alpaca_zh_map_fn`; `xtune list-dataset-format` lists them; `dataset_map_fn` is another name for
-    this key), or the dotted path of your own map function from a raw record to a Conversation,
+    this key; None, as XTuner writes it, is `conversation`), or the dotted path of your own map function from a raw
+    record to a Conversation,
     `package.module:function`."""
     datasets: list[DatasetSource] = []
     """Several sources mixed, each with its own format and repeats; used with or instead of data_path."""
+    max_dataset_length: int | None = Field(None, gt=0)
+    """Use a random this many records of each source (drawn with `seed`, before repeats), as XTuner's key does; a
+    source in `datasets` may set its own. None uses all."""
     image_folder: str | None = None
     """Folder relative image paths in the data are read from; None reads them from the current folder."""
     skip_bad_records: bool = False
@@ -193,6 +199,8 @@ class Config(BaseModel):
     """Clip the gradient norm to this value; None to not clip."""
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     """Share of the steps over which the learning rate rises linearly from 0 to lr."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Optimizer steps over which the learning rate rises linearly from 0 to lr; set, it replaces warmup_ratio."""
     lr_min_ratio: float = Field(0.0, ge=0, le=1)
     """Cosine decay floor, as a share of lr."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -301,6 +309,15 @@ class Config(BaseModel):
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
 
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_map_function(cls, values: Any) -> Any:
+        """`dataset_format = None` (XTuner's `dataset_map_fn = None`): the records are XTuner's conversation format
+        already, or for a preference stage its pairs as they are."""
+        if isinstance(values, dict) and "dataset_format" in values and values["dataset_format"] is None:
+            values = {**values, "dataset_format": "conversation" if values.get("stage", "sft") == "sft" else "auto"}
+        return values
 
     @model_validator(mode="after")
     def _has_data(self) -> "Config":

@@ -301,6 +301,17 @@ OPTIMIZERS = {"AdamW": "adamw", "AdamW8bit": "adamw_8bit", "PagedAdamW8bit": "pa
 PRECISIONS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
+UNREAD_DATASETS = {
+    "process_ms_dataset": "; xtune reads no ModelScope dataset cache: download the files (`modelscope download "
+    "--dataset NAME --local_dir DIR`) and read them with process_hf_dataset, or set data_path = DIR",
+    "MOSSSFTDataset": "; MOSS's records (meta_instruction, chat.turn_N with Human/MOSS/Commands/Tool Responses) have no "
+    "xtune format yet: convert them to OpenAI messages",
+    "build_packed_dataset": "; InternEVO's tokenized .bin files are ids already, which xtune does not take: give it "
+    "the text they were made from",
+}
+"""XTuner's dataset classes xtune does not read -> what to do instead (after the refusal's "xtune reads ...")."""
+
+
 def _format_of(map_fn: Any, stage: str) -> str:
     """XTuner's dataset_map_fn -> xtune's dataset_format: `alpaca_map_fn` -> `alpaca`, `alpaca_zh_map_fn` ->
     `alpaca_zh`, for each name xtune knows (its formats and XTuner's map functions, `xtune list-dataset-format`)."""
@@ -370,7 +381,7 @@ class _Mapper:
         if counts == 1:
             return
         for entry in self.out.entries:
-            if entry.xtune_key in ("save_steps", "evaluation_freq", "logging_steps") and entry.value < 10**9:
+            if entry.xtune_key in ("save_steps", "evaluation_freq", "logging_steps", "warmup_steps") and 0 < entry.value < 10**9:
                 steps = max(1, math.ceil(entry.value / counts))
                 self.out.notes.append(f"{entry.xtuner_key} = {entry.value} iterations: {entry.xtune_key} = {steps} "
                                       f"optimizer steps of accumulative_counts = {counts} micro-batches")  # fmt: skip
@@ -551,6 +562,9 @@ class _Mapper:
             before = list(self.out.entries)
             self.dataset(part, stage, f"{key}.datasets[{index}]")
             added = {entry.xtune_key: entry.value for entry in self.out.entries if entry not in before}
+            if "data_path" not in added:
+                raise self.refuse(f"{key}.datasets[{index}]", "several data_files in one part of a ConcatDataset; "
+                                  "list each file as a part of its own")  # fmt: skip
             sources.append({"path": added.pop("data_path"), "format": added.pop("dataset_format", "auto")})
             if shared is not None and added != shared:
                 raise self.refuse(f"{key}.datasets[{index}]", "its settings differ from the first dataset's "
@@ -565,8 +579,9 @@ class _Mapper:
             return self.concat(dataset, stage, key)
         known = ("process_hf_dataset", "build_preference_dataset", "LLaVADataset")
         if kind not in known:
+            why = UNREAD_DATASETS.get(kind, "")
             raise self.refuse(f"{key}.type", f"{short_repr(dataset.get('type'))}: xtune reads "
-                              f"{', '.join(known)} and ConcatDataset datasets")  # fmt: skip
+                              f"{', '.join(known)} and ConcatDataset datasets{why}")  # fmt: skip
         for name, value in dataset.items():
             where = f"{key}.{name}"
             if name == "type":
@@ -595,8 +610,7 @@ class _Mapper:
             elif name == "max_packed_length":
                 self.out.notes.append(f"{where}: xtune packs pairs into rows of max_length tokens")
             elif name == "max_dataset_length" and value is not None:
-                raise self.refuse(where, f"= {value}: xtune trains on every record; cut the data file (or set "
-                                  "max_steps)")  # fmt: skip
+                self.set(where, "max_dataset_length", value)
             elif name == "seed":
                 self.ignore(where, "xtune shuffles with the run's `seed`")
             elif name == "reward_token_id":
@@ -608,23 +622,36 @@ class _Mapper:
                 raise self.refuse(where, f"= {short_repr(value)}: xtune's data road has no such setting")
         if "dataset_map_fn" not in dataset:
             self.set(f"{key}.dataset_map_fn", "dataset_format", _format_of(None, stage))
+        values = self.out.values
+        if "datasets" in values and "data_path" not in values:  # data_files listed several: each takes the format
+            for source in values["datasets"]:
+                source["format"] = values["dataset_format"]
+            self.out.entries = [entry for entry in self.out.entries if entry.xtune_key != "dataset_format"]
 
     def source(self, value: Any, key: str) -> None:
+        """load_dataset(path=...) or (path='json', data_files=...), or XTuner's load_jsonl_dataset(data_files=... or
+        data_dir=...): `data_path`, or a source per file in `datasets` when there are several."""
         kind, value = self.typed(value, key)
-        if kind != "load_dataset":
+        if kind not in ("load_dataset", "load_jsonl_dataset"):
             raise self.refuse(f"{key}.type", f"{short_repr(value.get('type'))}: xtune reads data as load_dataset "
-                              "names it (a path, or path='json' with data_files)")  # fmt: skip
+                              "or load_jsonl_dataset name it (a path, or data_files)")  # fmt: skip
         path, files = value.get("path"), value.get("data_files")
-        if files is not None:
+        if kind == "load_jsonl_dataset" and value.get("data_dir") is not None:
+            self.set(f"{key}.data_dir", "data_path", value["data_dir"])
+            if value.get("suffix"):
+                self.out.notes.append(f"{key}.suffix = {value['suffix']!r}: xtune reads every data file in the folder")
+        elif files is not None:
             if isinstance(files, dict):
                 files = files.get("train", next(iter(files.values()), None)) if len(files) == 1 or "train" in files else files
-            if isinstance(files, (list, tuple)) and len(files) == 1:
-                files = files[0]
-            if not isinstance(files, str):
-                raise self.refuse(f"{key}.data_files", f"{short_repr(files)}: xtune reads one file or folder per "
-                                  "source; convert the config and list them in `datasets`")  # fmt: skip
-            self.set(f"{key}.data_files", "data_path", files)
-        elif isinstance(path, str):
+            files = [files] if isinstance(files, str) else files
+            if not (isinstance(files, (list, tuple)) and files and all(isinstance(file, str) for file in files)):
+                raise self.refuse(f"{key}.data_files", f"{short_repr(files)}: xtune reads data_files as a path or a "
+                                  "list of paths")  # fmt: skip
+            if len(files) == 1:
+                self.set(f"{key}.data_files", "data_path", files[0])
+            else:
+                self.set(f"{key}.data_files", "datasets", [{"path": file} for file in files])
+        elif isinstance(path, str) and kind == "load_dataset":
             self.set(f"{key}.path", "data_path", path)
             if "/" in path and not Path(path).exists() and not path.startswith(("xtune-tiny/", "xtune-data/", ".")):
                 self.out.notes.append(f"{key}.path = {path!r} looks like a hub dataset id: xtune reads it from the local "
@@ -690,17 +717,24 @@ class _Mapper:
         if schedulers is None:
             return
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        max_epochs = self.env.get("train_cfg", {}).get("max_epochs") if isinstance(self.env.get("train_cfg"), dict) else None
+        loop = self.env.get("train_cfg") if isinstance(self.env.get("train_cfg"), dict) else {}
+        max_epochs = loop.get("max_epochs")
         warmup = 0.0
         for index, scheduler in enumerate(schedulers):
             where = f"param_scheduler[{index}]"
             kind, scheduler = self.typed(scheduler, where)
             by_epoch = scheduler.get("by_epoch", True)
             if kind == "LinearLR" and index == 0 and len(schedulers) == 2:
-                if not by_epoch or not max_epochs:
-                    raise self.refuse(where, "a warmup counted in iterations; xtune takes warmup_ratio, a share of "
-                                      "the run: write it in epochs (by_epoch=True, end=warmup_ratio * max_epochs)")  # fmt: skip
-                warmup = (scheduler.get("end", 0) - scheduler.get("begin", 0)) / max_epochs
+                length = scheduler.get("end", 0) - scheduler.get("begin", 0)
+                if by_epoch and max_epochs:
+                    warmup = length / max_epochs
+                elif by_epoch and "max_iters" not in loop:
+                    raise self.refuse(where, "a warmup in epochs, and train_cfg names no max_epochs to relate it to")
+                else:
+                    self.set(f"{where}.end", "warmup_steps", math.ceil(length))
+                    if by_epoch:  # mmengine would stretch it by the epoch length, past max_iters; its author meant iterations
+                        self.out.notes.append(f"{where}: by_epoch=True in a loop counted in iterations "
+                                              f"(train_cfg.max_iters): read as {math.ceil(length)} iterations")  # fmt: skip
                 self.out.notes.append(f"{where}.start_factor = {scheduler.get('start_factor')}: xtune's warmup starts "
                                       "from 0")  # fmt: skip
             elif kind == "CosineAnnealingLR" and index == len(schedulers) - 1:
@@ -712,7 +746,8 @@ class _Mapper:
             else:
                 raise self.refuse(where, f"{kind}: xtune's schedule is a linear warmup (LinearLR) then a cosine decay "
                                   "(CosineAnnealingLR)")  # fmt: skip
-        self.set("param_scheduler[0].end", "warmup_ratio", round(warmup, 12))
+        if "warmup_steps" not in self.out.values:
+            self.set("param_scheduler[0].end", "warmup_ratio", round(warmup, 12))
 
     def train_cfg(self, cfg: Any) -> None:
         if cfg is None:

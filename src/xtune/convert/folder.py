@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from xtune.engine.checkpoint import RUN_META, complete_checkpoints, verify_checkpoint
+from xtune.engine.checkpoint import RUN_META, complete_checkpoints, run_folders, verify_checkpoint
 from xtune.errors import CheckpointError, XtuneError
 from xtune.paths import share_as_umask_allows
 
@@ -60,8 +60,7 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint folder.")
     if not (path / RUN_META).is_file():
         checkpoints = complete_checkpoints(path)
-        runs = sorted((run for run in path.iterdir() if run.is_dir() and not checkpoints), key=lambda run: run.name)
-        for run in reversed(runs):  # a --work-dir: its newest run that has a complete checkpoint
+        for run in reversed(run_folders(path) if not checkpoints else []):  # a --work-dir: its newest run with one
             if checkpoints := complete_checkpoints(run):
                 break
         if not checkpoints:

@@ -61,8 +61,10 @@ class DataReport:
 
 
 def source_specs(config: Config) -> list[SourceSpec]:
-    specs = [SourceSpec(config.data_path, config.dataset_format, image_folder=config.image_folder)] if config.data_path else []
-    specs += [SourceSpec(s.path, s.format, s.repeats, s.image_folder or config.image_folder) for s in config.datasets]
+    most = config.max_dataset_length
+    specs = [SourceSpec(config.data_path, config.dataset_format, image_folder=config.image_folder, max_records=most)] if config.data_path else []  # fmt: skip
+    specs += [SourceSpec(s.path, s.format, s.repeats, s.image_folder or config.image_folder, s.max_dataset_length or most)
+              for s in config.datasets]  # fmt: skip
     return specs
 
 

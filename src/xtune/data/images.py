@@ -35,9 +35,10 @@ def image_path(path: str | PathLike) -> Path:
 
 
 def load_image(path: str | PathLike) -> Image.Image:
-    """The image at `path` in RGB; a missing or unreadable file is a DataError naming it."""
+    """The image at `path` (or `xtune-data/<name>`, one xtune ships) in RGB; a missing or unreadable file is a
+    DataError naming it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(image_path(path)) as image:
             return image.convert("RGB")
     except FileNotFoundError as error:
         raise DataError(f"image {path} not found (looked at {Path(path).resolve()}); fix the path") from error

@@ -30,7 +30,7 @@ from xtune.data.pairs import (
     WRONG_FORMAT, detect_preference_format, encode_pair, kto_to_unpaired, load_pairs, preference_to_pair,
 )
 from xtune.data.sources import (
-    BadRecord, SourceSpec, data_files, load_sources, read_conversations, read_records, repeat, resolve_data_path,
+    BadRecord, SourceSpec, at_most, data_files, load_sources, read_conversations, read_records, repeat, resolve_data_path,
 )  # fmt: skip
 
 TRAINED_STYLE = "bold green"
@@ -267,7 +267,8 @@ def _check_pairs(config: Config, tokenizer) -> DatasetCheck:
     sources, bad_records = [], []
     for spec in source_specs(config):
         good, bad = _read_pairs(spec, kto=config.stage == "kto")
-        repeated = len(repeat(list(range(good)), spec.repeats, random.Random(0)))
+        rng = random.Random(0)
+        repeated = len(repeat(at_most(list(range(good)), spec.max_records, rng), spec.repeats, rng))
         sources.append(SourceCheck(spec.path, spec.format, good, len(bad), spec.repeats, repeated))
         bad_records += bad
     usable = config.model_copy(update={"skip_bad_records": True})

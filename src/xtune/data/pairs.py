@@ -29,7 +29,7 @@ from xtune.data.formats import (
 )
 from xtune.data.loader import collate
 from xtune.data.packing import PackedRow, build_row, collate_packed, pack_groups
-from xtune.data.sources import BadRecord, data_files, read_records, repeat, resolve_data_path
+from xtune.data.sources import BadRecord, at_most, data_files, read_records, repeat, resolve_data_path
 from xtune.data.templates import Template
 from xtune.errors import DataError, short_repr
 
@@ -303,7 +303,8 @@ def load_pairs(specs, *, system: str = "", skip_bad_records: bool = False, seed:
                 if not skip_bad_records:
                     raise DataError(f"{item}.")
                 skipped.append(item)
-        examples += repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
+        rng = random.Random(f"{seed}/{index}")
+        examples += repeat(at_most(good, spec.max_records, rng), spec.repeats, rng)
     if not examples:
         what = "KTO examples" if kto else "preference pairs"
         raise DataError(f"no {what} in {', '.join(spec.path for spec in specs)}"

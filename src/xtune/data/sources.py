@@ -51,6 +51,9 @@ class SourceSpec:
     a seeded random half once more; the fraction of the records is rounded to the nearest count."""
     image_folder: str | None = None
     """Folder that relative image paths are read from; None reads them from the current folder."""
+    max_records: int | None = None
+    """Read a seeded random `max_records` of the source's good records (all when it has fewer), before
+    `repeats`: XTuner's `max_dataset_length`."""
 
 
 @dataclass(frozen=True)
@@ -534,6 +537,13 @@ def read_conversations(
 # Policy: raise or collect, then mix -------------------------------------------------------------
 
 
+def at_most(records: list, max_records: int | None, rng: random.Random) -> list:
+    """A random `max_records` of `records`, in their order; all of them when there are no more."""
+    if max_records is None or len(records) <= max_records:
+        return records
+    return [records[index] for index in sorted(rng.sample(range(len(records)), max_records))]
+
+
 def repeat(samples: list[Located], repeats: float, rng: random.Random) -> list[Located]:
     """Each sample `int(repeats)` times, then a random `fraction * len(samples)` of them (rounded) once more."""
     whole = math.floor(repeats)
@@ -580,7 +590,7 @@ def load_sources(
     skipped: list[BadRecord] = []
     counts: list[int] = []
     for index, spec in enumerate(specs):
-        good: list[Located] = []
+        records: list[Located] = []
         items = read_conversations(spec.path, spec.format, image_folder=spec.image_folder, check_images=check_images)
         for item in items:
             if isinstance(item, BadRecord):
@@ -588,13 +598,13 @@ def load_sources(
                     raise DataError(f"{item}.") from item.cause
                 skipped.append(item)
             else:
-                conversation = with_placeholders(with_system(item[1], system), placeholders or {})
-                if not split_rounds:
-                    good.append((item[0], conversation))
-                    continue
-                rounds = rounds_of(conversation)
-                good += [(f"{item[0]} round {n}" if len(rounds) > 1 else item[0], c) for n, c in enumerate(rounds, 1)]
-        repeated = repeat(good, spec.repeats, random.Random(f"{seed}/{index}"))
+                records.append((item[0], with_placeholders(with_system(item[1], system), placeholders or {})))
+        rng = random.Random(f"{seed}/{index}")
+        good: list[Located] = []
+        for location, conversation in at_most(records, spec.max_records, rng):
+            rounds = rounds_of(conversation) if split_rounds else [conversation]
+            good += [(f"{location} round {n}" if len(rounds) > 1 else location, c) for n, c in enumerate(rounds, 1)]
+        repeated = repeat(good, spec.repeats, rng)
         counts.append(len(repeated))
         samples += repeated
     if not samples:

@@ -40,6 +40,21 @@ def new_run_dir(work_dir: str | Path) -> Path:
     raise FileExistsError(f"could not create a new run folder in {work_dir}")
 
 
+def keep_config_file(config_file: Path, run_dir: Path) -> None:
+    """The config file as it was, in the run folder, and under its name in the work folder (a link to that copy),
+    where XTuner writes it: `xtuner train cfg.py --work-dir DIR` leaves `DIR/cfg.py`, which its tutorials pass to
+    `pth_to_hf`. A file of that name in the work folder that is not such a link (the user's own) is left alone."""
+    copy = run_dir / config_file.name
+    shutil.copy2(config_file, copy)
+    link = run_dir.parent / config_file.name
+    if link.exists() and not link.is_symlink():
+        return
+    draft = link.with_name(f".{link.name}.{os.getpid()}.link")
+    draft.unlink(missing_ok=True)
+    draft.symlink_to(Path(run_dir.name) / copy.name)
+    os.replace(draft, link)
+
+
 def save_checkpoint(
     model,
     tokenizer,
@@ -80,6 +95,34 @@ def save_checkpoint(
     os.replace(partial, final)
     _fsync_folder(run_dir)  # the rename itself
     return final
+
+
+def run_folders(work_dir: str | Path) -> list[Path]:
+    """The run folders in `work_dir`, oldest first (they are named by their start time); not the `iter_N.pth` links
+    beside them."""
+    work_dir = Path(work_dir)
+    found = [path for path in work_dir.iterdir() if path.is_dir() and not path.is_symlink()] if work_dir.is_dir() else []
+    return sorted(found, key=lambda path: path.name)
+
+
+def name_as_xtuner(checkpoint: Path, micro_batches: int) -> None:
+    """`WORK_DIR/iter_<micro_batches>.pth`, a link to `checkpoint` (in a run folder of WORK_DIR): the name XTuner gives
+    the checkpoint after that many iterations, so that its tutorials' commands and `pretrained_pth` find it. A
+    link of that name is moved to the newer run; anything else of that name (XTuner's own file) is left alone."""
+    link = checkpoint.parent.parent / f"iter_{micro_batches}.pth"
+    if link.exists() and not link.is_symlink():
+        return
+    draft = link.with_name(f".{link.name}.{os.getpid()}.link")
+    draft.unlink(missing_ok=True)
+    draft.symlink_to(Path(checkpoint.parent.name) / checkpoint.name, target_is_directory=True)
+    os.replace(draft, link)
+
+
+def _unlink_xtuner_names(work_dir: Path) -> None:
+    """The `iter_N.pth` links whose checkpoint has been deleted."""
+    for link in work_dir.glob("iter_*.pth"):
+        if link.is_symlink() and not link.exists():
+            link.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -248,6 +291,7 @@ def prune_checkpoints(run_dir: Path, keep: int, best: int | None = None) -> list
         aside = path.with_name(f".{path.name}.deleting")
         os.replace(path, aside)
         shutil.rmtree(aside)
+    _unlink_xtuner_names(run_dir.parent)
     return doomed
 
 
@@ -276,7 +320,10 @@ def peft_save_options(model) -> dict:
         vocab = read_config(resolve_model_path(next(iter(configs.values())).base_model_name_or_path)).get("vocab_size")
     except (XtuneError, OSError, TypeError):
         return {}  # peft's own check then
-    return {} if vocab is None else {"save_embedding_layers": model.get_input_embeddings().num_embeddings != vocab}
+    embeddings = model.get_input_embeddings()
+    if not isinstance(embeddings, torch.nn.Embedding):  # a vision encoder's patch embedding: no vocabulary to grow
+        return {"save_embedding_layers": False}
+    return {} if vocab is None else {"save_embedding_layers": embeddings.num_embeddings != vocab}
 
 
 def read_run_meta(path: Path) -> dict:
@@ -384,8 +431,7 @@ def find_resume_checkpoint(work_dir: str | Path, resume: str) -> Path | None:
         verify_checkpoint(path)
         return path
     work_dir = Path(work_dir)
-    runs = sorted((p for p in work_dir.iterdir() if p.is_dir()), key=lambda p: p.name) if work_dir.is_dir() else []
-    for run in reversed(runs):
+    for run in reversed(run_folders(work_dir)):
         resumable = [c for c in complete_checkpoints(run) if (c / TRAINING_STATE).is_file()]
         if resumable:
             verify_checkpoint(resumable[-1])

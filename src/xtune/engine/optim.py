@@ -30,7 +30,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
 
 
 def build_scheduler(optimizer, config: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup_steps = round(config.warmup_ratio * total_steps)
+    warmup_steps = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, config.lr_min_ratio)
     )

@@ -36,7 +36,9 @@ from xtune.engine.checkpoint import (
     TRAINING_STATE_META,
     complete_checkpoints,
     find_resume_checkpoint,
+    keep_config_file,
     lock_run,
+    name_as_xtuner,
     new_run_dir,
     partial_checkpoint,
     prune_checkpoints,
@@ -240,15 +242,22 @@ def total_steps(config: Config, num_samples: int, world: int = 1) -> int:
 
 
 def train(
-    config: Config, console: Console | None = None, resume: str | None = None, trust_checkpoint: bool = False
+    config: Config,
+    console: Console | None = None,
+    resume: str | None = None,
+    trust_checkpoint: bool = False,
+    config_file: Path | None = None,
 ) -> TrainResult:
     """Train as the config says; `resume` = "auto" or a checkpoint folder continues an earlier run.
-    `trust_checkpoint`: load a DeepSpeed checkpoint's pickles even when this machine did not write it."""
+    `trust_checkpoint`: load a DeepSpeed checkpoint's pickles even when this machine did not write it.
+    `config_file`: the file the config was read from, kept with the run."""
     with zero.launcher_variables(config.deepspeed is not None):
-        return _train(config, console, resume, trust_checkpoint)
+        return _train(config, console, resume, trust_checkpoint, config_file)
 
 
-def _train(config: Config, console: Console | None, resume: str | None, trust_checkpoint: bool) -> TrainResult:
+def _train(
+    config: Config, console: Console | None, resume: str | None, trust_checkpoint: bool, config_file: Path | None
+) -> TrainResult:
     device = resolve_device(config.device)
     check_work_dir(Path(config.work_dir))
     if config.pretrained_pth:
@@ -415,6 +424,8 @@ def _train(config: Config, console: Console | None, resume: str | None, trust_ch
         if ranks.main:
             run_lock = lock_run(run_dir)
             (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+            if config_file is not None:
+                keep_config_file(Path(config_file), run_dir)
             if report.cache:
                 (run_dir / DATA_FINGERPRINT).write_text(json.dumps({"data": Path(report.cache).name}) + "\n")
     meta = {
@@ -593,13 +604,14 @@ def save_step(model, tokenizer, run_dir, meta, position, config, ranks, optimize
         gathered = full_state_dict(model, ranks, config.strategy)
         whole_optimizer_state = optimizer_state(model, optimizer, ranks, config.strategy)
     if ranks.main:
-        save_checkpoint(
+        saved = save_checkpoint(
             model, tokenizer, run_dir, step, meta,
             lambda folder: write_training_state(
                 folder, whole_optimizer_state, scheduler if engine is None else None, scaler, position
             ),
             state_dict=gathered, clear=engine is None,
         )  # fmt: skip
+        name_as_xtuner(saved, step * config.accumulative_counts)
         best_step = position["best_eval"]["step"] if config.save_best else None
         if best_step is not None:
             write_best(run_dir, best_step, position["best_eval"]["loss"])

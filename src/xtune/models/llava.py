@@ -184,7 +184,9 @@ class LlavaModel(nn.Module):
             (self.llm, LLM_ADAPTER, LLM_FULL), (self.visual_encoder, ENCODER_ADAPTER, ENCODER_FULL)
         ):  # fmt: skip
             if isinstance(module, PeftModel):
-                module.save_pretrained(folder / adapter_name)
+                from xtune.engine.checkpoint import peft_save_options
+
+                module.save_pretrained(folder / adapter_name, **peft_save_options(module))
             elif any(p.requires_grad for p in module.parameters()):
                 module.save_pretrained(folder / full_name)
 

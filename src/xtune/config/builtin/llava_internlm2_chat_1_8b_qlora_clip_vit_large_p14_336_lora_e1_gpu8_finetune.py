@@ -2,13 +2,14 @@
 # InternLM2-Chat-1.8B, LoRA on CLIP ViT-L/14-336, the projector trained too, on LLaVA-v1.5's 665k mixed
 # visual instructions. Run on 8 GPUs:
 #   NPROC_PER_NODE=8 xtune train llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune --deepspeed deepspeed_zero2
-# Edit the paths below (pretrained_pth: the pretrain run's checkpoint); everything else is XTuner's recipe.
+# Edit the paths below (pretrained_pth: the pretrain run's checkpoint, by XTuner's name in its work_dir or as
+# RUN/checkpoint-<step>; or XTuner's own iter_N.pth); everything else is XTuner's recipe.
 
 # Model
 llm_name_or_path = "internlm/internlm2-chat-1_8b"
 visual_encoder_name_or_path = "openai/clip-vit-large-patch14-336"
 visual_select_layer = -2
-pretrained_pth = "./work_dirs/llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain/RUN/checkpoint-2181"
+pretrained_pth = "./work_dirs/llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain/iter_2181.pth"
 method = "lora"
 quantization = "4bit"
 lora_r = 512
