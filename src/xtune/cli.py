@@ -176,7 +176,7 @@ def train_cmd(
     if os.environ.get("RANK", "0") == "0":
         err_console.print(f"config {path}:")
         err_console.print_json(resolved.model_dump_json())
-    result = train(resolved, err_console, resume=resume, trust_checkpoint=trust_checkpoint)
+    result = train(resolved, err_console, resume=resume, trust_checkpoint=trust_checkpoint, config_file=Path(path))
     if os.environ.get("RANK", "0") == "0":
         console.print(f"checkpoint: {result.checkpoint}", highlight=False)
 
