@@ -1,24 +1,32 @@
 """XTuner 0.1.x checkpoints (iter_N.pth files, mmengine's dict, DeepSpeed folders), built here in XTuner's key
-layout from xtune adapters, convert back to the same model; bad paths are refused before anything loads."""
+layout from xtune adapters, convert back to the same model; bad paths are refused before anything loads. ZeRO-3
+folders are written by DeepSpeed itself, over two gloo processes."""
 
 import io
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from rich.console import Console
+from safetensors.torch import load_file
 
 from xtune.config.load import load_config
 from xtune.convert.folder import find_checkpoint
 from xtune.convert.merge import merge
 from xtune.convert.pth_to_hf import pth_to_hf
+from xtune.convert.xtuner import load_xtuner_state
 from xtune.engine.checkpoint import RUN_META
 from xtune.errors import CheckpointError
-from xtune.models.internlm2 import attention_shape, fuse_wqkv
+from xtune.models.internlm2 import attention_shape, fuse_wqkv, llama_to_internlm2_state_dict
 from xtune.models.llava import Projector
 from xtune.models.load import load_model, read_config, resolve_model_path
 from xtune.models.lora import attach_adapter
@@ -206,23 +214,33 @@ def test_an_internlm2_adapter_keeps_xtuners_own_names_as_its_pth_to_hf_writes_th
     assert set(adapter_config["target_modules"]) == {"wqkv", "wo", "w1", "w2", "w3"} and adapter_config["r"] == 4
 
 
-def test_a_full_fine_tune_becomes_a_model_folder(tmp_path, monkeypatch):
-    """XTuner's full weights (llm.model.*, in InternLM2's own names) -> a model folder with their logits."""
-    from transformers import AutoModelForCausalLM
-
-    from xtune.models.internlm2 import llama_to_internlm2_state_dict
-
+@pytest.fixture(scope="module")
+def full_fine_tune():
+    """(the trained model, XTuner's state of it: llm.model.*, in InternLM2's own names)."""
+    torch.manual_seed(3)
     trained = load_model(resolve_model_path(BASE))
     with torch.no_grad():
         for parameter in trained.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     own_names = llama_to_internlm2_state_dict(trained.state_dict(), read_config(resolve_model_path(BASE)))
-    state = {f"llm.{name}": tensor for name, tensor in own_names.items()}
+    return trained.eval(), {f"llm.{name}": tensor for name, tensor in own_names.items()}
+
+
+def full_logits(folder):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder).eval()(INPUT).logits
+
+
+def test_a_full_fine_tune_becomes_a_model_folder(full_fine_tune, tmp_path, monkeypatch):
+    """XTuner's full weights (llm.model.*, in InternLM2's own names) -> a model folder with their logits."""
+    trained, state = full_fine_tune
+    with torch.no_grad():
+        expected = trained(INPUT).logits
     for layout, pth in layouts(state, tmp_path, monkeypatch).items():
         out = pth_to_hf(CONFIG, pth, tmp_path / f"full-{layout}", fp32=True, console=QUIET)
-        with torch.no_grad():
-            converted = AutoModelForCausalLM.from_pretrained(out).eval()(INPUT).logits
-            assert torch.allclose(converted, trained.eval()(INPUT).logits, atol=1e-5), layout
+        assert torch.allclose(full_logits(out), expected, atol=1e-5), layout
     broken = tmp_path / "broken.pth"
     torch.save({name: tensor for name, tensor in list(state.items())[1:]}, broken)
     with pytest.raises(CheckpointError, match="do not fit xtune-tiny/internlm2-chat"):
@@ -234,9 +252,121 @@ def test_a_zero3_folder_and_a_pth_given_to_merge_say_what_to_do(reference, tmp_p
     zero3 = tmp_path / "zero3" / "iter_2.pth"
     zero3.mkdir(parents=True)
     torch.save({"module": {name: torch.empty(0) for name in state}}, zero3 / "mp_rank_00_model_states.pt")
-    with pytest.raises(CheckpointError, match="ZeRO-3 placeholders .* zero_to_fp32.py"):
+    with pytest.raises(CheckpointError, match="ZeRO-3 placeholders .* no ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt"):
         pth_to_hf(CONFIG, zero3, tmp_path / "out", console=QUIET)
     pth = layouts(state, tmp_path, monkeypatch)["plain"]
     with pytest.raises(CheckpointError, match="pth_to_hf"):
         merge(BASE, pth, tmp_path / "merged")
     assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
+
+
+ODD_PROJECTOR = Projector(31, 255, depth=2)
+"""Every weight's numel is odd, so two ranks' shares of it are padded."""
+
+
+def frozen_base() -> dict:
+    """The base weights a LoRA run freezes, under the names XTuner's PEFT-wrapped InternLM2 gives them."""
+    config = read_config(resolve_model_path(BASE))
+    own_names = llama_to_internlm2_state_dict(load_model(resolve_model_path(BASE)).state_dict(), config)
+    lora_modules = ("wqkv", "wo", "w1", "w2", "w3")
+    return {f"llm.base_model.model.{name.removesuffix('.weight')}.base_layer.weight" if name.split(".")[-2] in lora_modules
+            else f"llm.base_model.model.{name}": tensor for name, tensor in own_names.items()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def zero3(reference, full_fine_tune, tmp_path_factory):
+    """work_dirs/<cfg>/ with ZeRO-3 iter_N.pth/ folders DeepSpeed wrote on two gloo ranks: the LoRA adapter in bf16
+    (frozen base left out, as XTuner saves) and in fp32 (frozen base saved), the full fine-tune, and a LLaVA
+    stage-1 projector with a frozen encoder and LLM beside it."""
+    pytest.importorskip("deepspeed")
+    work_dir = tmp_path_factory.mktemp("work_dirs")
+    base = frozen_base()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for parameter in ODD_PROJECTOR.parameters():
+            parameter.normal_()
+    projector = {f"projector.{name}": tensor for name, tensor in ODD_PROJECTOR.state_dict().items()}
+    frozen_llava = {"visual_encoder.embeddings.patch_embedding.weight": torch.randn(9, 3, 2, 2),
+                    "llm.model.norm.weight": torch.randn(7)}  # fmt: skip
+    checkpoints = [("lora-bf16", "bf16", reference[1], base, True), ("lora-fp32", "fp32", reference[1], base, False),
+                   ("full", "fp32", full_fine_tune[1], {}, True), ("projector", "fp32", projector, frozen_llava, True)]  # fmt: skip
+    spec = work_dir / "spec.pt"
+    torch.save([{"tag": f"{name}/iter_2.pth", "dtype": dtype, "trained": trained, "frozen": frozen, "exclude_frozen": exclude}
+                for name, dtype, trained, frozen, exclude in checkpoints], spec)  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    writer = Path(__file__).with_name("deepspeed_zero3_writer.py")
+    ranks = []
+    for rank in range(2):
+        environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        ranks.append(subprocess.Popen([sys.executable, str(writer), str(spec), str(work_dir)], env=environment,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    logs = [rank.communicate(timeout=600)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    return {name: work_dir / name / "iter_2.pth" for name, *_ in checkpoints}
+
+
+def test_zero3_folders_deepspeed_wrote_hold_their_weights_partitioned(zero3, monkeypatch):
+    """What makes ZeRO-3 differ: the model states hold no weights, every rank's optimizer file a padded share."""
+    files = sorted(path.name for path in zero3["lora-bf16"].iterdir())
+    assert files == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                     "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]  # fmt: skip
+    fake_mmengine(monkeypatch)
+    model_states = torch.load(zero3["projector"] / "zero_pp_rank_1_mp_rank_00_model_states.pt", weights_only=False)
+    assert all(tensor.numel() == 0 for tensor in model_states["module"].values())
+    assert type(model_states["message_hub"]["log_scalars"]["train/loss"]).__name__ == "HistoryBuffer"
+    optimizer = torch.load(zero3["projector"] / "zero_pp_rank_1_mp_rank_00_optim_states.pt", weights_only=False)
+    numels = [parameter.numel() for parameter in ODD_PROJECTOR.parameters()]
+    assert all(numel % 2 for numel in numels)
+    groups = optimizer["optimizer_state_dict"]["fp32_flat_groups"]
+    assert len(groups) == 2 and sum(group.numel() for group in groups) == sum((n + 1) // 2 for n in numels)
+    assert torch.load(zero3["lora-fp32"] / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["frozen_param_fragments"]
+
+
+def test_zero3_weights_gather_as_deepspeeds_zero_to_fp32_gathers_them(zero3, monkeypatch):
+    """xtune's reading (weights_only) gives what DeepSpeed's own script (which unpickles) gives, frozen base aside."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    fake_mmengine(monkeypatch)
+    for name, folder in zero3.items():
+        ours = load_xtuner_state(folder)
+        theirs = get_fp32_state_dict_from_zero_checkpoint(folder.parent, tag=folder.name, exclude_frozen_parameters=True)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours), name
+
+
+def test_a_zero3_lora_folder_converts_to_the_adapter_it_was_built_from(reference, zero3, tmp_path, monkeypatch):
+    folder, state = reference
+    out = pth_to_hf(CONFIG, zero3["lora-fp32"], tmp_path / "hf-fp32", fp32=True, console=QUIET)
+    assert torch.allclose(logits(out), logits(folder), atol=1e-5)
+    # bf16 training keeps fp32 master weights of the bf16 ones: the adapter is the bf16-rounded one
+    rounded = {name: tensor.to(torch.bfloat16).float() for name, tensor in state.items()}
+    plain = pth_to_hf(CONFIG, layouts(rounded, tmp_path, monkeypatch)["plain"], tmp_path / "hf-plain", fp32=True, console=QUIET)
+    out = pth_to_hf(CONFIG, zero3["lora-bf16"], tmp_path / "hf-bf16", fp32=True, console=QUIET)
+    converted, expected = (load_file(folder / "adapter_model.safetensors") for folder in (out, plain))
+    assert converted.keys() == expected.keys() and all(torch.equal(converted[name], expected[name]) for name in expected)
+    assert torch.allclose(logits(out), logits(plain), atol=1e-5)
+
+
+def test_a_zero3_full_fine_tune_and_projector_convert(full_fine_tune, zero3, tmp_path):
+    trained, _ = full_fine_tune
+    out = pth_to_hf(CONFIG, zero3["full"], tmp_path / "full", fp32=True, console=QUIET)
+    with torch.no_grad():
+        assert torch.allclose(full_logits(out), trained(INPUT).logits, atol=1e-5)
+    loaded = Projector.load(zero3["projector"])  # pretrained_pth = ".../iter_2.pth"
+    assert loaded.settings == ODD_PROJECTOR.settings
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in ODD_PROJECTOR.state_dict().items())
+
+
+def test_a_zero3_folder_with_pickled_code_or_a_missing_rank_is_refused(zero3, tmp_path, monkeypatch):
+    folder = shutil.copytree(zero3["lora-fp32"], tmp_path / "iter_2.pth")
+    optim = folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save(torch.load(optim, weights_only=False) | {"hook": io.StringIO}, optim)
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt holds pickled objects of _io.StringIO"):
+        pth_to_hf(CONFIG, folder, tmp_path / "out", console=QUIET)
+    optim.unlink()
+    refuse_loading(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"optimizer files of ranks \[0\] and model states of ranks \[0, 1\]"):
+        pth_to_hf(CONFIG, folder, tmp_path / "out", console=QUIET)
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,10 @@
 """XTuner 0.1.x checkpoints (`work_dirs/<cfg>/iter_N.pth`) read safely and renamed into xtune's layout.
 
 XTuner writes either a file (mmengine's `{'meta', 'state_dict', 'message_hub', ...}`, or a plain state dict) or,
-under DeepSpeed, a folder `iter_N.pth/` whose `mp_rank_00_model_states.pt` holds the weights under 'module'. The
-weights are what XTuner's models return from `state_dict()`: only the trained parts, named
+under DeepSpeed, a folder `iter_N.pth/`: ZeRO-1/2's `mp_rank_00_model_states.pt` holds the weights under 'module';
+ZeRO-3's `zero_pp_rank_<r>_mp_rank_00_model_states.pt` hold only their names and shapes, the weights being split over
+the ranks' optimizer files (`[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, fp32). The weights are what
+XTuner's models return from `state_dict()`: only the trained parts, named
 
     llm.base_model.model.<HF name>.lora_A.default.weight     a LoRA adapter on the LLM (InternLM2: its own names)
     llm.<HF name>                                            the LLM trained in full
@@ -10,7 +12,8 @@ weights are what XTuner's models return from `state_dict()`: only the trained pa
     visual_encoder.base_model.model.<HF name>.lora_*         a LoRA adapter on the vision encoder
 
 Everything is read with torch.load(weights_only=True): no pickled code runs. mmengine's bookkeeping (its message
-hub keeps numpy arrays and HistoryBuffer objects) is read as inert stand-ins and dropped.
+hub keeps numpy arrays and HistoryBuffer objects) and DeepSpeed's (its loss scaler, its ZeRO stage enum) are read as
+inert stand-ins and dropped.
 """
 
 import re
@@ -24,6 +27,10 @@ from xtune.engine.checkpoint import RUN_META
 from xtune.errors import CheckpointError
 
 DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+"""Rank 0's ZeRO-3 model states: the trained parameters' names and shapes (every rank's copy holds the same)."""
+_ZERO3_OPTIM_STATES = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+_ZERO3_MODEL_STATES = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt")
 PTH_SUFFIXES = (".pth", ".pt")
 
 
@@ -46,17 +53,41 @@ def check_xtuner_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
     if states is None:
         found = ", ".join(sorted(p.name for p in path.iterdir())[:4]) or "nothing"
         raise CheckpointError(
-            f"{what} {str(path)!r} is a folder but not a DeepSpeed checkpoint (no {DEEPSPEED_MODEL_STATES}; it holds "
-            f"{found}) nor an xtune checkpoint (no {RUN_META})."
+            f"{what} {str(path)!r} is a folder but not a DeepSpeed checkpoint (no {DEEPSPEED_MODEL_STATES} nor "
+            f"{ZERO3_MODEL_STATES}; it holds {found}) nor an xtune checkpoint (no {RUN_META})."
         )
+    if states.name == ZERO3_MODEL_STATES:
+        _zero3_optim_files(states.parent)
     return states
 
 
 def _model_states(folder: Path) -> Path | None:
-    for candidate in (folder / DEEPSPEED_MODEL_STATES, *sorted(folder.glob(f"*/{DEEPSPEED_MODEL_STATES}"))):
-        if candidate.is_file():
-            return candidate
+    for name in (DEEPSPEED_MODEL_STATES, ZERO3_MODEL_STATES):
+        for candidate in (folder / name, *sorted(folder.glob(f"*/{name}"))):
+            if candidate.is_file():
+                return candidate
     return None
+
+
+def _ranks(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
+    return {int(match[1]): file for file in folder.iterdir() if (match := pattern.fullmatch(file.name))}
+
+
+def _zero3_optim_files(folder: Path) -> list[Path]:
+    """Every rank's ZeRO-3 optimizer file, in rank order, after checking that none is missing (nothing is loaded)."""
+    optim, model = _ranks(folder, _ZERO3_OPTIM_STATES), _ranks(folder, _ZERO3_MODEL_STATES)
+    if not optim:
+        raise CheckpointError(
+            f"{folder} is a ZeRO-3 checkpoint without its optimizer files (zero_pp_rank_<r>_mp_rank_00_optim_states.pt), "
+            "which hold ZeRO-3's weights; copy the whole iter_N.pth folder."
+        )
+    if sorted(optim) != list(range(len(optim))) or sorted(optim) != sorted(model):
+        raise CheckpointError(
+            f"{folder}: ZeRO-3 keeps each rank's share of the weights in its own file, but it holds optimizer files "
+            f"of ranks {sorted(optim)} and model states of ranks {sorted(model)}; a rank's files are missing (copy "
+            "the whole iter_N.pth folder)."
+        )
+    return [optim[rank] for rank in sorted(optim)]
 
 
 class _Inert:
@@ -82,42 +113,102 @@ INERT_GLOBALS = {
     "numpy._core.multiarray.scalar": _inert,
     "numpy.ndarray": _Inert,
     "numpy.dtype": _inert,
+    "deepspeed.runtime.zero.config.ZeroStageEnum": int,  # an IntEnum: ZeroStageEnum(3) reads as 3
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": _Inert,
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": _Inert,
 }
 """Objects mmengine and DeepSpeed keep beside the weights, read as stand-ins (never the real classes)."""
 _NUMPY_DTYPE = re.compile(r"numpy\.dtypes\.\w+DType")
 
 
-def load_xtuner_state(path: str | Path) -> dict[str, Tensor]:
-    """The weights of an XTuner checkpoint (file or DeepSpeed folder), as XTuner named them."""
-    file = check_xtuner_checkpoint(path)
+def _load(file: Path, mmap: bool = False):
+    """torch.load(weights_only=True) with the bookkeeping stand-ins; any other pickled object is refused by name."""
     names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
     unknown = [name for name in names if name not in INERT_GLOBALS and not _NUMPY_DTYPE.fullmatch(name)]
     if unknown:
+        trusted = ("gather its folder with DeepSpeed's zero_to_fp32.py into a .pth file" if file.name.endswith("_states.pt")
+                   else "save its weights alone: torch.save(torch.load(F, weights_only=False)['state_dict'], 'weights.pth')")  # fmt: skip
         raise CheckpointError(
             f"{file} holds pickled objects of {', '.join(unknown[:3])} besides weights; xtune reads checkpoints with "
-            "weights_only=True and runs no pickled code. Where you trust the file, save its weights alone: "
-            "torch.save(torch.load(F, weights_only=False)['state_dict'], 'weights.pth')."
+            f"weights_only=True and runs no pickled code. Where you trust the file, {trusted}."
         )
     stand_ins = [(INERT_GLOBALS.get(name, _inert), name) for name in names]
     try:
         with torch.serialization.safe_globals(stand_ins):
-            data = torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # a truncated file, or a pickle weights_only refuses
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{file} cannot be read as a checkpoint: {first}") from None
-    if file.name == DEEPSPEED_MODEL_STATES:
+
+
+def load_xtuner_state(path: str | Path) -> dict[str, Tensor]:
+    """The weights of an XTuner checkpoint (file or DeepSpeed folder), as XTuner named them."""
+    file = check_xtuner_checkpoint(path)
+    if file.name == ZERO3_MODEL_STATES:
+        state = zero3_state(file)
+    elif file.name == DEEPSPEED_MODEL_STATES:
+        data = _load(file)
         state = data.get("module") if isinstance(data, dict) else None
         if not isinstance(state, dict):
             raise CheckpointError(f"{file} has no 'module' (the weights DeepSpeed saves); the checkpoint is damaged.")
         if any(torch.is_tensor(t) and t.numel() == 0 for t in state.values()):
             raise CheckpointError(
-                f"{file} holds ZeRO-3 placeholders (empty tensors), not weights; xtune reads ZeRO-1/2 DeepSpeed "
-                "checkpoints. Gather it first with DeepSpeed's zero_to_fp32.py into a .pth file."
+                f"{file} holds ZeRO-3 placeholders (empty tensors), not weights, and the folder has no ZeRO-3 "
+                f"{ZERO3_MODEL_STATES} beside the optimizer files that hold them; copy the whole iter_N.pth folder."
             )
     else:
+        data = _load(file)
         state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise CheckpointError(f"{file} holds no state dict of named tensors (XTuner's 'state_dict', or the tensors themselves).")
+    return state
+
+
+def zero3_state(model_states: Path) -> dict[str, Tensor]:
+    """The trained parameters of a ZeRO-3 folder, gathered from every rank's fp32 share, with its buffers.
+
+    Each rank's optimizer file holds `fp32_flat_groups`: flat tensors that, joined, hold that rank's share of every
+    trained parameter in `param_shapes` order. A parameter of numel n is flattened, padded to world * s elements
+    (s = ceil(n / world)), and rank r holds its elements r * s to (r + 1) * s - 1. Frozen parameters
+    (`frozen_param_fragments`, a LoRA run's base) are left out, as XTuner's state_dict() leaves them out: they are
+    the base model CONFIG names."""
+    # Gathered here, not by deepspeed.utils.zero_to_fp32: its readers unpickle with weights_only=False, its merging
+    # helpers are private, and converting should not need DeepSpeed installed.
+    model = _load(model_states, mmap=True)
+    shapes = model.get("param_shapes") if isinstance(model, dict) else None
+    if not isinstance(shapes, list) or not all(isinstance(group, dict) for group in shapes):
+        raise CheckpointError(f"{model_states} has no 'param_shapes' (the trained parameters' names); the checkpoint is damaged.")
+    shapes = {name: torch.Size(shape) for group in shapes for name, shape in group.items()}
+    files = _zero3_optim_files(model_states.parent)
+    world = len(files)
+    shares = [-(-shape.numel() // world) for shape in shapes.values()]  # ceil(numel / world)
+    flat = []
+    for file in files:
+        optimizer = _load(file, mmap=True)
+        optimizer = optimizer.get("optimizer_state_dict") if isinstance(optimizer, dict) else None
+        groups = optimizer.get("fp32_flat_groups") if isinstance(optimizer, dict) else None
+        if not isinstance(groups, list) or not groups or not all(torch.is_tensor(group) for group in groups):
+            raise CheckpointError(f"{file} holds no 'fp32_flat_groups' (ZeRO-3's share of the weights); the checkpoint is damaged.")
+        if optimizer.get("zero_stage") != 3 or optimizer.get("partition_count") != world:
+            raise CheckpointError(
+                f"{file} is ZeRO stage {optimizer.get('zero_stage')} over {optimizer.get('partition_count')} ranks, but "
+                f"the folder holds ZeRO-3 files of {world} ranks; a rank's files are missing or come from another run."
+            )
+        joined = torch.cat([group.reshape(-1) for group in groups]) if len(groups) > 1 else groups[0].reshape(-1)
+        if joined.numel() != sum(shares):
+            raise CheckpointError(
+                f"{file} holds {joined.numel()} weights, but the {len(shapes)} parameters in {model_states.name} "
+                f"take {sum(shares)} on each of {world} ranks; the files do not belong together."
+            )
+        flat.append(joined.split(shares))
+    state = {}
+    for index, (name, shape) in enumerate(shapes.items()):
+        state[name] = torch.cat([rank[index] for rank in flat])[: shape.numel()].view(shape).clone()
+    module = model.get("module") or {}
+    state |= {name: module[name] for name in model.get("buffer_names") or [] if torch.is_tensor(module.get(name))}
+    for alias, source in (model.get("shared_params") or {}).items():  # tied weights are saved once
+        if source in state:
+            state[alias] = state[source]
     return state
 
 
