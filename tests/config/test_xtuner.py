@@ -300,8 +300,6 @@ def test_llava(tmp_path):
     [
         ("type=SupervisedFinetune,", "type=MyModel,", "XTuner key 'model.type': my_pkg.models.MyModel is a model class xtune does "
          "not have"),
-        ("sequence_parallel_size = 1", "sequence_parallel_size = 2", "XTuner key 'sequence_parallel_size': = 2: xtune "
-         "has no sequence parallelism yet"),
         ("dataset_map_fn=alpaca_map_fn", "dataset_map_fn=my_map_fn", "XTuner key 'train_dataloader.dataset."
          "dataset_map_fn': = xtuner.dataset.map_fns.my_map_fn: xtune has no map function of that name"),
         ("PROMPT_TEMPLATE.qwen_chat", "PROMPT_TEMPLATE.no_such", "PROMPT_TEMPLATE.no_such: xtune has no template"),
@@ -481,3 +479,8 @@ def test_max_dataset_length_keeps_a_seeded_subset_of_each_source(tmp_path):
     assert inputs(3) == picked and inputs(3, seed=1) != picked  # seeded: the same records run after run
     assert inputs(3, repeats=2) == picked * 2  # the subset first, then its repeats
     assert inputs(50) == inputs(None) == [f"q{n}" for n in range(10)]
+
+
+def test_sequence_parallel_carries_over_with_the_accumulation_xtuner_scales_by_it(tmp_path):
+    config, _ = load_config(str(write(tmp_path, QLORA.replace("sequence_parallel_size = 1", "sequence_parallel_size = 4"))))
+    assert config.sequence_parallel_size == 4 and config.accumulative_counts == 32  # 8 *= 4: the same global batch

@@ -206,6 +206,11 @@ class Config(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute precision: `auto` is bf16 where the device runs it fast (recent GPUs, CPUs with
     AVX512-BF16 or AMX), else fp32 on CPU and fp16 on older GPUs."""
+    sequence_parallel_size: int = Field(1, ge=1)
+    """Split each packed row over this many processes (DeepSpeed-Ulysses, XTuner's key): each holds 1/N of the row's
+    tokens, attention trades heads for tokens between them, so a row N times longer fits; the processes
+    (NPROC_PER_NODE) form groups of N, data parallel between the groups. Needs pack_to_max_length, SFT, and head and
+    key/value head counts divisible by N."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """How several processes (NPROC_PER_NODE > 1) share the work: `ddp` keeps a whole model on each;
     `fsdp` (PyTorch FSDP2, one shard unit per decoder layer) shards weights, gradients and optimizer

@@ -362,7 +362,7 @@ class _Mapper:
         if "model" not in self.env:
             raise ConfigError(f"{self.path}: an XTuner config sets `model = dict(type=...)`; this one does not.")
         if (size := self.env.get("sequence_parallel_size", 1)) != 1:
-            raise self.refuse("sequence_parallel_size", f"= {size}: xtune has no sequence parallelism yet; set it to 1")
+            self.set("sequence_parallel_size", "sequence_parallel_size", size)
         stage = self.model(self.env["model"])
         self.dataloader(self.env.get("train_dataloader"), stage)
         self.optimizer(self.env.get("optim_wrapper"))

@@ -41,10 +41,20 @@ PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3
 or scaling (Cohere, Granite) after it, which the fused loss would apply to hidden states instead."""
 
 
-def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+SHIFTED = "labels_are_next_tokens"
+"""In a batch: its `labels` are each position's next-token label already (a sequence-parallel shard's: the shift
+was made on the whole row, `xtune.engine.sequence_parallel.shard`)."""
+
+
+def pop_labels(batch: dict) -> tuple[torch.Tensor, bool]:
+    """The batch's labels, taken out of it (the model is not given them), and whether they are shifted already."""
+    return batch.pop("labels"), bool(batch.pop(SHIFTED, False))
+
+
+def next_token_targets(labels: torch.Tensor, shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep, targets): keep[b, i] is whether position i's next token is trained; targets are those next
     tokens, in the order `hidden_states[keep]` lists the kept positions."""
-    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    next_labels = labels if shifted else F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     keep = next_labels != IGNORE_INDEX
     return keep, next_labels[keep]
 
@@ -162,13 +172,13 @@ def _family_computes_router_loss(model_class: type) -> bool:
 
 def next_token_loss_sum(
     model, batch: dict, labels: torch.Tensor, autocast=nullcontext(), fused: FusedHead | None = None,
-    router_aux_loss_coef: float = 0.0,
+    router_aux_loss_coef: float = 0.0, shifted: bool = False,
 ):  # fmt: skip
     """Forward `batch` through `model` and return the summed next-token cross-entropy of its trained positions, plus
     `router_aux_loss_coef * aux_loss * trained positions` with a coefficient (MoE models: see the module's note).
     `labels` may stay on the CPU: the kept positions are then found there, and no host sync waits on the device
     (the positions go over as indices; only an unpacked batch, with the fused loss off, masks on the device)."""
-    keep, targets = next_token_targets(labels)
+    keep, targets = next_token_targets(labels, shifted)
     device = batch["input_ids"].device
     flat = keep.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # kept positions of [batch x tokens]
     num_trained = targets.numel()

@@ -30,7 +30,7 @@ from xtune.data.packing import collate_packed, pack, pack_groups, packing_effici
 from xtune.data.pairs import PreferenceCollator
 from xtune.data.check_template import first_disagreement
 from xtune.data.templates import TokenizerTemplate
-from xtune.engine import zero
+from xtune.engine import sequence_parallel, zero
 from xtune.engine.checkpoint import (
     TRAINING_STATE,
     TRAINING_STATE_META,
@@ -55,14 +55,14 @@ from xtune.engine.distributed import wrap as wrap_for_ranks
 from xtune.engine.distributed import setup as setup_distributed
 from xtune.engine.validation import BestEval, validation_loss, validation_plan
 from xtune.engine.hooks import MetricSinks, evaluate_chat, memory_note, plot_loss
-from xtune.engine.loss import FusedHead, next_token_loss_sum, router_aux_coefficient
+from xtune.engine.loss import SHIFTED, FusedHead, next_token_loss_sum, next_token_targets, pop_labels, router_aux_coefficient
 from xtune.engine.optim import build_optimizer, build_scheduler
 from xtune.engine.preference import cached_reference, preference_objective
 from xtune.engine.reward import reward_setup
 from xtune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from xtune.models.attention import use_varlen_attention
 from xtune.models.compile import compile_decoder_layers
-from xtune.models.load import load_model, load_tokenizer, resolve_model_path
+from xtune.models.load import load_model, load_tokenizer, read_config, resolve_model_path
 from xtune.models.llava import build_llava, check_pretrained_pth, image_token_count, llava_meta, vision_config, with_pixel_values
 from xtune.models.lora import count_parameters, fit_embeddings, prepare_trainable, saves_whole_model
 
@@ -78,7 +78,7 @@ class TrainResult:
 
 
 def count_trained(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    return (next_token_targets(batch["labels"], batch.get(SHIFTED, False))[0]).sum()
 
 
 def accumulate_gradients(
@@ -102,14 +102,14 @@ def accumulate_gradients(
     tokens = torch.zeros((), dtype=torch.long, device=device)
     for index, batch in enumerate(batches):
         batch = dict(batch)
-        labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained positions there, without a sync
+        labels, shifted = pop_labels(batch)  # stays on the CPU: the loss finds the trained positions there, no sync
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in ("answer_ids", "group_ids") else v
                  for k, v in batch.items()}  # fmt: skip (each position's answer, each pair's place: read on the host)
         with gradient_sync(model, last=index == len(batches) - 1) if engine is None else nullcontext():
             if objective is not None:
                 step_loss = objective.loss_sum(model, batch, labels, autocast)
             else:
-                step_loss = next_token_loss_sum(model, batch, labels, autocast, fused, router_aux_loss_coef)
+                step_loss = next_token_loss_sum(model, batch, labels, autocast, fused, router_aux_loss_coef, shifted)
             scaled = step_loss * ranks.world / num_trained  # DDP and DeepSpeed average gradients over the ranks
             if engine is not None:
                 engine.backward(scaled, scale_wrt_gas=False)
@@ -262,7 +262,10 @@ def _train(
     check_work_dir(Path(config.work_dir))
     if config.pretrained_pth:
         check_pretrained_pth(config.pretrained_pth)
+    sequence_parallel.check_config(config)
     ranks = setup_distributed(device, group_of_one=config.deepspeed is not None)
+    sp = sequence_parallel.setup(ranks, config.sequence_parallel_size)
+    data_ranks = sp.data  # who splits each global batch: the groups of sequence_parallel_size ranks
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
     console = (console or Console(stderr=True)) if ranks.main else Console(file=io.StringIO())
@@ -271,6 +274,7 @@ def _train(
     ds_settings = zero.deepspeed_config(config, ranks.world, dtype) if config.deepspeed else None
 
     model_path = resolve_model_path(config.llm_name_or_path)
+    sequence_parallel.check_heads(sp.size, read_config(model_path))
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     template = config_template(config)
     if ranks.main:
@@ -343,9 +347,10 @@ def _train(
             resolve_model_path(config.visual_encoder_name_or_path), config.pad_image_to_square
         )
         collate_fn = with_pixel_values(collate_fn, preprocess)
+    collate_fn = sequence_parallel.sharding(collate_fn, sp)
     if config.pack_to_max_length and validation:
         validation = pack(validation, config.max_length, pad_id)
-    validation_batches = validation_plan(validation, config.batch_size * ranks.world)
+    validation_batches = validation_plan(validation, config.batch_size * data_ranks.world)
 
     base_dtype = torch.float32 if config.method == "full" else dtype
     model = load_model(
@@ -357,7 +362,11 @@ def _train(
     )
     if config.pack_to_max_length:
         use_varlen_attention(model)
+        sequence_parallel.use_ulysses(model, sp)
     router_aux_loss_coef = router_aux_coefficient(model, config.router_aux_loss_coef)
+    if router_aux_loss_coef and sp.size > 1:
+        raise ConfigError(f"sequence_parallel_size = {sp.size}: an MoE router's load-balancing loss is not split over "
+                          "a row's shards yet; set router_aux_loss_coef = 0 or sequence_parallel_size = 1.")  # fmt: skip
     if router_aux_loss_coef:
         console.print(f"MoE router load-balancing loss in the training loss, coefficient {router_aux_loss_coef:g}")
     torch.manual_seed(config.seed)  # new weights (LoRA) and dropout do not depend on what ran before
@@ -385,6 +394,9 @@ def _train(
     engine_name = f"DeepSpeed ZeRO-{zero.zero_stage(ds_settings)}" if ds_settings else config.strategy.upper()
     if ranks.world > 1 or ds_settings:
         console.print(f"data parallel over {ranks.world} processes ({engine_name})")
+    if sp.size > 1:
+        console.print(f"sequence parallel: each row split over {sp.size} processes (Ulysses), "
+                      f"{data_ranks.world} data-parallel groups")  # fmt: skip
 
     if checkpoint is not None:
         if not ds_settings:  # DeepSpeed restores the weights with its own state
@@ -392,7 +404,7 @@ def _train(
                 model.load_trained(checkpoint)
             else:
                 load_trainable_weights(model, checkpoint, saves_whole_model(config))
-    steps = total_steps(config, len(items), ranks.world)
+    steps = total_steps(config, len(items), data_ranks.world)
     if not ds_settings:  # FSDP2 shards the parameters before the optimizer sees them
         forward = wrap_for_ranks(model, ranks, config.strategy, device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, device)
@@ -444,12 +456,12 @@ def _train(
     stopped_early = best.out_of_patience(config.early_stopping_patience)
     if stopped_early:  # a run that stopped early, resumed: it stays stopped
         steps = done
-    global_batch = config.batch_size * ranks.world
+    global_batch = config.batch_size * data_ranks.world
     plan = islice(  # the micro-batches of steps done+1 .. steps
         batch_plan(len(items), global_batch, config.seed, grouping),
         done * config.accumulative_counts, steps * config.accumulative_counts,
     )
-    batches = collated(items, plan, collate_fn, ranks, config.dataloader_num_workers, pin=device.type == "cuda")
+    batches = collated(items, plan, collate_fn, data_ranks, config.dataloader_num_workers, pin=device.type == "cuda")
     result = TrainResult(run_dir=run_dir, checkpoint=checkpoint or run_dir)
     model.train()
     start = time.perf_counter() - progress_state["elapsed_s"]
@@ -539,7 +551,7 @@ def _train(
                 for item in answers:
                     progress.console.print(f"[dim]eval step {step}[/] {item['input']!r} -> {item['output']!r}")
             if validation and (step % (config.eval_steps or config.save_steps) == 0 or step == steps):
-                batches_of_set = (rank_batch(validation, indices, collate_fn, ranks) for indices in validation_batches)
+                batches_of_set = (rank_batch(validation, indices, collate_fn, data_ranks) for indices in validation_batches)
                 numbers = validation_loss(forward, batches_of_set, device, autocast, ranks, fused)
                 eval_loss, improved = numbers["eval_loss"], best.update(step, numbers["eval_loss"])
                 sinks.log({"step": step, **numbers})

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from xtune.engine.distributed import Ranks, all_sum
-from xtune.engine.loss import FusedHead, next_token_loss_sum, next_token_targets
+from xtune.engine.loss import FusedHead, next_token_loss_sum, next_token_targets, pop_labels
 
 
 def validation_plan(items: Sequence, global_batch: int) -> list[list[int]]:
@@ -36,10 +36,10 @@ def validation_loss(
     with torch.no_grad():
         for batch in batches:
             batch = dict(batch)
-            labels = batch.pop("labels")
+            labels, shifted = pop_labels(batch)
             batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-            loss_sum += next_token_loss_sum(model, batch, labels, autocast, fused).double()
-            trained += next_token_targets(labels)[1].numel()
+            loss_sum += next_token_loss_sum(model, batch, labels, autocast, fused, shifted=shifted).double()
+            trained += next_token_targets(labels, shifted)[1].numel()
     model.train()
     loss_sum, trained = all_sum(torch.stack([loss_sum, trained]), ranks).tolist()
     loss = loss_sum / trained
