@@ -368,7 +368,7 @@ def chat(
 
     import torch
 
-    from xtune.infer.chat import answer_all, load_chat_model, pick_template, read_input, repl, system_prompt
+    from xtune.infer.chat import answer_all, load_any_chat_model, pick_template, read_input, repl, system_prompt
     from xtune.infer.generate import GenerationOptions
     from xtune.models.load import resolve_model_path
 
@@ -395,18 +395,10 @@ def chat(
         raise XtuneError(f"--input {input}: no such file; give a file of prompts, one per line, or - for stdin.")
     if output is not None and output.exists():
         raise XtuneError(f"--output {output} already exists; it is never overwritten: choose another file or move it.")
-    if (visual_encoder is None) != (llava is None):
-        raise XtuneError("a LLaVA chat needs both --visual-encoder and --llava.")
     if image is not None and llava is None:
         raise XtuneError("--image needs a LLaVA model: pass --visual-encoder and --llava.")
-    if llava is not None:
-        from xtune.engine.device import resolve_device, resolve_dtype
-        from xtune.models.llava import load_llava
-
-        torch_device = resolve_device(device)
-        llm, tokenizer = load_llava(model, visual_encoder, llava, bits, torch_device, resolve_dtype(dtype, torch_device))
-    else:
-        llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
+    llm, tokenizer = load_any_chat_model(model, adapter, visual_encoder, llava, bits, device, dtype, trust_remote_code)
+    if llava is None:
         _warn_of_other_base(adapter, model)
     template = replace(pick_template(prompt_template, adapter or llava, resolve_model_path(model), tokenizer),
                        enable_thinking=thinking)  # fmt: skip
@@ -443,19 +435,24 @@ def serve(
     max_tokens_limit: Annotated[int, typer.Option(help="Requests asking for more max_tokens get 400.")] = 4096,
     max_queued_requests: Annotated[int, typer.Option(help="Requests waiting beyond this get 503 (retry later).")] = 32,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
+    max_batch_size: Annotated[int, typer.Option(help="Replies generated together, at most.")] = 16,
+    visual_encoder: Annotated[Optional[str], typer.Option(help="LLaVA: the base vision encoder (CLIP/SigLIP folder or id).")] = None,
+    llava: Annotated[Optional[str], typer.Option(help="LLaVA: the trained parts (a LLaVA checkpoint or pth_to_hf output).")] = None,
+    allow_local_images: Annotated[Optional[str], typer.Option(help="LLaVA: image_url parts may name image files in this folder.")] = None,
     bits: Annotated[Optional[int], typer.Option(help="Load the base in 4 or 8 bits.")] = None,
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
 ):
-    """An OpenAI-compatible server: POST /v1/chat/completions (streaming or not), GET /v1/models."""
+    """An OpenAI-compatible server: POST /v1/chat/completions (streaming or not, tools, LLaVA images), GET /v1/models."""
     from xtune.infer.generate import GenerationOptions
     from xtune.infer.serve import serve as run_server
 
     run_server(
         model, adapter, host, port, api_key, prompt_template, system, bits, device, dtype, trust_remote_code,
         GenerationOptions(max_new_tokens=max_new_tokens), max_body_bytes=max_body_bytes,
-        max_tokens_limit=max_tokens_limit, max_queued_requests=max_queued_requests,
+        max_tokens_limit=max_tokens_limit, max_queued_requests=max_queued_requests, max_batch_size=max_batch_size,
+        visual_encoder=visual_encoder, llava=llava, allow_local_images=allow_local_images,
     )  # fmt: skip
 
 

@@ -37,7 +37,7 @@ def one_request(client: openai.OpenAI, index: int) -> str:
     stream = index % 2 == 1
     try:
         response = client.chat.completions.create(
-            model="x", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=stream
+            model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=stream
         )
         if not stream:
             choice = response.choices[0]
@@ -99,7 +99,8 @@ def test_200_requests_from_16_clients_all_answered_with_a_queue_longer_than_the_
 @pytest.mark.slow
 def test_200_requests_from_16_clients_over_a_queue_of_4_get_answers_or_clean_503s(loaded):
     model, tokenizer, template = loaded
-    with running(build_app(model, tokenizer, template, "tiny", max_queued_requests=4)) as url:
+    app = build_app(model, tokenizer, template, "tiny", max_queued_requests=4, max_batch_size=4)  # 8 places, 16 clients
+    with running(app) as url:
         outcomes, seconds = hammer(url, max_retries=0)
         print(f"\nserve load, queue 4, no retries: {dict(outcomes)} in {seconds:.1f} s")
         assert sum(outcomes.values()) == REQUESTS and outcomes["busy"] > 0

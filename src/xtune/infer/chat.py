@@ -50,6 +50,21 @@ def load_chat_model(
     return llm.to(torch_device).eval(), tokenizer
 
 
+def load_any_chat_model(
+    model: str, adapter: str | None, visual_encoder: str | None, llava: str | None, bits: int | None = None,
+    device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, what: str = "chat",
+):  # fmt: skip
+    """`load_chat_model`, or with `visual_encoder` and `llava` (both or neither) the LLaVA model `load_llava` builds."""
+    if (visual_encoder is None) != (llava is None):
+        raise XtuneError(f"a LLaVA {what} needs both --visual-encoder and --llava.")
+    if llava is None:
+        return load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
+    from xtune.models.llava import load_llava
+
+    torch_device = resolve_device(device)
+    return load_llava(model, visual_encoder, llava, bits, torch_device, resolve_dtype(dtype, torch_device))
+
+
 def pick_template(
     prompt_template: str | None, adapter: str | None, model: str | Path | None = None, tokenizer=None
 ) -> Template:

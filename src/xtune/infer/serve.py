@@ -6,22 +6,30 @@ ids, stop words and final strip as `generate.generate_replies`. A streamed reply
 events of `chat.completion.chunk` objects whose text, joined, is the non-streamed reply (see
 `streamable_prefix`).
 
-Any `model` name in a request is accepted and answered by the one model served, since clients often
-send a placeholder. The model is not thread-safe, so one reply is generated at a time; other requests
-wait their turn.
+One model is served; a request naming another gets 404 (the name may be left out). Concurrent requests are
+generated together by continuous batching (`batching.Batcher`): in float32 a greedy reply is token for token the
+one the request gets alone (in bfloat16 a padded row rounds differently, which may flip a near tie).
+
+Tools: a request's `tools` are written by the template's tool format (the agent's: InternLM2's, Qwen's, ...,
+ReAct style for a template without one), and the reply's calls are read back by the agent's `parse_reply` into
+OpenAI `tool_calls`; `tool` messages and assistant messages with `tool_calls` are the template's tool turns. A
+LLaVA model reads `image_url` parts (data URLs; local paths with `allow_local_images`).
 
 What one client can ask of the server is bounded, so that no request can take it down: a request body
 over `max_body_bytes` is refused with 413 before it is parsed; `max_tokens` over `max_tokens_limit`, or a
 prompt and max_tokens over the model's context, with 400 as OpenAI does (a request's max_tokens is never
 lowered silently; the server's default is, to fit the context); and a request arriving while
-`max_queued_requests` already wait their turn with 503 and `Retry-After`, which OpenAI clients retry by
+`max_queued_requests` already wait behind the batch with 503 and `Retry-After`, which OpenAI clients retry by
 themselves. Every error, 404 and 405 included, has OpenAI's error body.
 """
 
 import asyncio
+import base64
+import io
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import sys
 import threading
@@ -37,22 +45,25 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
-from xtune.data.formats import Conversation, Turn, with_system
-from xtune.data.templates import ChatTemplate
-from xtune.errors import XtuneError
-from xtune.models.load import resolve_model_path
-from xtune.infer.chat import load_chat_model, pick_template
+from xtune.data.encode import IMAGE_TOKEN_ID, pad_token_id
+from xtune.data.formats import IMAGE_PLACEHOLDER, Conversation, RecordError, ToolCall, openai_to_standard, with_system
+from xtune.data.images import load_image
+from xtune.data.templates import Template, TokenizerTemplate, ToolFormat, with_tool_format
+from xtune.errors import DataError, XtuneError
+from xtune.infer.agent import parse_reply
+from xtune.infer.batching import MAX_BATCH_SIZE, Batcher, Sequence as BatchSequence
+from xtune.infer.chat import load_any_chat_model, pick_template
 from xtune.infer.generate import GenerationOptions, cut_at_stop_words, generation_kwargs, prompt_ids
+from xtune.models.load import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 """Request roles and the conversation roles they become; OpenAI's newer `developer` is a system message."""
 
 MAX_BODY_BYTES = 1 << 20
@@ -60,7 +71,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_LIMIT = 4096
 """Default ceiling of a request's max_tokens."""
 MAX_QUEUED_REQUESTS = 32
-"""Default number of requests that may wait for the model while one is generated."""
+"""Default number of replies that may wait for room in the batch being generated."""
 RETRY_AFTER_SECONDS = 1
 
 
@@ -87,9 +98,15 @@ class ApiError(XtuneError):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class ImageUrl(BaseModel):
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(BaseModel):
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class Message(BaseModel):
@@ -97,6 +114,11 @@ class Message(BaseModel):
     content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None
     """An earlier answer's reasoning (DeepSeek's and vLLM's name), written as the template writes reasoning."""
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An earlier answer's calls, OpenAI's [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    tool_call_id: str | None = None
+    """A tool message's: the id of the call it answers."""
 
 
 class StreamOptions(BaseModel):
@@ -104,10 +126,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields of OpenAI's request body that the server reads; others (tools, logprobs, ...) are ignored."""
+    """The fields of OpenAI's request body that the server reads; others (logprobs, ...) are ignored."""
 
     model: str = ""
-    """Any name: the one model served answers."""
+    """The served model's name; "" (left out) means it too. Any other name is a 404."""
     messages: list[Message]
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
@@ -118,60 +140,142 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    """OpenAI's seed is a 64-bit integer."""
-    n: int | None = None
+    """OpenAI's seed is a 64-bit integer; choice i of n samples with seed + i."""
+    n: int | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    """"auto" (the default), "none" (the tools are not offered), or {"type": "function", "function": {"name"}}
+    (only that tool is offered; the model is not forced to call it). "required" is refused."""
     stream_options: StreamOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     """vLLM's extension: {"enable_thinking": false} makes a Qwen3-style template answer without reasoning."""
 
 
-def request_conversation(messages: Sequence[Message]) -> Conversation:
-    """The conversation a request's messages hold: an optional system message first, the user's last."""
+ImageReader = Callable[[str, str], Image.Image]
+"""(an image_url part's url, the part's name in the request) -> the image; an ApiError naming the part if it is
+refused."""
+
+
+def request_conversation(
+    messages: Sequence[Message], tools: Sequence[dict] = (), read_image: ImageReader | None = None
+) -> tuple[Conversation, list[Image.Image]]:
+    """The conversation a request's messages hold (an optional system message first, a user or tool message last)
+    and the images of its `image_url` parts, each written as `<image>` where it stands.
+
+    The messages are read as a training record in OpenAI's format is, by `openai_to_standard`, with the reply to
+    come as its last turn: the same roles, tool calls, tool results and checks of their order. Without
+    `read_image` (a text model), an image part is refused.
+    """
     if not messages:
-        raise ApiError(400, "messages is empty: send at least one message, the last one from the user.", param="messages")
-    turns = []
+        message = "messages is empty: send at least one message, the last one from the user."
+        raise ApiError(400, message, param="messages")
+    records, images = [], []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         role = ROLES.get(message.role)
         if role is None:
-            raise ApiError(
-                400, f"{where}: role {message.role!r} is not supported; use system, user or assistant.", param=f"{where}.role"
-            )
+            raise ApiError(400, f"{where}: role {message.role!r} is not supported; use system, user, assistant or "
+                           "tool.", param=f"{where}.role")  # fmt: skip
         if role == "system" and index > 0:
             raise ApiError(400, f"{where}: a system message may only come first.", param=f"{where}.role")
-        reasoning = message.reasoning_content if role == "assistant" else None
-        turns.append(Turn(role, _content_text(message.content, where), role == "assistant", reasoning=reasoning))
-    if turns[-1].role != "user":
+        record = {"role": role, "content": _content_text(message.content, where, images, read_image, role)}
+        if role == "assistant":
+            record.update(tool_calls=message.tool_calls, reasoning_content=message.reasoning_content)
+        if role == "tool":
+            record.update(tool_call_id=message.tool_call_id, name=message.name)
+        records.append({key: value for key, value in record.items() if value is not None})
+    if records[-1]["role"] not in ("user", "tool"):
+        last = len(records) - 1
         raise ApiError(
             400,
-            f"messages[{len(turns) - 1}]: the last message must be from the user, not the {turns[-1].role}; "
-            "the model answers the user's last message.",
-            param=f"messages[{len(turns) - 1}].role",
+            f"messages[{last}]: the last message must be from the user or a tool, not the {records[-1]['role']}; "
+            "the model answers the user's last message (or the tools' results).",
+            param=f"messages[{last}].role",
         )
-    return Conversation(tuple(turns))
+    record = {"messages": [*records, {"role": "assistant", "content": ""}], "tools": list(tools) or None}
+    try:
+        conversation = openai_to_standard(record)
+    except RecordError as error:
+        named = re.search(r"'((?:messages|tools)\[\d+\][^' ]*)'", str(error))
+        param = named.group(1) if named else "messages"
+        raise ApiError(400, f"{error}.", param=param) from None
+    return replace(conversation, turns=conversation.turns[:-1]), images
 
 
 MIN_TEMPERATURE = 1e-3
 MAX_STOP_WORDS, MAX_STOP_CHARS = 4, 256
 """OpenAI's limit on stop sequences; each one is also matched against the tokenizer's whole vocabulary, so 1,000
 of them held the model lock for minutes and their matching tables stayed in memory."""
+MAX_CHOICES = 8
+"""The most choices (`n`) one request may ask for."""
 
 
-def _content_text(content: str | list[ContentPart] | None, where: str) -> str:
-    """A message's text; the texts of a list of parts are joined by newlines, as vLLM does."""
+def _content_text(
+    content: str | list[ContentPart] | None,
+    where: str,
+    images: list[Image.Image],
+    read_image: ImageReader | None,
+    role: str,
+) -> str | None:
+    """A message's text; the parts of a list are joined by newlines, as vLLM does, an image part as `<image>`."""
     if content is None:
+        if role == "assistant":  # its tool_calls say what it did; openai_to_standard checks that it has some
+            return None
         raise ApiError(400, f"{where}: content is missing; send the message's text.", param=f"{where}.content")
     if isinstance(content, str):
         return _unicode(content, f"{where}.content")
     texts = []
     for index, part in enumerate(content):
-        if part.type != "text" or part.text is None:
-            raise ApiError(
-                400, f"{where}.content[{index}]: only text parts are supported, not {part.type!r}.",
-                param=f"{where}.content[{index}].type",
-            )  # fmt: skip
-        texts.append(_unicode(part.text, f"{where}.content[{index}].text"))
+        name = f"{where}.content[{index}]"
+        if part.type == "text" and part.text is not None:
+            texts.append(_unicode(part.text, f"{name}.text"))
+        elif part.type == "image_url" and role == "user":
+            if read_image is None:
+                raise ApiError(400, f"{name}: this model takes no images; image_url parts need a LLaVA model.",
+                               param=f"{name}.type")  # fmt: skip
+            if part.image_url is None:
+                raise ApiError(400, f"{name}: an image_url part needs \"image_url\": {{\"url\": ...}}.",
+                               param=f"{name}.image_url")  # fmt: skip
+            images.append(read_image(part.image_url.url, f"{name}.image_url"))
+            texts.append(IMAGE_PLACEHOLDER)
+        else:
+            supported = "text and (in user messages, for a LLaVA model) image_url" if role == "user" else "text"
+            raise ApiError(400, f"{name}: a {part.type!r} part is not supported here; only {supported} parts are.",
+                           param=f"{name}.type")  # fmt: skip
     return "\n".join(texts)
+
+
+def local_image_reader(allowed: Path | None) -> ImageReader:
+    """Reads an image_url: a data URL (`data:image/png;base64,...`), or with `allowed` a path (or file:// URL) of
+    an image inside that folder. The server fetches nothing from the network."""
+
+    def read(url: str, param: str) -> Image.Image:
+        if url.startswith("data:"):
+            header, comma, data = url.partition(",")
+            if not comma or not header.endswith(";base64"):
+                raise ApiError(400, f"{param}: a data URL must be data:image/...;base64,<data>.", param=param)
+            try:
+                raw = base64.b64decode(data, validate=True)
+                with Image.open(io.BytesIO(raw)) as image:
+                    return image.convert("RGB")
+            except (ValueError, OSError) as error:
+                raise ApiError(400, f"{param}: the data URL is not an image Pillow can read ({error}).",
+                               param=param) from None  # fmt: skip
+        if "://" in url and not url.startswith("file://"):
+            raise ApiError(400, f"{param}: this server fetches no URLs; send the image as a data URL "
+                           "(data:image/png;base64,...).", param=param)  # fmt: skip
+        if allowed is None:
+            raise ApiError(400, f"{param}: a local image path needs the server started with --allow-local-images "
+                           "DIR; send the image as a data URL instead.", param=param)  # fmt: skip
+        path = Path(url.removeprefix("file://")).resolve()
+        if not path.is_relative_to(allowed.resolve()):
+            raise ApiError(400, f"{param}: {url} is outside the folder this server reads images from.", param=param)
+        try:
+            return load_image(path)
+        except DataError as error:
+            raise ApiError(400, f"{param}: {error}.", param=param) from None
+
+    return read
 
 
 def _unicode(text: str, param: str) -> str:
@@ -244,65 +348,70 @@ def streamable_prefix(text: str, stop_words: Sequence[str], clean_up_spaces: boo
 class Reply:
     text: str
     finish_reason: str
-    """Either "length", when the reply ran to max tokens without a stop word or stop token, or "stop"."""
+    """"length", when the reply ran to max tokens without a stop word or stop token; "tool_calls", when it calls
+    tools; else "stop"."""
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def usage(self) -> dict:
         total = self.prompt_tokens + self.completion_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
 
+    def message(self) -> dict:
+        """The reply as OpenAI's assistant message: content null when it only calls tools."""
+        content = self.text if self.text or not self.tool_calls else None
+        message = {"role": "assistant", "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [_openai_call(call) for call in self.tool_calls]
+        return message
 
-class _StopWhenSet(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+def _openai_call(call: ToolCall, index: int | None = None) -> dict:
+    entry = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return entry if index is None else {"index": index, **entry}
 
 
-class Generation(BaseStreamer):
-    """One reply to `prompt` (token ids), generated in a thread of its own once that thread holds `lock`.
+class Generation:
+    """One reply to `prompt` (token ids), generated by the server's `Batcher` among the others it is generating.
 
-    The thread hands its results to the event loop through an asyncio queue: pieces of text as tokens
-    come (when `stream`), then the `Reply`. It is its own streamer for `model.generate` rather than
-    transformers' `TextIteratorStreamer`, which decodes in windows that restart after each newline (a
-    SentencePiece token's leading space can be lost there) and knows nothing of stop words; here the ids
-    so far are decoded whole each time (quadratic in the reply's length, but decoding is cheap next to a
-    forward pass), and `streamable_prefix` says what may be sent. `cancel` (the client
-    went away) stops generating at the next token. `on_finish` is called from the thread when it ends,
-    whatever the outcome.
+    The batcher calls `token` with each new token and `end` once, from its thread; they hand the results to the
+    event loop through an asyncio queue: pieces of text as tokens come (when `stream`), then the `Reply`. The ids
+    so far are decoded whole each time (quadratic in the reply's length, but decoding is cheap next to a forward
+    pass), and `streamable_prefix` says what may be sent. With `tool_format` (the request offers tools), the reply
+    is decoded with its special tokens (InternLM2 writes calls with them), its calls are read by the agent's
+    `parse_reply`, and nothing is streamed before the end, since any text may turn out to be a call. `cancel` (the
+    client went away) stops generating at the next token. `on_finish` is called when it ends, whatever the outcome.
     """
 
     def __init__(
         self,
-        model,
         tokenizer,
-        template: ChatTemplate,
+        template: Template,
         prompt: list[int],
         options: GenerationOptions,
-        lock: threading.Lock,
         seed: int | None = None,
         stream: bool = False,
+        tool_format: ToolFormat | None = None,
+        pixel_values: torch.Tensor | None = None,
         on_finish: Callable[[], None] | None = None,
     ):
-        self.model, self.tokenizer, self.options, self.lock, self.seed = model, tokenizer, options, lock, seed
-        self.stream, self.on_finish = stream, on_finish
-        self.prompt = prompt
-        self.kwargs = generation_kwargs(template, tokenizer, options)
+        self.tokenizer, self.options, self.prompt, self.tool_format = tokenizer, options, prompt, tool_format
+        self.stream, self.on_finish = stream and tool_format is None, on_finish
+        kwargs = generation_kwargs(template, tokenizer, options)
+        self.stop_ids = frozenset(kwargs["eos_token_id"])
         self.stop_words = (*template.stop_words, *options.stop_words)
+        if options.keep_special_tokens:
+            self.stop_words += tuple({tokenizer.eos_token, tokenizer.pad_token} - {None, ""})
         self.clean_up_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
-        self.cancelled = threading.Event()
+        self.sequence = BatchSequence(prompt, options.max_new_tokens, self.stop_ids, self, options, seed, pixel_values)
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.prompt_skipped, self.ids, self.sent = False, [], ""
+        self.sent, self.ended = "", False
         self.reply: Reply | None = None
 
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="xtune-generate", daemon=True).start()
-
     def cancel(self) -> None:
-        self.cancelled.set()
+        self.sequence.cancelled.set()
 
     async def pieces(self) -> AsyncIterator[str]:
         """The reply's text in pieces as it is generated (all of it at the end unless `stream`); then `reply` is set."""
@@ -325,66 +434,65 @@ class Generation(BaseStreamer):
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
         except RuntimeError:  # the event loop has closed: the server is shutting down
-            self.cancelled.set()
+            self.cancel()
 
-    def _run(self) -> None:
+    def _decoded(self) -> str:
+        return self.tokenizer.decode(self.sequence.generated, skip_special_tokens=not self.options.keep_special_tokens)
+
+    def token(self, token_id: int) -> bool:
+        if token_id in self.stop_ids:
+            return True
+        decoded = self._decoded()
+        if any(word and word in decoded for word in self.stop_words):
+            return True
+        if self.stream:
+            text = streamable_prefix(decoded, self.stop_words, self.clean_up_spaces)
+            if len(text) > len(self.sent) and text.startswith(self.sent):
+                self._send("text", text[len(self.sent) :])
+                self.sent = text
+        return False
+
+    def end(self, error: BaseException | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
         try:
-            with self.lock:
-                if self.cancelled.is_set():
-                    return
-                reply = self._generate()
-        except Exception as error:
-            self._send("error", error)
-        else:
-            self._send("reply", reply)
+            if error is not None:
+                self._send("error", error)
+            else:
+                self._send("reply", self._reply())
+        except Exception as failure:
+            self._send("error", failure)
         finally:
             if self.on_finish is not None:
                 self.on_finish()
 
-    def _generate(self) -> Reply:
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([self.prompt], device=device)
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=self if self.stream else None,
-            stopping_criteria=StoppingCriteriaList([_StopWhenSet(self.cancelled)]),
-            **self.kwargs,
-        )
-        generated = output[0, len(self.prompt) :].tolist()
-        decoded = self.tokenizer.decode(generated, skip_special_tokens=True)
+    def _reply(self) -> Reply:
+        generated = self.sequence.generated
+        decoded = self._decoded()
         before_stop = cut_at_stop_words(decoded, self.stop_words)
         text = before_stop.strip()
+        calls: tuple[ToolCall, ...] = ()
+        if self.tool_format is not None:
+            parsed = parse_reply(text, self.tool_format)
+            if parsed.error is None and parsed.calls:  # a call that cannot be read is answered as the text it is
+                text = parsed.content
+                calls = tuple(replace(call, id=call.id or f"call_{uuid.uuid4().hex[:24]}") for call in parsed.calls)
         if text.startswith(self.sent):
             if len(text) > len(self.sent):
                 self._send("text", text[len(self.sent) :])
         else:
             logger.warning("the streamed text %r is not the start of the reply %r", self.sent, text)
-        stopped = len(before_stop) < len(decoded) or (generated and generated[-1] in self.kwargs["eos_token_id"])
+        stopped = len(before_stop) < len(decoded) or bool(generated and generated[-1] in self.stop_ids)
         ran_out = len(generated) >= self.options.max_new_tokens and not stopped
-        return Reply(text, "length" if ran_out else "stop", len(self.prompt), len(generated))
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_skipped:  # generate puts the prompt first
-            self.prompt_skipped = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        text = streamable_prefix(decoded, self.stop_words, self.clean_up_spaces)
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            self._send("text", text[len(self.sent) :])
-            self.sent = text
-
-    def end(self) -> None:
-        pass
+        finish = "tool_calls" if calls else "length" if ran_out else "stop"
+        return Reply(text, finish, len(self.prompt), len(generated), calls)
 
 
 def build_app(
     model,
     tokenizer,
-    template: ChatTemplate,
+    template: Template,
     model_name: str,
     api_key: str | None = None,
     system: str = "",
@@ -394,18 +502,25 @@ def build_app(
     max_tokens_limit: int = MAX_TOKENS_LIMIT,
     max_queued_requests: int | None = MAX_QUEUED_REQUESTS,
     max_context_tokens: int | None = None,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    allow_local_images: str | Path | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app for one model.
 
     `system` is put in front of conversations that bring no system message. `defaults` gives the options a
     request does not set (OpenAI clients send temperature only when the user sets it). With `api_key`, each
-    request must carry `Authorization: Bearer <api_key>` or is answered 401. A request's `model` may name
-    anything: `model_name` is what `/v1/models` lists and every reply reports.
+    request must carry `Authorization: Bearer <api_key>` or is answered 401. `model_name` is what `/v1/models`
+    lists and every reply reports; a request naming another model gets 404.
+
+    Replies are generated together by one `Batcher`, up to `max_batch_size` at a time (each choice of a request is
+    one). A LLaVA model (one with `image_tokens` and `preprocess`) reads image_url parts: data URLs, and with
+    `allow_local_images` paths of images inside that folder.
 
     Limits (None: none): a body over `max_body_bytes` gets 413; `max_tokens` (or `max_completion_tokens`)
     over `max_tokens_limit` gets 400; a prompt plus max_tokens over `max_context_tokens` (default: the
     model's `max_position_embeddings`) gets 400, and when the request sets no max_tokens the default is
-    lowered to fit; a request arriving while `max_queued_requests` wait behind the one generating gets 503.
+    lowered to fit; a request arriving while `max_queued_requests` wait behind the `max_batch_size` generating
+    gets 503.
     """
     if defaults.max_new_tokens > max_tokens_limit:
         raise XtuneError(
@@ -416,13 +531,20 @@ def build_app(
         raise XtuneError(f"max_tokens_limit and max_body_bytes must be >= 1, got {max_tokens_limit}, {max_body_bytes}.")
     if max_queued_requests is not None and max_queued_requests < 0:
         raise XtuneError(f"max_queued_requests must be >= 0 (or None: no limit), got {max_queued_requests}.")
+    if max_batch_size < 1:
+        raise XtuneError(f"max_batch_size must be >= 1, got {max_batch_size}.")
     if api_key is not None and not api_key.strip():
         raise XtuneError("--api-key is empty, which any client could send; give a key, or none to serve without one.")
+    if allow_local_images is not None and not Path(allow_local_images).is_dir():
+        raise XtuneError(f"--allow-local-images {allow_local_images}: no such folder.")
     if max_context_tokens is None:
         max_context_tokens = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    lock = threading.Lock()
-    # a place for the request generating and each one waiting: taken before tokenizing, given back by the thread
-    admitted = None if max_queued_requests is None else threading.BoundedSemaphore(max_queued_requests + 1)
+    image_tokens = getattr(model, "image_tokens", 0)
+    read_image = local_image_reader(None if allow_local_images is None else Path(allow_local_images))
+    batcher = Batcher(model, pad_token_id(tokenizer), max_batch_size)
+    # a place for each reply generating and each one waiting: taken before tokenizing, given back when it ends
+    places = None if max_queued_requests is None else max_batch_size + max_queued_requests
+    admitted = None if places is None else threading.BoundedSemaphore(places)
     created = int(time.time())
 
     async def check_api_key(request: Request) -> None:
@@ -448,88 +570,160 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, http: Request):
-        if request.n not in (None, 1):
-            raise ApiError(400, f"n={request.n}: only one choice per request (n=1) is supported.", param="n")
-        stop = requested_stops(request)
-        if len(stop) > MAX_STOP_WORDS or any(len(word) > MAX_STOP_CHARS for word in stop):
-            message = (f"stop: at most {MAX_STOP_WORDS} stop sequences of at most {MAX_STOP_CHARS} characters each, "
-                       f"got {len(stop)} (longest {max(map(len, stop))} characters).")  # fmt: skip
-            raise ApiError(400, message, param="stop")
-        if request.temperature is not None and 0 < request.temperature < MIN_TEMPERATURE:
-            message = f"temperature={request.temperature}: use 0 (greedy) or a value from {MIN_TEMPERATURE} to 2."
-            raise ApiError(400, message, param="temperature")
-        asked = asked_max_tokens(request)
-        if asked is not None and asked[1] > max_tokens_limit:
-            raise ApiError(
-                400,
-                f"{asked[0]}={asked[1]} is above this server's limit of {max_tokens_limit} tokens; "
-                f"ask for at most {max_tokens_limit}.",
-                param=asked[0],
-            )
-        conversation = with_system(request_conversation(request.messages), system)
-        kwargs = request.chat_template_kwargs or {}
-        if set(kwargs) - {"enable_thinking"}:
-            unknown = ", ".join(sorted(set(kwargs) - {"enable_thinking"}))
-            raise ApiError(400, f"chat_template_kwargs: {unknown} not supported; only enable_thinking is.",
-                           param="chat_template_kwargs")  # fmt: skip
-        thinking = kwargs.get("enable_thinking")
-        if thinking is not None and not isinstance(thinking, bool):
-            raise ApiError(400, f"chat_template_kwargs.enable_thinking must be true or false, got {thinking!r}.",
-                           param="chat_template_kwargs.enable_thinking")  # fmt: skip
-        conversation = replace(conversation, enable_thinking=thinking)
-        if admitted is not None and not admitted.acquire(blocking=False):
+        if request.model not in ("", model_name):
+            raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{model_name}'.",
+                           code="model_not_found", param="model")  # fmt: skip
+        choices = request.n or 1
+        if choices > MAX_CHOICES:
+            raise ApiError(400, f"n={choices}: at most {MAX_CHOICES} choices per request.", param="n")
+        _check_sampling(request, max_tokens_limit)
+        tools, tool_template = _offered_tools(request, template)
+        conversation, images = request_conversation(request.messages, tools, read_image if image_tokens else None)
+        conversation = replace(with_system(conversation, system), enable_thinking=_thinking(request))
+        if admitted is not None and not _take(admitted, choices):
             raise ApiError(
                 503,
-                f"server busy: one reply is being generated and {max_queued_requests} more requests wait (the "
+                f"server busy: {max_batch_size} replies are being generated and {max_queued_requests} more wait (the "
                 "server's limit); retry shortly.",
                 error_type="server_error",
                 code="server_busy",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         release = admitted.release if admitted is not None else None
+        started = 0
         try:
-            prompt = await asyncio.to_thread(prompt_ids, conversation, template, tokenizer)
-            options = _fit_context(len(prompt), request_options(request, defaults), asked, max_context_tokens)
-            generation = Generation(
-                model, tokenizer, template, prompt, options, lock, request.seed, request.stream, on_finish=release
-            )
-            # started here, not when the stream is first read, so that its thread always ends and gives back its place
-            generation.start()
+            prompt = await asyncio.to_thread(prompt_ids, conversation, tool_template, tokenizer, image_tokens)
+            if image_tokens and prompt.count(IMAGE_TOKEN_ID) != len(images) * image_tokens:
+                raise ApiError(400, f"the messages hold {prompt.count(IMAGE_TOKEN_ID) // image_tokens} "
+                               f"'{IMAGE_PLACEHOLDER}' but {len(images)} image(s); leave '{IMAGE_PLACEHOLDER}' out of "
+                               "the text: each image_url part stands where it is.", param="messages")  # fmt: skip
+            pixel_values = await asyncio.to_thread(model.preprocess, images) if images else None
+            options = _fit_context(len(prompt), request_options(request, defaults), asked_max_tokens(request),
+                                   max_context_tokens)  # fmt: skip
+            tool_format = tool_template.tools if tools else None
+            if tool_format is not None:
+                options = replace(options, stop_words=(*options.stop_words, *tool_format.stop_words),
+                                  keep_special_tokens=True)  # fmt: skip
+            generations = []
+            for index in range(choices):
+                seed = None if request.seed is None else request.seed + index
+                generations.append(Generation(tokenizer, tool_template, prompt, options, seed, request.stream,
+                                              tool_format, pixel_values, on_finish=release))  # fmt: skip
+            # submitted here, not when the stream is first read, so that each one ends and gives back its place
+            for generation in generations:
+                batcher.submit(generation.sequence)
+                started += 1
         except BaseException:  # a bad request, or the client went away while it was tokenized
-            if release is not None:
-                release()
+            for _ in range(choices - started):
+                if release is not None:
+                    release()
             raise
         completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return StreamingResponse(_events(generation, completion, include_usage), media_type="text/event-stream")
+            return StreamingResponse(_events(generations, completion, include_usage), media_type="text/event-stream")
         try:
-            reply = await _result_while_connected(generation, http)
+            replies = await _results_while_connected(generations, http)
         except Exception as error:
             logger.exception("generation failed")
             raise ApiError(500, f"generation failed: {error}", error_type="server_error") from error
         finally:
-            generation.cancel()
-        message = {"role": "assistant", "content": reply.text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason}
-        return {**completion, "object": "chat.completion", "choices": [choice], "usage": reply.usage()}
+            for generation in generations:
+                generation.cancel()
+        answers = [{"index": index, "message": reply.message(), "logprobs": None, "finish_reason": reply.finish_reason}
+                   for index, reply in enumerate(replies)]  # fmt: skip
+        usage = {**replies[0].usage(), "completion_tokens": sum(reply.completion_tokens for reply in replies)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {**completion, "object": "chat.completion", "choices": answers, "usage": usage}
 
     return app
+
+
+def _take(places: threading.BoundedSemaphore, count: int) -> bool:
+    """`count` places, or none of them."""
+    taken = 0
+    while taken < count and places.acquire(blocking=False):
+        taken += 1
+    if taken < count:
+        for _ in range(taken):
+            places.release()
+        return False
+    return True
+
+
+def _check_sampling(request: ChatCompletionRequest, max_tokens_limit: int) -> None:
+    stop = requested_stops(request)
+    if len(stop) > MAX_STOP_WORDS or any(len(word) > MAX_STOP_CHARS for word in stop):
+        message = (f"stop: at most {MAX_STOP_WORDS} stop sequences of at most {MAX_STOP_CHARS} characters each, "
+                   f"got {len(stop)} (longest {max(map(len, stop))} characters).")  # fmt: skip
+        raise ApiError(400, message, param="stop")
+    if request.temperature is not None and 0 < request.temperature < MIN_TEMPERATURE:
+        message = f"temperature={request.temperature}: use 0 (greedy) or a value from {MIN_TEMPERATURE} to 2."
+        raise ApiError(400, message, param="temperature")
+    asked = asked_max_tokens(request)
+    if asked is not None and asked[1] > max_tokens_limit:
+        raise ApiError(
+            400,
+            f"{asked[0]}={asked[1]} is above this server's limit of {max_tokens_limit} tokens; "
+            f"ask for at most {max_tokens_limit}.",
+            param=asked[0],
+        )
+
+
+def _thinking(request: ChatCompletionRequest) -> bool | None:
+    kwargs = request.chat_template_kwargs or {}
+    if set(kwargs) - {"enable_thinking"}:
+        unknown = ", ".join(sorted(set(kwargs) - {"enable_thinking"}))
+        raise ApiError(400, f"chat_template_kwargs: {unknown} not supported; only enable_thinking is.",
+                       param="chat_template_kwargs")  # fmt: skip
+    thinking = kwargs.get("enable_thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise ApiError(400, f"chat_template_kwargs.enable_thinking must be true or false, got {thinking!r}.",
+                       param="chat_template_kwargs.enable_thinking")  # fmt: skip
+    return thinking
+
+
+def _offered_tools(request: ChatCompletionRequest, template: Template) -> tuple[list[dict], Template]:
+    """(the tools offered to the model, as `tool_choice` says; the template that writes them and the conversation's
+    tool turns). A template without a tool format of its own writes them in ReAct style, as the agent's does."""
+    tools, choice = list(request.tools or ()), request.tool_choice
+    if choice == "none":
+        tools = []
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        offered = [tool for tool in tools if (tool.get("function") or tool).get("name") == name]
+        if not offered:
+            raise ApiError(400, f"tool_choice names function {name!r}, which is not among the tools.",
+                           param="tool_choice")  # fmt: skip
+        tools = offered
+    elif choice not in (None, "auto"):
+        raise ApiError(400, f"tool_choice {choice!r} is not supported; use 'auto', 'none' or a function "
+                       "{\"type\": \"function\", \"function\": {\"name\": ...}} (offered alone, not forced).",
+                       param="tool_choice")  # fmt: skip
+    uses_tools = bool(tools) or any(message.role == "tool" or message.tool_calls for message in request.messages)
+    if not uses_tools or isinstance(template, TokenizerTemplate):
+        if tools and isinstance(template, TokenizerTemplate):
+            raise ApiError(400, "tools: this server's template is the tokenizer's chat_template ('hf'), whose tool "
+                           "calls xtune cannot read; start it with --prompt-template NAME (e.g. qwen_chat).",
+                           param="tools")  # fmt: skip
+        return tools, template
+    return tools, template if template.tools is not None else with_tool_format(template, "react")
 
 
 DISCONNECT_POLL_S = 0.25
 
 
-async def _result_while_connected(generation: "Generation", http: Request) -> "Reply":
-    """The generation's reply; a client that goes away meanwhile cancels it, so the model is free for the next
-    request (a disconnected client kept it busy to the end: the next request waited 110 s)."""
-    result = asyncio.ensure_future(generation.result())
-    while not result.done():
-        await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
-        if not result.done() and await http.is_disconnected():
-            generation.cancel()
+async def _results_while_connected(generations: list[Generation], http: Request) -> list[Reply]:
+    """The generations' replies; a client that goes away meanwhile cancels them, so that the batch goes on without
+    them (a disconnected client kept the model busy to the end: the next request waited 110 s)."""
+    results = asyncio.ensure_future(asyncio.gather(*(generation.result() for generation in generations)))
+    while not results.done():
+        await asyncio.wait({results}, timeout=DISCONNECT_POLL_S)
+        if not results.done() and await http.is_disconnected():
+            for generation in generations:
+                generation.cancel()
             logger.info("the client went away; its generation is cancelled")
-    return result.result()
+    return results.result()
 
 
 def _fit_context(
@@ -558,28 +752,54 @@ def _fit_context(
     return replace(options, max_new_tokens=room)
 
 
-async def _events(generation: Generation, completion: dict, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: the role, the text in pieces, the finish reason, the usage if asked, [DONE]."""
+async def _events(generations: list[Generation], completion: dict, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: per choice the role, the text in pieces, its tool calls, its finish reason; then the
+    usage if asked, and [DONE]. The choices' events interleave as their tokens come."""
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return _event({**completion, "object": "chat.completion.chunk", "choices": [choice]})
 
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def forward(index: int, generation: Generation) -> None:
+        try:
+            async for piece in generation.pieces():
+                await merged.put((index, "text", piece))
+            await merged.put((index, "reply", generation.reply))
+        except Exception as error:
+            await merged.put((index, "error", error))
+
+    tasks = [asyncio.ensure_future(forward(index, generation)) for index, generation in enumerate(generations)]
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for piece in generation.pieces():
-            yield chunk({"content": piece})
-        assert generation.reply is not None
-        yield chunk({}, generation.reply.finish_reason)
+        for index in range(len(generations)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        replies: list[Reply] = []
+        while len(replies) < len(generations):
+            index, kind, value = await merged.get()
+            if kind == "error":
+                raise value
+            if kind == "text":
+                yield chunk(index, {"content": value})
+                continue
+            replies.append(value)
+            if value.tool_calls:
+                calls = [_openai_call(call, position) for position, call in enumerate(value.tool_calls)]
+                yield chunk(index, {"tool_calls": calls})
+            yield chunk(index, {}, value.finish_reason)
         if include_usage:
-            usage = generation.reply.usage()
+            usage = {**replies[0].usage(), "completion_tokens": sum(reply.completion_tokens for reply in replies)}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             yield _event({**completion, "object": "chat.completion.chunk", "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
     except Exception as error:  # the status line has gone out: the error goes in the stream, as OpenAI's does
         logger.exception("generation failed")
         yield _event(ApiError(500, f"generation failed: {error}", error_type="server_error").body())
     finally:
-        generation.cancel()
+        for generation in generations:
+            generation.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 def _event(data: dict) -> str:
@@ -701,21 +921,30 @@ def serve(
     max_tokens_limit: int = MAX_TOKENS_LIMIT,
     max_queued_requests: int | None = MAX_QUEUED_REQUESTS,
     max_context_tokens: int | None = None,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    visual_encoder: str | None = None,
+    llava: str | None = None,
+    allow_local_images: str | None = None,
 ) -> None:
     """Load the model and answer OpenAI chat requests at http://host:port/v1 until stopped (Ctrl-C).
 
-    The model is listed under the adapter's folder name when there is an adapter, else the model's. The
-    limits are `build_app`'s.
+    The model is listed under the adapter's (or LLaVA folder's) name when there is one, else the model's. With
+    `visual_encoder` and `llava`, the LLaVA model is served and reads images. The limits are `build_app`'s.
     """
-    llm, tokenizer = load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
-    template = pick_template(prompt_template, adapter, resolve_model_path(model), tokenizer)
+    if allow_local_images is not None and llava is None:
+        raise XtuneError("--allow-local-images is for LLaVA models: pass --visual-encoder and --llava too.")
+    llm, tokenizer = load_any_chat_model(model, adapter, visual_encoder, llava, bits, device, dtype, trust_remote_code,
+                                         what="server")  # fmt: skip
+    template = pick_template(prompt_template, adapter or llava, resolve_model_path(model), tokenizer)
     limits = dict(
         max_body_bytes=max_body_bytes,
         max_tokens_limit=max_tokens_limit,
         max_queued_requests=max_queued_requests,
         max_context_tokens=max_context_tokens,
+        max_batch_size=max_batch_size,
+        allow_local_images=allow_local_images,
     )
-    app = build_app(llm, tokenizer, template, Path(adapter or model).name, api_key, system, options, **limits)
+    app = build_app(llm, tokenizer, template, Path(adapter or llava or model).name, api_key, system, options, **limits)
     if api_key is None and not is_loopback(host):
         print(
             f"warning: serving on {host}:{port} without an API key: anyone who can reach this port can use the "
