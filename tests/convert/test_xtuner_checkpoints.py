@@ -370,3 +370,28 @@ def test_a_zero3_folder_with_pickled_code_or_a_missing_rank_is_refused(zero3, tm
     with pytest.raises(CheckpointError, match=r"optimizer files of ranks \[0\] and model states of ranks \[0, 1\]"):
         pth_to_hf(CONFIG, folder, tmp_path / "out", console=QUIET)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_llava_runs_internlm2_lora_converts_to_the_llm_adapter_xtunes_llava_loads(reference, tmp_path, xtune_home):
+    """XTuner's LLaVAModel state: the LLM's LoRA in InternLM2's names (`llm.`), the projector (`projector.`). The
+    adapter becomes llm_adapter/ in the Llama layout a LLaVA model is built in, with the logits of the adapter it was
+    made from; the projector comes back as it was."""
+    from xtune.models.llava import load_llava
+
+    folder, llm_state = reference
+    llm_hidden = read_config(resolve_model_path(BASE))["hidden_size"]
+    torch.manual_seed(2)
+    projector = Projector(64, llm_hidden, depth=2)  # xtune-tiny/clip-vision's width -> the LLM's
+    pth = tmp_path / "iter_2.pth"
+    torch.save({"meta": {"iter": 2}, "state_dict": {**llm_state, **{f"projector.{k}": v for k, v in projector.state_dict().items()}}}, pth)
+    out = pth_to_hf("tiny_llava_finetune_shapes", pth, tmp_path / "hf", fp32=True, console=QUIET)
+    adapter_config = json.loads((out / "llm_adapter" / "adapter_config.json").read_text())
+    assert "q_proj" in adapter_config["target_modules"] and adapter_config["base_model_name_or_path"] == BASE
+    assert torch.allclose(logits(out / "llm_adapter"), logits(folder), atol=1e-5)
+    loaded = Projector.load(out / "projector")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in projector.state_dict().items())
+
+    llava, _ = load_llava(BASE, "xtune-tiny/clip-vision", out)  # what `xtune chat --llava` builds from it
+    with torch.no_grad():
+        text_logits = llava.llm(INPUT).logits
+    assert torch.allclose(text_logits, logits(folder), atol=1e-5)
