@@ -597,7 +597,7 @@ def data_repeat(
     console.print(f"wrote {count} records to {output}", highlight=False)
 
 
-convert_app = typer.Typer(help="Convert checkpoints: pth_to_hf (a checkpoint as a clean HF folder), merge (LoRA into its base), split (re-shard a model).", no_args_is_help=True)
+convert_app = typer.Typer(help="Convert checkpoints: pth_to_hf (a checkpoint as a clean HF folder), merge (LoRA into its base), split (re-shard a model), gguf (for llama.cpp), ollama (a Modelfile).", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 MaxShardSize = Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB or 500MB.")]
 
@@ -653,6 +653,36 @@ def convert_split(
     from xtune.convert.split import split_model
 
     console.print(f"saved to {split_model(merged_dir, save_dir, max_shard_size)}", highlight=False)
+
+
+@convert_app.command("gguf")
+def convert_gguf_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or id (e.g. `convert merge`'s output), or the base with --adapter.")],
+    out: Annotated[Path, typer.Argument(help="The .gguf file to write.")],
+    adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter folder, merged into MODEL (16-bit) first.")] = None,
+    outtype: Annotated[str, typer.Option(help="Matrix weights as f16, bf16 or q8_0 (norms and biases stay f32).")] = "f16",
+):
+    """A GGUF file for llama.cpp (and Ollama, LM Studio): tensors, tokenizer and chat template (Llama, Mistral,
+    Qwen2, InternLM2)."""
+    from xtune.convert.gguf import convert_gguf
+
+    if adapter is not None:
+        _warn_of_other_base(adapter, model)
+    convert_gguf(model, out, adapter, outtype, console=err_console)
+
+
+@convert_app.command("ollama")
+def convert_ollama_cmd(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf file written by `xtune convert gguf`.")],
+    prompt_template: Annotated[Optional[str], typer.Option(help="xtune template to translate; default: the one the GGUF records (the model's training template).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="SYSTEM of the Modelfile; default: the template's default system text.")] = None,
+):
+    """An Ollama Modelfile beside GGUF_FILE: FROM it, TEMPLATE (the chat template in Ollama's Go template), PARAMETER
+    stop, SYSTEM. Then: ollama create NAME -f Modelfile."""
+    from xtune.convert.ollama import write_modelfile
+
+    path = write_modelfile(gguf_file, prompt_template=prompt_template, system=system)
+    console.print(f"wrote {path}", highlight=False)
 
 
 def _warn_of_other_base(adapter, base) -> None:

@@ -9,14 +9,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from tests.convert.shipped import as_parts, as_strings, assert_generate_stops_at_end_of_turn, assert_parts_render_as_strings, two_rounds
 from xtune.convert.merge import merge
 from xtune.data.formats import Conversation, Turn
-from xtune.data.templates import generation_prompt, get_template
+from xtune.data.templates import TEMPLATES, generation_prompt, get_template
 from xtune.engine.checkpoint import RUN_META
 from xtune.errors import CheckpointError, XtuneError
 from xtune.models.load import load_model, load_tokenizer, resolve_model_path
 from xtune.models.lora import attach_adapter
-from xtune.models.publish import stop_token_ids
+from xtune.models.publish import saved_chat_template, stop_token_ids
 from xtune.testing.tiny import TinySpec, build_model
 
 INPUT = torch.tensor([[1, 300, 301, 302, 400, 500, 7, 8]])
@@ -62,6 +63,19 @@ def test_merged_model_loads_with_plain_transformers_and_gives_the_same_logits(tm
     assert (base - expected).abs().max() > 1e-2  # the adapter changes something worth checking
 
 
+def test_plain_generate_stops_at_the_end_of_a_reply_and_list_content_renders_as_strings(tmp_path, adapter):
+    merged = merge("xtune-tiny/internlm2-chat", adapter, tmp_path / "merged", fp32=True)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert (merged / "chat_template.jinja").read_text() == tokenizer.chat_template  # what transformers 5 reads
+    assert_parts_render_as_strings(tokenizer, tokenizer, "internlm2_chat")
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template(as_parts(two_rounds()), add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    assert_generate_stops_at_end_of_turn(model, merged, tokenizer, **prompt)
+    image = as_parts(two_rounds(), [{"type": "image"}, {"type": "text", "text": "Big?"}])
+    with pytest.raises(Exception, match="this model takes no images"):  # a text model's template refuses an image part
+        tokenizer.apply_chat_template(image, tokenize=False, add_generation_prompt=True)
+
+
 def test_keep_layout_writes_internlm2_that_loads_back_to_the_same_logits(tmp_path, adapter):
     merged = merge("xtune-tiny/internlm2-chat", adapter, tmp_path / "merged", fp32=True, keep_layout=True)
     config = json.loads((merged / "config.json").read_text())
@@ -72,6 +86,27 @@ def test_keep_layout_writes_internlm2_that_loads_back_to_the_same_logits(tmp_pat
     with torch.no_grad():
         logits = load_model(merged)(INPUT).logits
     assert (logits - logits_with_adapter(adapter)).abs().max() < 1e-4
+    # InternLM2's own modelling is remote code the folder does not carry: xtune's loader reads the layout, and
+    # generate uses the folder's generation_config.json as transformers' loading would
+    model = load_model(merged).eval()
+    model.generation_config = GenerationConfig.from_pretrained(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert_parts_render_as_strings(tokenizer, tokenizer, "internlm2_chat")
+    prompt = tokenizer.apply_chat_template(as_parts(two_rounds()), add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    assert_generate_stops_at_end_of_turn(model, merged, tokenizer, **prompt)
+
+
+@pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"hf"}))
+def test_every_saved_chat_template_writes_list_content_as_the_same_string(tokenizer, name):
+    """The jinja of every template, as it is saved, takes Hugging Face's list-of-parts content."""
+    jinja = saved_chat_template(name)
+    for messages in (as_strings(two_rounds()), as_strings(Conversation(two_rounds().turns[:3]))):
+        parts = [{**message, "content": [{"type": "text", "text": message["content"]}]} for message in messages]
+        for add_generation_prompt in (True, False):
+            def written(messages):
+                return tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False, add_generation_prompt=add_generation_prompt)  # fmt: skip
+
+            assert written(parts) == written(messages)
 
 
 @pytest.mark.parametrize("name", ["internlm2_chat", "qwen_chat", "llama3_chat", "mistral", "vicuna", "default"])

@@ -7,7 +7,9 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.convert.shipped import as_parts, assert_generate_stops_at_end_of_turn, assert_parts_render_as_strings, two_rounds
 
 from xtune.config.load import load_config
 from xtune.convert.pth_to_hf import pth_to_hf
@@ -43,10 +45,11 @@ def test_a_lora_checkpoint_becomes_a_peft_adapter_without_training_state(tmp_pat
     with torch.no_grad():
         attach_adapter(base, out, "xtune-tiny/internlm2-chat").eval()(INPUT)  # xtune's Llama layout takes it back
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
+    assert_parts_render_as_strings(tokenizer, tokenizer, "internlm2_chat")
 
 
 def test_the_base_models_dtype_is_the_default(tmp_path, lora_run):
@@ -64,6 +67,10 @@ def test_a_full_checkpoint_becomes_a_sharded_model(tmp_path_factory, tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(run.checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(converted(INPUT).logits, trained(INPUT).logits)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert_parts_render_as_strings(tokenizer, tokenizer, "internlm2_chat")  # the config's prompt_template
+    prompt = tokenizer.apply_chat_template(as_parts(two_rounds()), add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    assert_generate_stops_at_end_of_turn(converted, out, tokenizer, **prompt)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, lora_run):

@@ -31,10 +31,10 @@ def test_a_template_that_writes_other_ids_than_the_tokenizers_is_one_warning_lin
     # what leaves training carries the template it was trained with, and stops where its replies end
     from transformers import AutoTokenizer, GenerationConfig
 
-    from xtune.data.templates import chat_template_jinja
+    from xtune.models.publish import saved_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    assert tokenizer.chat_template == chat_template_jinja("qwen_chat") != chat_template_jinja("internlm2_chat")
+    assert tokenizer.chat_template == saved_chat_template("qwen_chat") != saved_chat_template("internlm2_chat")
     eos = GenerationConfig.from_pretrained(checkpoint).eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos and tokenizer.eos_token_id in eos
 

@@ -8,10 +8,10 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from xtune.models.publish import save_tokenizer
-from xtune.data.templates import chat_template_jinja
+from xtune.data.formats import IMAGE_PLACEHOLDER
 from xtune.errors import XtuneError
 from xtune.models.llava import ENCODER_ADAPTER, ENCODER_FULL, LLM_ADAPTER, LLM_FULL, PROJECTOR, load_llava
+from xtune.models.publish import generation_config_of, saved_chat_template, save_tokenizer, write_generation_config
 
 PARTS = (PROJECTOR, LLM_ADAPTER, LLM_FULL, ENCODER_ADAPTER, ENCODER_FULL)
 
@@ -37,7 +37,9 @@ def copy_llava_parts(checkpoint: Path, folder: Path, dtype: torch.dtype) -> list
 
 def export_hf_llava(llm: str, visual_encoder: str, llava: Path, folder: Path, dtype: torch.dtype, prompt_template: str | None) -> None:
     """A `LlavaForConditionalGeneration` folder (with its processor) holding the base LLM and vision encoder
-    with their adapters merged and the projector, so plain transformers runs the trained model."""
+    with their adapters merged and the projector, so plain transformers runs the trained model: its chat template
+    writes an image part as `<image>` where it stands, and its generation config stops where the template ends a
+    reply."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     model, tokenizer = load_llava(llm, visual_encoder, llava, dtype=torch.float32)
@@ -48,8 +50,8 @@ def export_hf_llava(llm: str, visual_encoder: str, llava: Path, folder: Path, dt
         )
     language_model = model.llm.merge_and_unload() if isinstance(model.llm, PeftModel) else model.llm
     encoder = model.visual_encoder.merge_and_unload() if isinstance(model.visual_encoder, PeftModel) else model.visual_encoder
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if image_token >= language_model.get_input_embeddings().num_embeddings:
         language_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     config = LlavaConfig(
@@ -81,7 +83,8 @@ def export_hf_llava(llm: str, visual_encoder: str, llava: Path, folder: Path, dt
         patch_size=encoder.config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1 if model.drop_cls else 0,
-        chat_template=chat_template_jinja(prompt_template) if prompt_template and prompt_template != "hf" else None,
+        chat_template=saved_chat_template(prompt_template, IMAGE_PLACEHOLDER),
     )
     processor.save_pretrained(folder)
-    save_tokenizer(tokenizer, folder, prompt_template)
+    save_tokenizer(tokenizer, folder, prompt_template, IMAGE_PLACEHOLDER)
+    write_generation_config(folder, generation_config_of(language_model), tokenizer, prompt_template)

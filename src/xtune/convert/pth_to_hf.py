@@ -17,6 +17,7 @@ from xtune.config.load import load_config
 from xtune.convert.llava import copy_llava_parts, export_hf_llava
 from xtune.convert.folder import find_checkpoint, new_folder, save_dtype, write_meta
 from xtune.convert.xtuner import check_xtuner_checkpoint, is_xtuner_checkpoint, xtuner_to_hf
+from xtune.data.formats import IMAGE_PLACEHOLDER
 from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 from xtune.engine.checkpoint import read_run_meta
 from xtune.errors import CheckpointError
@@ -85,7 +86,7 @@ def pth_to_hf(
             model.save_pretrained(folder, max_shard_size=max_shard_size)
             kind = "model"
             write_generation_config(folder, generation_config_of(model), tokenizer, template)
-        save_tokenizer(tokenizer, folder, template)
+        save_tokenizer(tokenizer, folder, template, IMAGE_PLACEHOLDER if "llava" in meta else None)
         write_meta(folder, {**meta, "converted_from": str(folder_in)})
     console.print(f"{kind} from {folder_in} written to {save_dir} ({dtype})")
     return Path(save_dir)

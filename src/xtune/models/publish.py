@@ -9,11 +9,13 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from xtune.data.templates import chat_template_jinja, get_template
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, prompt_template: str | None) -> None:
-    """The tokenizer, with `chat_template` set to the training template in tokenizer_config.json (and in
-    chat_template.jinja, which transformers 5 reads first), so other tools prompt the model the same way. The
-    tokenizer object itself is left as it was."""
-    jinja = chat_template_jinja(prompt_template) if prompt_template and prompt_template != "hf" else None
+def save_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, folder: Path, prompt_template: str | None, image_token: str | None = None
+) -> None:
+    """The tokenizer, with `chat_template` set to the training template (`saved_chat_template`) in
+    tokenizer_config.json and in chat_template.jinja (which transformers 5 reads first), so other tools prompt the
+    model the same way. The tokenizer object itself is left as it was."""
+    jinja = saved_chat_template(prompt_template, image_token)
     if jinja is None:
         tokenizer.save_pretrained(folder)
         return
@@ -22,12 +24,53 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, prompt_temp
         tokenizer.save_pretrained(folder)
     finally:
         tokenizer.chat_template = own
-    if True:
-        config_file = folder / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        config["chat_template"] = jinja
-        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (folder / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["chat_template"] = jinja
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+
+
+def saved_chat_template(prompt_template: str | None, image_token: str | None = None) -> str | None:
+    """The chat_template saved with a model trained with `prompt_template` (None for `hf`, the tokenizer's own):
+    the template's jinja (`chat_template_jinja`) behind `parts_as_text`, so that message content given as a list
+    of parts, as Hugging Face and OpenAI clients send it, is written as the same content given as a string."""
+    if not prompt_template or prompt_template == "hf":
+        return None
+    return parts_as_text(image_token) + chat_template_jinja(prompt_template)
+
+
+def parts_as_text(image_token: str | None = None) -> str:
+    """A jinja preamble that rewrites `messages`: a content that is a list of parts becomes its parts' texts
+    joined by newlines (as xtune's server and vLLM join them), an image part (`image`, `image_url`) written as
+    `image_token` where it stands, so the template after it sees string content only. Without `image_token` (a
+    text model) an image part raises. String content and messages without content are kept as they are."""
+    image = (
+        f"{{%- set xtune_parts.texts = xtune_parts.texts + [{json.dumps(image_token)}] -%}}"
+        if image_token
+        else "{{- raise_exception('this model takes no images; send text parts only') -}}"
+    )
+    return "".join([
+        "{%- set xtune_parts = namespace(messages=[], texts=[]) -%}",
+        "{%- for message in messages -%}",
+        "{%- if message['content'] is defined and message['content'] is not string and message['content'] is iterable -%}",
+        "{%- set xtune_parts.texts = [] -%}",
+        "{%- for part in message['content'] -%}",
+        "{%- if part['type'] == 'text' -%}",
+        "{%- set xtune_parts.texts = xtune_parts.texts + [part['text']] -%}",
+        "{%- elif part['type'] in ('image', 'image_url') -%}",
+        image,
+        "{%- else -%}",
+        "{{- raise_exception('a message part of type ' + (part['type'] | string) + ' is not supported; send text parts') -}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- set xtune_parts.messages = xtune_parts.messages + [dict(message, content=xtune_parts.texts | join('\\n'))] -%}",
+        "{%- else -%}",
+        "{%- set xtune_parts.messages = xtune_parts.messages + [message] -%}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- set messages = xtune_parts.messages -%}\n",
+    ])  # fmt: skip
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, prompt_template: str | None) -> list[int]:
@@ -55,13 +98,14 @@ def write_generation_config(
     folder: Path, generation_config: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase,
     prompt_template: str | None,
 ) -> None:
-    """generation_config.json with the model's own settings and an `eos_token_id` that also holds the template's
-    stop tokens, so plain `generate`, vLLM and LMDeploy stop where the trained replies end."""
+    """generation_config.json with the model's own settings and an `eos_token_id` list that holds the model's own
+    stop ids, the tokenizer's EOS and the template's stop tokens, so plain `generate` (and engines that read this
+    file) stop where the trained replies end."""
     config = generation_config
     config = GenerationConfig.from_dict(config.to_dict()) if config is not None else GenerationConfig()
     own = config.eos_token_id
     own = [own] if isinstance(own, int) else list(own or [])
     ids = list(dict.fromkeys([*own, *stop_token_ids(tokenizer, prompt_template)]))
     if ids:
-        config.eos_token_id = ids[0] if len(ids) == 1 else ids
+        config.eos_token_id = ids
     config.save_pretrained(folder)
