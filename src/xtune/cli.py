@@ -623,7 +623,7 @@ def convert_pth_to_hf(
 @convert_app.command("merge")
 def convert_merge(
     base: Annotated[str, typer.Argument(help="Base model folder or id.")],
-    adapter: Annotated[str, typer.Argument(help="LoRA adapter folder (a checkpoint-<step> or pth_to_hf output).")],
+    adapter: Annotated[str, typer.Argument(help="LoRA adapter folder (a checkpoint-<step> or pth_to_hf output), or XTuner's iter_N.pth.")],
     save_dir: Annotated[Path, typer.Argument(help="New folder to write.")],
     max_shard_size: MaxShardSize = "2GB",
     device: Annotated[str, typer.Option(help="Where to merge: cpu or cuda.")] = "cpu",
@@ -631,6 +631,7 @@ def convert_merge(
     keep_layout: Annotated[bool, typer.Option("--keep-layout", help="Save an InternLM2 base in its own layout (default: Llama layout).")] = False,
     prompt_template: Annotated[Optional[str], typer.Option(help="Chat template to save; default: the adapter's.")] = None,
     is_clip: Annotated[bool, typer.Option("--is-clip", help="BASE is a CLIP/SigLIP vision encoder, ADAPTER its LoRA (XTuner's flag).")] = False,
+    config: Annotated[Optional[str], typer.Option(help="ADAPTER is XTuner's iter_N.pth: the config it was trained with (default: the one in its work_dir).")] = None,
 ):
     """Merge a LoRA (or QLoRA) adapter into its base and save a standalone model with its chat template."""
     from xtune.convert.merge import merge, merge_visual_encoder
@@ -639,7 +640,8 @@ def convert_merge(
         merge_visual_encoder(base, adapter, save_dir, max_shard_size, fp32, console=err_console)
         return
     _warn_of_other_base(adapter, base)
-    merge(base, adapter, save_dir, max_shard_size, device, fp32, keep_layout, prompt_template, console=err_console)
+    merge(base, adapter, save_dir, max_shard_size, device, fp32, keep_layout, prompt_template, console=err_console,
+          config=config)  # fmt: skip
 
 
 @convert_app.command("split")

@@ -255,9 +255,41 @@ def test_a_zero3_folder_and_a_pth_given_to_merge_say_what_to_do(reference, tmp_p
     with pytest.raises(CheckpointError, match="ZeRO-3 placeholders .* no ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt"):
         pth_to_hf(CONFIG, zero3, tmp_path / "out", console=QUIET)
     pth = layouts(state, tmp_path, monkeypatch)["plain"]
-    with pytest.raises(CheckpointError, match="pth_to_hf"):
+    with pytest.raises(CheckpointError, match="alpha is in the config it was trained with, which is not beside it.*--config"):
         merge(BASE, pth, tmp_path / "merged")
     assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
+
+
+def test_merge_takes_an_iter_pth_with_the_config_xtuner_keeps_beside_it(reference, tmp_path, monkeypatch):
+    """`xtuner convert merge` wants pth_to_hf's folder; xtune also takes the .pth, its alpha read from the config."""
+    folder, state = reference
+    expected = merge(BASE, folder, tmp_path / "from-adapter", fp32=True, console=QUIET)
+    pth = layouts(state, tmp_path, monkeypatch)["deepspeed"]
+    xtuner_config = pth.parent / "tiny_xtuner_cfg.py"  # as XTuner writes work_dirs/<cfg>/<cfg>.py
+    xtuner_config.write_text(TINY_XTUNER)
+    merged = merge(BASE, pth, tmp_path / "from-pth", fp32=True, console=QUIET)
+    assert not list(tmp_path.glob(".xtune-merge-*"))  # the scratch conversion is gone
+    with torch.no_grad():
+        want = load_model(expected, dtype=torch.float32).eval()(INPUT).logits
+        got = load_model(merged, dtype=torch.float32).eval()(INPUT).logits
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(want, logits(folder), atol=1e-4)
+    xtuner_config.unlink()
+    again = merge(BASE, pth, tmp_path / "with-config", fp32=True, console=QUIET, config=CONFIG)
+    assert (again / "model.safetensors").is_file()
+
+
+TINY_XTUNER = """
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from xtuner.dataset import process_hf_dataset
+from xtuner.model import SupervisedFinetune
+model = dict(type=SupervisedFinetune,
+             llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path='xtune-tiny/internlm2-chat'),
+             lora=dict(type=LoraConfig, r=4, lora_alpha=32, lora_dropout=0.0, bias='none', task_type='CAUSAL_LM'))
+train_dataloader = dict(batch_size=1, dataset=dict(type=process_hf_dataset, dataset=dict(type=load_dataset,
+                        path='xtune-tiny/antonyms')))
+"""
 
 
 ODD_PROJECTOR = Projector(31, 255, depth=2)

@@ -5,7 +5,7 @@ from pathlib import Path
 from rich.console import Console
 
 from xtune.convert.folder import new_folder, save_dtype, write_meta
-from xtune.convert.xtuner import check_xtuner_checkpoint, is_xtuner_checkpoint
+from xtune.convert.xtuner import check_xtuner_checkpoint, is_xtuner_checkpoint, xtuner_config_beside
 from xtune.data.encode import pad_token_id
 from xtune.models.publish import generation_config_of, save_tokenizer, write_generation_config
 from xtune.engine.checkpoint import read_run_meta
@@ -27,6 +27,7 @@ def merge(
     keep_layout: bool = False,
     prompt_template: str | None = None,
     console: Console | None = None,
+    config: str | None = None,
 ) -> Path:
     """Merge `adapter` into `base` and write SAVE_DIR: weights (sharded safetensors; the base's dtype, or fp32),
     the tokenizer the adapter was trained with, its chat template in tokenizer_config.json, and xtune_run.json.
@@ -38,10 +39,8 @@ def merge(
     adapter = Path(adapter)
     if is_xtuner_checkpoint(adapter):  # checked before anything loads
         check_xtuner_checkpoint(adapter, "ADAPTER")
-        raise CheckpointError(
-            f"{adapter} is an XTuner checkpoint, which holds the LoRA factors but not the LoRA alpha (that is in its "
-            "config); convert it first, `xtune convert pth_to_hf CONFIG PTH ADAPTER_DIR`, then merge ADAPTER_DIR."
-        )
+        return _merge_xtuner_checkpoint(base, adapter, save_dir, config, max_shard_size, device, fp32, keep_layout,
+                                        prompt_template, console)  # fmt: skip
     if not adapter.is_dir():
         raise CheckpointError(f"ADAPTER {str(adapter)!r}: no such adapter folder.")
     base_path = resolve_model_path(base)
@@ -85,6 +84,30 @@ def merge(
         write_meta(folder, {**meta, "method": "merged", "quantization": None, "merged_from": {"base": str(base), "adapter": str(adapter)}, "prompt_template": template})  # fmt: skip
     console.print(f"merged {f'reward model ({type(merged).__name__})' if reward else 'model'} written to {save_dir}")
     return Path(save_dir)
+
+
+def _merge_xtuner_checkpoint(base, pth: Path, save_dir, config, max_shard_size, device, fp32, keep_layout, prompt_template,
+                             console) -> Path:  # fmt: skip
+    """XTuner's iter_N.pth holds the LoRA factors; their alpha is in the config it was trained with: `config`, or the
+    one XTuner keeps in the work_dir beside the checkpoint. Converted (pth_to_hf) into a scratch folder, then merged."""
+    import tempfile
+
+    from xtune.convert.pth_to_hf import pth_to_hf
+
+    config = config or xtuner_config_beside(pth)
+    if config is None:
+        raise CheckpointError(
+            f"{pth} is an XTuner checkpoint: it holds the LoRA factors, and their alpha is in the config it was trained "
+            f"with, which is not beside it (XTuner keeps it in the work_dir); pass it with --config CFG."
+        )
+    scratch = Path(save_dir).absolute().parent
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".xtune-merge-", dir=scratch) as folder:
+        converted = pth_to_hf(str(config), pth, Path(folder) / "adapter", fp32=True, console=console)
+        if not (converted / "adapter_config.json").is_file():
+            raise CheckpointError(f"{pth} holds no LLM LoRA adapter (full weights or LLaVA parts): `xtune convert "
+                                  "pth_to_hf` writes what it holds, with nothing to merge.")  # fmt: skip
+        return merge(base, converted, save_dir, max_shard_size, device, fp32, keep_layout, prompt_template, console)
 
 
 def merge_visual_encoder(base: str, adapter: str | Path, save_dir: str | Path, max_shard_size: str = "2GB", fp32: bool = False, console: Console | None = None) -> Path:

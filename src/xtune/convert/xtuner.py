@@ -61,6 +61,15 @@ def check_xtuner_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
     return states
 
 
+def xtuner_config_beside(checkpoint: str | Path) -> Path | None:
+    """The XTuner config in the work_dir holding `checkpoint` (XTuner writes `work_dirs/<cfg>/<cfg>.py` beside its
+    iter_N.pth), when there is exactly one."""
+    from xtune.config.xtuner import is_xtuner_config
+
+    found = [path for path in sorted(Path(checkpoint).absolute().parent.glob("*.py")) if is_xtuner_config(path)]
+    return found[0] if len(found) == 1 else None
+
+
 def _model_states(folder: Path) -> Path | None:
     for name in (DEEPSPEED_MODEL_STATES, ZERO3_MODEL_STATES):
         for candidate in (folder / name, *sorted(folder.glob(f"*/{name}"))):
