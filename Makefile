@@ -29,8 +29,17 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
 	$(PIP) install -q --no-build-isolation -c constraints.txt 'deepspeed>=0.19,<0.20'
 	touch $@
 
+# Chromium for the web UI's browser test (tests/webui/test_browser.py, skipped without one): Debian's package, as
+# root; Playwright's own browser download needs the internet at large.
+$(VENV)/.browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "no Chromium installed: the web UI's browser test will be skipped (apt-get install chromium)"
+	touch $@
+
 install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install-dev: $(VENV)/.installed-dev $(VENV)/.browser
 
 demo: install
 	$(VENV)/bin/xtune demo

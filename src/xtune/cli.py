@@ -457,6 +457,26 @@ def serve(
 
 
 @app.command()
+def webui(
+    host: Annotated[str, typer.Option(help="Interface to listen on; loopback by default. Any other needs the token.")] = "127.0.0.1",
+    port: int = 7860,
+    root: Annotated[
+        Optional[list[Path]],
+        typer.Option("--root", help="A folder the UI may read and write (configs, data, work_dirs/); repeatable. "
+                     "Default: the current folder."),
+    ] = None,
+    token: Annotated[
+        Optional[str], typer.Option(help="The access token; default: a random one, printed at start.")
+    ] = None,
+    device: str = "auto",
+):
+    """A web UI: configure, check data, train (each run an `xtune train` process), watch, chat and export."""
+    from xtune.webui.app import run_webui
+
+    run_webui(host, port, root or [Path.cwd()], token, device, console=err_console)
+
+
+@app.command()
 def mmbench(
     model: Annotated[str, typer.Argument(help="Base LLM folder or id.")],
     visual_encoder: Annotated[str, typer.Option(help="The base vision encoder (CLIP/SigLIP folder or id).")],
