@@ -1,6 +1,8 @@
 """Sequence parallel (Ulysses): a packed row split over gloo processes gives the loss and gradients of the whole row
 on one process, sample boundaries inside a shard and on its edge; a 2-process training run equals one process (DDP
-and ZeRO-2, with accumulation), resumes bit-identical, and trains with data parallel beside it on 4."""
+and ZeRO-2, with accumulation), resumes bit-identical, and trains with data parallel beside it on 4. The preference
+stages split their rows of pairs too: each objective and its gradients on 2 ranks are one process's, and DPO (also
+under FSDP2, ZeRO-3 and beside data parallel), SimPO, ORPO, KTO and reward runs on 2 processes train as one."""
 
 import json
 import os
@@ -61,7 +63,7 @@ def test_a_shard_holds_its_tokens_with_the_next_tokens_labels_and_the_rows_bound
     ("settings", "message"),
     [
         ({"pack_to_max_length": False}, "needs pack_to_max_length = True"),
-        ({"stage": "dpo", "data_path": "x.jsonl"}, "needs stage = 'sft' (stage = 'dpo' is not split yet)"),
+        ({"stage": "dpo", "data_path": "x.jsonl", "pack_to_max_length": False}, "needs pack_to_max_length = True"),
         ({"max_length": 63}, "needs a max_length divisible by 2 (it is 63)"),
     ],
 )
@@ -76,9 +78,10 @@ def test_what_sequence_parallel_cannot_split_is_refused_by_key(settings, message
     sequence_parallel.check_heads(2, {"num_attention_heads": 8, "num_key_value_heads": 2})
 
 
-def run_ranks(row: dict, size: int, tmp_path: Path) -> list[dict]:
+def run_ranks(spec_values: dict, size: int, tmp_path: Path, worker: Path = WORKER) -> list[dict]:
+    """`worker` run as `size` gloo ranks on SPEC (`spec_values` saved); each rank's results."""
     spec = tmp_path / "spec.pt"
-    torch.save({"row": row, "size": size}, spec)
+    torch.save(spec_values, spec)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -86,7 +89,7 @@ def run_ranks(row: dict, size: int, tmp_path: Path) -> list[dict]:
     for rank in range(size):
         environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
-        command = [sys.executable, str(WORKER), str(spec), str(tmp_path / f"rank{rank}.pt")]
+        command = [sys.executable, str(worker), str(spec), str(tmp_path / f"rank{rank}.pt")]
         processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                           text=True))  # fmt: skip
     logs = [process.communicate(timeout=600)[1] for process in processes]
@@ -103,7 +106,7 @@ def test_two_ranks_give_the_loss_and_gradients_of_the_whole_row(tmp_path, xtune_
     inputs = {key: value for key, value in row.items() if key != "labels"}
     loss = next_token_loss_sum(model, inputs, row["labels"])
     loss.backward()
-    ranks = run_ranks(row, 2, tmp_path)
+    ranks = run_ranks({"row": row, "size": 2}, 2, tmp_path)
     assert sum(rank["trained"] for rank in ranks) == next_token_targets(row["labels"])[1].numel()
     assert sum(rank["loss"] for rank in ranks).item() == pytest.approx(loss.item(), rel=1e-6)  # a sum of ~200
     assert ranks[0]["loss"].item() != pytest.approx(ranks[1]["loss"].item())  # each holds its own part
@@ -180,3 +183,212 @@ def test_four_processes_two_groups_of_two_train_as_one(tmp_path, one_process):
     assert losses(tmp_path / "four") == pytest.approx(losses(one_process), abs=1e-5)
     split, whole = adapter(tmp_path / "four"), adapter(one_process)
     assert max((split[k] - whole[k]).abs().max().item() for k in split) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_splitting_each_row_with_gradient_checkpointing_train_as_one(tmp_path, one_process):
+    """Each layer's forward is recomputed in the backward, its two all-to-alls included, on every rank of the group."""
+    options = ["batch_size=2", "sequence_parallel_size=2", "gradient_checkpointing=True", *OPTIONS]
+    log = launch(tmp_path / "two", 2, 29671, "--cfg-options", *options)
+    assert "each row split over 2 processes (Ulysses), 1 data-parallel groups" in log
+    assert losses(tmp_path / "two") == pytest.approx(losses(one_process), abs=1e-5)
+    split, whole = adapter(tmp_path / "two"), adapter(one_process)
+    assert max((split[k] - whole[k]).abs().max().item() for k in split) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_splitting_each_row_fine_tune_every_weight_as_one(tmp_path):
+    """method = 'full': every weight's gradient (embeddings and head too) is averaged over the group's shards."""
+    options = ["batch_size=2", "method='full'", "save_steps=4", *OPTIONS]
+    launch(tmp_path / "one", 1, 0, "--cfg-options", *options)
+    log = launch(tmp_path / "two", 2, 29675, "--cfg-options", *options, "sequence_parallel_size=2")
+    assert "each row split over 2 processes (Ulysses), 1 data-parallel groups" in log
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    (split_run,), (whole_run,) = run_folders(tmp_path / "two"), run_folders(tmp_path / "one")
+    split = load_file(split_run / "checkpoint-4" / "model.safetensors")
+    whole = load_file(whole_run / "checkpoint-4" / "model.safetensors")
+    assert split.keys() == whole.keys() and max((split[k] - whole[k]).abs().max().item() for k in split) < 1e-4
+
+
+# Preference stages (DPO and its loss types, SimPO, ORPO, KTO, reward models) ---------------------------------------
+# A preference row keeps its labels and answer_ids whole on each rank; an answer's log-probability (a reward: its
+# score) is summed over the group, every rank computes the objective, and takes 1/N of it as its loss.
+
+from functools import partial  # noqa: E402
+
+from xtune.data.encode import Encoded  # noqa: E402
+from xtune.data.packing import pack_groups  # noqa: E402
+from xtune.data.pairs import PreferenceCollator  # noqa: E402
+from xtune.engine.preference import PreferenceObjective  # noqa: E402
+from xtune.engine.reward import RewardObjective  # noqa: E402
+
+PREFERENCE_WORKER = Path(__file__).with_name("sequence_parallel_preference_worker.py")
+
+
+def random_sample(length: int, generator: torch.Generator) -> Encoded:
+    """A prompt (its first third, untrained) and an answer, of random ids (>= 5: never the pad id 0)."""
+    ids = torch.randint(5, 2600, (length,), generator=generator).tolist()
+    return Encoded(ids, [IGNORE_INDEX] * (length // 3) + ids[length // 3 :])
+
+
+def pair_row(lengths: list[tuple[int, int]], padding: int, seed: int = 0) -> tuple[PreferenceCollator, dict]:
+    """One packed row of pairs with answers of these lengths and `padding` pad tokens after them, collated."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = [(random_sample(chosen, generator), random_sample(rejected, generator)) for chosen, rejected in lengths]
+    (row,) = pack_groups(pairs, sum(map(sum, lengths)) + padding, 0)
+    collator = PreferenceCollator(pairs, 0)
+    return collator, collator([row])
+
+
+def test_a_preference_row_is_split_with_its_labels_and_answers_whole():
+    _, row = pair_row([(9, 12), (7, 10)], padding=2)  # 40 tokens: the second answer crosses the shards' edge at 20
+    shards = [sequence_parallel.shard(row, 2, rank) for rank in (0, 1)]
+    assert torch.equal(torch.cat([s["input_ids"] for s in shards], 1), row["input_ids"])
+    for shard in shards:
+        assert SHIFTED not in shard and shard["input_ids"].shape == (1, 20)
+        assert all(torch.equal(shard[key], row[key]) for key in ("labels", "answer_ids", "group_ids", "cu_seq_lens_q"))
+    groups = [sequence_parallel.SequenceParallel(2, rank) for rank in (0, 1)]
+    parts = [sequence_parallel.own_positions(row["labels"], row["answer_ids"], sp) for sp in groups]
+    next_labels = torch.cat([labels for labels, _, _ in parts], 1)
+    assert torch.equal(next_labels[:, :-1], row["labels"][:, 1:]) and next_labels[0, -1] == IGNORE_INDEX
+    assert torch.equal(torch.cat([answers for _, answers, _ in parts], 1), row["answer_ids"])
+    assert [start for _, _, start in parts] == [0, 20]
+    # the pairs are counted once per group, on its first rank; a stand-in part (every label ignored) not at all
+    stand_in = {**shards[0], "labels": torch.full_like(row["labels"], IGNORE_INDEX)}
+    for cls in (partial(PreferenceObjective, "dpo"), partial(RewardObjective, 0)):
+        assert [int(cls(sequence_parallel=sp).count(shards[sp.rank])) for sp in groups] == [2, 0]
+        assert int(cls(sequence_parallel=groups[0]).count(stand_in)) == 0
+
+
+def test_a_kto_rows_mismatched_answers_are_padded_to_split_alike():
+    generator = torch.Generator().manual_seed(1)
+    examples = [(random_sample(n, generator),) for n in (9, 6, 11)]
+    kl = [random_sample(n, generator) for n in (8, 7, 10)]  # 25 tokens: padded to 26, split in two
+    (row,) = pack_groups(examples, 26, 0)
+    collator = PreferenceCollator(examples, 0, kl, [True, False, True], row_multiple=2)
+    batch = collator([row])
+    assert batch["kl"]["input_ids"].shape == (1, 26) and batch["kl"]["answer_ids"][0, -1] == -1
+    assert batch["kl"]["cu_seq_lens_q"].tolist()[-2:] == [25, 26]  # the padding is a segment of its own
+    shards = [sequence_parallel.shard(batch, 2, rank)["kl"] for rank in (0, 1)]
+    assert torch.equal(torch.cat([s["input_ids"] for s in shards], 1), batch["kl"]["input_ids"])
+    assert all(torch.equal(s["answer_ids"], batch["kl"]["answer_ids"]) for s in shards)
+    unsplit = PreferenceCollator(examples, 0, kl, [True, False, True])([row])
+    assert unsplit["kl"]["input_ids"].shape == (1, 25)
+
+
+def run_preference_ranks(row: dict, groups: int, size: int, tmp_path: Path) -> list[dict]:
+    return run_ranks({"row": row, "groups": groups, "size": size}, size, tmp_path, PREFERENCE_WORKER)
+
+
+def test_two_ranks_give_each_preference_objective_and_its_gradients_of_the_whole_row(tmp_path, xtune_home):
+    """Each rank's loss is 1/2 of the objective on the whole row, and the gradients summed over the two ranks (the
+    all-reduce's backward counts each rank's copy of the loss again) are one process's: DPO's loss types with a
+    reference forward or table, SimPO, ORPO, and a reward model whose answers end on either shard."""
+    from tests.engine.sequence_parallel_preference_worker import CASES, objective, preference_model
+
+    _, row = pair_row([(9, 12), (7, 10), (11, 5)], padding=2)  # 56 tokens in shards of 28
+    ranks = run_preference_ranks(row, 3, 2, tmp_path)
+    whole = sequence_parallel.SequenceParallel()
+    for case in CASES:
+        model = preference_model(case, whole)
+        batch = dict(row)
+        labels = batch.pop("labels")
+        loss = objective(case, whole, 3).loss_sum(model, batch, labels)
+        loss.backward()
+        halves = [rank[case]["loss"].item() for rank in ranks]
+        assert halves == pytest.approx([loss.item() / 2] * 2, rel=1e-6), case
+        grads = {name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None}
+        scale = max(grad.abs().max().item() for grad in grads.values())
+        worst = max((ranks[0][case]["grads"][name] - grad).abs().max().item() for name, grad in grads.items())
+        assert scale > 0 and worst < 1e-5 * max(1.0, scale), (case, worst, scale)
+
+
+STAGE_OPTIONS = ["batch_size=2", "max_steps=4", "save_steps=2", "accumulative_counts=2", "dtype='fp32'",
+                 "lora_dropout=0.0", "evaluation_inputs=[]", "pack_to_max_length=True", "max_length=64"]  # fmt: skip
+DPO_CONFIG = "tiny_internlm2_chat_lora_dpo_antonyms"
+STAGE_RUNS = {  # name -> (config, options)
+    "dpo": (DPO_CONFIG, []),
+    "dpo-precomputed-reference": (DPO_CONFIG, ["precompute_reference=True"]),
+    "simpo": (DPO_CONFIG, ["stage='simpo'"]),
+    "orpo": (DPO_CONFIG, ["stage='orpo'"]),
+    "kto": ("tiny_internlm2_chat_lora_kto_antonyms", []),
+    "reward": ("tiny_internlm2_chat_lora_reward_antonyms", []),
+}
+
+
+def stage_records(work_dir: Path) -> list[dict]:
+    (run,) = run_folders(work_dir)
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def launch_stage(config_name: str, work_dir: Path, processes: int, port: int, options: list[str], flags=(),
+                 **environ) -> str:  # fmt: skip
+    environment = {**os.environ, "NPROC_PER_NODE": str(processes), "PORT": str(port), "OMP_NUM_THREADS": "1", **environ}
+    command = [sys.executable, "-m", "xtune.cli", "train", config_name, "--work-dir", str(work_dir), *flags,
+               "--cfg-options", *options]  # fmt: skip
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STAGE_RUNS)
+def test_two_processes_splitting_each_preference_row_train_as_one(tmp_path, name):
+    """Per-step losses (1e-5), gradient norms (the 1/N of each rank's loss: Adam and clipping would hide a factor),
+    the stage's metrics (TRL's rewards/* and logps/*, KTO's kl and counts; 1e-4), trained and seen tokens (exact: the
+    pairs and tokens are counted once per group) and the final adapter (1e-4) are one process's. The precomputed
+    reference's table is computed by the split run itself (its own cache folder)."""
+    config_name, extra = STAGE_RUNS[name]
+    options = [*STAGE_OPTIONS, *extra]
+    launch_stage(config_name, tmp_path / "one", 1, 0, options)
+    fresh = {"XTUNE_HOME": str(tmp_path / "home")} if "precompute_reference=True" in extra else {}
+    port = 29701 + 2 * list(STAGE_RUNS).index(name)
+    log = launch_stage(config_name, tmp_path / "two", 2, port, [*options, "sequence_parallel_size=2"], **fresh)
+    assert "each row split over 2 processes (Ulysses), 1 data-parallel groups" in log
+    if fresh:
+        assert "computed before training (precompute_reference)" in log
+    assert_trains_as_one(tmp_path / "two", tmp_path / "one")
+
+
+def assert_trains_as_one(split_dir: Path, whole_dir: Path) -> None:
+    one, two = stage_records(whole_dir), stage_records(split_dir)
+    assert len(one) == len(two) == 4 and one[-1]["loss"] < one[0]["loss"]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
+    metrics = [key for key in one[0] if "/" in key or key == "kl"]
+    assert metrics and all(set(metrics) <= set(r) for r in two)
+    for key in metrics:
+        assert [r.get(key) for r in two] == pytest.approx([r.get(key) for r in one], abs=1e-4), key
+    for key in ("trained_tokens", "tokens"):
+        assert [r[key] for r in two] == [r[key] for r in one], key
+    split, whole = adapter(split_dir), adapter(whole_dir)
+    assert split.keys() == whole.keys() and max((split[k] - whole[k]).abs().max().item() for k in split) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def one_process_dpo(tmp_path_factory, xtune_home):
+    work_dir = tmp_path_factory.mktemp("one-dpo")
+    launch_stage(DPO_CONFIG, work_dir, 1, 0, STAGE_OPTIONS)
+    return work_dir
+
+
+DPO_LAUNCHES = {  # name -> (processes, flags, options, what the log says)
+    "fsdp": (2, [], ["strategy='fsdp'"], "data parallel over 2 processes (FSDP)"),
+    "zero3": (2, ["--deepspeed", "zero3"], [], "data parallel over 2 processes (DeepSpeed ZeRO-3)"),
+    "two-groups": (4, [], ["batch_size=1"], "each row split over 2 processes (Ulysses), 2 data-parallel groups"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DPO_LAUNCHES)
+def test_dpo_rows_split_under_sharded_engines_and_beside_data_parallel_train_as_one(tmp_path, one_process_dpo, name):
+    """FSDP2 and ZeRO-3 (the reference forward too runs on the sharded weights, on each rank of the group), and 4
+    processes as 2 groups of 2, each group half of the global batch: the pairs of both groups counted once each."""
+    processes, flags, options, label = DPO_LAUNCHES[name]
+    if name == "zero3":
+        pytest.importorskip("deepspeed")
+    port = 29721 + 2 * list(DPO_LAUNCHES).index(name)
+    options = [*STAGE_OPTIONS, *options, "sequence_parallel_size=2"]  # the global batch: 2 rows, as one process's
+    log = launch_stage(DPO_CONFIG, tmp_path / "split", processes, port, options, flags)
+    assert label in log
+    assert_trains_as_one(tmp_path / "split", one_process_dpo)

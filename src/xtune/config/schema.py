@@ -209,8 +209,8 @@ class Config(BaseModel):
     sequence_parallel_size: int = Field(1, ge=1)
     """Split each packed row over this many processes (DeepSpeed-Ulysses, XTuner's key): each holds 1/N of the row's
     tokens, attention trades heads for tokens between them, so a row N times longer fits; the processes
-    (NPROC_PER_NODE) form groups of N, data parallel between the groups. Needs pack_to_max_length, SFT, and head and
-    key/value head counts divisible by N."""
+    (NPROC_PER_NODE) form groups of N, data parallel between the groups. Needs pack_to_max_length (SFT or a
+    preference stage; not LLaVA), and head and key/value head counts divisible by N."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """How several processes (NPROC_PER_NODE > 1) share the work: `ddp` keeps a whole model on each;
     `fsdp` (PyTorch FSDP2, one shard unit per decoder layer) shards weights, gradients and optimizer

@@ -247,6 +247,8 @@ class PreferenceCollator:
     pad_token_id: int
     kl: list[Encoded] | None = None
     desirable: list[bool] | None = None
+    row_multiple: int = 1
+    """Packed KTO: the `kl` row padded to a multiple of this many tokens (sequence parallel splits it in as many)."""
 
     def __call__(self, items: list) -> dict:
         packed = bool(items) and isinstance(items[0], PackedRow)
@@ -259,7 +261,9 @@ class PreferenceCollator:
         if self.kl is not None:
             kl = [self.kl[group] for group in groups]
             if packed:
-                batch["kl"] = collate_packed_pairs([build_row(kl, sum(len(s.input_ids) for s in kl), self.pad_token_id)])
+                length = sum(len(s.input_ids) for s in kl)
+                length += -length % self.row_multiple
+                batch["kl"] = collate_packed_pairs([build_row(kl, length, self.pad_token_id)])
             else:
                 batch["kl"] = collate_answers(kl, self.pad_token_id)
             batch["desirable"] = torch.tensor([self.desirable[group] for group in groups])

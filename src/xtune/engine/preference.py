@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from xtune.data.encode import IGNORE_INDEX
 from xtune.engine.distributed import all_sum
 from xtune.engine.loss import kept_logits, next_token_targets
+from xtune.engine.sequence_parallel import SequenceParallel, group_sum, own_positions
 from xtune.paths import file_sha256, write_failure
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "kto_pair", "bco_pair", "sppo_hard", "nca_pair")
@@ -189,14 +190,19 @@ class PreferenceObjective:
     policy: object = None
     """The policy model itself (not a wrapper for several processes): KTO's KL estimate runs it without gradients."""
     running: RunningMean = field(default_factory=RunningMean)
+    sequence_parallel: SequenceParallel = SequenceParallel()
+    """Each row split over a group of ranks (`xtune.engine.sequence_parallel`): every rank of the group computes the
+    whole objective from the answers' log-probabilities summed over the group, and takes 1/N of it as its loss."""
     kl: torch.Tensor | None = None
     """KTO: the step's KL estimate z0 (`begin_step`)."""
     metrics: dict = field(default_factory=dict)
     """Metric sums over the pairs of the micro-batches since `take_metrics`."""
 
     def count(self, batch: dict) -> torch.Tensor:
-        """The pairs (KTO: examples) in a micro-batch; none in a rank's stand-in part, which has no trained label."""
-        return torch.tensor(len(batch["group_ids"]) if bool((batch["labels"] != IGNORE_INDEX).any()) else 0)
+        """The pairs (KTO: examples) in a micro-batch; none in a rank's stand-in part, which has no trained label.
+        Sequence parallel: counted on the group's first rank (every rank of it holds the same pairs)."""
+        counted = bool((batch["labels"] != IGNORE_INDEX).any()) and self.sequence_parallel.rank == 0
+        return torch.tensor(len(batch["group_ids"]) if counted else 0)
 
     def begin_step(self, batches: list[dict], device, autocast=nullcontext(), ranks=None) -> None:
         """KTO: z0, the mean log-ratio of policy and reference on the step's mismatched answers, over every micro-batch
@@ -209,9 +215,9 @@ class PreferenceObjective:
                   for k, v in batch["kl"].items()}  # fmt: skip
             labels, answer_ids = kl.pop("labels"), kl.pop("answer_ids")
             with torch.no_grad():
-                policy, counts = answer_logps(self.policy, kl, labels, answer_ids, autocast)
+                policy, counts = answer_logps(self.policy, kl, labels, answer_ids, autocast, self.sequence_parallel)
             reference = self._reference_sums(kl, labels, answer_ids, autocast, batch["group_ids"], column=1)
-            real = counts > 0
+            real = (counts > 0) * self._first
             total += ((policy - reference) * real).sum()
             answers += real.sum()
         if ranks is not None:
@@ -225,7 +231,7 @@ class PreferenceObjective:
         answer_ids, group_ids = batch.pop("answer_ids"), batch.pop("group_ids")
         batch.pop("kl", None)
         desirable = batch.pop("desirable", None)
-        sums, counts = answer_logps(model, batch, labels, answer_ids, autocast)
+        sums, counts = answer_logps(model, batch, labels, answer_ids, autocast, self.sequence_parallel)
         if self.stage == "kto":
             return self._kto_loss_sum(batch, labels, answer_ids, group_ids, desirable, autocast, sums, counts)
         chosen, rejected = sums[0::2], sums[1::2]
@@ -251,9 +257,14 @@ class PreferenceObjective:
             if self.rpo_alpha:
                 losses = losses + self.rpo_alpha * -mean_chosen
         real = answered.float()
-        for name, value in preference_metrics(chosen, rejected, *reference, self.beta, real).items():
+        for name, value in preference_metrics(chosen, rejected, *reference, self.beta, real * self._first).items():
             self.metrics[name] = self.metrics.get(name, 0) + value
-        return (losses * real).sum()
+        return (losses * real).sum() / self.sequence_parallel.size
+
+    @property
+    def _first(self) -> float:
+        """1 on a group's first rank, 0 on the others: what every rank of a group computes alike is summed once."""
+        return float(self.sequence_parallel.rank == 0)
 
     def _kto_loss_sum(self, batch, labels, answer_ids, group_ids, desirable, autocast, sums, counts) -> torch.Tensor:
         reference = self._reference_sums(batch, labels, answer_ids, autocast, group_ids, column=0)
@@ -262,14 +273,14 @@ class PreferenceObjective:
                             self.undesirable_weight)  # fmt: skip
         real = (counts > 0).float()
         rewards = self.beta * (sums - reference).detach()
-        good, bad = desirable.float() * real, (~desirable).float() * real
+        good, bad = desirable.float() * real * self._first, (~desirable).float() * real * self._first
         for name, value in {
             "rewards/chosen": (rewards * good).sum(), "rewards/rejected": (rewards * bad).sum(),
             "logps/chosen": (sums.detach() * good).sum(), "logps/rejected": (sums.detach() * bad).sum(),
-            "count/chosen": good.sum(), "count/rejected": bad.sum(), "kl": self.kl * real.sum(),
+            "count/chosen": good.sum(), "count/rejected": bad.sum(), "kl": self.kl * real.sum() * self._first,
         }.items():  # fmt: skip
             self.metrics[name] = self.metrics.get(name, 0) + value
-        return (losses * real).sum()
+        return (losses * real).sum() / self.sequence_parallel.size
 
     def _reference_sums(self, batch, labels, answer_ids, autocast, group_ids, column=None) -> torch.Tensor:
         """The reference's summed log-probability of each answer of the batch, in its order: from the precomputed
@@ -283,7 +294,7 @@ class PreferenceObjective:
             return values.to(batch["input_ids"].device, non_blocking=True)
         context, model = self.reference()
         with torch.no_grad(), context:
-            sums, _ = answer_logps(model, batch, labels, answer_ids, autocast)
+            sums, _ = answer_logps(model, batch, labels, answer_ids, autocast, self.sequence_parallel)
         return sums
 
     def take_metrics(self) -> dict[str, torch.Tensor]:
@@ -310,6 +321,7 @@ def precompute_reference(objective: PreferenceObjective, batches, groups: int, d
     """The reference's summed log-probabilities of every group's two answers (a pair's chosen and rejected; a KTO
     example's answer and its mismatched one), [groups, 2], in one pass over `batches` (collated with `group_ids`)."""
     table = torch.zeros(groups, 2)
+    sp = objective.sequence_parallel  # each batch a shard of its row: every rank of a group gets the whole table
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) and k not in ("labels", "answer_ids", "group_ids") else v
                  for k, v in batch.items()}  # fmt: skip
@@ -317,7 +329,7 @@ def precompute_reference(objective: PreferenceObjective, batches, groups: int, d
         kl, _ = batch.pop("kl", None), batch.pop("desirable", None)
         context, model = objective.reference()
         with torch.no_grad(), context:
-            sums, _ = answer_logps(model, batch, labels, answer_ids, autocast)
+            sums, _ = answer_logps(model, batch, labels, answer_ids, autocast, sp)
             if kl is None:
                 table[group_ids] = sums.float().cpu().reshape(-1, 2)
             else:
@@ -325,24 +337,29 @@ def precompute_reference(objective: PreferenceObjective, batches, groups: int, d
                 kl = {k: v.to(device) if torch.is_tensor(v) and k not in ("labels", "answer_ids") else v
                       for k, v in kl.items()}  # fmt: skip
                 kl_labels, kl_answers = kl.pop("labels"), kl.pop("answer_ids")
-                table[group_ids, 1] = answer_logps(model, kl, kl_labels, kl_answers, autocast)[0].float().cpu()
+                table[group_ids, 1] = answer_logps(model, kl, kl_labels, kl_answers, autocast, sp)[0].float().cpu()
     return table
 
 
-def answer_logps(model, batch: dict, labels: torch.Tensor, answer_ids: torch.Tensor, autocast=nullcontext()):
+def answer_logps(
+    model, batch: dict, labels: torch.Tensor, answer_ids: torch.Tensor, autocast=nullcontext(),
+    sp: SequenceParallel = SequenceParallel(),
+):  # fmt: skip
     """(sum, count) of each answer's trained-token log-probabilities: `answer_ids` [rows, tokens] says which answer
     each position belongs to (0, 1 the first pair's chosen and rejected, ...), -1 on padding. Only the trained
-    positions go through the head, as in SFT."""
-    keep, targets = next_token_targets(labels)
+    positions go through the head, as in SFT. `sp`: `batch` is this rank's shard of the row, `labels` and `answer_ids`
+    the whole row's; the sums are over the group's shards (differentiable), the same on each of its ranks."""
+    count = int(answer_ids.max()) + 1
+    next_labels, answer_ids, _ = own_positions(labels, answer_ids, sp)
+    keep, targets = next_token_targets(next_labels, shifted=True)
     device = batch["input_ids"].device
     flat = keep.flatten().nonzero().squeeze(1)
     answers = answer_ids.flatten()[flat].to(device, non_blocking=True)
-    count = int(answer_ids.max()) + 1
     _, logits = kept_logits(model, batch, keep, flat.to(device, non_blocking=True), autocast)
     token = torch.log_softmax(logits.float(), dim=-1).gather(1, targets.to(device)[:, None]).squeeze(1)
     sums = torch.zeros(count, device=device).index_add_(0, answers, token)
     counts = torch.zeros(count, device=device).index_add_(0, answers, torch.ones_like(token))
-    return sums, counts
+    return group_sum(sums, sp), group_sum(counts, sp)
 
 
 def adapter_disabled(model):
@@ -380,25 +397,29 @@ def preference_objective(config, model) -> PreferenceObjective | None:
     )  # fmt: skip
 
 
-def cached_reference(objective: PreferenceObjective, items, collate_fn, config, report, model_path: Path, dtype,
-                     device, console) -> torch.Tensor:  # fmt: skip
-    """`precompute_reference`: the reference table of the run's data, from the file beside its data cache entry, or
-    computed in one pass and written there. Its name covers what the numbers depend on besides the data (the entry
-    itself): the model's files, the precision and device kind, quantization and packing."""
+def cached_reference(objective: PreferenceObjective, items, collate_fn, groups: int, config, report, model_path: Path,
+                     dtype, device, console) -> torch.Tensor:  # fmt: skip
+    """`precompute_reference`: the reference table of the run's `groups` pairs (KTO: examples), from the file beside
+    its data cache entry, or computed in one pass over `items` (`collate_fn` batching them) and written there. Its
+    name covers what the numbers depend on besides the data (the entry itself): the model's files, the precision and
+    device kind, quantization and packing."""
     settings = {
         "model": model_fingerprint(model_path), "dtype": str(dtype), "device": device.type,
         "quantization": config.quantization, "packed": config.pack_to_max_length, "stage": config.stage,
     }  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(report.cache) / f"reference-{key}.safetensors"
-    if path.is_file():
+    found = path.is_file()
+    if objective.sequence_parallel.size > 1:  # every rank looks before any writes: a group reads, or computes, as one
+        torch.distributed.barrier()
+    if found:
         console.print(f"reference log-probabilities (precompute_reference) read from {path}")
         return load_file(path)["reference"]
     size = config.batch_size
     batches = (collate_fn([items[i] for i in range(start, min(start + size, len(items)))])
                for start in range(0, len(items), size))  # fmt: skip
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    table = precompute_reference(objective, batches, len(collate_fn.groups), device, autocast)
+    table = precompute_reference(objective, batches, groups, device, autocast)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file({"reference": table}, partial)

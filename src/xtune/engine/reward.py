@@ -16,19 +16,25 @@ from xtune.config.schema import Config
 from xtune.data.encode import IGNORE_INDEX
 from xtune.engine.loss import PLAIN_HEAD_MODELS, kept_logits
 from xtune.engine.preference import bradley_terry_loss, reward_penalty
+from xtune.engine.sequence_parallel import SequenceParallel, group_max, group_sum, own_part
 from xtune.errors import ConfigError
 from xtune.models.lora import prepare_trainable
 from xtune.models.reward import SCORE_HEAD, with_score_head
 
 
 def answer_rewards(
-    model, batch: dict, answer_ids: torch.Tensor, pad_token_id: int, autocast=nullcontext()
+    model, batch: dict, answer_ids: torch.Tensor, pad_token_id: int, autocast=nullcontext(),
+    sp: SequenceParallel = SequenceParallel(),
 ) -> torch.Tensor:  # fmt: skip
     """Each answer's reward [answers], fp32: `answer_ids` [rows, tokens] says which answer each position belongs to
     (as `xtune.data.pairs` collates pairs, packed or not), -1 on padding. Every position of the answers goes through
     the head (one output column: cheap), and each answer's last non-pad one is picked on the device, without a
-    host sync. A sample always holds its prompt's tokens, so an answer has a non-pad token."""
+    host sync. A sample always holds its prompt's tokens, so an answer has a non-pad token. `sp`: `batch` is this
+    rank's shard of the row, `answer_ids` the whole row's; an answer's last token is on one rank of the group, whose
+    score every rank gets (a differentiable sum over the group, 0 from the others)."""
     device = batch["input_ids"].device
+    count = int(answer_ids.max()) + 1
+    answer_ids, start = own_part(answer_ids, sp)
     keep = answer_ids >= 0
     flat = keep.flatten().nonzero().squeeze(1)
     answers = answer_ids.flatten()[flat].to(device, non_blocking=True)
@@ -37,9 +43,14 @@ def answer_rewards(
     tokens = batch["input_ids"].flatten().index_select(0, flat)
     positions = torch.arange(flat.numel(), device=device)
     candidates = torch.where(tokens != pad_token_id, positions, -1)
-    count = int(answer_ids.max()) + 1
     last = torch.full((count,), -1, device=device).scatter_reduce_(0, answers, candidates, "amax")
-    return scores[last, 0].float()
+    if sp.size == 1:
+        return scores[last, 0].float()
+    # -1 (no token of the answer here) picks the appended entries: no score, no position
+    here = torch.cat([scores[:, 0].float(), scores.new_zeros(1, dtype=torch.float32)])[last]
+    where = torch.cat([flat + start, flat.new_full((1,), -1)])[last]
+    owner = (where == group_max(where, sp)) & (where >= 0)
+    return group_sum(torch.where(owner, here, 0.0), sp)
 
 
 def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,13 +77,18 @@ class RewardObjective:
     penalty: str = "none"
     """`none`, `log_barrier` or `L2` on both rewards of a pair (Config.reward_penalty), times `penalty_weight`."""
     penalty_weight: float = 0.0
+    sequence_parallel: SequenceParallel = SequenceParallel()
+    """Each row split over a group of ranks: every rank of it computes the whole loss and takes 1/N of it (as
+    `xtune.engine.preference.PreferenceObjective` does)."""
     reference: object = None
     """A reward model has no reference model (nothing to precompute)."""
     metrics: dict = field(default_factory=dict)
 
     def count(self, batch: dict) -> torch.Tensor:
-        """The pairs in a micro-batch; none in a rank's stand-in part (`rank_batch`: every label ignored)."""
-        return torch.tensor(len(batch["group_ids"]) if _trains(batch["labels"]) else 0)
+        """The pairs in a micro-batch; none in a rank's stand-in part (`rank_batch`: every label ignored). Sequence
+        parallel: counted on the group's first rank (every rank of it holds the same pairs)."""
+        counted = _trains(batch["labels"]) and self.sequence_parallel.rank == 0
+        return torch.tensor(len(batch["group_ids"]) if counted else 0)
 
     def begin_step(self, batches: list[dict], device, autocast=nullcontext(), ranks=None) -> None:
         """Nothing is computed over a whole step before its micro-batches."""
@@ -81,7 +97,7 @@ class RewardObjective:
         """The summed per-pair losses of the micro-batch (`batch` without its labels, which stay on the host)."""
         group_ids, answer_ids = batch["group_ids"], batch["answer_ids"]
         batch = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
-        rewards = answer_rewards(model, batch, answer_ids, self.pad_token_id, autocast)
+        rewards = answer_rewards(model, batch, answer_ids, self.pad_token_id, autocast, self.sequence_parallel)
         chosen, rejected = rewards[0::2], rewards[1::2]
         margins = None
         if self.margins is not None:
@@ -92,9 +108,10 @@ class RewardObjective:
             losses = losses + self.penalty_weight * penalties
         if not _trains(labels):  # a stand-in part runs forward and backward with every rank, and weighs nothing
             return losses.sum() * 0
+        first = float(self.sequence_parallel.rank == 0)  # the group's ranks hold the same pairs: summed once
         for name, value in reward_metrics(chosen, rejected).items():
-            self.metrics[name] = self.metrics.get(name, 0) + value
-        return losses.sum()
+            self.metrics[name] = self.metrics.get(name, 0) + value * first
+        return losses.sum() / self.sequence_parallel.size
 
     def take_metrics(self) -> dict[str, torch.Tensor]:
         taken, self.metrics = self.metrics, {}

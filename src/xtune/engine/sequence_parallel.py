@@ -9,6 +9,12 @@ heads and gets their shards of its heads, so it attends over the whole row for H
 The next-token labels are shifted before the split (a shard's last token is trained on the next shard's first), so
 the loss over all ranks is the loss of the whole row. Gradients are averaged over the whole world as in plain data
 parallel: with each rank's loss a share of its row's, their sum is the whole batch's gradient.
+
+A preference row (pairs, KTO's examples, a reward model's pairs) keeps its labels and `answer_ids` whole on each rank:
+an answer's summed log-probability (a reward: its score at the answer's last token) is a sum of partial sums over the
+group's shards (`own_positions`, `group_sum`), after which every rank of the group holds the whole answers and computes
+the same objective. Each rank then takes 1/N of it as its loss: the all-reduce's backward sums the N ranks' gradients
+of it again, so the group's gradient is that of the objective once, as in SFT (the sum of its ranks' losses).
 """
 
 from dataclasses import dataclass
@@ -18,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import _functional_collectives as collectives
+from torch.distributed.nn import functional as dist_functional
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -64,7 +71,6 @@ def check_config(config) -> None:
         return
     needs = [
         (not config.pack_to_max_length, "pack_to_max_length = True (a row of samples is what it splits)"),
-        (config.stage != "sft", f"stage = 'sft' (stage = '{config.stage}' is not split yet)"),
         (config.visual_encoder_name_or_path is not None, "a language model (LLaVA's image tokens are not split yet)"),
         (config.max_length % size != 0, f"a max_length divisible by {size} (it is {config.max_length})"),
     ]
@@ -84,14 +90,55 @@ def check_heads(size: int, model_config: dict) -> None:
 
 def shard(batch: dict, size: int, rank: int) -> dict:
     """A collated packed row (one row, `collate_packed`'s keys) -> this rank's contiguous 1/size of its tokens, the
-    labels shifted to the next token first; the boundaries and the longest sample stay the row's."""
-    length = batch["input_ids"].shape[1]
+    labels shifted to the next token first; the boundaries and the longest sample stay the row's. A preference row
+    (with `answer_ids`) keeps its labels and answer_ids whole, unshifted: its answers are the whole row's, each rank
+    reads its positions' part (`own_positions`), and a stand-in part (`rank_batch` clears every label after the split)
+    reads as one on every rank of the group. KTO's `kl` row is split alike."""
+    start, end = _bounds(batch["input_ids"].shape[1], size, rank)
+    cut = {key: batch[key][:, start:end] for key in ("input_ids", "position_ids", "attention_mask")}
+    if "answer_ids" in batch:
+        kl = {"kl": shard(batch["kl"], size, rank)} if "kl" in batch else {}
+        return {**batch, **cut, **kl}
+    next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    return {**batch, **cut, "labels": next_labels[:, start:end], SHIFTED: True}
+
+
+def _bounds(length: int, size: int, rank: int) -> tuple[int, int]:
     if length % size:
         raise ValueError(f"a row of {length} tokens does not split into {size} equal shards")
-    start, end = rank * length // size, (rank + 1) * length // size
-    next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-    cut = {key: batch[key][:, start:end] for key in ("input_ids", "position_ids", "attention_mask")}
-    return {**batch, **cut, "labels": next_labels[:, start:end], SHIFTED: True}
+    return rank * length // size, (rank + 1) * length // size
+
+
+def own_positions(labels: torch.Tensor, answer_ids: torch.Tensor, sp: SequenceParallel):
+    """A preference row's whole labels and answer_ids [rows, tokens] -> (next-token labels, answer_ids, first position)
+    of this rank's shard: the next tokens' labels shifted on the whole row, as `shard` shifts SFT's."""
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    (next_labels, _), (answer_ids, start) = own_part(next_labels, sp), own_part(answer_ids, sp)
+    return next_labels, answer_ids, start
+
+
+def own_part(tensor: torch.Tensor, sp: SequenceParallel) -> tuple[torch.Tensor, int]:
+    """A whole row's per-position tensor [rows, tokens] -> this rank's shard of it, and the shard's first position."""
+    if sp.size == 1:
+        return tensor, 0
+    start, end = _bounds(tensor.shape[1], sp.size, sp.rank)
+    return tensor[:, start:end], start
+
+
+def group_sum(tensor: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """The sum of `tensor` over the group's ranks, differentiable (its backward sums the ranks' gradients)."""
+    if sp.size == 1:
+        return tensor
+    return dist_functional.all_reduce(tensor, group=sp.group)
+
+
+def group_max(tensor: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """The elementwise maximum of `tensor` over the group's ranks (no gradient)."""
+    if sp.size == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=sp.group)
+    return tensor
 
 
 def sharding(collate_fn, sp: SequenceParallel):

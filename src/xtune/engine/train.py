@@ -339,7 +339,8 @@ def _train(
         items = list(range(len(samples))) if preference else samples
         collate_fn = partial(collate, pad_token_id=pad_id)
     if preference:
-        collate_fn = PreferenceCollator(samples, pad_id, *((kto.kl, kto.desirable) if kto else ()))
+        kto_data = (kto.kl, kto.desirable) if kto else ()
+        collate_fn = PreferenceCollator(samples, pad_id, *kto_data, row_multiple=sp.size)  # sp: a KTO kl row splits
     grouping = report.lengths if config.group_by_length and not config.pack_to_max_length else None
     preprocess = None
     if llava:
@@ -379,10 +380,12 @@ def _train(
     else:
         model = prepare_trainable(model, config, others_train=llava)
         objective = preference_objective(config, model)
+    if objective is not None:
+        objective.sequence_parallel = sp
     model = build_llava(config, model, dtype, device, preprocess) if llava else model.to(device)
     if objective is not None and config.precompute_reference and objective.reference is not None:
-        objective.reference_table = cached_reference(objective, items, collate_fn, config, report, model_path, dtype,
-                                                     device, console)  # fmt: skip
+        objective.reference_table = cached_reference(objective, items, collate_fn, len(samples), config, report,
+                                                     model_path, dtype, device, console)  # fmt: skip
         objective.reference = None  # a full fine-tune keeps no frozen copy
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -493,6 +496,7 @@ def _train(
             if objective is not None:
                 taken = objective.take_metrics()
                 trained_here = sum(count_trained(batch) for batch in micro_batches).to(device).double()
+                trained_here *= sp.rank == 0  # sequence parallel: a preference row's labels are whole on each rank
                 preference = all_sum(torch.stack([trained_here, *(v.double() for v in taken.values())]), ranks)
             if engine is not None:  # it clipped and stepped on the last micro-batch
                 grad_norm = torch.as_tensor(engine.get_global_grad_norm() or 0.0, dtype=torch.float64, device=device)
