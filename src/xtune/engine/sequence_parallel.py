@@ -79,13 +79,15 @@ def check_config(config) -> None:
 
 
 def check_heads(size: int, model_config: dict) -> None:
-    """Ulysses gives each rank of a group 1/size of the query heads and of the key/value heads."""
+    """Ulysses gives each rank of a group 1/size of the query heads and of the key/value heads; with fewer key/value
+    heads than ranks (GQA), each key/value head is repeated to the ranks whose query heads read it."""
     heads = model_config.get("num_attention_heads")
     kv_heads = model_config.get("num_key_value_heads") or heads
-    if size > 1 and (heads is None or heads % size or kv_heads % size):
+    if size > 1 and (heads is None or heads % size or (kv_heads % size and size % kv_heads)):
         raise ConfigError(f"sequence_parallel_size = {size}: the model has {heads} attention heads and {kv_heads} "
-                          f"key/value heads; Ulysses gives each of the {size} ranks a share of both, so both must be "
-                          f"divisible by {size}. Choose a size that divides them.")  # fmt: skip
+                          f"key/value heads; Ulysses gives each of the {size} ranks a share of the heads, so {size} "
+                          f"must divide the attention heads, and divide the key/value heads or be a multiple of them. "
+                          "Choose such a size.")  # fmt: skip
 
 
 def shard(batch: dict, size: int, rank: int) -> dict:
@@ -168,6 +170,9 @@ def ulysses_attention_forward(module, query, key, value, attention_mask, *, grou
     (generation, on one rank) it is the varlen attention itself."""
     if kwargs.get("cu_seq_lens_q") is None:
         return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if key.shape[1] % size:  # fewer key/value heads than ranks: rank j's query heads read key/value head j // repeats
+        repeats = size // key.shape[1]
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
     query, key, value = (_gather_sequence(tensor, group, size) for tensor in (query, key, value))
     output, _ = varlen_attention_forward(module, query, key, value, None, **kwargs)
     return _gather_heads(output, group, size), None
