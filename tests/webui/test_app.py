@@ -198,6 +198,19 @@ def test_export_and_chat_with_a_finished_run(root):
     assert [job["status"] for job in jobs] == ["done", "done"], jobs
     assert (root / "exports" / "adapter" / "adapter_config.json").is_file()
     assert (root / "exports" / "merged" / "config.json").is_file()
+    job = web.post("/api/export", json={"kind": "gguf", "source": "exports/merged", "output": "exports/model.gguf"},
+                   headers=AUTH).json()  # fmt: skip
+    assert job["command"] == "xtune convert gguf exports/merged exports/model.gguf --outtype f16"
+    _wait(lambda: all(job["status"] != "running" for job in web.get("/api/exports", headers=AUTH).json()["jobs"]))
+    web.post("/api/export", json={"kind": "ollama", "source": "exports/model.gguf", "output": "exports"}, headers=AUTH)
+    jobs = _wait(lambda: (jobs := web.get("/api/exports", headers=AUTH).json()["jobs"]) and len(jobs) == 4 and
+                 all(job["status"] != "running" for job in jobs) and jobs)  # fmt: skip
+    assert [job["status"] for job in jobs] == ["done"] * 4, jobs
+    import gguf
+
+    reader = gguf.GGUFReader(root / "exports" / "model.gguf")
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert (root / "exports" / "Modelfile").read_text().startswith("FROM ")
     again = web.post("/api/export", json={"kind": "merge", "source": checkpoint, "output": "exports/merged"}, headers=AUTH)
     assert again.status_code == 400 and "already exists" in again.json()["error"]
     outside = web.post("/api/export", json={"kind": "merge", "source": checkpoint, "output": "../merged"}, headers=AUTH)
