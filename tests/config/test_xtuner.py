@@ -484,3 +484,11 @@ def test_max_dataset_length_keeps_a_seeded_subset_of_each_source(tmp_path):
 def test_sequence_parallel_carries_over_with_the_accumulation_xtuner_scales_by_it(tmp_path):
     config, _ = load_config(str(write(tmp_path, QLORA.replace("sequence_parallel_size = 1", "sequence_parallel_size = 4"))))
     assert config.sequence_parallel_size == 4 and config.accumulative_counts == 32  # 8 *= 4: the same global batch
+
+
+def test_max_dataset_length_over_several_data_files_is_refused(tmp_path):
+    """XTuner draws max_dataset_length records from all of a loader's files together; xtune's is per source."""
+    text = JSONL_DPO.replace("FILES", "['a.jsonl', 'b.jsonl']").replace("num_proc=2,", "num_proc=2, max_dataset_length=5,")
+    assert "max_dataset_length=5" in text
+    with pytest.raises(ConfigError, match="max_dataset_length': with several data_files XTuner draws that many"):
+        load_config(str(write(tmp_path, text)))

@@ -46,7 +46,10 @@ def test_the_shipped_layout_trains_and_saves_what_it_was_trained_with(shipped_fo
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert "warning" not in output.getvalue()  # internlm2_chat writes the ids of InternLM2-Chat's own template
     tokenizer = load_tokenizer(result.checkpoint)
-    assert tokenizer.chat_template == load_tokenizer(shipped_folder).chat_template  # the official one, as trained
+    from xtune.models.publish import parts_as_text
+
+    # the official one, as trained, behind the preamble that takes list-of-parts content
+    assert tokenizer.chat_template == parts_as_text() + load_tokenizer(shipped_folder).chat_template
     assert 92542 in GenerationConfig.from_pretrained(result.checkpoint).eos_token_id  # <|im_end|>
     from xtune.data.formats import Conversation, Turn
     from xtune.data.templates import get_template

@@ -220,6 +220,12 @@ def test_xtuners_names_link_to_the_run_and_leave_anything_else_alone(tmp_path):
     (work_dir / "my_cfg.py").write_text("the user's own file")
     keep_config_file(config, second)
     assert (work_dir / "my_cfg.py").read_text() == "the user's own file"
+    shared = tmp_path / "shared" / "cfg.py"
+    shared.parent.mkdir()
+    shared.write_text("lr = 3e-4\n")
+    (work_dir / "cfg.py").symlink_to(shared)
+    keep_config_file(shared, first)
+    assert os.readlink(work_dir / "cfg.py") == str(shared)  # not replaced by a link into the run
 
 
 def test_pruning_removes_the_names_of_deleted_checkpoints(tmp_path):
@@ -229,5 +235,6 @@ def test_pruning_removes_the_names_of_deleted_checkpoints(tmp_path):
     for step in (1, 2, 3):
         (run / f"checkpoint-{step}").mkdir(parents=True)
         name_as_xtuner(run / f"checkpoint-{step}", 2 * step)
+    (tmp_path / "work" / "iter_9.pth").symlink_to(tmp_path / "unmounted" / "iter_9.pth")  # the user's, dangling
     assert [path.name for path in prune_checkpoints(run, keep=2)] == ["checkpoint-1"]
-    assert sorted(path.name for path in (tmp_path / "work").glob("iter_*")) == ["iter_4.pth", "iter_6.pth"]
+    assert sorted(path.name for path in (tmp_path / "work").glob("iter_*")) == ["iter_4.pth", "iter_6.pth", "iter_9.pth"]

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,3 +116,30 @@ def test_a_run_from_before_a_key_existed_resumes_only_with_that_keys_old_meaning
     with pytest.raises(CheckpointError, match=r"router_aux_loss_coef: 0.0 -> None"):
         check_resumable(config, run / "checkpoint-1", 1)
     check_resumable(config.model_copy(update={"router_aux_loss_coef": 0.0}), run / "checkpoint-1", 1)  # as it trained
+
+
+def test_resume_from_xtuners_name_for_a_checkpoint_continues_its_run(tmp_path):
+    """`--resume WORK_DIR/iter_N.pth` (the link XTuner's name gives a checkpoint): the run folder it points into."""
+    options = [f"work_dir={str(tmp_path)!r}", "max_steps=2", "save_steps=1", "save_total_limit=-1", "evaluation_inputs=[]"]
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", options)
+    first = train(config, Console(file=io.StringIO()))
+    assert (tmp_path / "iter_1.pth").resolve() == (first.run_dir / "checkpoint-1").resolve()
+    shutil.rmtree(first.run_dir / "checkpoint-2")
+    resumed = train(config, Console(file=io.StringIO()), resume=str(tmp_path / "iter_1.pth"))
+    assert resumed.run_dir == first.run_dir and resumed.losses == first.losses[1:]
+
+
+def test_a_run_from_before_a_key_existed_resumes_only_with_that_keys_default(tmp_path):
+    from xtune.engine.train import check_resumable
+
+    config, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path)!r}", "max_steps=2", "save_steps=1"])
+    run = train(config, Console(file=io.StringIO())).run_dir
+    saved = json.loads((run / "config.json").read_text())
+    for key in ("sequence_parallel_size", "warmup_steps", "max_dataset_length"):
+        saved.pop(key)
+    (run / "config.json").write_text(json.dumps(saved))
+    check_resumable(config, run / "checkpoint-2", world=1)  # the defaults: what the old run trained with
+    for change in ("warmup_steps=100", "max_dataset_length=10"):
+        changed, _ = load_config("tiny_internlm2_chat_lora_antonyms", [f"work_dir={str(tmp_path)!r}", "max_steps=2", change])
+        with pytest.raises(CheckpointError, match=f"the config changed \\({change.split('=')[0]}: None -> "):
+            check_resumable(changed, run / "checkpoint-2", world=1)

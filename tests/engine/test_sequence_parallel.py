@@ -364,7 +364,7 @@ DPO_LAUNCHES = {  # name -> (processes, flags, options, what the log says)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DPO_LAUNCHES)
 def test_dpo_rows_split_under_sharded_engines_and_beside_data_parallel_train_as_one(tmp_path, one_process_dpo, name):
-    """FSDP2 and ZeRO-3 (the reference forward too runs on the sharded weights, on each rank of the group), and 4
+    """ZeRO-3 (the reference forward too runs on the sharded weights, on each rank of the group), and 4
     processes as 2 groups of 2, each group half of the global batch: the pairs of both groups counted once each."""
     processes, flags, options, label = DPO_LAUNCHES[name]
     if name == "zero3":

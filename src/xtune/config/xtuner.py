@@ -623,6 +623,9 @@ class _Mapper:
         if "dataset_map_fn" not in dataset:
             self.set(f"{key}.dataset_map_fn", "dataset_format", _format_of(None, stage))
         values = self.out.values
+        if "datasets" in values and "data_path" not in values and "max_dataset_length" in values:
+            raise self.refuse(f"{key}.max_dataset_length", "with several data_files XTuner draws that many records from "
+                              "all of them together, xtune from each source; concatenate the files into one")  # fmt: skip
         if "datasets" in values and "data_path" not in values:  # data_files listed several: each takes the format
             for source in values["datasets"]:
                 source["format"] = values["dataset_format"]

@@ -40,8 +40,12 @@ def write_modelfile(gguf_file: str | Path, prompt_template: str | None = None, s
             "template; pass --prompt-template NAME with the xtune template that writes the same prompts."
         )
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    bos, eos = tokens[_field(reader, "tokenizer.ggml.bos_token_id")], tokens[_field(reader, "tokenizer.ggml.eos_token_id")]  # fmt: skip
-    adds_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token"))
+    bos_id, eos_id = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
+    if eos_id is None:
+        raise XtuneError(f"{gguf_file} names no end-of-sequence token (tokenizer.ggml.eos_token_id); write it with "
+                         "`xtune convert gguf`, which records it.")  # fmt: skip
+    bos, eos = (tokens[bos_id] if bos_id is not None else ""), tokens[eos_id]  # a GGUF without BOS adds none
+    adds_bos = bos_id is not None and bool(_field(reader, "tokenizer.ggml.add_bos_token"))
     modelfile = gguf_file.with_name("Modelfile")
     if modelfile.exists():
         raise XtuneError(f"{modelfile} already exists; remove it or move the GGUF to a folder of its own.")

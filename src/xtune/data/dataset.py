@@ -77,7 +77,8 @@ def config_template(config: Config) -> Template:
 def cache_key(config: Config, specs: list[SourceSpec], tokenizer, image_tokens: int = 0) -> str:
     digest = hashlib.sha256()
     for spec in specs:
-        digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
+        fields = {key: value for key, value in asdict(spec).items() if key != "max_records" or value is not None}
+        digest.update(json.dumps(fields, sort_keys=True).encode())  # a key added unset keeps the earlier caches
         if names_code(spec.format):  # a user's map function: its code decides the samples too
             digest.update(_code_fingerprint(spec.format).encode())
         for file in data_files(resolve_data_path(spec.path)):

@@ -43,16 +43,10 @@ def new_run_dir(work_dir: str | Path) -> Path:
 def keep_config_file(config_file: Path, run_dir: Path) -> None:
     """The config file as it was, in the run folder, and under its name in the work folder (a link to that copy),
     where XTuner writes it: `xtuner train cfg.py --work-dir DIR` leaves `DIR/cfg.py`, which its tutorials pass to
-    `pth_to_hf`. A file of that name in the work folder that is not such a link (the user's own) is left alone."""
+    `pth_to_hf`. Anything else of that name in the work folder (the user's own file or link) is left alone."""
     copy = run_dir / config_file.name
     shutil.copy2(config_file, copy)
-    link = run_dir.parent / config_file.name
-    if link.exists() and not link.is_symlink():
-        return
-    draft = link.with_name(f".{link.name}.{os.getpid()}.link")
-    draft.unlink(missing_ok=True)
-    draft.symlink_to(Path(run_dir.name) / copy.name)
-    os.replace(draft, link)
+    _link_from_work_dir(run_dir.parent / config_file.name, Path(run_dir.name) / copy.name)
 
 
 def save_checkpoint(
@@ -108,20 +102,35 @@ def run_folders(work_dir: str | Path) -> list[Path]:
 def name_as_xtuner(checkpoint: Path, micro_batches: int) -> None:
     """`WORK_DIR/iter_<micro_batches>.pth`, a link to `checkpoint` (in a run folder of WORK_DIR): the name XTuner gives
     the checkpoint after that many iterations, so that its tutorials' commands and `pretrained_pth` find it. A
-    link of that name is moved to the newer run; anything else of that name (XTuner's own file) is left alone."""
-    link = checkpoint.parent.parent / f"iter_{micro_batches}.pth"
-    if link.exists() and not link.is_symlink():
+    link of xtune's of that name is moved to the newer run; anything else of that name (XTuner's own checkpoint, a
+    link of the user's) is left alone."""
+    target = Path(checkpoint.parent.name) / checkpoint.name
+    _link_from_work_dir(checkpoint.parent.parent / f"iter_{micro_batches}.pth", target)
+
+
+_OURS = re.compile(r"[^/]+/(checkpoint-\d+|[^/]+\.(py|yaml|yml))")
+"""What a link xtune put in a work folder points at: `RUN/checkpoint-N`, or `RUN/<config file>`."""
+
+
+def _is_ours(link: Path) -> bool:
+    return link.is_symlink() and bool(_OURS.fullmatch(os.readlink(link))) and (link.parent / os.readlink(link)).parent.parent == link.parent
+
+
+def _link_from_work_dir(link: Path, target: Path) -> None:
+    """`link` (in a work folder) pointing at `target` (relative, inside one of its run folders), replaced atomically;
+    a file or folder of that name, or a link not made by xtune, is left as it is."""
+    if (link.exists() or link.is_symlink()) and not _is_ours(link):
         return
     draft = link.with_name(f".{link.name}.{os.getpid()}.link")
     draft.unlink(missing_ok=True)
-    draft.symlink_to(Path(checkpoint.parent.name) / checkpoint.name, target_is_directory=True)
+    draft.symlink_to(target, target_is_directory=(link.parent / target).is_dir())
     os.replace(draft, link)
 
 
 def _unlink_xtuner_names(work_dir: Path) -> None:
-    """The `iter_N.pth` links whose checkpoint has been deleted."""
+    """xtune's `iter_N.pth` links whose checkpoint has been deleted."""
     for link in work_dir.glob("iter_*.pth"):
-        if link.is_symlink() and not link.exists():
+        if _is_ours(link) and not link.exists():
             link.unlink(missing_ok=True)
 
 
@@ -426,6 +435,7 @@ def find_resume_checkpoint(work_dir: str | Path, resume: str) -> Path | None:
     `resume` names. The checkpoint's files are checked against its manifest."""
     if resume != "auto":
         path = Path(resume)
+        path = path.resolve() if path.is_symlink() else path  # WORK_DIR/iter_N.pth, XTuner's name: the run's own folder
         if not (path / TRAINING_STATE).is_file():
             raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {TRAINING_STATE}).")
         verify_checkpoint(path)

@@ -144,7 +144,8 @@ RESUME_MAY_CHANGE = (
 """Keys that change neither what is trained nor how: a resumed run may set them anew (to train longer, save or log
 otherwise, evaluate other prompts, recompute activations). Every other key must be what the run started with."""
 
-KEYS_BEFORE_THEY_EXISTED = {"router_aux_loss_coef": 0.0}
+KEYS_BEFORE_THEY_EXISTED = {"router_aux_loss_coef": 0.0, "sequence_parallel_size": 1, "warmup_steps": None,
+                            "max_dataset_length": None}  # fmt: skip
 """Keys whose default trains otherwise than a run from before the key existed did: what those runs trained with."""
 
 DATA_FINGERPRINT = "data.json"

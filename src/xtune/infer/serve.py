@@ -208,6 +208,10 @@ MAX_STOP_WORDS, MAX_STOP_CHARS = 4, 256
 of them held the model lock for minutes and their matching tables stayed in memory."""
 MAX_CHOICES = 8
 """The most choices (`n`) one request may ask for."""
+MAX_IMAGES = 8
+"""Images in one request: each is decoded and run through the vision encoder before the reply starts."""
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Pixels in one image, checked on its header before decoding (Pillow's own guard stops only at 179M)."""
 
 
 def _content_text(
@@ -236,6 +240,8 @@ def _content_text(
             if part.image_url is None:
                 raise ApiError(400, f"{name}: an image_url part needs \"image_url\": {{\"url\": ...}}.",
                                param=f"{name}.image_url")  # fmt: skip
+            if len(images) == MAX_IMAGES:
+                raise ApiError(400, f"{name}: at most {MAX_IMAGES} images per request.", param=name)
             images.append(read_image(part.image_url.url, f"{name}.image_url"))
             texts.append(IMAGE_PLACEHOLDER)
         else:
@@ -257,8 +263,8 @@ def local_image_reader(allowed: Path | None) -> ImageReader:
             try:
                 raw = base64.b64decode(data, validate=True)
                 with Image.open(io.BytesIO(raw)) as image:
-                    return image.convert("RGB")
-            except (ValueError, OSError) as error:
+                    return _small_enough(image, param).convert("RGB")
+            except (ValueError, OSError, Image.DecompressionBombError) as error:
                 raise ApiError(400, f"{param}: the data URL is not an image Pillow can read ({error}).",
                                param=param) from None  # fmt: skip
         if "://" in url and not url.startswith("file://"):
@@ -271,11 +277,23 @@ def local_image_reader(allowed: Path | None) -> ImageReader:
         if not path.is_relative_to(allowed.resolve()):
             raise ApiError(400, f"{param}: {url} is outside the folder this server reads images from.", param=param)
         try:
+            with Image.open(path) as image:
+                _small_enough(image, param)
             return load_image(path)
-        except DataError as error:
+        except (DataError, OSError, Image.DecompressionBombError) as error:
             raise ApiError(400, f"{param}: {error}.", param=param) from None
 
     return read
+
+
+def _small_enough(image: Image.Image, param: str) -> Image.Image:
+    """An image of at most MAX_IMAGE_PIXELS, checked on its header before its pixels are decoded (a small PNG can
+    hold a huge, uniform image: 23 KB for 432 MB of RGB)."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ApiError(400, f"{param}: a {width}x{height} image has more than {MAX_IMAGE_PIXELS:,} pixels; send a "
+                       "smaller one (the vision encoder resizes it to a few hundred pixels a side anyway).", param=param)  # fmt: skip
+    return image
 
 
 def _unicode(text: str, param: str) -> str:
@@ -578,7 +596,8 @@ def build_app(
             raise ApiError(400, f"n={choices}: at most {MAX_CHOICES} choices per request.", param="n")
         _check_sampling(request, max_tokens_limit)
         tools, tool_template = _offered_tools(request, template)
-        conversation, images = request_conversation(request.messages, tools, read_image if image_tokens else None)
+        reader = read_image if image_tokens else None  # images are decoded off the event loop: other streams go on
+        conversation, images = await asyncio.to_thread(request_conversation, request.messages, tools, reader)
         conversation = replace(with_system(conversation, system), enable_thinking=_thinking(request))
         if admitted is not None and not _take(admitted, choices):
             raise ApiError(
