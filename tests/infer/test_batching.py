@@ -123,3 +123,29 @@ def test_a_row_cancelled_while_it_waits_for_room_is_ended_without_running(loaded
     waiting.cancelled.set()
     assert waiting.listener.done.wait(60) and waiting.generated == [] and waiting.listener.error is None
     assert running.listener.done.wait(60) and len(running.generated) == 30
+
+
+def test_a_prompt_whose_prefill_fails_fails_alone(loaded, monkeypatch):
+    """Prompts that arrive together are prefilled together; when that fails (one too long for the memory, say),
+    each is prefilled alone, so only the one that fails by itself is told of an error."""
+    model, tokenizer = loaded
+    poison = 7  # a token id the stand-in failure reacts to
+    real_forward = model.forward
+
+    def failing(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1 and (kwargs["input_ids"] == poison).any():
+            raise RuntimeError("out of memory (stand-in)")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    batcher = Batcher(model, pad_token_id(tokenizer))
+    good = [tokenizer.encode(PROMPTS[i]) for i in (0, 1)]
+    assert all(poison not in prompt for prompt in good)
+    sequences = [Sequence(good[0], 6, frozenset(), Recorder()), Sequence([poison, *good[1]], 6, frozenset(), Recorder()),
+                 Sequence(good[1], 6, frozenset(), Recorder())]  # fmt: skip
+    batcher.waiting.extend(sequences[:-1])  # queued before the batcher's thread starts: admitted together
+    batcher.submit(sequences[-1])
+    for sequence in sequences:
+        assert sequence.listener.done.wait(60)
+    assert [type(s.listener.error).__name__ if s.listener.error else None for s in sequences] == [None, "RuntimeError", None]
+    assert sequences[0].generated == alone(model, good[0], 6) and sequences[2].generated == alone(model, good[1], 6)

@@ -114,10 +114,14 @@ class Batcher:
             with torch.no_grad():
                 try:
                     self._admit(arrived)
-                except Exception as error:  # these prompts failed: they are told; the running rows go on
-                    logger.exception("prefilling failed")
+                except Exception:  # prefilled one at a time: a prompt that fails (say, out of memory) fails alone
+                    logger.exception("prefilling %d prompts together failed; each alone now", len(arrived))
                     for sequence in arrived:
-                        _end(sequence, error)
+                        try:
+                            self._admit([sequence])
+                        except Exception as error:  # this prompt failed: it is told; the running rows go on
+                            logger.exception("prefilling failed")
+                            _end(sequence, error)
                 if self.batch is None:
                     continue
                 try:
