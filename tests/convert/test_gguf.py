@@ -300,3 +300,39 @@ def test_an_unknown_pre_tokenizer_is_refused(tmp_path):
     tokenizer_json = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, {"type": "ByteLevel", "use_regex": False}]}}  # fmt: skip
     with pytest.raises(XtuneError, match="not one xtune can name for llama.cpp"):
         pre_tokenizer_name(tmp_path, tokenizer_json)
+
+
+def test_quantized_weights_and_unwritten_rope_scaling_are_refused_and_linear_scaling_written(folders, tmp_path):
+    def variant(name: str, **changes) -> "Path":
+        folder = tmp_path / name
+        shutil.copytree(folders["llama"][1], folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        return folder
+
+    quantized = variant("quantized", quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    with pytest.raises(XtuneError, match="describes quantized weights \\(bitsandbytes\\)"):
+        write_gguf(quantized, tmp_path / "q.gguf")
+    llama3 = variant("llama3", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})  # fmt: skip
+    with pytest.raises(XtuneError, match="rope_type 'llama3' is not written to GGUF by xtune yet"):
+        write_gguf(llama3, tmp_path / "l3.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+    linear = variant("linear", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    write_gguf(linear, tmp_path / "linear.gguf")
+    reader = gguf.GGUFReader(tmp_path / "linear.gguf")
+    assert field(reader, "llama.rope.scaling.factor") == pytest.approx(4.0)
+
+
+def test_a_sliding_window_model_is_written_with_a_warning(folders, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    folder = tmp_path / "windowed"
+    shutil.copytree(folders["mistral"][1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sliding_window": 16, "max_position_embeddings": 512}))
+    output = io.StringIO()
+    convert_gguf(str(folder), tmp_path / "windowed.gguf", console=Console(file=output, width=300))
+    assert "attends within a sliding window of 16 tokens" in output.getvalue()
