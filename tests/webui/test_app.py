@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from xtune.errors import XtuneError
+from xtune.engine.checkpoint import LOCK_FILE, lock_run
 from xtune.webui.app import TOKEN_HEADER, check_bind, create_app, is_loopback, run_webui
 from xtune.webui.files import Roots
 from xtune.webui.runs import Runs
@@ -34,8 +35,11 @@ def test_loopback_is_the_default_bind():
     from xtune.cli import webui
 
     assert inspect.signature(webui).parameters["host"].default == "127.0.0.1"
-    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("[::1]")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10")
+    from xtune.infer import serve
+
+    assert is_loopback is serve.is_loopback  # one answer for `xtune serve` and `xtune webui`
 
 
 def test_a_bind_beyond_loopback_without_a_token_is_refused():
@@ -58,14 +62,32 @@ def test_beyond_loopback_every_request_needs_the_token(root):
     assert web.get("/api/configs", headers=AUTH).status_code == 200
 
 
-def test_on_loopback_the_page_is_open_and_the_api_needs_the_token_the_page_carries(root):
+def test_on_loopback_the_page_needs_the_token_too_and_carries_it(root):
+    """Another user of the machine reaches a loopback port as well: the page, which holds the token, needs it."""
     web = client(root)
-    page = web.get("/")
+    assert web.get("/").status_code == 401 and web.get("/?token=wrong").status_code == 401
+    page = web.get(f"/?token={TOKEN}")
     assert page.status_code == 200 and f'"{TOKEN}"' in page.text
+    assert web.get("/static/app.js").status_code == 200  # the page's code holds no secret
     assert web.get("/api/runs").status_code == 401
     assert web.get("/api/runs", headers=AUTH).json() == {"runs": [], "jobs": []}
+    assert web.get("/api/runs", headers={TOKEN_HEADER: "tökén".encode()}).status_code == 401  # not a crash on non-ASCII
+    for answer in (page, web.get("/")):  # no other site frames it, to click its buttons for you
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["content-security-policy"] == "frame-ancestors 'none'"
     # another site's name for 127.0.0.1 (DNS rebinding) gets nothing
-    assert client(root, host="attacker.example:7860").get("/").status_code == 403
+    assert client(root, host="attacker.example:7860").get(f"/?token={TOKEN}").status_code == 403
+    assert client(root, host="[::1]:7860").get(f"/?token={TOKEN}").status_code == 200
+
+
+def test_a_token_of_any_characters_is_compared_and_carried(root):
+    token = 'tö"</script>'
+    web = TestClient(create_app(Roots.of([root]), token), base_url="http://127.0.0.1:7860")
+    page = web.get("/", params={"token": token})
+    assert page.status_code == 200 and "</script>\"" not in page.text.split("XTUNE_TOKEN", 1)[1].split("\n")[0]
+    assert json.dumps(token).replace("<", "\\u003c") in page.text
+    assert web.get("/api/runs", params={"token": "tö"}).status_code == 401
+    assert web.get("/api/runs", params={"token": token}).status_code == 200
 
 
 def test_file_pickers_stay_inside_the_roots(root, tmp_path):
@@ -96,6 +118,133 @@ def test_data_outside_the_roots_is_not_read(root, tmp_path):
     for path in (str(outside), "../outside.jsonl"):
         answer = web.post("/api/dataset/samples", json={"values": {**values, "data_path": path}}, headers=AUTH)
         assert answer.status_code == 403, answer.text
+
+
+def test_files_inside_a_data_folder_and_other_read_paths_stay_inside_the_roots(root, tmp_path):
+    """The inside-check follows every path the config names to read, and every file a data folder holds: a link
+    in it to a file outside the roots is refused by name. Names xtune resolves itself (xtune-tiny/...) pass."""
+    record = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(record + "\n")
+    (outside / "ds.json").write_text("{}")
+    (root / "data").mkdir()
+    (root / "data" / "mine.jsonl").write_text(record + "\n")
+    web = client(root)
+    values = web.post("/api/config/load", json={"config": "tiny_internlm2_chat_lora_antonyms"}, headers=AUTH).json()["values"]
+    assert web.post("/api/dataset/samples", json={"values": {**values, "data_path": "data"}}, headers=AUTH).status_code == 200
+    (root / "data" / "x.jsonl").symlink_to(outside / "secret.jsonl")
+    answer = web.post("/api/dataset/samples", json={"values": {**values, "data_path": "data"}}, headers=AUTH)
+    assert answer.status_code == 403 and "data_path = 'data' holds" in answer.json()["error"], answer.text
+    datasets = json.dumps([{"path": "xtune-tiny/antonyms"}, {"path": "data"}])
+    answer = web.post("/api/dataset/check", json={"values": {**values, "data_path": "", "datasets": datasets}}, headers=AUTH)
+    assert answer.status_code == 403 and "datasets[1].path" in answer.json()["error"], answer.text
+    (root / "data" / "x.jsonl").unlink()
+    (root / "ds.json").symlink_to(outside / "ds.json")
+    for key, value in (("val_data_path", str(outside / "secret.jsonl")), ("image_folder", str(outside)),
+                       ("deepspeed", "ds.json"), ("pretrained_pth", str(outside))):  # fmt: skip
+        answer = web.post("/api/dataset/check", json={"values": {**values, key: value}}, headers=AUTH)
+        assert answer.status_code == 403 and answer.json()["error"].startswith(f"{key} = "), (key, answer.text)
+        assert web.post("/api/train", json={"values": {**values, key: value}}, headers=AUTH).status_code == 403
+
+
+def test_requests_missing_what_they_need_get_a_400_that_names_it(root):
+    web = client(root)
+    for path, body, key in (("/api/config/load", {}, "config"), ("/api/config/save", {"name": "x"}, "values"),
+                            ("/api/config/validate", {}, "values"), ("/api/run/stop", {}, "run"),
+                            ("/api/export", {"kind": "merge", "output": "exports/x"}, "source"),
+                            ("/api/chat", {"messages": []}, "checkpoint")):  # fmt: skip
+        answer = web.post(path, json=body, headers=AUTH)
+        assert answer.status_code == 400 and repr(key) in answer.json()["error"], (path, answer.text)
+    for name in ("", ".", ".."):
+        answer = web.post(f"/api/upload?name={name}", content=b"x", headers=AUTH)
+        assert answer.status_code == 400 and "name the image file" in answer.json()["error"], (name, answer.text)
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    for tokens in (4097, 0, "many"):
+        answer = web.post("/api/chat", json={"checkpoint": "model", "messages": [], "max_new_tokens": tokens}, headers=AUTH)
+        assert answer.status_code == 400 and "max_new_tokens" in answer.json()["error"], answer.text
+
+
+def test_a_half_written_job_file_does_not_break_the_run_list(root):
+    jobs = root / "work_dirs" / "cfg" / ".webui-jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "20260101_000000_000001.json").write_text('{"id": "20260101_0000')
+    (jobs / "20260101_000000_000002.json").write_text(json.dumps({"id": "x", "command": ["xtune", "train", "c.yaml"],
+        "pid": 2**22 + 1, "log": str(jobs / "x.log"), "work_dir": str(jobs.parent), "started": 0.0}))  # fmt: skip
+    listed = client(root).get("/api/runs", headers=AUTH)
+    assert listed.status_code == 200 and [job["id"] for job in listed.json()["jobs"]] == ["x"]
+
+
+def _a_run(root) -> Path:
+    run = root / "work_dirs" / "cfg" / "20260101_000000"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"llm_name_or_path": "x", "max_steps": 4, "work_dir": "work_dirs/cfg"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    return run
+
+
+def test_a_lock_file_left_behind_is_not_a_running_run_and_stop_signals_no_one(root):
+    """A stale lock names a pid that may since be another program (here one whose command line even says xtune):
+    only a lock that is held makes a run running, and Stop signals nothing else."""
+    import subprocess
+    import sys
+
+    run = _a_run(root)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "xtune"], start_new_session=True)
+    try:
+        (run / LOCK_FILE).write_text(f"pid {other.pid} on {os.uname().nodename}")
+        web = client(root)
+        (summary,) = web.get("/api/runs", headers=AUTH).json()["runs"]
+        assert summary["status"] == "stopped" and summary["memory_gib"] is None
+        answer = web.post("/api/run/stop", json={"run": summary["id"]}, headers=AUTH)
+        assert answer.status_code == 400 and "is not running" in answer.json()["error"]
+        time.sleep(0.5)
+        assert other.poll() is None  # not signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_run_locked_on_another_machine_is_running_and_is_not_stopped_from_here(root):
+    run = _a_run(root)
+    handle = lock_run(run)  # held, as by a training process; its text as one on another node writes it
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write("pid 4242 on gpu-node-7")
+        handle.flush()
+        web = client(root)
+        (summary,) = web.get("/api/runs", headers=AUTH).json()["runs"]
+        assert summary["status"] == "running" and summary["memory_gib"] is None
+        answer = web.post("/api/run/stop", json={"run": summary["id"]}, headers=AUTH)
+        assert answer.status_code == 400 and "trained on gpu-node-7" in answer.json()["error"], answer.text
+        assert web.post("/api/run/resume", json={"run": summary["id"]}, headers=AUTH).status_code == 400
+    finally:
+        handle.close()
+    (summary,) = client(root).get("/api/runs", headers=AUTH).json()["runs"]
+    assert summary["status"] == "stopped"
+
+
+def test_an_abandoned_chat_stops_generating_and_frees_the_model(monkeypatch):
+    """The browser went away mid-reply (the stream closed): generation ends at its next token, and only then may
+    the next chat use the model."""
+    import xtune.webui.chat as chat
+    from xtune.infer.generate import GenerationOptions
+
+    replies = []
+    generate = chat.generate_replies
+    monkeypatch.setattr(chat, "generate_replies", lambda *args, **kwargs: replies.append(generate(*args, **kwargs)) or replies[-1])
+    chats = chat.Chats("cpu")
+    model = chat.ChatModel("xtune-tiny/internlm2-chat")
+    pieces = chats.stream(model, {model}, [{"role": "user", "content": "hi"}], options=GenerationOptions(max_new_tokens=4096))
+    assert next(pieces)[0] == "delta"
+    assert chats.lock.locked()
+    pieces.close()
+    assert chats.lock.acquire(timeout=60)  # released by the generating thread as it ends
+    chats.lock.release()
+    (reply,) = replies
+    assert len(chats.loaded[model][1](reply[0], add_special_tokens=False).input_ids) < 100
 
 
 def test_the_form_round_trip_through_the_api(root):

@@ -4,6 +4,7 @@ chat with the result. Screenshots go to tests/webui/artifacts/ (ignored by git) 
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -65,7 +66,10 @@ def webui(tmp_path):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError((tmp_path / "webui.log").read_text())
             time.sleep(0.3)
-    yield f"http://127.0.0.1:{port}/", tmp_path
+    printed = (tmp_path / "webui.log").read_text()
+    url = re.search(r"xtune webui on (\S+)", printed).group(1)  # as a user opens it: the token in it
+    assert url.startswith(f"http://127.0.0.1:{port}/?token="), printed
+    yield url, tmp_path
     server.terminate()
     server.wait(30)
     log.close()

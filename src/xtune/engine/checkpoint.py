@@ -270,6 +270,25 @@ def lock_run(run_dir: Path):
     return handle
 
 
+def lock_holder(run_dir: Path) -> tuple[int, str] | None:
+    """(pid, node) of the process training in `run_dir` now, as its lock file names them; None when no process
+    holds the lock (a lock file left behind names a process that may since be another program)."""
+    import fcntl
+
+    try:
+        handle = (run_dir / LOCK_FILE).open("r")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken: lock_run's LOCK_EX is not held
+        except BlockingIOError:
+            match = re.fullmatch(r"pid (\d+) on (\S+)", handle.read().strip())
+            return (int(match.group(1)), match.group(2)) if match else None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
 def partial_checkpoint(run_dir: Path, step: int) -> Path:
     """Where checkpoint-<step> is written before it is renamed into place."""
     return run_dir / f".checkpoint-{step}.partial"

@@ -917,7 +917,7 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback  # [::1] as a URL writes it
     except ValueError:
         return False
 

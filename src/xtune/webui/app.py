@@ -1,11 +1,12 @@
 """`xtune webui`: a FastAPI app (the API below) and one small page (static/) that calls it.
 
-Every /api route needs the token printed at start (header `X-Xtune-Token`, or `?token=` where a browser cannot set
-headers, as an <img>); the page carries it. On a loopback bind the page itself is open, but only under a loopback
-host name, so that another site cannot reach it by DNS rebinding; bound elsewhere, the page needs the token too.
+Every route but /static needs the token printed at start (header `X-Xtune-Token`, or `?token=` where a browser
+cannot set headers: the page's URL, an <img>), on loopback too: another user of a shared machine can reach a loopback
+port, and the token is the key to running code as you (Python configs). The printed URL carries it, and the page
+keeps it. On a loopback bind the UI answers only under a loopback host name, so that another site cannot reach it by
+DNS rebinding; no other site may frame it either.
 """
 
-import ipaddress
 import json
 import secrets
 import tempfile
@@ -16,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from xtune.errors import XtuneError
+from xtune.infer.serve import is_loopback
 from xtune.webui.files import OutsideRoots, Roots
 from xtune.webui.forms import FormError, config_text, load_form, parse_form, schema_fields, validate, write_config
 from xtune.webui.runs import Runs, plot_svg, read_metrics
@@ -23,16 +25,8 @@ from xtune.webui.runs import Runs, plot_svg, read_metrics
 STATIC = Path(__file__).parent / "static"
 TOKEN_HEADER = "X-Xtune-Token"
 MAX_UPLOAD_BYTES = 32 << 20
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+NO_FRAMES = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
+"""On every answer: a page of another site cannot show this one in a frame and click its buttons for you."""
 
 
 def check_bind(host: str, token: str | None) -> None:
@@ -62,13 +56,16 @@ def create_app(roots: Roots, token: str | None = None, loopback: bool = True, de
     @app.middleware("http")
     async def guard(request: Request, call_next):
         given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token")
-        authorized = given is not None and secrets.compare_digest(given, token)
+        authorized = given is not None and secrets.compare_digest(given.encode(), token.encode())
         if loopback and not is_loopback(_host_name(request)):
-            return JSONResponse({"error": "this web UI answers only to a loopback host name"}, status_code=403)
-        needs_token = request.url.path.startswith("/api/") or not loopback
-        if needs_token and not authorized:
-            return JSONResponse({"error": f"missing or wrong token ({TOKEN_HEADER} header or ?token=)"}, 401)
-        return await call_next(request)
+            answer = JSONResponse({"error": "this web UI answers only to a loopback host name"}, status_code=403)
+        elif not authorized and not request.url.path.startswith("/static/"):  # the page's code and style: no secret
+            answer = JSONResponse({"error": f"missing or wrong token ({TOKEN_HEADER} header, or ?token= as the URL "
+                                            "printed at start has it)"}, status_code=401)  # fmt: skip
+        else:
+            answer = await call_next(request)
+        answer.headers.update(NO_FRAMES)
+        return answer
 
     @app.exception_handler(XtuneError)
     async def xtune_error(request: Request, error: XtuneError):
@@ -79,7 +76,7 @@ def create_app(roots: Roots, token: str | None = None, loopback: bool = True, de
     @app.get("/", response_class=HTMLResponse)
     def page():
         html = (STATIC / "index.html").read_text(encoding="utf-8")
-        return html.replace("{{TOKEN}}", token)
+        return html.replace('"{{TOKEN}}"', json.dumps(token).replace("<", "\\u003c"))  # a JS string, whatever it holds
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -97,19 +94,19 @@ def create_app(roots: Roots, token: str | None = None, loopback: bool = True, de
 
     @app.post("/api/config/load")
     def config_load(body: dict = Body(...)):
-        name = body["config"]
+        name = str(_need(body, "config"))
         if _looks_like_path(name):
             name = str(roots.inside(name))
         return load_form(name, allow_code=bool(body.get("allow_code")))
 
     @app.post("/api/config/validate")
     def config_validate(body: dict = Body(...)):
-        return {"errors": validate(body["values"], bool(body.get("allow_code")))}
+        return {"errors": validate(_need(body, "values"), bool(body.get("allow_code")))}
 
     def saved_config(body: dict) -> Path:
         name = Path(str(body.get("name") or "webui_config")).name.removesuffix(".yaml")
         path = roots.inside(Path("configs") / f"{name}.yaml")
-        return write_config(parse_form(body["values"]), path, bool(body.get("allow_code")))
+        return write_config(parse_form(_need(body, "values")), path, bool(body.get("allow_code")))
 
     @app.post("/api/config/save")
     def config_save(body: dict = Body(...)):
@@ -123,17 +120,16 @@ def create_app(roots: Roots, token: str | None = None, loopback: bool = True, de
 
     @app.post("/api/config/preview")
     def config_preview(body: dict = Body(...)):
-        return {"text": config_text(parse_form(body["values"]))}
+        return {"text": config_text(parse_form(_need(body, "values")))}
 
     def loaded(body: dict):
         from xtune.config.load import load_config
 
         with tempfile.TemporaryDirectory() as folder:
-            path = write_config(parse_form(body["values"]), Path(folder) / "config.yaml", bool(body.get("allow_code")))
+            values = parse_form(_need(body, "values"))
+            path = write_config(values, Path(folder) / "config.yaml", bool(body.get("allow_code")))
             config, _ = load_config(str(path), allow_code=bool(body.get("allow_code")))
-        for value in (config.data_path, config.val_data_path, *(source.path for source in config.datasets)):
-            if value and not value.startswith("xtune-tiny/") and Path(value).exists():
-                roots.inside(value)  # data the form names are read only inside the roots
+        roots.check_reads(config)
         return config
 
     @app.post("/api/dataset/check")
@@ -175,11 +171,11 @@ def create_app(roots: Roots, token: str | None = None, loopback: bool = True, de
 
     @app.post("/api/run/stop")
     def run_stop(body: dict = Body(...)):
-        return {"stopped": runs.stop(body["run"])}
+        return {"stopped": runs.stop(str(_need(body, "run")))}
 
     @app.post("/api/run/resume")
     def run_resume(body: dict = Body(...)):
-        job = runs.resume(body["run"])
+        job = runs.resume(str(_need(body, "run")))
         from xtune.webui.runs import shown_command
 
         return {"job": job.id, "pid": job.pid, "command": shown_command(job.command)}
@@ -218,15 +214,16 @@ def create_app(roots: Roots, token: str | None = None, loopback: bool = True, de
     @app.post("/api/chat")
     def chat(body: dict = Body(...)):
         """NDJSON lines: {"delta": text} as the reply is written, then {"reply": text} (or {"error": text})."""
-        folder = roots.inside(body["checkpoint"])
+        options = options_from(body)
+        folder = roots.inside(str(_need(body, "checkpoint")))
         model, base = chat_models(folder)
         which = base if body.get("side") == "base" else model
         if which is None:
             raise XtuneError("no base model to compare with for this checkpoint.")
         image = roots.inside(body["image"]) if body.get("image") else None
         keep = {model, *([base] if base else [])}
-        pieces = chats.stream(which, keep, body["messages"], body.get("system", ""), body.get("template"),
-                              str(image) if image else None, options_from(body))  # fmt: skip
+        pieces = chats.stream(which, keep, _need(body, "messages"), body.get("system", ""), body.get("template"),
+                              str(image) if image else None, options)  # fmt: skip
 
         def lines():
             try:
@@ -240,6 +237,8 @@ def create_app(roots: Roots, token: str | None = None, loopback: bool = True, de
     @app.post("/api/upload")
     async def upload(request: Request, name: str):
         """An image for a LLaVA chat, saved under uploads/ in the first root."""
+        if Path(name).name in ("", ".", ".."):
+            raise XtuneError(f"upload?name={name!r}: name the image file (e.g. upload?name=photo.png).")
         folder = roots.inside("uploads")
         folder.mkdir(exist_ok=True)
         path = roots.inside(folder / Path(name).name)
@@ -257,9 +256,16 @@ def create_app(roots: Roots, token: str | None = None, loopback: bool = True, de
 
     @app.post("/api/export")
     def start_export(body: dict = Body(...)):
-        return exports.start(body["kind"], body["source"], body["output"], body.get("options")).view()
+        kind, source, output = (str(_need(body, key)) for key in ("kind", "source", "output"))
+        return exports.start(kind, source, output, body.get("options")).view()
 
     return app
+
+
+def _need(body: dict, key: str):
+    if body.get(key) in (None, ""):
+        raise XtuneError(f"the request's JSON needs {key!r}.")
+    return body[key]
 
 
 def _shown(roots: Roots, name: str) -> str:
@@ -283,10 +289,9 @@ def run_webui(host: str, port: int, roots: list[Path], token: str | None, device
     os.chdir(folders.main)  # relative paths in configs resolve as they do for `xtune train` run from there
     app = create_app(folders, token, loopback, device)
     shown_host = f"[{host}]" if ":" in host else host
-    url = f"http://{shown_host}:{port}/" + ("" if loopback else f"?token={token}")
+    url = f"http://{shown_host}:{port}/?token={token}"
     if console is not None:
         console.print(f"xtune webui on {url}", highlight=False)
-        console.print(f"token: {token}" + (" (the page carries it on loopback)" if loopback else " (required)"),
-                      highlight=False)  # fmt: skip
+        console.print(f"token: {token} (required)", highlight=False)
         console.print(f"folders served: {', '.join(map(str, folders.folders))}", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -13,6 +13,9 @@ from xtune.infer.chat import load_any_chat_model, pick_template, with_image
 from xtune.infer.generate import GenerationOptions, generate_replies
 from xtune.models.load import resolve_model_path
 
+MAX_NEW_TOKENS = 4096
+"""The longest reply one chat request may ask for: the model is busy for every other chat until it ends."""
+
 
 @dataclass(frozen=True)
 class ChatModel:
@@ -48,6 +51,28 @@ def chat_models(checkpoint: Path) -> tuple[ChatModel, ChatModel | None]:
     return ChatModel(str(checkpoint)), ChatModel(base) if base else None
 
 
+class _Stoppable:
+    """A model whose generate also ends when `stop` is set (the browser went away), at its next token."""
+
+    def __init__(self, model, stop: threading.Event):
+        self._model, self._stop = model, stop
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def generate(self, **kwargs):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stop = self._stop
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids, scores, **_):
+                return torch.full((len(input_ids),), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        return self._model.generate(stopping_criteria=StoppingCriteriaList([Stopped()]), **kwargs)
+
+
 class Chats:
     """Loaded models, kept until another is asked for (one at a time beside its base), and one generation at a time."""
 
@@ -73,7 +98,9 @@ class Chats:
         as it is written, then ("reply", the whole reply cut at the stop words, as `xtune chat` prints it)."""
         from transformers import TextIteratorStreamer
 
-        with self.lock:
+        stop = threading.Event()
+        self.lock.acquire()  # released by the generating thread when it ends, not when this generator is dropped
+        try:
             llm, tokenizer = self.load(which, keep)
             template = pick_template(prompt_template or None, which.adapter or which.llava,
                                      resolve_model_path(which.model), tokenizer)  # fmt: skip
@@ -84,20 +111,28 @@ class Chats:
 
             def run():
                 try:
-                    result["reply"] = generate_replies(llm, tokenizer, template, [conversation], options,
-                                                       streamer=streamer)[0]  # fmt: skip
+                    result["reply"] = generate_replies(_Stoppable(llm, stop), tokenizer, template, [conversation],
+                                                       options, streamer=streamer)[0]  # fmt: skip
                 except Exception as error:  # shown in the chat, not lost in a thread
                     result["error"] = error
                     streamer.on_finalized_text("", stream_end=True)
+                finally:
+                    self.lock.release()
 
             worker = threading.Thread(target=run, daemon=True)
             worker.start()
+        except BaseException:
+            self.lock.release()
+            raise
+        try:
             for piece in streamer:
                 yield "delta", piece
             worker.join()
-            if "error" in result:
-                raise XtuneError(f"generation failed: {type(result['error']).__name__}: {result['error']}")
-            yield "reply", result["reply"]
+        finally:  # also when the browser went away mid-reply (the generator closed): generation ends at its next token
+            stop.set()
+        if "error" in result:
+            raise XtuneError(f"generation failed: {type(result['error']).__name__}: {result['error']}")
+        yield "reply", result["reply"]
 
 
 def template_of(checkpoint: Path) -> str | None:
@@ -105,8 +140,13 @@ def template_of(checkpoint: Path) -> str | None:
 
 
 def options_from(values: dict) -> GenerationOptions:
-    return replace(
-        GenerationOptions(),
-        max_new_tokens=int(values.get("max_new_tokens", 128)),
-        temperature=float(values.get("temperature", 0.0)),
-    )
+    try:
+        max_new_tokens = int(values.get("max_new_tokens", 128))
+        temperature = float(values.get("temperature", 0.0))
+    except (TypeError, ValueError) as error:
+        raise XtuneError(f"max_new_tokens and temperature are numbers ({error}).") from None
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise XtuneError(f"max_new_tokens = {max_new_tokens}: between 1 and {MAX_NEW_TOKENS}.")
+    if temperature < 0:
+        raise XtuneError(f"temperature = {temperature}: 0 (greedy) or more.")
+    return replace(GenerationOptions(), max_new_tokens=max_new_tokens, temperature=temperature)

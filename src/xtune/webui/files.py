@@ -4,10 +4,15 @@ Every path a request names goes through `inside`: resolved (links and `..` follo
 one of the roots, so a file picker cannot be walked out of them.
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from xtune.errors import XtuneError
+
+
+READ_KEYS = ("llm_name_or_path", "visual_encoder_name_or_path", "pretrained_pth", "deepspeed", "image_folder")
+"""Config keys that name one file or folder to read (besides the data and evaluation_images)."""
 
 
 class OutsideRoots(XtuneError):
@@ -38,6 +43,38 @@ class Roots:
         if any(resolved == root or resolved.is_relative_to(root) for root in self.folders):
             return resolved
         raise OutsideRoots(f"{path}: outside the folders this web UI serves ({', '.join(map(str, self.folders))}).")
+
+    def check_reads(self, config) -> None:
+        """Every local path a config names to read (models, data and each file a data folder holds, images,
+        projector, DeepSpeed JSON) lies inside the roots, links followed. A value that names no local file is a name
+        xtune resolves itself: `xtune-tiny/...`, `xtune-data/...`, a shipped DeepSpeed config, a hub id found in the
+        local caches; those are read where xtune keeps them."""
+        from xtune.data.sources import BUILTIN_PREFIX, TINY_PREFIX, data_files, resolve_data_path
+
+        def local(value: str | None) -> bool:
+            return bool(value) and not value.startswith((TINY_PREFIX, BUILTIN_PREFIX)) and os.path.lexists(value)
+
+        def check(key: str, value: str, path: str | Path) -> None:
+            try:
+                self.inside(path)
+            except OutsideRoots:
+                named = "" if str(path) == value else f" holds {path}, which is"
+                raise OutsideRoots(f"{key} = {value!r}{named}: outside the folders this web UI serves "
+                                   f"({', '.join(map(str, self.folders))}).") from None  # fmt: skip
+
+        named = [(key, getattr(config, key)) for key in READ_KEYS]
+        named += [(f"evaluation_images[{i}]", image) for i, image in enumerate(config.evaluation_images)]
+        named += [(f"datasets[{i}].image_folder", source.image_folder) for i, source in enumerate(config.datasets)]
+        for key, value in named:
+            if local(value):
+                check(key, value, value)
+        data = [("data_path", config.data_path), ("val_data_path", config.val_data_path)]
+        data += [(f"datasets[{i}].path", source.path) for i, source in enumerate(config.datasets)]
+        for key, value in data:
+            if local(value):
+                check(key, value, value)
+                for path in data_files(resolve_data_path(value)):
+                    check(key, value, path)
 
     def shown(self, path: Path) -> str:
         """A path as the UI shows it: relative to the first root when inside it."""

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from xtune.config.schema import Config
-from xtune.engine.checkpoint import LOCK_FILE, TRAINING_STATE, complete_checkpoints, read_run_meta, step_of
+from xtune.engine.checkpoint import LOCK_FILE, TRAINING_STATE, complete_checkpoints, lock_holder, read_run_meta, step_of
 from xtune.engine.train import DATA_FINGERPRINT, total_steps
 from xtune.errors import XtuneError
 from xtune.paths import xtune_home
@@ -131,11 +131,14 @@ class Runs:
         jobs = []
         for work_dir in self.work_dirs():
             for path in sorted((work_dir / JOBS).glob("*.json")):
-                job = Job(**json.loads(path.read_text()))
+                try:
+                    job = Job(**json.loads(path.read_text()))
+                except (OSError, ValueError, TypeError):  # not a job file this web UI wrote whole
+                    continue
                 if job.run is None:
                     job.run = self._find_run(job)
                     if job.run is not None:
-                        path.write_text(json.dumps(asdict(job)))
+                        _write_job(path, job)
                 jobs.append(job)
         return jobs
 
@@ -172,8 +175,8 @@ class Runs:
         last = steps[-1] if steps else {}
         config = _config_of(run_dir)
         total = _total_steps(config, job, run_dir)
-        pid = _lock_pid(run_dir)
-        running = self.alive(pid)
+        holder = lock_holder(run_dir)
+        running = holder is not None
         checkpoints = complete_checkpoints(run_dir)
         finished = total is not None and any(step_of(c) >= total for c in checkpoints)
         finished = finished or (job is not None and not self.alive(job.pid) and _log_says_done(job.log))
@@ -186,7 +189,7 @@ class Runs:
         return RunSummary(
             id=run_id, name=f"{run_dir.parent.name}/{run_dir.name}", status=status, step=step, total_steps=total,
             loss=last.get("loss"), eval_loss=evals[-1] if evals else None, tokens_per_s=last.get("tokens_per_s"),
-            elapsed_s=last.get("elapsed_s"), eta_s=eta, memory_gib=_rss_gib(pid) if running else None,
+            elapsed_s=last.get("elapsed_s"), eta_s=eta, memory_gib=_rss_gib(holder[0]) if running and _here(holder) else None,
             checkpoints=[self.roots.shown(c) for c in checkpoints], log=job.log if job else None,
             command=shown_command(job.command) if job else None,
             resumable=not running and not finished and any((c / TRAINING_STATE).is_file() for c in checkpoints),
@@ -238,13 +241,13 @@ class Runs:
         self.children[process.pid] = process
         job = Job(stamp, shown, process.pid, str(log), str(work_dir), time.time(),
                   self.roots.shown(resume.parent) if resume else None)  # fmt: skip
-        (folder / f"{stamp}.json").write_text(json.dumps(asdict(job)))
+        _write_job(folder / f"{stamp}.json", job)
         return job
 
     def resume(self, run_id: str) -> Job:
         """Continue a stopped run from its newest complete checkpoint, with the resolved config it started with."""
         run_dir = self.run_dir(run_id)
-        if self.alive(_lock_pid(run_dir)):
+        if lock_holder(run_dir) is not None:
             raise XtuneError(f"{run_id} is running.")
         resumable = [c for c in complete_checkpoints(run_dir) if (c / TRAINING_STATE).is_file()]
         if not resumable:
@@ -252,20 +255,45 @@ class Runs:
         return self.start(run_dir / "config.json", run_dir.parent, resume=resumable[-1])
 
     def stop(self, run_id: str) -> int:
-        """Interrupt the run's training process (Ctrl-C: its checkpoints so far stay, and it resumes from them)."""
+        """Interrupt the run's training process (Ctrl-C: its checkpoints so far stay, and it resumes from them): the
+        process that holds the run's lock now, on this machine; never one a lock file left behind merely names."""
         run_dir = self.run_dir(run_id)
-        pid = _lock_pid(run_dir)
-        if not self.alive(pid) or b"xtune" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            raise XtuneError(f"{run_id} is not running.")
+        holder = lock_holder(run_dir)
+        if holder is None:
+            raise XtuneError(f"{run_id} is not running (no process holds its {LOCK_FILE}).")
+        pid, node = holder
+        if not _here(holder):
+            raise XtuneError(f"{run_id} is trained on {node} (pid {pid}), not on this machine; stop it there.")
+        if not self.alive(pid) or b"xtune" not in _cmdline(pid):
+            raise XtuneError(f"{run_id}: its lock names pid {pid}, which is not an xtune process; not stopping it.")
         os.killpg(os.getpgid(pid), signal.SIGINT)
         return pid
+
+
+def _write_job(path: Path, job: Job) -> None:
+    """Whole or not at all: another request may be reading the folder."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}.partial")
+    partial.write_text(json.dumps(asdict(job)))
+    os.replace(partial, path)
 
 
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def _here(holder: tuple[int, str]) -> bool:
+    return holder[1] == os.uname().nodename
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _lock_pid(run_dir: Path) -> int | None:
+    """The pid a run's lock file names, held or not: which web UI job made the run (never whom to signal)."""
     try:
         match = re.match(r"pid (\d+)", (run_dir / LOCK_FILE).read_text())
     except OSError:
