@@ -184,16 +184,6 @@ def test_two_processes_splitting_each_row_train_as_one_and_resume_bit_identical(
     assert all(torch.equal(resumed[name], split[name]) for name in split)
 
 
-@pytest.mark.slow
-def test_four_processes_two_groups_of_two_train_as_one(tmp_path, one_process):
-    """Sequence parallel 2 x data parallel 2: each group gets half of the global batch, each rank half a row."""
-    log = launch(tmp_path / "four", 4, 29661, "--cfg-options", "batch_size=1", "sequence_parallel_size=2", *OPTIONS)
-    assert "data parallel over 4 processes" in log and "2 data-parallel groups" in log
-    assert losses(tmp_path / "four") == pytest.approx(losses(one_process), abs=1e-5)
-    split, whole = adapter(tmp_path / "four"), adapter(one_process)
-    assert max((split[k] - whole[k]).abs().max().item() for k in split) < 1e-4
-
-
 # Preference stages (DPO and its loss types, SimPO, ORPO, KTO, reward models) ---------------------------------------
 # A preference row keeps its labels and answer_ids whole on each rank; an answer's log-probability (a reward: its
 # score) is summed over the group, every rank computes the objective, and takes 1/N of it as its loss.

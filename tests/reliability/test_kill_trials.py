@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from xtune.data.dataset import is_cached
-from xtune.engine.checkpoint import complete_checkpoints, verify_checkpoint
+from xtune.engine.checkpoint import complete_checkpoints, run_folders, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def run_to_end(arguments, environment):
 
 
 def finished_run(work_dir):
-    (run,) = [run for run in work_dir.iterdir() if (run / "checkpoint-24").is_dir()]
+    (run,) = [run for run in run_folders(work_dir) if (run / "checkpoint-24").is_dir()]
     return run
 
 
@@ -100,13 +100,13 @@ def test_ten_kills_at_random_points_all_resume_bit_identical(tmp_path, xtune_hom
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
 
-        for run in work_dir.iterdir() if work_dir.exists() else []:
+        for run in run_folders(work_dir):
             for checkpoint in complete_checkpoints(run):  # a complete-looking checkpoint is complete
                 verify_checkpoint(checkpoint)
                 assert (checkpoint / "manifest.json").is_file()
         for entry in (home / "data-cache").iterdir() if (home / "data-cache").exists() else []:
             assert entry.name.startswith(".") or is_cached(entry), f"half-built cache entry {entry}"
-        saved = sorted(int(c.name.split("-")[1]) for run in (work_dir.iterdir() if work_dir.exists() else []) for c in complete_checkpoints(run))
+        saved = sorted(int(c.name.split("-")[1]) for run in run_folders(work_dir) for c in complete_checkpoints(run))
 
         run_to_end(command(work_dir, "--resume", "auto"), environment)
         run = finished_run(work_dir)
@@ -135,7 +135,7 @@ def test_a_dpo_run_killed_in_training_resumes_bit_identical(tmp_path, xtune_home
 
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "XTUNE_HOME": str(xtune_home)}
     run_to_end(dpo(tmp_path / "reference"), environment)
-    (reference,) = [run for run in (tmp_path / "reference").iterdir() if (run / "checkpoint-12").is_dir()]
+    (reference,) = [run for run in run_folders(tmp_path / "reference") if (run / "checkpoint-12").is_dir()]
     process = subprocess.Popen(dpo(tmp_path / "killed"), env=environment, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     while process.poll() is None and not any((tmp_path / "killed").glob("*/checkpoint-4/manifest.json")):
@@ -145,7 +145,7 @@ def test_a_dpo_run_killed_in_training_resumes_bit_identical(tmp_path, xtune_home
     process.wait()
     assert not any((tmp_path / "killed").glob("*/checkpoint-12")), "the kill came after the run's end"
     run_to_end(dpo(tmp_path / "killed", "--resume", "auto"), environment)
-    (run,) = [run for run in (tmp_path / "killed").iterdir() if (run / "checkpoint-12").is_dir()]
+    (run,) = [run for run in run_folders(tmp_path / "killed") if (run / "checkpoint-12").is_dir()]
     final = load_file(run / "checkpoint-12" / "adapter_model.safetensors")
     expected = load_file(reference / "checkpoint-12" / "adapter_model.safetensors")
     assert all(torch.equal(final[name], expected[name]) for name in expected)
