@@ -149,3 +149,27 @@ def test_a_prompt_whose_prefill_fails_fails_alone(loaded, monkeypatch):
         assert sequence.listener.done.wait(60)
     assert [type(s.listener.error).__name__ if s.listener.error else None for s in sequences] == [None, "RuntimeError", None]
     assert sequences[0].generated == alone(model, good[0], 6) and sequences[2].generated == alone(model, good[1], 6)
+
+
+def test_a_row_whose_sampling_fails_mid_reply_ends_alone(loaded, monkeypatch):
+    model, tokenizer = loaded
+    batcher = Batcher(model, pad_token_id(tokenizer))
+    prompts = [tokenizer.encode(PROMPTS[i]) for i in (0, 1, 4)]
+    sequences = [Sequence(prompt, 6, frozenset(), Recorder()) for prompt in prompts]
+    doomed = sequences[1]
+    real_next_token = batcher._next_token
+
+    def next_token(sequence, logits):
+        if sequence is doomed and len(sequence.generated) == 2:
+            raise RuntimeError("probabilities are NaN (stand-in)")
+        return real_next_token(sequence, logits)
+
+    monkeypatch.setattr(batcher, "_next_token", next_token)
+    batcher.waiting.extend(sequences[:-1])
+    batcher.submit(sequences[-1])
+    for sequence in sequences:
+        assert sequence.listener.done.wait(60)
+    assert isinstance(doomed.listener.error, RuntimeError) and len(doomed.generated) == 2
+    for index in (0, 2):
+        assert sequences[index].listener.error is None
+        assert sequences[index].generated == alone(model, prompts[index], 6)

@@ -167,8 +167,15 @@ class Batcher:
         input_ids = torch.tensor(batch.last, device=self.device).unsqueeze(-1)
         logits = self._logits({"input_ids": input_ids}, mask, position_ids, batch.cache)
         batch.mask = mask
-        batch.last = [self._next_token(sequence, row) for sequence, row in zip(batch.rows, logits)]
-        self.batch = _keep(batch, self._still_going(batch))
+        batch.last, failed = [], {}
+        for index, (sequence, row) in enumerate(zip(batch.rows, logits)):
+            try:
+                batch.last.append(self._next_token(sequence, row))
+            except Exception as error:  # this row's sampling failed (say, its scores went NaN): it alone ends
+                logger.exception("choosing a row's next token failed")
+                failed[index] = error
+                batch.last.append(self.pad_token_id)
+        self.batch = _keep(batch, self._still_going(batch, failed))
 
     def _logits(self, inputs: dict, mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache):
         output = self.lm(
@@ -197,10 +204,13 @@ class Batcher:
         sequence.generated.append(token)
         return token
 
-    def _still_going(self, batch: _Batch) -> list[int]:
-        """The rows that go on after the token just chosen; the others are ended."""
+    def _still_going(self, batch: _Batch, failed: dict[int, BaseException] | None = None) -> list[int]:
+        """The rows that go on after the token just chosen; the others are ended (those in `failed` with its error)."""
         going = []
         for index, sequence in enumerate(batch.rows):
+            if failed and index in failed:
+                _end(sequence, failed[index])
+                continue
             token = sequence.generated[-1]
             try:
                 stop = sequence.listener.token(token)
