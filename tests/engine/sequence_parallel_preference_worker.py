@@ -22,6 +22,8 @@ from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, resolve_model_path
 from xtune.models.reward import with_score_head
 
+from tests.engine.sequence_parallel_worker import summed_gradients  # run with the repository on PYTHONPATH
+
 CASES = ("dpo-sigmoid", "dpo-ipo", "dpo-nca_pair", "simpo", "orpo", "reward")
 """DPO's loss types with a reference forward (sigmoid: the same weights, through the Ulysses attention too) or a
 table (the others), SimPO and ORPO on mean log-probabilities, and a reward model's scores."""
@@ -61,12 +63,7 @@ def main(spec_path: str, out_path: str) -> None:
         labels, _ = pop_labels(batch)
         loss = objective(case, sp, spec["groups"]).loss_sum(model, batch, labels)
         loss.backward()
-        grads = {}
-        for name, parameter in model.named_parameters():
-            grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-            dist.all_reduce(grad)
-            grads[name] = grad
-        results[case] = {"loss": loss.detach(), "grads": grads}
+        results[case] = {"loss": loss.detach(), "grads": summed_gradients(model)}
     torch.save(results, out_path)
     dist.destroy_process_group()
 

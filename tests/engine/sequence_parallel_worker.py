@@ -31,14 +31,20 @@ def main(spec_path: str, out_path: str) -> None:
     labels, shifted = pop_labels(batch)
     loss = next_token_loss_sum(model, batch, labels, shifted=shifted)
     loss.backward()
+    grads = summed_gradients(model)
+    trained = next_token_targets(labels, shifted)[1].numel()
+    torch.save({"loss": loss.detach(), "trained": trained, "shard": shard, "grads": grads}, out_path)
+    dist.destroy_process_group()
+
+
+def summed_gradients(model) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient summed over the ranks (zeros where a rank made none)."""
     grads = {}
     for name, parameter in model.named_parameters():
         grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
         dist.all_reduce(grad)
         grads[name] = grad
-    trained = next_token_targets(labels, shifted)[1].numel()
-    torch.save({"loss": loss.detach(), "trained": trained, "shard": shard, "grads": grads}, out_path)
-    dist.destroy_process_group()
+    return grads
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from xtune.models.attention import use_varlen_attention
 from xtune.models.load import load_model, resolve_model_path
 
 WORKER = Path(__file__).with_name("sequence_parallel_worker.py")
+REPOSITORY = Path(__file__).parents[2]
 
 
 def packed_row(seq_lens: list[int], seed: int = 0) -> dict:
@@ -91,7 +92,8 @@ def run_ranks(spec_values: dict, size: int, tmp_path: Path, worker: Path = WORKE
     processes = []
     for rank in range(size):
         environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                       "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
         command = [sys.executable, str(worker), str(spec), str(tmp_path / f"rank{rank}.pt")]
         processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                           text=True))  # fmt: skip
@@ -137,9 +139,10 @@ def adapter(work_dir: Path, step: int = 4) -> dict:
     return load_file(run / f"checkpoint-{step}" / "adapter_model.safetensors")
 
 
-def launch(work_dir: Path, processes: int, port: int, *flags: str) -> str:
-    environment = {**os.environ, "NPROC_PER_NODE": str(processes), "PORT": str(port), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "xtune.cli", "train", CONFIG, "--work-dir", str(work_dir), *flags]
+def launch(work_dir: Path, processes: int, port: int, *flags: str, config: str = CONFIG, **environ: str) -> str:
+    """`xtune train CONFIG --work-dir WORK_DIR FLAGS` on `processes` gloo ranks (NPROC_PER_NODE); its log."""
+    environment = {**os.environ, "NPROC_PER_NODE": str(processes), "PORT": str(port), "OMP_NUM_THREADS": "1", **environ}
+    command = [sys.executable, "-m", "xtune.cli", "train", config, "--work-dir", str(work_dir), *flags]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stderr
@@ -296,12 +299,7 @@ def stage_records(work_dir: Path) -> list[dict]:
 
 def launch_stage(config_name: str, work_dir: Path, processes: int, port: int, options: list[str], flags=(),
                  **environ) -> str:  # fmt: skip
-    environment = {**os.environ, "NPROC_PER_NODE": str(processes), "PORT": str(port), "OMP_NUM_THREADS": "1", **environ}
-    command = [sys.executable, "-m", "xtune.cli", "train", config_name, "--work-dir", str(work_dir), *flags,
-               "--cfg-options", *options]  # fmt: skip
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed.stderr
+    return launch(work_dir, processes, port, *flags, "--cfg-options", *options, config=config_name, **environ)
 
 
 @pytest.mark.slow

@@ -180,3 +180,10 @@ def test_chat_output_never_overwrites_a_file(tmp_path):
     result = CliRunner().invoke(app, ["chat", "xtune-tiny/internlm2-chat", "--input", str(prompts), "--output", str(answers)])
     assert isinstance(result.exception, XtuneError) and "already exists; it is never overwritten" in str(result.exception)
     assert answers.read_text() == "earlier answers\n"
+
+
+def test_an_adapter_beside_a_llava_folder_is_refused_before_anything_loads():
+    from xtune.infer.chat import load_any_chat_model
+
+    with pytest.raises(XtuneError, match="--adapter with --llava: a LLaVA chat takes its LLM's adapter from the LLaVA"):
+        load_any_chat_model("no/such-model", "adapter", "no/such-encoder", "llava-run")

@@ -57,6 +57,9 @@ def load_any_chat_model(
     """`load_chat_model`, or with `visual_encoder` and `llava` (both or neither) the LLaVA model `load_llava` builds."""
     if (visual_encoder is None) != (llava is None):
         raise XtuneError(f"a LLaVA {what} needs both --visual-encoder and --llava.")
+    if llava is not None and adapter is not None:
+        raise XtuneError(f"--adapter with --llava: a LLaVA {what} takes its LLM's adapter from the LLaVA folder "
+                         "(llm_adapter/); leave --adapter out.")  # fmt: skip
     if llava is None:
         return load_chat_model(model, adapter, bits, device, dtype, trust_remote_code)
     from xtune.models.llava import load_llava

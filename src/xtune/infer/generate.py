@@ -1,9 +1,10 @@
 """Generation with the same template, tokenization and stop words as training."""
 
+import threading
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from xtune.data.encode import encode, pad_token_id
 from xtune.data.formats import Conversation
@@ -72,10 +73,14 @@ def generate_replies(
     options: GenerationOptions = GenerationOptions(),
     batch_size: int = 16,
     streamer=None,
+    stop: threading.Event | None = None,
 ) -> list[str]:
     """The assistant's next reply to each conversation, generated in left-padded batches. A multimodal model
-    (one with `image_tokens` and `preprocess`, as LlavaModel) sees each conversation's images."""
+    (one with `image_tokens` and `preprocess`, as LlavaModel) sees each conversation's images. Setting `stop` (from
+    another thread: its reader went away) ends the generation at its next token."""
     kwargs = generation_kwargs(template, tokenizer, options)
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_WhenSet(stop)])
     device = next(model.parameters()).device
     image_tokens = getattr(model, "image_tokens", 0)
     replies: list[str] = []
@@ -101,3 +106,11 @@ def generate_replies(
             text = tokenizer.decode(row, skip_special_tokens=not options.keep_special_tokens)
             replies.append(cut_at_stop_words(text, (*template.stop_words, *options.stop_words, *ends)).strip())
     return replies
+
+
+class _WhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **_) -> torch.Tensor:
+        return torch.full((len(input_ids),), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

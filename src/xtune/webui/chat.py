@@ -51,28 +51,6 @@ def chat_models(checkpoint: Path) -> tuple[ChatModel, ChatModel | None]:
     return ChatModel(str(checkpoint)), ChatModel(base) if base else None
 
 
-class _Stoppable:
-    """A model whose generate also ends when `stop` is set (the browser went away), at its next token."""
-
-    def __init__(self, model, stop: threading.Event):
-        self._model, self._stop = model, stop
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-    def generate(self, **kwargs):
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        stop = self._stop
-
-        class Stopped(StoppingCriteria):
-            def __call__(self, input_ids, scores, **_):
-                return torch.full((len(input_ids),), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        return self._model.generate(stopping_criteria=StoppingCriteriaList([Stopped()]), **kwargs)
-
-
 class Chats:
     """Loaded models, kept until another is asked for (one at a time beside its base), and one generation at a time."""
 
@@ -111,8 +89,8 @@ class Chats:
 
             def run():
                 try:
-                    result["reply"] = generate_replies(_Stoppable(llm, stop), tokenizer, template, [conversation],
-                                                       options, streamer=streamer)[0]  # fmt: skip
+                    result["reply"] = generate_replies(llm, tokenizer, template, [conversation], options,
+                                                       streamer=streamer, stop=stop)[0]  # fmt: skip
                 except Exception as error:  # shown in the chat, not lost in a thread
                     result["error"] = error
                     streamer.on_finalized_text("", stream_end=True)
